@@ -1,0 +1,228 @@
+"""The asset factory: per sync, the source table, its validated delta and the Braze sync results.
+
+Time is modelled with daily partitions on `UPDATED_AT`. A run covers a partition range (one run per
+range, `BackfillPolicy.single_run`): schedules and sensors request the range from the watermark minus
+the lookback up to today; a backfill from the UI re-evaluates exactly the days chosen. Whatever the
+range, the ledger keeps a row Braze acknowledged from ever being sent again.
+"""
+
+
+import datetime as dt
+from dataclasses import dataclass
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from braze_assets.config import SyncConfig
+from braze_assets.datatypes import DATA_TYPES
+from braze_assets.delivery import Delivery, SyncOutcome
+from braze_assets.delta import DeltaManifest, compute_delta
+from braze_assets.resources import BrazeResource, DeliveryStateResource
+from braze_assets.sources import CdiSource, DuckDBSource
+
+UTC = dt.timezone.utc
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+def source_key(sync: SyncConfig) -> dg.AssetKey:
+    return dg.AssetKey([sync.source.type, *sync.source.table.replace('"', "").lower().split(".")])
+
+
+def partitions_for(sync: SyncConfig) -> dg.DailyPartitionsDefinition:
+    # end_offset=1: today's partition exists while the day is still filling up.
+    return dg.DailyPartitionsDefinition(start_date=sync.partitions_start.isoformat(), end_offset=1)
+
+
+def make_source(sync: SyncConfig, warehouse: DuckDBResource) -> CdiSource:
+    return DuckDBSource.from_resource(warehouse, sync.source.table)
+
+
+def partitions_start(sync: SyncConfig) -> dt.datetime:
+    return dt.datetime.combine(sync.partitions_start, dt.time(), tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class SyncAssets:
+    sync: SyncConfig
+    source: dg.AssetSpec
+    delta: dg.AssetsDefinition
+    results: dg.AssetsDefinition
+
+
+def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
+    return {
+        "dagster/row_count": manifest.valid,
+        "window_start": manifest.window_start or "",
+        "window_end": manifest.window_end,
+        "watermark_before": watermark or "none (first sync)",
+        "rows_read": manifest.rows_read,
+        "rows_already_settled": manifest.already_settled,
+        "rows_valid": manifest.valid,
+        "rows_rejected": manifest.rejected,
+        "rejected_reasons": dg.MetadataValue.json(manifest.rejected_reasons),
+        "rejected_examples": dg.MetadataValue.json(manifest.rejected_examples),
+        "rows_in_future_held_back": manifest.future_rows,
+        "future_examples": dg.MetadataValue.json(manifest.future_examples),
+        "late_rows_outside_lookback": manifest.late_outside_lookback,
+        "estimated_data_points": manifest.estimated_data_points,
+        "valid_rows_file": dg.MetadataValue.path(manifest.valid_path),
+        "rejected_rows_file": dg.MetadataValue.path(manifest.rejected_path),
+    }
+
+
+def build_sync_assets(sync: SyncConfig) -> SyncAssets:
+    spec = DATA_TYPES[sync.data_type]
+    partitions = partitions_for(sync)
+    src_key = source_key(sync)
+    kinds = {sync.source.type}
+    source = dg.AssetSpec(
+        key=src_key,
+        description=f"CDI {sync.data_type} table `{sync.source.table}` (external; observed by the "
+                    f"`{sync.name}` sensor and runs: row count, newest UPDATED_AT).",
+        group_name=sync.name,
+        kinds=kinds,
+        metadata={"table": sync.source.table, "data_type": sync.data_type},
+    )
+
+    @dg.asset(
+        name=f"{sync.name}_delta",
+        deps=[src_key],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name=sync.name,
+        kinds={*kinds, "pandera"},
+        io_manager_key="delta_io_manager",
+        pool=f"braze_sync_{sync.name}",
+        description=(
+            f"Rows of `{sync.source.table}` in the run's UPDATED_AT window that {sync.name} has not "
+            "settled yet, validated with the {0} schema: valid rows as ready Braze objects, "
+            "invalid rows with their reasons (never sent).".format(sync.data_type)
+        ),
+    )
+    def delta_asset(
+        context: dg.AssetExecutionContext, warehouse: DuckDBResource,
+        delivery_state: DeliveryStateResource,
+    ) -> dg.Output[DeltaManifest]:
+        now = utc_now()
+        window = context.partition_time_window
+        store = delivery_state.store(sync.name)
+        watermark = store.read_watermark().value
+        run_dir = store.dir / "deltas" / sync.name / context.run.run_id
+        manifest = DeltaManifest(
+            sync=sync.name, data_type=sync.data_type, run_id=context.run.run_id,
+            window_start=window.start.isoformat(), window_end=window.end.isoformat(),
+            reaches_now=window.end > now,
+            valid_path=str(run_dir / "valid.parquet"), rejected_path=str(run_dir / "rejected.parquet"),
+        )
+        source = make_source(sync, warehouse)
+        context.log.info(f"{sync.name}: computing the delta of {source.description} for "
+                         f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC")
+        compute_delta(
+            source=source, spec=spec, store=store, manifest=manifest,
+            window_start=window.start, window_end=window.end, now=now,
+            partitions_start=partitions_start(sync),
+            update_existing_only=sync.update_existing_only, progress=context.log.debug,
+        )
+        context.log_event(dg.AssetObservation(asset_key=src_key, metadata={
+            "rows_in_window": manifest.rows_read,
+            "newest_updated_at_in_window": manifest.max_updated_at or "",
+        }))
+        context.log.info(
+            f"{sync.name}: {manifest.rows_read:,} rows read, {manifest.valid:,} to send, "
+            f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled, "
+            f"{manifest.future_rows:,} in the future held back, "
+            f"{manifest.late_outside_lookback:,} late rows outside the lookback")
+        if manifest.late_outside_lookback:
+            context.log.warning(
+                f"{sync.name}: {manifest.late_outside_lookback:,} rows older than the scanned window"
+                " are not delivered; backfill their days to deliver them")
+        return dg.Output(manifest, metadata=_delta_metadata(
+            manifest, watermark.isoformat() if watermark else None))
+
+    @dg.asset(
+        name=f"{sync.name}_sync_results",
+        ins={"delta": dg.AssetIn(key=delta_asset.key)},
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name=sync.name,
+        kinds={"braze"},
+        io_manager_key="watermark_io_manager",
+        pool=f"braze_sync_{sync.name}",
+        description=(
+            f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
+            "ledger (accepted / failed with Braze's message / held when the outcome is unknown), "
+            "counts, throughput and the watermark after the run."
+        ),
+    )
+    def results_asset(
+        context: dg.AssetExecutionContext, delta: DeltaManifest, braze: BrazeResource,
+        delivery_state: DeliveryStateResource,
+    ) -> dg.Output[SyncOutcome]:
+        store = delivery_state.store(sync.name)
+        before = store.read_watermark().value
+        delivery = Delivery(
+            spec=spec, store=store, manifest=delta, client=braze.client(sync.max_in_flight),
+            policy=sync.effective_ambiguous_policy, max_in_flight=sync.max_in_flight,
+            run_id=context.run.run_id, log=context.log.info,
+        )
+        outcome = delivery.run()
+        outcome.watermark_before = before.isoformat() if before else None
+        after = next_watermark(sync, delta, outcome, before)
+        outcome.watermark_after = after.isoformat() if after else None
+        context.log.info(
+            f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
+            f"{outcome.held:,}, ambiguous {outcome.ambiguous:,}, not sent {outcome.not_sent:,} in "
+            f"{outcome.requests:,} requests ({outcome.seconds:.1f}s); watermark "
+            f"{outcome.watermark_before} -> {outcome.watermark_after}")
+        return dg.Output(outcome, metadata=results_metadata(outcome, delta))
+
+    return SyncAssets(sync, source, delta_asset, results_asset)
+
+
+def next_watermark(sync: SyncConfig, delta: DeltaManifest, outcome: SyncOutcome,
+                   before: dt.datetime | None) -> dt.datetime | None:
+    """The watermark moves only when this run scanned up to now and everything older than its
+    window is settled (the window starts at or before the watermark, or no unsettled rows lie
+    below it); never past a row still waiting to be sent, nor past now (future rows are not read)."""
+    if not delta.reaches_now or not delta.max_updated_at:
+        return before
+    covered = before is not None and dt.datetime.fromisoformat(delta.window_start) <= before
+    if not covered and delta.late_outside_lookback:
+        return before
+    candidate = dt.datetime.fromisoformat(delta.max_updated_at)
+    if outcome.earliest_unsettled:
+        earliest = dt.datetime.fromisoformat(outcome.earliest_unsettled)
+        candidate = min(candidate, earliest - dt.timedelta(microseconds=1))
+    return max(candidate, before) if before else candidate
+
+
+def results_metadata(outcome: SyncOutcome, delta: DeltaManifest) -> dict:
+    sent = outcome.accepted + outcome.failed
+    return {
+        "dagster/row_count": outcome.accepted,
+        "rows_read": delta.rows_read,
+        "rows_valid": delta.valid,
+        "rows_rejected_by_validation": delta.rejected,
+        "rows_sent": sent + outcome.held,
+        "rows_accepted": outcome.accepted,
+        "rows_failed_at_braze": outcome.failed,
+        "rows_held_ambiguous": outcome.held,
+        "rows_ambiguous": outcome.ambiguous,
+        "rows_not_sent_retry_next_run": outcome.not_sent,
+        "rows_settled_by_another_run": outcome.settled_since_delta,
+        "recovered_from_crash_ambiguous": outcome.recovered_ambiguous,
+        "recovered_from_crash_unsent": outcome.recovered_unsent,
+        "failed_reasons": dg.MetadataValue.json(outcome.failed_reasons),
+        "failed_examples": dg.MetadataValue.json(outcome.failed_examples),
+        "requests": outcome.requests,
+        "request_attempts": outcome.attempts,
+        "rate_limited_429": outcome.rate_limited,
+        "estimated_data_points": outcome.estimated_data_points,
+        "seconds": outcome.seconds,
+        "objects_per_second": round(outcome.objects_per_second, 1),
+        "watermark_before": outcome.watermark_before or "none",
+        "watermark_after": outcome.watermark_after or "none",
+    }

@@ -1,0 +1,123 @@
+"""Per-sync jobs, schedules and sensors, the held-rows release job, and failure alerting."""
+
+
+import datetime as dt
+import json
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
+)
+from dagster_duckdb import DuckDBResource
+
+from braze_assets.assets import (
+    SyncAssets, make_source, partitions_for, partitions_start, source_key, utc_now,
+)
+from braze_assets.config import SyncConfig
+from braze_assets.resources import DeliveryStateResource
+from braze_assets.sources import CdiSource, SourceError
+
+
+def incremental_range(sync: SyncConfig, delivery_state: DeliveryStateResource,
+                      now: dt.datetime, source: CdiSource) -> dg.PartitionKeyRange:
+    """From the day of (watermark - lookback) to today: where new and late rows can be.
+
+    The first sync starts at the table's oldest row (not at partitions_start), so a run does not
+    carry empty days: Dagster records every partition of a run's range.
+    """
+    watermark = delivery_state.store(sync.name).read_watermark().value
+    if watermark is not None:
+        start = watermark - sync.lookback
+    else:
+        try:
+            start = source.min_updated_at() or now
+        except SourceError:
+            start = now  # the run itself reports the source error, changing nothing
+    start = max(start, partitions_start(sync))
+    keys = partitions_for(sync).get_partition_keys(current_time=now)
+    first = start.strftime("%Y-%m-%d")
+    return dg.PartitionKeyRange(max(first, keys[0]), keys[-1])
+
+
+def range_tags(keys: dg.PartitionKeyRange) -> dict[str, str]:
+    return {ASSET_PARTITION_RANGE_START_TAG: keys.start, ASSET_PARTITION_RANGE_END_TAG: keys.end}
+
+
+def build_job(assets: SyncAssets):
+    return dg.define_asset_job(
+        name=f"{assets.sync.name}_job",
+        selection=dg.AssetSelection.assets(assets.delta, assets.results),
+        description=f"Sync {assets.sync.name} ({assets.sync.data_type}) to Braze.",
+        tags={"braze_assets/sync": assets.sync.name},
+    )
+
+
+def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=f"{sync.name}_schedule", job=job, cron_schedule=sync.schedule.cron,
+        execution_timezone=sync.schedule.timezone,
+        description=f"Sync {sync.name} from its watermark minus the lookback up to now.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, warehouse: DuckDBResource,
+                  delivery_state: DeliveryStateResource):
+        keys = incremental_range(sync, delivery_state, utc_now(), make_source(sync, warehouse))
+        return dg.RunRequest(tags=range_tags(keys))
+
+    return _schedule
+
+
+def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
+    status = (dg.DefaultSensorStatus.RUNNING if sync.sensor.enabled
+              else dg.DefaultSensorStatus.STOPPED)
+
+    @dg.sensor(
+        name=f"{sync.name}_sensor", job=job, default_status=status,
+        minimum_interval_seconds=sync.sensor.minimum_interval_seconds,
+        description=f"Launches {sync.name} when {sync.source.table} has new or changed rows.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, warehouse: DuckDBResource,
+                delivery_state: DeliveryStateResource):
+        source = make_source(sync, warehouse)
+        try:
+            newest, rows = source.max_updated_at(), source.count()
+        except SourceError as exc:
+            return dg.SkipReason(f"cannot observe the source: {exc}")
+        seen = {"newest": newest.isoformat() if newest else None, "rows": rows}
+        observation = dg.AssetObservation(asset_key=source_key(sync), metadata={
+            "dagster/row_count": rows, "newest_updated_at": seen["newest"] or ""})
+        if context.cursor and json.loads(context.cursor) == seen:
+            return dg.SensorResult(skip_reason="no new or changed rows", asset_events=[observation])
+        keys = incremental_range(sync, delivery_state, utc_now(), source)
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(
+                run_key=f"{sync.name}:{seen['newest']}:{rows}", tags=range_tags(keys))],
+            cursor=json.dumps(seen), asset_events=[observation],
+        )
+
+    return _sensor
+
+
+class ReleaseHeldConfig(dg.Config):
+    sync: str
+    #: row hashes to release; empty releases every held row of the sync
+    row_hashes: list[str] = []
+
+
+@dg.op(description="Release rows held because Braze's answer was unknown: the next run of the "
+                   "sync sends them again (they may then reach Braze twice).")
+def release_held_rows(context: dg.OpExecutionContext, config: ReleaseHeldConfig,
+                      delivery_state: DeliveryStateResource) -> None:
+    released = delivery_state.store(config.sync).release_held(config.row_hashes or None)
+    context.log.info(f"{config.sync}: released {released} held rows")
+
+
+@dg.job(description="Release held (ambiguous) rows of one sync so its next run resends them.")
+def release_held_job():
+    release_held_rows()
+
+
+@dg.run_failure_sensor(description="Reports failed sync runs (hook your alerting in here).")
+def sync_failure_alert(context: dg.RunFailureSensorContext):
+    sync = context.dagster_run.tags.get("braze_assets/sync", "?")
+    context.log.error(f"braze_assets sync {sync} failed in run {context.dagster_run.run_id}: "
+                      f"{context.failure_event.message}")

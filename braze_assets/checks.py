@@ -1,0 +1,91 @@
+"""Asset checks on each sync's delta: the pandera schema, the row-error rate, the deletion ceiling.
+
+All three are blocking: when one fails with ERROR severity the run does not deliver, and no state
+changes (the ledger and watermark only move in `<sync>_sync_results`).
+"""
+
+
+import dagster as dg
+import pandera.pandas as pa
+import pyarrow.parquet as pq
+
+from braze_assets.assets import SyncAssets
+from braze_assets.delta import DeltaManifest
+
+#: What `<sync>_delta` hands downstream: one ready Braze object per settled-to-be row.
+DELTA_OUTPUT_SCHEMA = pa.DataFrameSchema(
+    {
+        "row_hash": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{32}$"), unique=True),
+        "updated_at": pa.Column("datetime64[us, UTC]", nullable=False),
+        "identifier": pa.Column(str),
+        "object": pa.Column(object, pa.Check(lambda s: s.map(len) > 2, element_wise=False,
+                                             name="non_empty_object")),
+        "data_points": pa.Column("int32", pa.Check.ge(0)),
+    },
+    name="braze_delta_output",
+    strict=True,
+)
+
+
+def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
+    sync = assets.sync
+    delta_key = assets.delta.key
+
+    @dg.asset_check(asset=delta_key, name="pandera_schema", blocking=True,
+                    description=f"Every source row passed the cdi_{sync.data_type} pandera schema "
+                                "(WARN: rejected rows are listed, never sent) and the rows handed "
+                                "to Braze match the delta schema (ERROR otherwise).")
+    def pandera_schema(delta: DeltaManifest) -> dg.AssetCheckResult:
+        output_failures = 0
+        parquet = pq.ParquetFile(delta.valid_path)
+        for batch in parquet.iter_batches(batch_size=50_000):
+            try:
+                DELTA_OUTPUT_SCHEMA.validate(batch.to_pandas(), lazy=True)
+            except pa.errors.SchemaErrors as err:
+                output_failures += len(err.failure_cases)
+        metadata = {
+            "rows_checked": delta.valid + delta.rejected,
+            "rows_failing_source_schema": delta.rejected,
+            "reasons": dg.MetadataValue.json(delta.rejected_reasons),
+            "examples": dg.MetadataValue.json(delta.rejected_examples),
+            "output_schema_failures": output_failures,
+        }
+        if output_failures:
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       metadata=metadata)
+        return dg.AssetCheckResult(passed=delta.rejected == 0,
+                                   severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+
+    @dg.asset_check(asset=delta_key, name="row_error_rate", blocking=True,
+                    description=f"Blocks delivery when more than {sync.max_row_error_rate:.0%} of "
+                                "the rows evaluated this run fail validation.")
+    def row_error_rate(delta: DeltaManifest) -> dg.AssetCheckResult:
+        evaluated = delta.valid + delta.rejected
+        rate = delta.rejected / evaluated if evaluated else 0.0
+        return dg.AssetCheckResult(
+            passed=rate <= sync.max_row_error_rate,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=(f"{delta.rejected:,} of {evaluated:,} rows rejected ({rate:.1%}); "
+                         f"threshold {sync.max_row_error_rate:.0%}"),
+            metadata={"error_rate": round(rate, 4), "threshold": sync.max_row_error_rate,
+                      "rows_rejected": delta.rejected, "rows_evaluated": evaluated},
+        )
+
+    checks = [pandera_schema, row_error_rate]
+    if sync.data_type == "deletions":
+
+        @dg.asset_check(asset=delta_key, name="mass_deletion_guard", blocking=True,
+                        description=f"Blocks a run that would delete more than "
+                                    f"{sync.max_deletions:,} users (deletes are permanent).")
+        def mass_deletion_guard(delta: DeltaManifest) -> dg.AssetCheckResult:
+            return dg.AssetCheckResult(
+                passed=delta.valid <= sync.max_deletions,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=(f"{delta.valid:,} users would be deleted; ceiling "
+                             f"{sync.max_deletions:,} (raise max_deletions in syncs.yaml if "
+                             "this is intended)"),
+                metadata={"users_to_delete": delta.valid, "ceiling": sync.max_deletions},
+            )
+
+        checks.append(mass_deletion_guard)
+    return checks

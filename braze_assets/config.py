@@ -1,0 +1,194 @@
+"""The sync configuration (`syncs.yaml`): one entry per integration, like CDI's dashboard.
+
+Loaded and validated once when Definitions are built; a wrong file fails at load with an error that
+names the sync and the field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DataType = Literal["attributes", "events", "purchases", "deletions"]
+
+DEFAULT_SYNCS_FILE = Path(__file__).with_name("syncs.yaml")
+SYNC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# A plain SQL identifier, optionally double-quoted, optionally dotted (db.schema.table).
+_IDENT_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00]+")'
+TABLE_NAME = re.compile(rf"^{_IDENT_PART}(?:\.{_IDENT_PART}){{0,2}}$")
+
+MIN_SCHEDULE_INTERVAL = dt.timedelta(minutes=15)
+MAX_SCHEDULE_INTERVAL = dt.timedelta(days=31)
+
+
+class ConfigError(ValueError):
+    """The sync configuration is invalid; the message names the file, the sync and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """Where the CDI-shaped table lives."""
+
+    type: Literal["duckdb"] = "duckdb"
+    table: str = Field(description="Table or view name, optionally qualified: schema.table")
+
+    @field_validator("table")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        if not TABLE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a plain table name (letters, digits, _ and $, optionally "
+                '"quoted", optionally qualified as schema.table or db.schema.table)'
+            )
+        return value
+
+
+class ScheduleConfig(_Strict):
+    cron: str = "0 * * * *"
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _frequency_in_cdi_range(self) -> ScheduleConfig:
+        from dagster._utils.schedules import cron_string_iterator, is_valid_cron_string
+
+        if not is_valid_cron_string(self.cron):
+            raise ValueError(f"cron {self.cron!r} is not a valid cron expression")
+        start = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+        ticks = cron_string_iterator(start, self.cron, self.timezone)
+        times = [next(ticks) for _ in range(40)]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        if min(gaps) < MIN_SCHEDULE_INTERVAL or max(gaps) > MAX_SCHEDULE_INTERVAL:
+            raise ValueError(
+                f"cron {self.cron!r} runs every {min(gaps)} to {max(gaps)}; syncs may run from "
+                "every 15 minutes to once a month"
+            )
+        return self
+
+
+class SensorConfig(_Strict):
+    enabled: bool = False
+    minimum_interval_seconds: int = Field(default=60, ge=30, le=86_400)
+
+
+class SyncConfig(_Strict):
+    """One integration: a source table synced to Braze as one data type."""
+
+    name: str
+    data_type: DataType
+    source: SourceConfig
+    description: str | None = None
+    schedule: ScheduleConfig = ScheduleConfig()
+    sensor: SensorConfig = SensorConfig()
+    #: Rows older than the watermark but within this window are still delivered (late arrivals).
+    lookback: dt.timedelta = dt.timedelta(days=1)
+    #: First day of the UPDATED_AT daily partitions (backfills can reach back to here).
+    partitions_start: dt.date = dt.date(2024, 1, 1)
+    update_existing_only: bool = False
+    batch_mode: Literal["combined", "legacy_per_array"] = "combined"
+    #: What to do with rows whose outcome at Braze is unknown (timeout after sending, 500/504, drop).
+    #: Defaults: resend for attributes (idempotent), hold for everything else.
+    ambiguous_policy: Literal["resend", "hold"] | None = None
+    #: The run's row-error-rate check blocks delivery above this fraction of rows read.
+    max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
+    max_deletions: int = Field(default=1_000, ge=1)
+    #: Requests in flight at once (bounds the window of ambiguous outcomes).
+    max_in_flight: int = Field(default=32, ge=1, le=256)
+
+    @field_validator("name")
+    @classmethod
+    def _asset_safe_name(cls, value: str) -> str:
+        if not SYNC_NAME.match(value):
+            raise ValueError(
+                f"{value!r} must be lower-case letters, digits and _, starting with a letter"
+            )
+        return value
+
+    @field_validator("lookback")
+    @classmethod
+    def _non_negative(cls, value: dt.timedelta) -> dt.timedelta:
+        if value < dt.timedelta(0):
+            raise ValueError("lookback must not be negative")
+        return value
+
+    @property
+    def effective_ambiguous_policy(self) -> Literal["resend", "hold"]:
+        if self.ambiguous_policy:
+            return self.ambiguous_policy
+        return "resend" if self.data_type == "attributes" else "hold"
+
+
+class SyncsFile(_Strict):
+    syncs: list[SyncConfig]
+
+    @model_validator(mode="after")
+    def _unique(self) -> SyncsFile:
+        seen: dict[str, str] = {}
+        for sync in self.syncs:
+            if sync.name in seen:
+                raise ValueError(f"sync name {sync.name!r} is used twice")
+            seen[sync.name] = sync.name
+        tables = [s.source.table.lower() for s in self.syncs]
+        for table in set(tables):
+            if tables.count(table) > 1:
+                raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table")
+        return self
+
+
+def _describe(error: dict, raw: dict) -> str:
+    loc = list(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    if len(loc) >= 2 and loc[0] == "syncs" and isinstance(loc[1], int):
+        entries = raw.get("syncs") or []
+        name = entries[loc[1]].get("name") if loc[1] < len(entries) and isinstance(
+            entries[loc[1]], dict
+        ) else None
+        field = ".".join(str(p) for p in loc[2:]) or "(entry)"
+        where = f"sync {name or '#' + str(loc[1] + 1)!r}, field {field!r}"
+    return f"{where}: {error['msg']}"
+
+
+def parse_syncs(raw: object, origin: str = "syncs.yaml") -> list[SyncConfig]:
+    """Validate an already-parsed YAML document; raise ConfigError naming sync and field."""
+    if not isinstance(raw, dict) or "syncs" not in raw:
+        raise ConfigError(f"{origin}: expected a mapping with a 'syncs' list")
+    try:
+        return SyncsFile.model_validate(raw).syncs
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise ConfigError(f"{origin} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def syncs_path() -> Path:
+    return Path(os.environ.get("BRAZE_ASSETS_SYNCS") or DEFAULT_SYNCS_FILE)
+
+
+def load_syncs(path: Path | str | None = None) -> list[SyncConfig]:
+    path = Path(path) if path else syncs_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sync configuration {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_syncs(raw, origin=str(path))

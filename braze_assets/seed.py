@@ -1,0 +1,157 @@
+"""Realistic sample CDI tables for the embedded DuckDB warehouse (the demo and the tests).
+
+Deterministic for a given `now`: thousands of valid rows per data type spread over the last days, plus
+bad rows of every kind the product must reject with a specific reason (`BAD_ROWS` documents them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from pathlib import Path
+
+import duckdb
+
+TABLES = {
+    "attributes": "braze_user_attributes",
+    "events": "braze_events",
+    "purchases": "braze_purchases",
+    "deletions": "braze_user_deletes",
+}
+_ID_COLUMNS = "EXTERNAL_ID VARCHAR, ALIAS_NAME VARCHAR, ALIAS_LABEL VARCHAR, BRAZE_ID VARCHAR, " \
+              "EMAIL VARCHAR, PHONE VARCHAR"
+_COLUMNS = ("UPDATED_AT", "EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE",
+            "PAYLOAD")
+_EVENT_NAMES = ("app_open", "viewed_product", "added_to_cart", "search", "shared_item")
+_PRODUCTS = ("sku-tee", "sku-mug", "sku-cap", "sku-hoodie", "sku-socks")
+_CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CAD")
+
+
+def _row(updated_at, payload=None, **ids):
+    row = {c: None for c in _COLUMNS}
+    row.update({k.upper(): v for k, v in ids.items()}, UPDATED_AT=updated_at, PAYLOAD=payload)
+    return row
+
+
+def _identity(rng: random.Random, i: int) -> dict:
+    """Most rows by external id; some by alias, email or phone, as real CRM tables have."""
+    pick = rng.random()
+    if pick < 0.85:
+        return {"external_id": f"user-{i:06d}"}
+    if pick < 0.93:
+        return {"alias_name": f"anon-{i:06d}", "alias_label": "web_visitor"}
+    if pick < 0.97:
+        return {"email": f"customer{i}@example.com"}
+    return {"phone": f"+1415555{i % 10000:04d}"}
+
+
+def _common_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
+    """Bad rows every payload-bearing data type must reject (one reason each)."""
+    good = {"attributes": {"tier": "gold"}, "events": {"name": "app_open"},
+            "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 10.0}}[kind]
+    dump = json.dumps
+    return [
+        _row(ts, "{not json", external_id="bad-json"),
+        _row(ts, dump([1, 2, 3]), external_id="bad-not-object"),
+        _row(ts, dump(good)),  # no identifier at all
+        _row(ts, dump(good), external_id="bad-two-ids", email="two@example.com"),
+        _row(ts, dump(good), alias_name="bad-alias-no-label"),
+        _row(ts, dump(good), external_id="x" * 988),
+        _row(ts, dump({**good, "blob": "y" * (1024 * 1024)}), external_id="bad-huge-payload"),
+        _row(ts, dump({**good, "external_id": "sneaky"}), external_id="bad-id-in-payload"),
+        _row(None, dump(good), external_id="bad-null-updated-at"),
+    ]
+
+
+def _type_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
+    dump = json.dumps
+    if kind == "attributes":
+        return [_row(ts, dump({f"attr_{n}": n for n in range(251)}), external_id="bad-251-attrs")]
+    if kind == "events":
+        return [
+            _row(ts, dump({"properties": {"a": 1}}), external_id="bad-event-no-name"),
+            _row(ts, dump({"name": "app_open", "time": "yesterday-ish"}),
+                 external_id="bad-event-time"),
+        ]
+    if kind == "purchases":
+        base = {"product_id": "sku-tee", "currency": "USD", "price": 10.0}
+        return [
+            _row(ts, dump({"currency": "USD", "price": 5.0}), external_id="bad-no-product"),
+            _row(ts, dump({"product_id": "sku-tee", "price": 5.0}), external_id="bad-no-currency"),
+            _row(ts, dump({"product_id": "sku-tee", "currency": "USD"}), external_id="bad-no-price"),
+            _row(ts, dump({**base, "currency": "XYZ"}), external_id="bad-currency"),
+            _row(ts, dump({**base, "quantity": 500}), external_id="bad-quantity"),
+            _row(ts, dump({**base, "price": "ten dollars"}), external_id="bad-price"),
+        ]
+    return []
+
+
+def sample_rows(kind: str, now: dt.datetime, count: int, seed: int = 7) -> list[dict]:
+    """`count` valid rows of a data type (UPDATED_AT over the last 10 days), then the bad rows."""
+    rng = random.Random(f"{seed}-{kind}")
+    rows = []
+    for i in range(count):
+        ts = now - dt.timedelta(seconds=rng.randint(60, 10 * 86_400))
+        ids = _identity(rng, i % 2500)
+        if kind == "attributes":
+            payload = {"first_name": rng.choice(["Ana", "Bo", "Chen", "Dee", "Eli"]),
+                       "loyalty_points": rng.randint(0, 5000), "plan": rng.choice(["free", "pro"]),
+                       "favorite_colors": rng.sample(["red", "green", "blue", "black"], 2)}
+            if "external_id" in ids:
+                payload["email"] = f"user{i}@example.com"  # an attribute beside a primary id
+        elif kind == "events":
+            payload = {"name": rng.choice(_EVENT_NAMES),
+                       "properties": {"event_seq": i, "screen": rng.choice(["home", "cart"])}}
+            if rng.random() < 0.5:
+                payload["time"] = (ts - dt.timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        elif kind == "purchases":
+            payload = {"product_id": rng.choice(_PRODUCTS), "currency": rng.choice(_CURRENCIES),
+                       "price": round(rng.uniform(1, 200), 2), "quantity": rng.randint(1, 3),
+                       "properties": {"order_seq": i}}
+        else:
+            ids = {"external_id": f"user-{i:06d}"} if i % 5 else {
+                "alias_name": f"anon-{i:06d}", "alias_label": "web_visitor"}
+            rows.append(_row(ts.replace(tzinfo=None), **ids))
+            continue
+        rows.append(_row(ts.replace(tzinfo=None), json.dumps(payload), **ids))
+    ts = (now - dt.timedelta(hours=2)).replace(tzinfo=None)
+    future = (now + dt.timedelta(days=3)).replace(tzinfo=None)
+    if kind == "deletions":
+        rows += [_row(ts, email="forget-me@example.com"), _row(ts, phone="+14155550000"),
+                 _row(ts), _row(ts, external_id="del-two", braze_id="abc123"),
+                 _row(ts, alias_name="del-no-label"), _row(None, external_id="del-null-ts"),
+                 _row(future, external_id="del-future")]
+    else:
+        good = rows[0]["PAYLOAD"]
+        rows += _common_bad_rows(ts, kind) + _type_bad_rows(ts, kind)
+        rows.append(_row(future, good, external_id="future-row"))
+    return rows
+
+
+def create_table(con: duckdb.DuckDBPyConnection, table: str, with_payload: bool = True) -> None:
+    payload = ", PAYLOAD VARCHAR" if with_payload else ""
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} (UPDATED_AT TIMESTAMP, {_ID_COLUMNS}{payload})")
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:
+    columns = [c for c in _COLUMNS if c != "PAYLOAD" or "deletes" not in table]
+    values = [[row[c] for c in columns] for row in rows]
+    con.executemany(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        values)
+
+
+def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int = 1) -> dict:
+    """Create the four sample tables in a DuckDB file; returns {table: rows inserted}."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    counts = {"attributes": 2500, "events": 4000, "purchases": 1500, "deletions": 150}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    inserted = {}
+    with duckdb.connect(str(path)) as con:
+        for kind, table in TABLES.items():
+            rows = sample_rows(kind, now, counts[kind] * scale)
+            create_table(con, table, with_payload=kind != "deletions")
+            insert_rows(con, table, rows)
+            inserted[table] = len(rows)
+    return inserted

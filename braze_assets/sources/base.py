@@ -1,0 +1,71 @@
+"""The interface every warehouse adapter implements.
+
+The delta is computed in the warehouse: adapters push the `UPDATED_AT` window down as bound
+parameters and stream Arrow record batches back, never a full-table pull.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from typing import Iterator
+
+import pyarrow as pa
+
+from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec
+
+
+class SourceError(RuntimeError):
+    """A global (sync-level) source error: connection, permissions, missing table or column."""
+
+
+class CdiSource(abc.ABC):
+    """A CDI-shaped table: `UPDATED_AT`, identifier columns, and (except deletions) `PAYLOAD`."""
+
+    #: e.g. "duckdb table main.braze_events": used in every error message
+    description: str
+
+    @abc.abstractmethod
+    def columns(self) -> dict[str, str]:
+        """Upper-cased column name -> warehouse type; raises SourceError if the table is missing."""
+
+    @abc.abstractmethod
+    def scan(
+        self, start: dt.datetime | None, end: dt.datetime, include_null_updated_at: bool,
+        batch_rows: int,
+    ) -> Iterator[pa.RecordBatch]:
+        """Rows with start <= UPDATED_AT < end (UTC), streamed; columns upper-cased."""
+
+    @abc.abstractmethod
+    def count(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> int:
+        """Rows with start <= UPDATED_AT < end (either bound optional)."""
+
+    @abc.abstractmethod
+    def max_updated_at(self) -> dt.datetime | None:
+        """The newest UPDATED_AT in the table (UTC), None when empty."""
+
+    @abc.abstractmethod
+    def min_updated_at(self) -> dt.datetime | None:
+        """The oldest UPDATED_AT in the table (UTC), None when empty."""
+
+    def check_shape(self, spec: DataTypeSpec) -> list[str]:
+        """Validate the table against the data type; return the columns to read."""
+        columns = self.columns()
+        missing = [c for c in spec.required_columns if c not in columns]
+        if missing:
+            raise SourceError(
+                f"{self.description} lacks required column(s) {', '.join(missing)} for a "
+                f"{spec.name} sync"
+            )
+        if not spec.has_payload and "PAYLOAD" in columns:
+            raise SourceError(
+                f"{self.description} has a PAYLOAD column; a deletion sync refuses such a table "
+                "as a guard against deleting users by mistake (as Braze CDI does)"
+            )
+        identifiers = [c for c in IDENTIFIER_COLUMNS if c in columns]
+        if not identifiers:
+            raise SourceError(
+                f"{self.description} has no identifier column (EXTERNAL_ID, ALIAS_NAME+ALIAS_LABEL, "
+                "BRAZE_ID, EMAIL or PHONE)"
+            )
+        return ["UPDATED_AT", *identifiers, *(["PAYLOAD"] if spec.has_payload else [])]

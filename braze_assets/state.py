@@ -1,0 +1,239 @@
+"""Durable delivery state of one sync: the row ledger, the request journal and the watermark.
+
+Layout under the state directory (one set per sync, so syncs never contend):
+
+* ``<sync>.duckdb`` - the ledger: one row per CDI row this sync has settled, keyed by the row's
+  stable hash, with its status:
+    - ``accepted``  Braze acknowledged it; never sent again (re-runs, retries, backfills);
+    - ``failed``    Braze refused it for good (its message kept);
+    - ``invalid``   failed validation, never sent (its reasons kept);
+    - ``held``      outcome unknown (see DESIGN §3), parked until a person releases it;
+    - ``planned``   about to be sent by the run holding the sync lock.
+* ``<sync>.journal`` - an append-only line per request just before it goes on the wire. After a
+  crash, a ``planned`` batch found in the journal may have reached Braze (ambiguous); one not in it
+  never left the machine.
+* ``<sync>.lock`` - an flock held by the run delivering, so recovery never races a live sender.
+* ``<sync>.watermark.json`` - watermark and late-row accounting, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pyarrow as pa
+
+TERMINAL = ("accepted", "failed", "invalid", "held")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    row_hash   VARCHAR PRIMARY KEY,
+    updated_at TIMESTAMPTZ,
+    status     VARCHAR NOT NULL,
+    batch_id   VARCHAR,
+    identifier VARCHAR,
+    message    VARCHAR,
+    run_id     VARCHAR,
+    changed_at TIMESTAMPTZ NOT NULL
+);
+"""
+
+
+class SyncBusyError(RuntimeError):
+    """Another run is delivering this sync right now."""
+
+
+@dataclass
+class Watermark:
+    """Every row with UPDATED_AT <= `value` is settled (accepted, failed, invalid or held).
+    Scheduled runs rescan from `value - lookback`, so late rows inside the window still go out."""
+
+    value: dt.datetime | None = None
+    updated_by_run: str | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["value"] = self.value.isoformat() if self.value else None
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Watermark:
+        data = json.loads(text)
+        data["value"] = dt.datetime.fromisoformat(data["value"]) if data.get("value") else None
+        return cls(**data)
+
+
+class StateStore:
+    """The state of one sync under `state_dir`."""
+
+    def __init__(self, state_dir: str | Path, sync_name: str, lock_timeout_s: float = 600.0):
+        self.dir = Path(state_dir)
+        self.sync = sync_name
+        self.db_path = self.dir / f"{sync_name}.duckdb"
+        self.journal_path = self.dir / f"{sync_name}.journal"
+        self.lock_path = self.dir / f"{sync_name}.lock"
+        self.watermark_path = self.dir / f"{sync_name}.watermark.json"
+        self.lock_timeout_s = lock_timeout_s
+
+    # ------------------------------------------------------------------ connections and locks
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection to the ledger; waits while another process has the file open."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.db_path.exists():
+            read_only = False
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                con = duckdb.connect(str(self.db_path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        try:
+            if not read_only:
+                con.execute(_SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def delivery_lock(self) -> Iterator[None]:
+        """Exclusive right to send for this sync; released by the OS if the process dies."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SyncBusyError(
+                    f"sync {self.sync!r} is being delivered by another run; try again when it ends"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ ledger
+    @staticmethod
+    def known_hashes(con: duckdb.DuckDBPyConnection, hashes: list[str]) -> set[str]:
+        """Which of these rows the ledger has settled (any status but planned)."""
+        if not hashes:
+            return set()
+        probe = pa.table({"row_hash": pa.array(hashes, pa.string())})
+        con.register("probe", probe)
+        try:
+            rows = con.execute(
+                "SELECT l.row_hash FROM ledger l JOIN probe p USING (row_hash) "
+                "WHERE l.status <> 'planned'"
+            ).fetchall()
+        finally:
+            con.unregister("probe")
+        return {r[0] for r in rows}
+
+    @staticmethod
+    def upsert(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+        """Insert or replace ledger rows (columns as in the ledger table, changed_at optional)."""
+        if rows.num_rows == 0:
+            return
+        if "changed_at" not in rows.column_names:
+            now = dt.datetime.now(dt.timezone.utc)
+            rows = rows.append_column("changed_at", pa.array([now] * rows.num_rows,
+                                                             pa.timestamp("us", tz="UTC")))
+        con.register("incoming", rows)
+        try:
+            cols = ", ".join(rows.column_names)
+            con.execute(f"INSERT OR REPLACE INTO ledger ({cols}) SELECT {cols} FROM incoming")
+        finally:
+            con.unregister("incoming")
+
+    @staticmethod
+    def forget(con: duckdb.DuckDBPyConnection, hashes: list[str]) -> None:
+        """Drop rows from the ledger: they will be delivered by a later run."""
+        if hashes:
+            con.register("gone", pa.table({"row_hash": pa.array(hashes, pa.string())}))
+            try:
+                con.execute("DELETE FROM ledger WHERE row_hash IN (SELECT row_hash FROM gone)")
+            finally:
+                con.unregister("gone")
+
+    def settled_count(self, start: dt.datetime | None, end: dt.datetime) -> int:
+        """Settled rows with start <= UPDATED_AT < end (to find rows older than the scan window)."""
+        if not self.db_path.exists():
+            return 0
+        with self.connect(read_only=True) as con:
+            return con.execute(
+                "SELECT count(*) FROM ledger WHERE status <> 'planned' AND updated_at < ? "
+                "AND (? IS NULL OR updated_at >= ?)", [end, start, start]
+            ).fetchone()[0]
+
+    def status_counts(self) -> dict[str, int]:
+        if not self.db_path.exists():
+            return {}
+        with self.connect(read_only=True) as con:
+            return dict(con.execute("SELECT status, count(*) FROM ledger GROUP BY 1").fetchall())
+
+    def release_held(self, row_hashes: list[str] | None = None) -> int:
+        """A person decided held rows should be sent again: forget them so the next run does."""
+        with self.connect() as con:
+            where = "status = 'held'"
+            if row_hashes is not None:
+                con.register("chosen", pa.table({"row_hash": pa.array(row_hashes, pa.string())}))
+                where += " AND row_hash IN (SELECT row_hash FROM chosen)"
+            count = con.execute(f"SELECT count(*) FROM ledger WHERE {where}").fetchone()[0]
+            con.execute(f"DELETE FROM ledger WHERE {where}")
+        return int(count)
+
+    # ------------------------------------------------------------------ journal and recovery
+    def journal_start(self, handle, batch_id: str) -> None:
+        handle.write(batch_id + "\n")
+        handle.flush()  # in the OS before the request leaves: survives kill -9
+
+    def recover(self, policy: str) -> dict[str, int]:
+        """Settle `planned` rows left by a run that died. Call with the delivery lock held.
+
+        Batches that never went on the wire are forgotten (sent again); those that did are
+        ambiguous: held, or forgotten so they are resent, by the sync's policy.
+        """
+        started: set[str] = set()
+        if self.journal_path.exists():
+            started = {line.strip() for line in self.journal_path.read_text().splitlines()}
+        with self.connect() as con:
+            planned = con.execute(
+                "SELECT batch_id, count(*) FROM ledger WHERE status = 'planned' GROUP BY 1"
+            ).fetchall()
+            ambiguous_batches = [b for b, _ in planned if b in started]
+            ambiguous = sum(n for b, n in planned if b in started)
+            unsent = sum(n for b, n in planned if b not in started)
+            if ambiguous_batches and policy == "hold":
+                con.register("amb", pa.table({"batch_id": pa.array(ambiguous_batches, pa.string())}))
+                con.execute(
+                    "UPDATE ledger SET status = 'held', changed_at = now(), message = "
+                    "'outcome unknown: the process stopped while this request was in flight' "
+                    "WHERE status = 'planned' AND batch_id IN (SELECT batch_id FROM amb)"
+                )
+                con.unregister("amb")
+            con.execute("DELETE FROM ledger WHERE status = 'planned'")
+        self.journal_path.write_text("")
+        return {"recovered_ambiguous": ambiguous, "recovered_unsent": unsent}
+
+    # ------------------------------------------------------------------ watermark
+    def read_watermark(self) -> Watermark:
+        try:
+            return Watermark.from_json(self.watermark_path.read_text())
+        except FileNotFoundError:
+            return Watermark()
+
+    def write_watermark(self, watermark: Watermark) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.watermark_path.with_suffix(".tmp")
+        tmp.write_text(watermark.to_json())
+        os.replace(tmp, self.watermark_path)
