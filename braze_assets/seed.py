@@ -28,7 +28,7 @@ _PRODUCTS = ("sku-tee", "sku-mug", "sku-cap", "sku-hoodie", "sku-socks")
 _CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CAD")
 
 
-def _row(updated_at, payload=None, **ids):
+def cdi_row(updated_at, payload=None, **ids):
     row = {c: None for c in _COLUMNS}
     row.update({k.upper(): v for k, v in ids.items()}, UPDATED_AT=updated_at, PAYLOAD=payload)
     return row
@@ -52,37 +52,37 @@ def _common_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
             "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 10.0}}[kind]
     dump = json.dumps
     return [
-        _row(ts, "{not json", external_id="bad-json"),
-        _row(ts, dump([1, 2, 3]), external_id="bad-not-object"),
-        _row(ts, dump(good)),  # no identifier at all
-        _row(ts, dump(good), external_id="bad-two-ids", email="two@example.com"),
-        _row(ts, dump(good), alias_name="bad-alias-no-label"),
-        _row(ts, dump(good), external_id="x" * 988),
-        _row(ts, dump({**good, "blob": "y" * (1024 * 1024)}), external_id="bad-huge-payload"),
-        _row(ts, dump({**good, "external_id": "sneaky"}), external_id="bad-id-in-payload"),
-        _row(None, dump(good), external_id="bad-null-updated-at"),
+        cdi_row(ts, "{not json", external_id="bad-json"),
+        cdi_row(ts, dump([1, 2, 3]), external_id="bad-not-object"),
+        cdi_row(ts, dump(good)),  # no identifier at all
+        cdi_row(ts, dump(good), external_id="bad-two-ids", email="two@example.com"),
+        cdi_row(ts, dump(good), alias_name="bad-alias-no-label"),
+        cdi_row(ts, dump(good), external_id="x" * 988),
+        cdi_row(ts, dump({**good, "blob": "y" * (1024 * 1024)}), external_id="bad-huge-payload"),
+        cdi_row(ts, dump({**good, "external_id": "sneaky"}), external_id="bad-id-in-payload"),
+        cdi_row(None, dump(good), external_id="bad-null-updated-at"),
     ]
 
 
 def _type_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
     dump = json.dumps
     if kind == "attributes":
-        return [_row(ts, dump({f"attr_{n}": n for n in range(251)}), external_id="bad-251-attrs")]
+        return [cdi_row(ts, dump({f"attr_{n}": n for n in range(251)}), external_id="bad-251-attrs")]
     if kind == "events":
         return [
-            _row(ts, dump({"properties": {"a": 1}}), external_id="bad-event-no-name"),
-            _row(ts, dump({"name": "app_open", "time": "yesterday-ish"}),
+            cdi_row(ts, dump({"properties": {"a": 1}}), external_id="bad-event-no-name"),
+            cdi_row(ts, dump({"name": "app_open", "time": "yesterday-ish"}),
                  external_id="bad-event-time"),
         ]
     if kind == "purchases":
         base = {"product_id": "sku-tee", "currency": "USD", "price": 10.0}
         return [
-            _row(ts, dump({"currency": "USD", "price": 5.0}), external_id="bad-no-product"),
-            _row(ts, dump({"product_id": "sku-tee", "price": 5.0}), external_id="bad-no-currency"),
-            _row(ts, dump({"product_id": "sku-tee", "currency": "USD"}), external_id="bad-no-price"),
-            _row(ts, dump({**base, "currency": "XYZ"}), external_id="bad-currency"),
-            _row(ts, dump({**base, "quantity": 500}), external_id="bad-quantity"),
-            _row(ts, dump({**base, "price": "ten dollars"}), external_id="bad-price"),
+            cdi_row(ts, dump({"currency": "USD", "price": 5.0}), external_id="bad-no-product"),
+            cdi_row(ts, dump({"product_id": "sku-tee", "price": 5.0}), external_id="bad-no-currency"),
+            cdi_row(ts, dump({"product_id": "sku-tee", "currency": "USD"}), external_id="bad-no-price"),
+            cdi_row(ts, dump({**base, "currency": "XYZ"}), external_id="bad-currency"),
+            cdi_row(ts, dump({**base, "quantity": 500}), external_id="bad-quantity"),
+            cdi_row(ts, dump({**base, "price": "ten dollars"}), external_id="bad-price"),
         ]
     return []
 
@@ -112,20 +112,20 @@ def sample_rows(kind: str, now: dt.datetime, count: int, seed: int = 7) -> list[
         else:
             ids = {"external_id": f"user-{i:06d}"} if i % 5 else {
                 "alias_name": f"anon-{i:06d}", "alias_label": "web_visitor"}
-            rows.append(_row(ts.replace(tzinfo=None), **ids))
+            rows.append(cdi_row(ts.replace(tzinfo=None), **ids))
             continue
-        rows.append(_row(ts.replace(tzinfo=None), json.dumps(payload), **ids))
+        rows.append(cdi_row(ts.replace(tzinfo=None), json.dumps(payload), **ids))
     ts = (now - dt.timedelta(hours=2)).replace(tzinfo=None)
     future = (now + dt.timedelta(days=3)).replace(tzinfo=None)
     if kind == "deletions":
-        rows += [_row(ts, email="forget-me@example.com"), _row(ts, phone="+14155550000"),
-                 _row(ts), _row(ts, external_id="del-two", braze_id="abc123"),
-                 _row(ts, alias_name="del-no-label"), _row(None, external_id="del-null-ts"),
-                 _row(future, external_id="del-future")]
+        rows += [cdi_row(ts, email="forget-me@example.com"), cdi_row(ts, phone="+14155550000"),
+                 cdi_row(ts), cdi_row(ts, external_id="del-two", braze_id="abc123"),
+                 cdi_row(ts, alias_name="del-no-label"), cdi_row(None, external_id="del-null-ts"),
+                 cdi_row(future, external_id="del-future")]
     else:
         good = rows[0]["PAYLOAD"]
         rows += _common_bad_rows(ts, kind) + _type_bad_rows(ts, kind)
-        rows.append(_row(future, good, external_id="future-row"))
+        rows.append(cdi_row(future, good, external_id="future-row"))
     return rows
 
 
