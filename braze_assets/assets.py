@@ -213,6 +213,7 @@ def results_metadata(outcome: SyncOutcome, delta: DeltaManifest) -> dict:
         "rows_ambiguous": outcome.ambiguous,
         "rows_not_sent_retry_next_run": outcome.not_sent,
         "rows_settled_by_another_run": outcome.settled_since_delta,
+        "recovered_from_crash_settled": outcome.recovered_settled,
         "recovered_from_crash_ambiguous": outcome.recovered_ambiguous,
         "recovered_from_crash_unsent": outcome.recovered_unsent,
         "failed_reasons": dg.MetadataValue.json(outcome.failed_reasons),

@@ -53,6 +53,7 @@ class SyncOutcome:
     attempts: int = 0
     rate_limited: int = 0
     unattributed_errors: int = 0
+    recovered_settled: int = 0
     recovered_ambiguous: int = 0
     recovered_unsent: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
@@ -132,6 +133,7 @@ class Delivery:
         started = time.monotonic()
         with self.store.delivery_lock():
             recovered = self.store.recover(self.policy)
+            self.outcome.recovered_settled = recovered["recovered_settled"]
             self.outcome.recovered_ambiguous = recovered["recovered_ambiguous"]
             self.outcome.recovered_unsent = recovered["recovered_unsent"]
             with self.store.connect() as con:
@@ -192,22 +194,22 @@ class Delivery:
         self.store.upsert(con, self._ledger_rows(chunk, ["planned"] * chunk.num_rows,
                                                  batch_of, [None] * chunk.num_rows))
         semaphore = asyncio.Semaphore(self.max_in_flight)
-
-        async def send(request: _Request) -> RequestOutcome:
-            async with semaphore:
-                self.store.journal_start(journal, request.batch_id)
-                return await self.client.post(self.spec.endpoint, request.body,
-                                              retry_ambiguous=self.policy == "resend")
-
-        results = await asyncio.gather(*(send(r) for r in requests), return_exceptions=True)
         status: list[str | None] = [None] * chunk.num_rows
         messages: list[str | None] = [None] * chunk.num_rows
-        first_error: BaseException | None = None
-        for request, result in zip(requests, results):
-            if isinstance(result, BaseException):
-                first_error = first_error or result
-                continue  # its rows stay unsettled and are forgotten below
+
+        async def send(request: _Request) -> None:
+            async with semaphore:
+                self.store.journal_start(journal, request.batch_id)
+                result = await self.client.post(self.spec.endpoint, request.body,
+                                                retry_ambiguous=self.policy == "resend")
             self._apply(request, result, status, messages)
+            # Known outcomes reach the journal at once, so a crash later in the chunk does not
+            # turn answered requests into ambiguous ones.
+            self.store.journal_done(journal, request.batch_id,
+                                    [(hashes[i], status[i], messages[i]) for i in request.rows])
+
+        results = await asyncio.gather(*(send(r) for r in requests), return_exceptions=True)
+        first_error = next((r for r in results if isinstance(r, BaseException)), None)
         identifiers = chunk["identifier"].to_pylist()
         for i, state in enumerate(status):
             if state == "failed" and len(self.outcome.failed_examples) < EXAMPLES_KEPT:
@@ -215,7 +217,7 @@ class Delivery:
                     {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]})
         forget = [h for h, s in zip(hashes, status) if s is None]
         settled = [i for i, s in enumerate(status) if s is not None]
-        self.store.upsert(con, self._ledger_rows(chunk.take(settled),
+        self.store.upsert(con, self._ledger_rows(chunk.take(pa.array(settled, pa.int64())),
                                                  [status[i] for i in settled],
                                                  [batch_of[i] for i in settled],
                                                  [messages[i] for i in settled]))

@@ -134,8 +134,9 @@ def create_table(con: duckdb.DuckDBPyConnection, table: str, with_payload: bool 
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} (UPDATED_AT TIMESTAMP, {_ID_COLUMNS}{payload})")
 
 
-def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:
-    columns = [c for c in _COLUMNS if c != "PAYLOAD" or "deletes" not in table]
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict],
+                with_payload: bool = True) -> None:
+    columns = [c for c in _COLUMNS if c != "PAYLOAD" or with_payload]
     values = [[row[c] for c in columns] for row in rows]
     con.executemany(
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
@@ -152,6 +153,6 @@ def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int 
         for kind, table in TABLES.items():
             rows = sample_rows(kind, now, counts[kind] * scale)
             create_table(con, table, with_payload=kind != "deletions")
-            insert_rows(con, table, rows)
+            insert_rows(con, table, rows, with_payload=kind != "deletions")
             inserted[table] = len(rows)
     return inserted

@@ -194,25 +194,60 @@ class StateStore:
 
     # ------------------------------------------------------------------ journal and recovery
     def journal_start(self, handle, batch_id: str) -> None:
-        handle.write(batch_id + "\n")
+        handle.write(f"S {batch_id}\n")
         handle.flush()  # in the OS before the request leaves: survives kill -9
+
+    def journal_done(self, handle, batch_id: str, rows: list[tuple[str, str | None, str | None]]):
+        """The known outcome of a request: (row_hash, status or None to resend, message)."""
+        handle.write("D " + json.dumps({"batch": batch_id, "rows": rows}) + "\n")
+        handle.flush()
+
+    def _read_journal(self) -> tuple[set[str], dict[str, list]]:
+        started, done = set(), {}
+        if self.journal_path.exists():
+            for line in self.journal_path.read_text().splitlines():
+                kind, _, rest = line.partition(" ")
+                if kind == "S":
+                    started.add(rest.strip())
+                elif kind == "D":
+                    try:
+                        record = json.loads(rest)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by the crash: that request stays ambiguous
+                    done[record["batch"]] = record["rows"]
+        return started, done
 
     def recover(self, policy: str) -> dict[str, int]:
         """Settle `planned` rows left by a run that died. Call with the delivery lock held.
 
-        Batches that never went on the wire are forgotten (sent again); those that did are
-        ambiguous: held, or forgotten so they are resent, by the sync's policy.
+        Requests whose answer was journaled get that outcome; those that never went on the wire
+        are forgotten (sent again); those sent without a journaled answer are ambiguous: held, or
+        forgotten so they are resent, by the sync's policy.
         """
-        started: set[str] = set()
-        if self.journal_path.exists():
-            started = {line.strip() for line in self.journal_path.read_text().splitlines()}
+        started, done = self._read_journal()
+        counts = {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
         with self.connect() as con:
             planned = con.execute(
                 "SELECT batch_id, count(*) FROM ledger WHERE status = 'planned' GROUP BY 1"
             ).fetchall()
-            ambiguous_batches = [b for b, _ in planned if b in started]
-            ambiguous = sum(n for b, n in planned if b in started)
-            unsent = sum(n for b, n in planned if b not in started)
+            settled_rows, ambiguous_batches = [], []
+            for batch_id, count in planned:
+                if batch_id in done:
+                    settled_rows += [r for r in done[batch_id] if r[1] is not None]
+                    counts["recovered_settled"] += count
+                elif batch_id in started:
+                    ambiguous_batches.append(batch_id)
+                    counts["recovered_ambiguous"] += count
+                else:
+                    counts["recovered_unsent"] += count
+            if settled_rows:
+                con.register("known", pa.table({
+                    "row_hash": [r[0] for r in settled_rows], "status": [r[1] for r in settled_rows],
+                    "message": pa.array([r[2] for r in settled_rows], pa.string())}))
+                con.execute(
+                    "UPDATE ledger SET status = k.status, message = k.message, changed_at = now() "
+                    "FROM known k WHERE ledger.row_hash = k.row_hash AND ledger.status = 'planned'")
+                con.unregister("known")
             if ambiguous_batches and policy == "hold":
                 con.register("amb", pa.table({"batch_id": pa.array(ambiguous_batches, pa.string())}))
                 con.execute(
@@ -223,7 +258,7 @@ class StateStore:
                 con.unregister("amb")
             con.execute("DELETE FROM ledger WHERE status = 'planned'")
         self.journal_path.write_text("")
-        return {"recovered_ambiguous": ambiguous, "recovered_unsent": unsent}
+        return counts
 
     # ------------------------------------------------------------------ watermark
     def read_watermark(self) -> Watermark:

@@ -185,7 +185,8 @@ class BrazeClient:
                                     max_keepalive_connections=max_connections)
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
         self.max_attempts = max_attempts
-        self._wait = tenacity.wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s)
+        self._wait = tenacity.wait_exponential_jitter(
+            multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s)
         self.budget = budget or RateBudget.for_workspace(self.base_url)
         self._http: httpx.AsyncClient | None = None
 

@@ -101,8 +101,8 @@ class DuckDBSource(CdiSource):
         select = ", ".join(f'"{self._names[c]}" AS "{c}"' for c in wanted)
         where, params = self._where(start, end, include_null_updated_at)
         with self._connect() as con:
-            reader = con.execute(
-                f"SELECT {select} FROM {_quote(self.table)} WHERE {where}", params
+            reader = con.sql(
+                f"SELECT {select} FROM {_quote(self.table)} WHERE {where}", params=params
             ).to_arrow_reader(batch_rows)
             for batch in reader:
                 yield _utc(batch)

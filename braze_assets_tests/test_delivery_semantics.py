@@ -1,0 +1,138 @@
+"""Delivery semantics (DESIGN §3), each against the emulator over real HTTP with a real DuckDB file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import dagster as dg
+
+from braze_assets_tests.conftest import cdi_row, events_rows, seqs, sync_config
+
+UTC = dt.timezone.utc
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(UTC).replace(microsecond=0)
+
+
+def test_same_updated_at_rows_added_later_are_delivered_once(harness, emulator):
+    ts = _now() - dt.timedelta(hours=3)
+    harness.table("ev", events_rows(5, ts))
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
+    first = harness.run("ev_sync")
+    assert first.result.success and first.outcome.accepted == 5
+    assert harness.watermark("ev_sync") == ts
+
+    harness.table("ev", events_rows(1, ts, start=5))  # same UPDATED_AT as the watermark
+    second = harness.run("ev_sync")
+    assert second.outcome.accepted == 1, "only the new row goes out, not all rows at that time"
+    assert second.delta.already_settled == 5
+    assert seqs(emulator) == [0, 1, 2, 3, 4, 5]
+
+    third = harness.run("ev_sync")
+    assert third.outcome.accepted == 0 and seqs(emulator) == [0, 1, 2, 3, 4, 5]
+
+
+def test_late_rows_inside_lookback_go_out_older_ones_are_counted_then_backfilled(harness, emulator):
+    now = _now()
+    harness.table("ev", events_rows(3, now - dt.timedelta(hours=1)))
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev", lookback="P2D")]
+    assert harness.run("ev_sync").outcome.accepted == 3
+    watermark = harness.watermark("ev_sync")
+
+    late_inside = watermark - dt.timedelta(days=1)
+    late_outside = watermark - dt.timedelta(days=6)
+    harness.table("ev", events_rows(1, late_inside, start=3) + events_rows(1, late_outside, start=4))
+    run = harness.run("ev_sync")
+    assert run.outcome.accepted == 1 and 3 in seqs(emulator) and 4 not in seqs(emulator)
+    assert run.delta.late_outside_lookback == 1
+    assert run.result.success
+    assert harness.watermark("ev_sync") == watermark, "the watermark does not move past a gap"
+
+    day = late_outside.strftime("%Y-%m-%d")
+    backfill = harness.run("ev_sync", keys=dg.PartitionKeyRange(day, day))
+    assert backfill.outcome.accepted == 1 and seqs(emulator) == [0, 1, 2, 3, 4]
+    assert harness.run("ev_sync").delta.late_outside_lookback == 0
+
+
+def test_future_rows_are_held_back_and_the_watermark_never_passes_now(harness, emulator):
+    now = _now()
+    rows = events_rows(2, now - dt.timedelta(minutes=30))
+    rows.append(cdi_row((now + dt.timedelta(hours=6)).replace(tzinfo=None),
+                        json.dumps({"name": "app_open", "properties": {"seq": 99}}),
+                        external_id="from-the-future"))
+    harness.table("ev", rows)
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
+    run = harness.run("ev_sync")
+    assert run.outcome.accepted == 2 and 99 not in seqs(emulator)
+    assert run.delta.future_rows == 1
+    assert "future" in run.delta.future_examples[0]["reason"]
+    assert run.delta.future_examples[0]["identifier"] == "EXTERNAL_ID=fro***"
+    assert harness.watermark("ev_sync") <= dt.datetime.now(UTC)
+
+
+def test_partial_success_fails_only_the_rows_braze_names(harness, emulator):
+    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    rows = [cdi_row(ts, json.dumps({"email": f"u{i}@example.com", "n": i}), external_id=f"u{i}")
+            for i in range(10)]
+    rows[3] = cdi_row(ts, json.dumps({"email": "not-an-email", "n": 3}), external_id="u3")
+    harness.table("attrs", rows)
+    harness.syncs = [sync_config("attr_sync", "attributes", "main.attrs")]
+    run = harness.run("attr_sync")
+    assert run.outcome.accepted == 9 and run.outcome.failed == 1
+    assert run.outcome.failed_examples[0]["message"] == (
+        "The value provided for the 'email' field is not a valid email.")
+    profiles = {p.get("external_id") for p in emulator.store.profiles()}
+    assert "u3" not in profiles and {"u0", "u9"} <= profiles
+    assert harness.ledger("attr_sync") == {"accepted": 9, "failed": 1}
+    assert harness.run("attr_sync").outcome.requests == 0, "a definitive failure is not resent"
+
+
+def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
+    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    good = json.dumps({"product_id": "sku", "currency": "EUR", "price": 3.5, "properties": {"seq": 1}})
+    rows = [cdi_row(ts, good, external_id="ok"),
+            cdi_row(ts, json.dumps({"product_id": "sku", "currency": "EURO", "price": 1}),
+                    external_id="bad-currency"),
+            cdi_row(ts, json.dumps({"product_id": "sku", "currency": "EUR", "price": 1,
+                                    "quantity": 101}), external_id="bad-qty")]
+    harness.table("pur", rows)
+    harness.syncs = [sync_config("pur_sync", "purchases", "main.pur", max_row_error_rate=0.9)]
+    run = harness.run("pur_sync")
+    assert run.delta.rejected == 2 and run.outcome.accepted == 1
+    assert run.delta.rejected_reasons == {
+        "purchase 'currency' is not an ISO 4217 currency code": 1,
+        "purchase 'quantity' must be a whole number from 1 to 100": 1,
+    }
+    assert seqs(emulator, "purchases") == [1]
+    assert harness.ledger("pur_sync") == {"accepted": 1, "invalid": 2}
+    again = harness.run("pur_sync")
+    assert again.delta.rejected == 0, "a rejected row is reported once, not on every run"
+
+
+def test_row_error_rate_check_blocks_delivery_and_changes_no_state(harness, emulator):
+    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    rows = events_rows(4, ts) + [cdi_row(ts, "{broken", external_id=f"b{i}") for i in range(4)]
+    harness.table("ev", rows)
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev", max_row_error_rate=0.2)]
+    run = harness.run("ev_sync")
+    assert not run.result.success and run.outcome is None
+    failed = [e for e in run.result.get_asset_check_evaluations() if not e.passed]
+    assert {e.check_name for e in failed} >= {"row_error_rate"}
+    assert emulator.store.stats()["events"] == 0
+    assert harness.ledger("ev_sync") == {} and harness.watermark("ev_sync") is None
+
+
+def test_mass_deletion_guard_blocks_then_passes_within_ceiling(harness, emulator):
+    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    harness.table("del", [cdi_row(ts, external_id=f"gone-{i}") for i in range(8)], payload=False)
+    harness.syncs = [sync_config("del_sync", "deletions", "main.del", max_deletions=5)]
+    blocked = harness.run("del_sync")
+    assert not blocked.result.success and emulator.store.deletions() == []
+    assert harness.ledger("del_sync") == {}
+    harness.syncs = [sync_config("del_sync", "deletions", "main.del", max_deletions=8)]
+    ok = harness.run("del_sync")
+    assert ok.outcome.accepted == 8
+    assert sorted(d["id"] for d in emulator.store.deletions()) == sorted(
+        f"gone-{i}" for i in range(8))
