@@ -14,6 +14,7 @@ import os
 import secrets
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 DEMO_PORT = 4545
@@ -36,7 +37,7 @@ def _prepare_home(home: Path) -> Path:
     return dagster_home
 
 
-def run_syncs(only: list[str] | None = None) -> list[dict]:
+def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[dict]:
     """Materialize each sync's job for its incremental range; return one summary per sync."""
     import dagster as dg
 
@@ -55,8 +56,9 @@ def run_syncs(only: list[str] | None = None) -> list[dict]:
         keys = incremental_range(sync, resources["delivery_state"],
                                  dt.datetime.now(dt.timezone.utc), source)
         job = defs.resolve_job_def(f"{sync.name}_job")
-        result = job.execute_in_process(instance=instance, tags=range_tags(keys),
-                                        raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, tags=range_tags(keys), raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
         summaries.append(_summary(sync.name, keys, result))
     return summaries
 
@@ -151,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         " emulator and state")
     parser.add_argument("--port", type=int, default=DEMO_PORT, help="demo/ui: emulator port")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    parser.add_argument("--log-level", default="INFO", help="Dagster console log level")
     args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", category=Warning)  # library notices; errors still surface
     home = Path(args.home).resolve()
     if args.reset and home.exists():
         import shutil
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(home)
     _prepare_home(home)
     if args.command == "run":
-        summaries = run_syncs(args.sync)
+        summaries = run_syncs(args.sync, args.log_level)
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")
         if not args.json:
             print_summaries(summaries)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(__file__).resolve().parent.parent
             return subprocess.call([sys.executable, "-m", "dagster", "dev", "-w",
                                     str(root / "workspace.yaml")], cwd=root)
-        summaries = run_syncs(args.sync)
+        summaries = run_syncs(args.sync, args.log_level)
         stats = emulator.store.stats()
         if args.json:
             print(json.dumps({"syncs": summaries, "emulator": stats}, indent=2, default=str))

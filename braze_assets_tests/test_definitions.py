@@ -1,0 +1,126 @@
+"""Definitions load cleanly (deprecations are errors, see pyproject), and schedules, sensors and the
+release job behave as the UI will drive them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import warnings
+
+import dagster as dg
+
+from braze_assets.automation import incremental_range
+from braze_assets.assets import make_source
+from braze_assets_tests.conftest import cdi_row, events_rows, sync_config
+
+UTC = dt.timezone.utc
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def test_shipped_definitions_load_and_resolve_everything(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAZE_API_KEY", "never-shown")
+    monkeypatch.setenv("BRAZE_ASSETS_HOME", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        from braze_assets.definitions import build_definitions
+        from braze_assets.config import load_syncs
+
+        defs = build_definitions(load_syncs())
+        repo = defs.get_repository_def()
+    names = {s.name for s in load_syncs()}
+    assert names == {"user_attributes", "app_events", "store_purchases", "user_deletions"}
+    for name in names:
+        job = repo.get_job(f"{name}_job")
+        assert {str(k.path[-1]) for k in job.asset_layer.executable_asset_keys} == {
+            f"{name}_delta", f"{name}_sync_results"}
+        assert repo.get_schedule_def(f"{name}_schedule").execution_timezone
+        assert repo.get_sensor_def(f"{name}_sensor").job_name == f"{name}_job"
+    check_names = {key.name for key in repo.asset_checks_defs_by_key}
+    assert {"pandera_schema", "row_error_rate", "mass_deletion_guard"} <= check_names
+    assert repo.get_job("release_held_job")
+    assert repo.get_sensor_def("sync_failure_alert")
+    groups = {spec.group_name for spec in defs.resolve_all_asset_specs()}
+    assert groups == names, "every sync is its own group in the UI"
+
+
+def test_schedule_requests_the_range_from_watermark_minus_lookback(harness):
+    now = dt.datetime.now(UTC)
+    harness.table("ev", events_rows(3, now - dt.timedelta(days=5)))
+    harness.syncs = [sync_config("ev", "events", "main.ev", lookback="P1D",
+                                 schedule={"cron": "*/15 * * * *", "timezone": "Europe/Paris"})]
+    defs = harness.definitions()
+    schedule = defs.resolve_schedule_def("ev_schedule")
+    assert schedule.execution_timezone == "Europe/Paris"
+    with dg.build_schedule_context(resources=harness.resources()) as context:
+        first = schedule.evaluate_tick(context).run_requests[0]
+    oldest_day = (now - dt.timedelta(days=5)).strftime("%Y-%m-%d")
+    assert first.tags[RANGE_START] == oldest_day, "a first sync starts at the oldest row's day"
+    assert first.tags[RANGE_END] == now.strftime("%Y-%m-%d")
+
+    assert harness.run("ev").outcome.accepted == 3
+    watermark = harness.watermark("ev")
+    with dg.build_schedule_context(resources=harness.resources()) as context:
+        later = schedule.evaluate_tick(context).run_requests[0]
+    assert later.tags[RANGE_START] == (watermark - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+
+
+def test_sensor_launches_only_its_sync_on_new_rows_with_deterministic_run_keys(harness):
+    now = dt.datetime.now(UTC)
+    harness.table("ev", events_rows(2, now - dt.timedelta(hours=2)))
+    harness.table("pu", [cdi_row((now - dt.timedelta(hours=1)).replace(tzinfo=None), json.dumps(
+        {"product_id": "p", "currency": "USD", "price": 1}), external_id="u")])
+    harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True}),
+                     sync_config("pu", "purchases", "main.pu")]
+    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
+        first = sensor.evaluate_tick(context)
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    assert request.job_name in (None, "ev_job") and request.run_key.startswith("ev:")
+    assert first.asset_events and first.asset_events[0].asset_key == dg.AssetKey(
+        ["duckdb", "main", "ev"])
+
+    with dg.build_sensor_context(instance=instance, cursor=first.cursor,
+                                 resources=harness.resources()) as context:
+        idle = sensor.evaluate_tick(context)
+    assert not idle.run_requests and "no new" in idle.skip_message
+
+    harness.table("ev", events_rows(1, now - dt.timedelta(minutes=5), start=2))
+    with dg.build_sensor_context(instance=instance, cursor=first.cursor,
+                                 resources=harness.resources()) as context:
+        again = sensor.evaluate_tick(context)
+    assert len(again.run_requests) == 1
+    assert again.run_requests[0].run_key != request.run_key
+
+
+def test_release_held_rows_sends_them_on_the_next_run(harness, emulator):
+    from braze_assets.braze.emulator import FaultConfig
+
+    now = dt.datetime.now(UTC)
+    harness.table("ev", events_rows(75, now - dt.timedelta(hours=1)))
+    harness.syncs = [sync_config("ev", "events", "main.ev")]
+    emulator.set_faults(FaultConfig(rate_5xx_after=1.0))
+    held = harness.run("ev")
+    assert held.outcome.held == 75 and held.outcome.ambiguous == 75
+    assert len(emulator.store.events()) == 75, "processed by Braze, answer lost"
+    emulator.store.reset()
+    emulator.set_faults(FaultConfig())
+    assert harness.run("ev").outcome.requests == 0, "held rows are not resent on their own"
+
+    release = harness.definitions().resolve_job_def("release_held_job")
+    result = release.execute_in_process(
+        run_config={"ops": {"release_held_rows": {"config": {"sync": "ev"}}}},
+        resources={"delivery_state": harness.resources()["delivery_state"]})
+    assert result.success
+    assert harness.run("ev").outcome.accepted == 75
+    assert len(emulator.store.events()) == 75
+
+
+def test_incremental_range_survives_a_missing_table(harness):
+    harness.syncs = [sync_config("ev", "events", "main.missing")]
+    sync = harness.config("ev")
+    resources = harness.resources()
+    keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(UTC),
+                             make_source(sync, resources["warehouse"]))
+    assert keys.start == keys.end == dt.datetime.now(UTC).strftime("%Y-%m-%d")
