@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DataType = Literal["attributes", "events", "purchases", "deletions"]
 
 DEFAULT_SYNCS_FILE = Path(__file__).with_name("syncs.yaml")
-SYNC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+SYNC_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 # A plain SQL identifier, optionally double-quoted, optionally dotted (db.schema.table).
 _IDENT_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00]+")'
-TABLE_NAME = re.compile(rf"^{_IDENT_PART}(?:\.{_IDENT_PART}){{0,2}}$")
+TABLE_NAME = re.compile(rf"{_IDENT_PART}(?:\.{_IDENT_PART}){{0,2}}")
 
 MIN_SCHEDULE_INTERVAL = dt.timedelta(minutes=15)
 MAX_SCHEDULE_INTERVAL = dt.timedelta(days=31)
@@ -44,7 +44,7 @@ class SourceConfig(_Strict):
     @field_validator("table")
     @classmethod
     def _plain_identifier(cls, value: str) -> str:
-        if not TABLE_NAME.match(value):
+        if not TABLE_NAME.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a plain table name (letters, digits, _ and $, optionally "
                 '"quoted", optionally qualified as schema.table or db.schema.table)'
@@ -73,13 +73,19 @@ class ScheduleConfig(_Strict):
 
         if not is_valid_cron_string(self.cron):
             raise ValueError(f"cron {self.cron!r} is not a valid cron expression")
-        start = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc).timestamp()
-        ticks = cron_string_iterator(start, self.cron, self.timezone)
-        times = [next(ticks) for _ in range(40)]
+        # A year of ticks: a cron that runs often but only in some months must fail too. Judged
+        # in UTC so daylight-saving shifts of the schedule's own zone do not count as gaps.
+        start = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+        ticks = cron_string_iterator(start.timestamp(), self.cron, "UTC")
+        times = [next(ticks)]
+        while times[-1] < start + dt.timedelta(days=366) and len(times) < 40_000:
+            times.append(next(ticks))
         gaps = [b - a for a, b in zip(times, times[1:])]
-        if min(gaps) < MIN_SCHEDULE_INTERVAL or max(gaps) > MAX_SCHEDULE_INTERVAL:
+        shortest = min(gaps, default=MAX_SCHEDULE_INTERVAL)
+        longest = max([times[0] - start, *gaps])
+        if shortest < MIN_SCHEDULE_INTERVAL or longest > MAX_SCHEDULE_INTERVAL:
             raise ValueError(
-                f"cron {self.cron!r} runs every {min(gaps)} to {max(gaps)}; syncs may run from "
+                f"cron {self.cron!r} runs every {shortest} to {longest}; syncs may run from "
                 "every 15 minutes to once a month"
             )
         return self
@@ -118,7 +124,7 @@ class SyncConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _asset_safe_name(cls, value: str) -> str:
-        if not SYNC_NAME.match(value):
+        if not SYNC_NAME.fullmatch(value):
             raise ValueError(
                 f"{value!r} must be lower-case letters, digits and _, starting with a letter"
             )
@@ -148,10 +154,13 @@ class SyncsFile(_Strict):
             if sync.name in seen:
                 raise ValueError(f"sync name {sync.name!r} is used twice")
             seen[sync.name] = sync.name
-        tables = [s.source.table.lower() for s in self.syncs]
-        for table in set(tables):
-            if tables.count(table) > 1:
-                raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table")
+        by_table: dict[str, list[str]] = {}
+        for sync in self.syncs:
+            by_table.setdefault(sync.source.table.lower(), []).append(sync.name)
+        for table, names in by_table.items():
+            if len(names) > 1:
+                raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table "
+                                 f"(syncs {', '.join(repr(n) for n in names)})")
         return self
 
 

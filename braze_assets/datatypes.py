@@ -75,11 +75,11 @@ DATA_TYPES: dict[str, DataTypeSpec] = {
 
 # ----------------------------------------------------------------------------- row facts
 def _text(value: Any) -> str | None:
-    """A non-empty identifier value as a string, or None for NULL/empty."""
+    """An identifier value exactly as stored (Braze matches it exactly), None for NULL/blank."""
     if value is None or (isinstance(value, float) and value != value):
         return None
-    text = str(value).strip()
-    return text or None
+    text = str(value)
+    return text if text.strip() else None
 
 
 def row_identifiers(row: dict[str, Any]) -> dict[str, Any]:
@@ -113,54 +113,62 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _event_problem(payload: dict) -> str:
+def _event_problems(payload: dict) -> list[str]:
+    problems = []
     name = payload.get("name")
     if not isinstance(name, str) or not name.strip():
-        return "event PAYLOAD has no 'name' (a non-empty string)"
+        problems.append("event PAYLOAD has no 'name' (a non-empty string)")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
-        return f"event 'time' is not ISO 8601: {str(payload['time'])[:40]!r}"
-    return _properties_problem(payload, "event")
+        problems.append(f"event 'time' is not ISO 8601: {str(payload['time'])[:40]!r}")
+    return problems + _properties_problems(payload, "event")
 
 
-def _properties_problem(payload: dict, what: str) -> str:
+def _properties_problems(payload: dict, what: str) -> list[str]:
     properties = payload.get("properties")
     if properties is None:
-        return ""
+        return []
     if not isinstance(properties, dict):
-        return f"{what} 'properties' must be a JSON object"
+        return [f"{what} 'properties' must be a JSON object"]
+    problems = []
     for key in properties:
         if not key or len(key) > contract.MAX_NAME_CHARS or key.startswith("$"):
-            return f"{what} property names must be 1-255 characters, not starting with $: {key[:40]!r}"
-        if key in ("time", "event_name"):
-            return f"{what} property name is reserved by Braze: {key!r}"
-    return ""
+            problems.append(f"{what} property names must be 1-255 characters, not starting with $: "
+                            f"{key[:40]!r}")
+        elif key in ("time", "event_name"):
+            problems.append(f"{what} property name is reserved by Braze: {key!r}")
+    return problems
 
 
-def _purchase_problem(payload: dict) -> str:
+def _purchase_problems(payload: dict) -> list[str]:
     missing = [k for k in ("product_id", "currency", "price") if payload.get(k) in (None, "")]
-    if missing:
-        return f"purchase PAYLOAD is missing required keys: {', '.join(missing)}"
-    product_id, currency = payload["product_id"], payload["currency"]
-    if not isinstance(product_id, str) or len(product_id) > contract.MAX_NAME_CHARS:
-        return "purchase 'product_id' must be a string of at most 255 characters"
-    if currency not in contract.ISO_4217_CURRENCIES:
-        return f"purchase 'currency' is not an ISO 4217 currency code: {str(currency)[:20]!r}"
-    if not _is_number(payload["price"]):
-        return f"purchase 'price' must be a number: got {str(payload['price'])[:20]!r}"
+    problems = [f"purchase PAYLOAD is missing required keys: {', '.join(missing)}"] if missing else []
+    product_id, currency = payload.get("product_id"), payload.get("currency")
+    if product_id not in (None, "") and (
+        not isinstance(product_id, str) or len(product_id) > contract.MAX_NAME_CHARS
+    ):
+        problems.append("purchase 'product_id' must be a string of at most 255 characters")
+    if currency not in (None, "") and currency not in contract.ISO_4217_CURRENCIES:
+        problems.append(f"purchase 'currency' is not an ISO 4217 currency code: "
+                        f"{str(currency)[:20]!r}")
+    if payload.get("price") not in (None, "") and not _is_number(payload["price"]):
+        problems.append(f"purchase 'price' must be a number: got {str(payload['price'])[:20]!r}")
     quantity = payload.get("quantity", 1)
     if not isinstance(quantity, int) or isinstance(quantity, bool) or not (
         contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
     ):
-        return f"purchase 'quantity' must be a whole number from 1 to 100: got {str(quantity)[:20]!r}"
+        problems.append(f"purchase 'quantity' must be a whole number from 1 to 100: "
+                        f"got {str(quantity)[:20]!r}")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
-        return f"purchase 'time' is not ISO 8601: {str(payload['time'])[:40]!r}"
-    return _properties_problem(payload, "purchase")
+        problems.append(f"purchase 'time' is not ISO 8601: {str(payload['time'])[:40]!r}")
+    return problems + _properties_problems(payload, "purchase")
 
 
-_TYPE_RULES: dict[str, Callable[[dict], str]] = {
-    "events": _event_problem,
-    "purchases": _purchase_problem,
+_TYPE_RULES: dict[str, Callable[[dict], list[str]]] = {
+    "events": _event_problems,
+    "purchases": _purchase_problems,
 }
+#: Separates several field problems of one row inside the `type_problem` fact.
+_PROBLEM_SEPARATOR = "\n"
 
 
 def row_facts(row: dict[str, Any], spec: DataTypeSpec) -> tuple[dict[str, Any], dict | None]:
@@ -205,7 +213,7 @@ def row_facts(row: dict[str, Any], spec: DataTypeSpec) -> tuple[dict[str, Any], 
         return facts, None
     facts["attribute_count"] = sum(1 for k in payload if not k.startswith("_"))
     forbidden = set(contract.PRIMARY_IDENTIFIERS)
-    if spec.name != "attributes" or facts["identifier_kinds"] in ("EMAIL", "PHONE"):
+    if spec.name != "attributes" or facts["identifier_kinds"] in ("EMAIL", "PHONE", "EMAIL+PHONE"):
         forbidden |= set(contract.SECONDARY_IDENTIFIERS)
     facts["payload_identifier_keys"] = ", ".join(sorted(forbidden & payload.keys()))
     if spec.allowed_payload_keys is not None:
@@ -216,7 +224,7 @@ def row_facts(row: dict[str, Any], spec: DataTypeSpec) -> tuple[dict[str, Any], 
                 f"(allowed: {', '.join(sorted(spec.allowed_payload_keys))})"
             )
     if not facts["type_problem"] and spec.name in _TYPE_RULES:
-        facts["type_problem"] = _TYPE_RULES[spec.name](payload)
+        facts["type_problem"] = _PROBLEM_SEPARATOR.join(_TYPE_RULES[spec.name](payload))
     return facts, payload
 
 
@@ -228,12 +236,14 @@ def _empty(series: pd.Series) -> pd.Series:
 def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
     """The pandera schema over `row_facts` columns; each column carries exactly one rule."""
     allowed = set(spec.identifier_kinds)
+    if {"EMAIL", "PHONE"} <= allowed:
+        allowed.add("EMAIL+PHONE")  # CDI: with both, email is the identifier [A2.1][B1.3]
     columns = {
         "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),
         "identifier_kinds": pa.Column(
             str,
             pa.Check(
-                lambda s: s.map(lambda v: v.count("+") == 0 and v in allowed),
+                lambda s: s.map(lambda v: v in allowed),
                 name="one_identifier",
             ),
         ),
@@ -268,7 +278,7 @@ def _reason(column: str, value: Any, spec: DataTypeSpec) -> str:
         if not value:
             kinds = ", ".join("ALIAS_NAME+ALIAS_LABEL" if k == "ALIAS" else k
                               for k in spec.identifier_kinds)
-            return f"row has no identifier; set exactly one of {kinds}"
+            return f"row has no identifier (set exactly one of {kinds})"
         kinds = value.split("+")
         if len(kinds) > 1:
             return f"row has several identifier types (CDI rows carry exactly one): {', '.join(kinds)}"
@@ -296,18 +306,23 @@ def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec) -> dict[int, list[st
         for column, index, value in zip(cases["column"], cases["index"], cases["failure_case"]):
             if index is None or (isinstance(index, float) and index != index):
                 raise  # a frame-level failure (wrong dtype): a bug, not bad input
-            reasons.setdefault(int(index), []).append(_reason(column, value, spec))
+            reasons.setdefault(int(index), []).extend(
+                _reason(column, value, spec).split(_PROBLEM_SEPARATOR))
         return reasons
     return {}
 
 
 # ----------------------------------------------------------------------------- API objects
 def identifier_fields(identifiers: dict[str, Any]) -> dict[str, Any]:
-    """The single identifier of a valid row as `/users/track` object fields [B1.1]."""
-    kind, value = next(iter(identifiers.items()))
-    if kind == "ALIAS":
-        return {"user_alias": {"alias_name": value[0], "alias_label": value[1]}}
-    return {kind.lower(): value}
+    """A valid row's identifier as `/users/track` object fields [B1.1]: one primary identifier, or
+    email and/or phone (Braze looks up by email when both are present [B1.3])."""
+    fields = {}
+    for kind, value in identifiers.items():
+        if kind == "ALIAS":
+            fields["user_alias"] = {"alias_name": value[0], "alias_label": value[1]}
+        else:
+            fields[kind.lower()] = value
+    return fields
 
 
 def braze_time(ts: pd.Timestamp | dt.datetime) -> str:

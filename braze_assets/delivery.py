@@ -105,7 +105,7 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
         for i in positions:
             extra = len(payloads[i]) + 1
             if current and (len(current) == spec.max_per_request
-                            or size + extra > contract.MAX_BODY_BYTES):
+                            or size + extra > contract.SEND_BODY_MAX_BYTES):
                 close(current)
                 current, size = [], len(head) + 2
             current.append(i)

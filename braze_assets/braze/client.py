@@ -61,8 +61,8 @@ def check_endpoint(url: str, allow_custom_host: bool = False) -> str:
     """Loopback may be plain HTTP (the emulator); anything else must be HTTPS on a Braze host [B4]."""
     parsed = urllib.parse.urlparse(url)
     host = parsed.hostname or ""
-    if not parsed.scheme or not host:
-        raise BrazeEndpointError(f"Braze REST endpoint {url!r} is not a URL")
+    if parsed.scheme not in ("http", "https") or not host:
+        raise BrazeEndpointError(f"Braze REST endpoint {url!r} is not an http(s) URL")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -160,7 +160,8 @@ def _transport_failure_is_ambiguous(exc: httpx.TransportError) -> bool:
     origin = exc.__cause__
     if isinstance(origin, aiohttp.ClientError) or isinstance(origin, asyncio.TimeoutError):
         return not isinstance(origin, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
-    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                                httpx.UnsupportedProtocol, httpx.ProxyError))
 
 
 class BrazeClient:

@@ -12,6 +12,8 @@ TRACK_MAX_OBJECTS = 75
 TRACK_LEGACY_MAX_PER_ARRAY = 75
 #: [B1.2] most endpoints accept bodies up to 4 MB; larger ones get 413.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+#: The sender stays at or under 4,000,000 bytes, within either reading of "4 MB".
+SEND_BODY_MAX_BYTES = 4_000_000
 #: [B2] ids per `/users/delete` request.
 DELETE_MAX_IDS = 50
 #: [B1.3] `external_id` longer than this returns EXTERNAL_USER_ID_TOO_LARGE.
