@@ -18,7 +18,6 @@ from braze_assets.braze.contract import (  # one source for the limits the clien
     DELETE_MAX_IDS as MAX_DELETE_IDS,
     EXTERNAL_ID_MAX_BYTES,
     ISO_4217_CURRENCIES as ISO_4217_CODES,
-    MAX_BODY_BYTES,
     MAX_NAME_CHARS,
     TRACK_MAX_OBJECTS as MAX_TRACK_OBJECTS,
 )

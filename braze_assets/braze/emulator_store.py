@@ -1,0 +1,234 @@
+"""What the local Braze emulator accepted: profiles, events, purchases and deletions."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from itertools import count
+from typing import Any
+
+import orjson
+
+from braze_assets.braze.emulator_validation import (
+    CONTROL_KEYS,
+    DeleteId,
+    Identity,
+    apply_attribute,
+    creates_profile,
+    identity_key,
+)
+
+
+class EmulatorStore:
+    """What the emulator accepted, guarded by one lock so tests may read it from any thread.
+
+    Profiles get a generated ``braze_id`` (every Braze profile has one). Email/phone lookups pick the most
+    recently updated profile with an external_id, else the most recently updated one (B1.3). Events and
+    purchases are stored once each, whether or not a profile exists (Braze never de-duplicates them, B1.1);
+    a purchase with quantity N is one stored object. In ``lean`` mode only counters are kept and
+    ``profiles`` in :meth:`stats` counts distinct identities seen.
+    """
+
+    def __init__(self, lean: bool = False):
+        self.lean = lean
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._profiles: dict[str, dict] = {}  # braze_id -> {"braze_id", ids..., "attributes", "_updated"}
+            self._index: dict[str, set[str]] = {}  # identity_key -> braze_ids
+            self._events: list[dict] = []
+            self._purchases: list[dict] = []
+            self._deletions: list[dict] = []
+            self._identities: set[str] = set()  # lean mode only
+            self._counts: Counter[str] = Counter()
+            self._by_status: Counter[str] = Counter()
+            self._clock = count(1)  # orders updates, for "most recently updated"
+            self._braze_ids = count(1)
+
+    # --- reading -----------------------------------------------------------------------------------
+    def profiles(self) -> list[dict]:
+        """Each profile's identifiers (``braze_id`` always; ``email``/``phone`` mirror the attributes)."""
+        with self._lock:
+            result = []
+            for profile in self._profiles.values():
+                public = {key: value for key, value in profile.items() if key != "_updated"}
+                public["attributes"] = dict(profile["attributes"])
+                public.update({k: v for k, v in profile["attributes"].items() if k in ("email", "phone")})
+                result.append(public)
+            return result
+
+    def events(self) -> list[dict]:
+        with self._lock:
+            return list(self._events)
+
+    def purchases(self) -> list[dict]:
+        with self._lock:
+            return list(self._purchases)
+
+    def deletions(self) -> list[dict]:
+        with self._lock:
+            return list(self._deletions)
+
+    def stats(self) -> dict:
+        """Counters; ``by_status`` keys are HTTP statuses, plus ``dropped`` and ``timeout`` for faults
+        that leave the client without an answer."""
+        with self._lock:
+            counts = self._counts
+            return {
+                "requests": counts["requests"],
+                "by_status": dict(self._by_status),
+                "profiles": len(self._identities) if self.lean else len(self._profiles),
+                **{name: counts[name] for name in ("events", "purchases", "deletions")},
+                "track_objects_accepted": counts["track_objects_accepted"],
+                "track_objects_rejected": counts["track_objects_rejected"],
+            }
+
+    def dump(self) -> bytes:
+        """Everything stored and counted, as JSON (see :meth:`load`)."""
+        with self._lock:
+            return orjson.dumps(
+                {
+                    "profiles": list(self._profiles.values()),
+                    **{name: getattr(self, f"_{name}") for name in ("events", "purchases", "deletions")},
+                    "identities": sorted(self._identities),
+                    "counts": self._counts,
+                    "by_status": self._by_status,
+                }
+            )
+
+    def load(self, snapshot: bytes) -> None:
+        """Replace the contents with a :meth:`dump`."""
+        data = orjson.loads(snapshot)
+        self.reset()
+        with self._lock:
+            for profile in data["profiles"]:
+                self._profiles[profile["braze_id"]] = profile
+                self._index_profile(profile, add=True)
+            self._events, self._purchases, self._deletions = (
+                data["events"],
+                data["purchases"],
+                data["deletions"],
+            )
+            self._identities = set(data["identities"])
+            self._counts.update(data["counts"])
+            self._by_status.update(data["by_status"])
+            self._clock = count(max((p["_updated"] for p in data["profiles"]), default=0) + 1)
+            self._braze_ids = count(max((int(braze_id, 16) for braze_id in self._profiles), default=0) + 1)
+
+    # --- writing (called by the server) ------------------------------------------------------------
+    def record_request(self, outcome: str) -> None:
+        with self._lock:
+            self._counts["requests"] += 1
+            self._by_status[outcome] += 1
+
+    def record_track(self, accepted: list[tuple[str, dict, Identity]], rejected: int) -> None:
+        """Apply the valid objects of one /users/track request, in array order (B1.2); lean: count only."""
+        with self._lock:
+            counts = self._counts
+            counts["track_objects_accepted"] += len(accepted)
+            counts["track_objects_rejected"] += rejected
+            counts.update(array for array, _obj, _identity in accepted if array != "attributes")
+            if self.lean:
+                self._identities.update(identity.key for _array, _obj, identity in accepted)
+                return
+            for array, obj, identity in accepted:
+                profile = self._find(*identity)
+                if profile is None and creates_profile(array, identity, obj):
+                    profile = self._create(identity)
+                if array == "attributes":
+                    if profile is not None:
+                        self._merge(profile, obj)
+                else:
+                    (self._events if array == "events" else self._purchases).append(
+                        {**obj, "_identity": identity.key}
+                    )
+                    if profile is not None:
+                        profile["_updated"] = next(self._clock)
+
+    def record_deletions(self, ids: list[DeleteId]) -> None:
+        """B2: remove matching profiles (events and purchases stay) and record every id queued."""
+        with self._lock:
+            self._counts["deletions"] += len(ids)
+            if self.lean:
+                return
+            for delete in ids:
+                self._deletions.append({"type": delete.type, "id": delete.id})
+                if delete.type in ("email", "phone"):
+                    profile = self._prioritized(delete)
+                else:
+                    value = tuple(delete.id.values()) if delete.type == "user_alias" else delete.id
+                    profile = self._find(delete.type, value, identity_key(delete.type, value))
+                if profile is not None:
+                    self._index_profile(profile, add=False)
+                    del self._profiles[profile["braze_id"]]
+
+    # --- internals (lock held) ---------------------------------------------------------------------
+    def _candidates(self, key: str) -> list[dict]:
+        return [self._profiles[braze_id] for braze_id in self._index.get(key, ())]
+
+    def _find(self, id_type: str, value: Any, key: str) -> dict | None:
+        if id_type == "braze_id":
+            return self._profiles.get(value)
+        braze_ids = self._index.get(key)
+        if not braze_ids:
+            return None
+        if len(braze_ids) == 1:  # always so for external_id and user_alias
+            return self._profiles[next(iter(braze_ids))]
+        matches = (self._profiles[braze_id] for braze_id in braze_ids)
+        return max(matches, key=lambda p: ("external_id" in p, p["_updated"]))
+
+    def _prioritized(self, delete: DeleteId) -> dict | None:
+        """Email/phone deletes: narrow the matches by each ``prioritization`` rule in order (a rule that
+        would leave nobody is skipped); delete only if exactly one profile remains (B2)."""
+        candidates = self._candidates(identity_key(delete.type, delete.id))
+        for rule in delete.prioritization:
+            if rule == "most_recently_updated":
+                narrowed = [max(candidates, key=lambda p: p["_updated"])] if candidates else []
+            else:
+                narrowed = [p for p in candidates if ("external_id" in p) == (rule == "identified")]
+            candidates = narrowed or candidates
+        return candidates[0] if len(candidates) == 1 else None
+
+    def _index_profile(self, profile: dict, add: bool) -> None:
+        keys = [
+            identity_key(name, profile["attributes"][name])
+            for name in ("email", "phone")
+            if name in profile["attributes"]
+        ]
+        if "external_id" in profile:
+            keys.append(identity_key("external_id", profile["external_id"]))
+        if "user_alias" in profile:
+            keys.append(identity_key("user_alias", tuple(profile["user_alias"].values())))
+        for key in keys:
+            if add:
+                self._index.setdefault(key, set()).add(profile["braze_id"])
+            else:
+                self._index[key].discard(profile["braze_id"])
+
+    def _create(self, identity: Identity) -> dict:
+        """A new profile; email/phone identities make an email-only/phone-only profile (B1.3)."""
+        braze_id = f"{next(self._braze_ids):024x}"
+        profile: dict[str, Any] = {"braze_id": braze_id, "attributes": {}, "_updated": next(self._clock)}
+        if identity.type == "user_alias":
+            profile["user_alias"] = {"alias_name": identity.value[0], "alias_label": identity.value[1]}
+        elif identity.type == "external_id":
+            profile["external_id"] = identity.value
+        else:
+            profile["attributes"][identity.type] = identity.value
+        self._profiles[braze_id] = profile
+        self._index_profile(profile, add=True)
+        return profile
+
+    def _merge(self, profile: dict, obj: dict) -> None:
+        reindex = "email" in obj or "phone" in obj
+        if reindex:
+            self._index_profile(profile, add=False)
+        merge_objects = obj.get("_merge_objects") is True
+        for key, value in obj.items():
+            if key not in CONTROL_KEYS:
+                apply_attribute(profile["attributes"], key, value, merge_objects)
+        if reindex:
+            self._index_profile(profile, add=True)
+        profile["_updated"] = next(self._clock)
