@@ -31,10 +31,12 @@ class CdiSource(abc.ABC):
 
     @abc.abstractmethod
     def scan(
-        self, start: dt.datetime | None, end: dt.datetime, include_null_updated_at: bool,
-        batch_rows: int,
+        self, start: dt.datetime | None, end: dt.datetime | None, include_null_updated_at: bool,
+        batch_rows: int, columns: list[str] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Rows with start <= UPDATED_AT < end (UTC), streamed; columns upper-cased."""
+        """Rows with start <= UPDATED_AT < end (UTC; either bound optional), streamed in Arrow
+        batches: `columns` (upper-case names, default all) with UPDATED_AT as timestamp[us, UTC],
+        plus the rows whose UPDATED_AT is NULL when asked."""
 
     @abc.abstractmethod
     def count(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> int:
@@ -47,6 +49,12 @@ class CdiSource(abc.ABC):
     @abc.abstractmethod
     def min_updated_at(self) -> dt.datetime | None:
         """The oldest UPDATED_AT in the table (UTC), None when empty."""
+
+    def preview(self, rows: int = 10) -> pa.Table:
+        """The first rows of the table (test connection)."""
+        for batch in self.scan(None, None, True, rows):
+            return pa.Table.from_batches([batch]).slice(0, rows)
+        return pa.table({})
 
     def check_shape(self, spec: DataTypeSpec) -> list[str]:
         """Validate the table against the data type; return the columns to read."""
