@@ -22,7 +22,8 @@ ui: setup  ## the same setup, then the Dagster UI on http://127.0.0.1:3000
 emulator: setup  ## a standalone Braze emulator on http://127.0.0.1:4545
 	$(VENV)/bin/braze-emulator
 
-test: setup  ## the test suite (what CI runs)
+test: setup  ## the test suite (what CI runs); installs PostgreSQL for the Redshift tests if missing
+	scripts/ensure-postgres
 	$(PY) -m pytest
 
 clean:

@@ -11,14 +11,13 @@ import datetime as dt
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from braze_assets.config import SyncConfig
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.resources import BrazeResource, DeliveryStateResource
-from braze_assets.sources import CdiSource, DuckDBSource
+from braze_assets.sources.factory import make_source, resource_key
 
 UTC = dt.timezone.utc
 
@@ -34,10 +33,6 @@ def source_key(sync: SyncConfig) -> dg.AssetKey:
 def partitions_for(sync: SyncConfig) -> dg.DailyPartitionsDefinition:
     # end_offset=1: today's partition exists while the day is still filling up.
     return dg.DailyPartitionsDefinition(start_date=sync.partitions_start.isoformat(), end_offset=1)
-
-
-def make_source(sync: SyncConfig, warehouse: DuckDBResource) -> CdiSource:
-    return DuckDBSource.from_resource(warehouse, sync.source.table)
 
 
 def partitions_start(sync: SyncConfig) -> dt.datetime:
@@ -95,6 +90,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         group_name=sync.name,
         kinds={*kinds, "pandera"},
         io_manager_key="delta_io_manager",
+        required_resource_keys={resource_key(sync), "delivery_state"},
         pool=f"braze_sync_{sync.name}",
         description=(
             f"Rows of `{sync.source.table}` in the run's UPDATED_AT window that {sync.name} has not "
@@ -103,9 +99,9 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         ),
     )
     def delta_asset(
-        context: dg.AssetExecutionContext, warehouse: DuckDBResource,
-        delivery_state: DeliveryStateResource,
-    ) -> dg.Output[DeltaManifest]:
+        context: dg.AssetExecutionContext) -> dg.Output[DeltaManifest]:
+        # Resources by key: which warehouse resource depends on the sync's source type.
+        delivery_state: DeliveryStateResource = context.resources.delivery_state
         now = utc_now()
         window = context.partition_time_window
         store = delivery_state.store(sync.name)
@@ -117,7 +113,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             reaches_now=window.end > now,
             valid_path=str(run_dir / "valid.parquet"), rejected_path=str(run_dir / "rejected.parquet"),
         )
-        source = make_source(sync, warehouse)
+        source = make_source(sync, getattr(context.resources, resource_key(sync)))
         context.log.info(f"{sync.name}: computing the delta of {source.description} for "
                          f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC")
         compute_delta(

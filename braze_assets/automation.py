@@ -8,14 +8,14 @@ import dagster as dg
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
 )
-from dagster_duckdb import DuckDBResource
 
 from braze_assets.assets import (
-    SyncAssets, make_source, partitions_for, partitions_start, source_key, utc_now,
+    SyncAssets, partitions_for, partitions_start, source_key, utc_now,
 )
 from braze_assets.config import SyncConfig
 from braze_assets.resources import DeliveryStateResource
 from braze_assets.sources import CdiSource, SourceError
+from braze_assets.sources.factory import make_source, resource_key
 
 
 def incremental_range(sync: SyncConfig, delivery_state: DeliveryStateResource,
@@ -56,11 +56,13 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"{sync.name}_schedule", job=job, cron_schedule=sync.schedule.cron,
         execution_timezone=sync.schedule.timezone,
+        required_resource_keys={resource_key(sync), "delivery_state"},
         description=f"Sync {sync.name} from its watermark minus the lookback up to now.",
     )
-    def _schedule(context: dg.ScheduleEvaluationContext, warehouse: DuckDBResource,
-                  delivery_state: DeliveryStateResource):
-        keys = incremental_range(sync, delivery_state, utc_now(), make_source(sync, warehouse))
+    def _schedule(context: dg.ScheduleEvaluationContext):
+        delivery_state = context.resources.delivery_state
+        source = make_source(sync, getattr(context.resources, resource_key(sync)))
+        keys = incremental_range(sync, delivery_state, utc_now(), source)
         return dg.RunRequest(tags=range_tags(keys))
 
     return _schedule
@@ -73,11 +75,12 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
     @dg.sensor(
         name=f"{sync.name}_sensor", job=job, default_status=status,
         minimum_interval_seconds=sync.sensor.minimum_interval_seconds,
+        required_resource_keys={resource_key(sync), "delivery_state"},
         description=f"Launches {sync.name} when {sync.source.table} has new or changed rows.",
     )
-    def _sensor(context: dg.SensorEvaluationContext, warehouse: DuckDBResource,
-                delivery_state: DeliveryStateResource):
-        source = make_source(sync, warehouse)
+    def _sensor(context: dg.SensorEvaluationContext):
+        delivery_state = context.resources.delivery_state
+        source = make_source(sync, getattr(context.resources, resource_key(sync)))
         try:
             newest, rows = source.max_updated_at(), source.count()
         except SourceError as exc:

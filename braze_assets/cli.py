@@ -41,18 +41,18 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
     """Materialize each sync's job for its incremental range; return one summary per sync."""
     import dagster as dg
 
-    from braze_assets.assets import make_source
     from braze_assets.automation import incremental_range, range_tags
     from braze_assets.config import load_syncs
     from braze_assets.definitions import build_definitions, default_resources
+    from braze_assets.sources.factory import make_source, resource_key
 
     syncs = [s for s in load_syncs() if not only or s.name in only]
-    resources = default_resources()
+    resources = default_resources(syncs)
     defs = build_definitions(syncs, resources)
     instance = dg.DagsterInstance.get()
     summaries = []
     for sync in syncs:
-        source = make_source(sync, resources["warehouse"])
+        source = make_source(sync, resources[resource_key(sync)])
         keys = incremental_range(sync, resources["delivery_state"],
                                  dt.datetime.now(dt.timezone.utc), source)
         job = defs.resolve_job_def(f"{sync.name}_job")

@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,21 +35,59 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SourceConfig(_Strict):
-    """Where the CDI-shaped table lives."""
+def _plain_table_name(value: str) -> str:
+    if not TABLE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a plain table name (letters, digits, _ and $, optionally "
+            '"quoted", optionally qualified as schema.table or db.schema.table)'
+        )
+    return value
 
-    type: Literal["duckdb"] = "duckdb"
-    table: str = Field(description="Table or view name, optionally qualified: schema.table")
+
+class _TableSource(_Strict):
+    table: str = Field(description="Table or view, optionally qualified: [db.]schema.table")
 
     @field_validator("table")
     @classmethod
     def _plain_identifier(cls, value: str) -> str:
-        if not TABLE_NAME.fullmatch(value):
-            raise ValueError(
-                f"{value!r} is not a plain table name (letters, digits, _ and $, optionally "
-                '"quoted", optionally qualified as schema.table or db.schema.table)'
-            )
-        return value
+        return _plain_table_name(value)
+
+
+class DuckDBSourceConfig(_TableSource):
+    """The embedded default (resource `duckdb`)."""
+
+    type: Literal["duckdb"] = "duckdb"
+
+
+class SnowflakeSourceConfig(_TableSource):
+    """Snowflake through dagster-snowflake's SnowflakeResource (resource `snowflake`)."""
+
+    type: Literal["snowflake"]
+
+
+class BigQuerySourceConfig(_TableSource):
+    """BigQuery through dagster-gcp's BigQueryResource (resource `bigquery`): project.dataset.table."""
+
+    type: Literal["bigquery"]
+
+
+class RedshiftSourceConfig(_TableSource):
+    """Redshift through dagster-aws's RedshiftClientResource (resource `redshift`)."""
+
+    type: Literal["redshift"]
+
+
+class DatabricksSourceConfig(_TableSource):
+    """Databricks SQL warehouses through databricks-sql-connector (resource `databricks`)."""
+
+    type: Literal["databricks"]
+
+
+SourceConfig = Annotated[
+    Union[DuckDBSourceConfig, SnowflakeSourceConfig, BigQuerySourceConfig, RedshiftSourceConfig,
+          DatabricksSourceConfig],
+    Field(discriminator="type"),
+]
 
 
 class ScheduleConfig(_Strict):
@@ -121,6 +159,13 @@ class SyncConfig(_Strict):
     #: Requests in flight at once (bounds the window of ambiguous outcomes).
     max_in_flight: int = Field(default=32, ge=1, le=256)
 
+    @field_validator("source", mode="before")
+    @classmethod
+    def _duckdb_by_default(cls, value: object) -> object:
+        if isinstance(value, dict) and "type" not in value:
+            return {**value, "type": "duckdb"}
+        return value
+
     @field_validator("name")
     @classmethod
     def _asset_safe_name(cls, value: str) -> str:
@@ -164,8 +209,13 @@ class SyncsFile(_Strict):
         return self
 
 
+SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks")
+
+
 def _describe(error: dict, raw: dict) -> str:
-    loc = list(error["loc"])
+    # pydantic names the union member in the location (source.duckdb.table): drop it
+    loc = [part for i, part in enumerate(error["loc"])
+           if not (i and error["loc"][i - 1] == "source" and part in SOURCE_TYPES)]
     where = ".".join(str(p) for p in loc)
     if len(loc) >= 2 and loc[0] == "syncs" and isinstance(loc[1], int):
         entries = raw.get("syncs") or []

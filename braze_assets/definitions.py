@@ -18,6 +18,7 @@ from braze_assets.automation import (
 )
 from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
+from braze_assets.sources.factory import resource_key
 from braze_assets.resources import (
     BrazeResource, DeliveryStateResource, DeltaIOManager, WatermarkIOManager, home_dir,
 )
@@ -25,22 +26,60 @@ from braze_assets.resources import (
 DEFAULT_ENDPOINT = "http://127.0.0.1:4545"
 
 
-def default_resources() -> dict:
+def warehouse_resource(kind: str):
+    """The resource for one source type, configured from environment variables (.env.example).
+    Secrets stay `dg.EnvVar`s: resolved when a run starts, never shown in the UI."""
+    env = os.environ.get
+    if kind == "duckdb":
+        return DuckDBResource(
+            database=env("BRAZE_ASSETS_DUCKDB") or str(home_dir() / "warehouse.duckdb"),
+            connection_config={"access_mode": "READ_ONLY"},
+        )
+    if kind == "snowflake":
+        from dagster_snowflake import SnowflakeResource
+
+        secret = ({"private_key": dg.EnvVar("SNOWFLAKE_PRIVATE_KEY")}
+                  if env("SNOWFLAKE_PRIVATE_KEY") else {"password": dg.EnvVar("SNOWFLAKE_PASSWORD")})
+        return SnowflakeResource(
+            account=dg.EnvVar("SNOWFLAKE_ACCOUNT"), user=dg.EnvVar("SNOWFLAKE_USER"),
+            warehouse=env("SNOWFLAKE_WAREHOUSE"), role=env("SNOWFLAKE_ROLE"),
+            database=env("SNOWFLAKE_DATABASE"), **secret)
+    if kind == "bigquery":
+        from dagster_gcp import BigQueryResource
+
+        return BigQueryResource(project=env("BIGQUERY_PROJECT"),
+                                gcp_credentials=dg.EnvVar("BIGQUERY_CREDENTIALS_BASE64"))
+    if kind == "redshift":
+        from dagster_aws.redshift import RedshiftClientResource
+
+        return RedshiftClientResource(
+            host=dg.EnvVar("REDSHIFT_HOST"), port=int(env("REDSHIFT_PORT") or 5439),
+            user=dg.EnvVar("REDSHIFT_USER"), password=dg.EnvVar("REDSHIFT_PASSWORD"),
+            database=env("REDSHIFT_DATABASE") or "dev", sslmode=env("REDSHIFT_SSLMODE") or "require")
+    if kind == "databricks":
+        from braze_assets.resources import DatabricksResource
+
+        return DatabricksResource(
+            server_hostname=dg.EnvVar("DATABRICKS_SERVER_HOSTNAME"),
+            http_path=dg.EnvVar("DATABRICKS_HTTP_PATH"), access_token=dg.EnvVar("DATABRICKS_TOKEN"))
+    raise ValueError(f"unknown source type {kind!r}")
+
+
+def default_resources(syncs: list[SyncConfig]) -> dict:
     home = home_dir()
     state_dir = str(home / "state")
-    return {
+    resources = {
         "braze": BrazeResource(
             rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
             api_key=dg.EnvVar("BRAZE_API_KEY"),
-        ),
-        "warehouse": DuckDBResource(
-            database=os.environ.get("BRAZE_ASSETS_DUCKDB") or str(home / "warehouse.duckdb"),
-            connection_config={"access_mode": "READ_ONLY"},
         ),
         "delivery_state": DeliveryStateResource(state_dir=state_dir),
         "delta_io_manager": DeltaIOManager(base_dir=str(home / "deltas")),
         "watermark_io_manager": WatermarkIOManager(state_dir=state_dir),
     }
+    for kind in sorted({resource_key(sync) for sync in syncs}):
+        resources[kind] = warehouse_resource(kind)
+    return resources
 
 
 def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) -> dg.Definitions:
@@ -55,7 +94,7 @@ def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) ->
         sensors.append(build_sensor(sync, job))
     return dg.Definitions(
         assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules, sensors=sensors,
-        resources=resources if resources is not None else default_resources(),
+        resources=resources if resources is not None else default_resources(syncs),
     )
 
 

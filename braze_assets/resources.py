@@ -42,6 +42,20 @@ class BrazeResource(dg.ConfigurableResource):
         )
 
 
+class DatabricksResource(dg.ConfigurableResource):
+    """A Databricks SQL warehouse (databricks-sql-connector, personal access token)."""
+
+    server_hostname: str
+    http_path: str
+    access_token: str
+
+    def connect(self):
+        from databricks import sql
+
+        return sql.connect(server_hostname=self.server_hostname, http_path=self.http_path,
+                           access_token=self.access_token)
+
+
 class DeliveryStateResource(dg.ConfigurableResource):
     """The durable store of ledgers, journals and watermarks (a directory of DuckDB files)."""
 

@@ -14,7 +14,7 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from braze_assets.automation import incremental_range, range_tags
-from braze_assets.assets import make_source
+from braze_assets.sources.factory import make_source, resource_key
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.config import parse_syncs
 from braze_assets.definitions import build_definitions
@@ -58,6 +58,7 @@ class Harness:
     syncs: list[dict] = field(default_factory=list)
     api_key: str = API_KEY
     braze_overrides: dict = field(default_factory=dict)
+    extra_resources: dict = field(default_factory=dict)
 
     @property
     def warehouse(self) -> Path:
@@ -79,8 +80,9 @@ class Harness:
                  **self.braze_overrides}
         return {
             "braze": BrazeResource(**braze),
-            "warehouse": DuckDBResource(database=str(self.warehouse),
-                                        connection_config={"access_mode": "READ_ONLY"}),
+            "duckdb": DuckDBResource(database=str(self.warehouse),
+                                     connection_config={"access_mode": "READ_ONLY"}),
+            **self.extra_resources,
             "delivery_state": DeliveryStateResource(state_dir=str(self.state_dir)),
             "delta_io_manager": DeltaIOManager(base_dir=str(self.tmp_path / "deltas")),
             "watermark_io_manager": WatermarkIOManager(state_dir=str(self.state_dir)),
@@ -99,7 +101,7 @@ class Harness:
         sync = self.config(name)
         if keys is None:
             keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(UTC),
-                                     make_source(sync, resources["warehouse"]))
+                                     make_source(sync, resources[resource_key(sync)]))
         job = self.definitions().resolve_job_def(f"{name}_job")
         result = job.execute_in_process(
             instance=instance or dg.DagsterInstance.ephemeral(), tags=range_tags(keys),
@@ -140,3 +142,43 @@ def seqs(emulator: BrazeEmulator, kind: str = "events") -> list[int]:
 
 __all__ = ["API_KEY", "FaultConfig", "Harness", "cdi_row", "events_rows", "seqs", "sync_config",
            "utc"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server on loopback (the Redshift stand-in); `make test` installs
+    the binaries (scripts/ensure-postgres)."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not found or not found[-1]:
+        pytest.fail("PostgreSQL server binaries are missing: run scripts/ensure-postgres")
+    bindir = Path(found[-1]).parent
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="braze-assets-pg-"))  # reachable by the postgres user
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "braze", "-A", "trust",
+                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
+                    str(root / "log"), "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 "
+                    "-c fsync=off", "start"], check=True, capture_output=True)
+    try:
+        yield {"host": "127.0.0.1", "port": port, "user": "braze", "database": "postgres"}
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,7 @@ import warnings
 import dagster as dg
 
 from braze_assets.automation import incremental_range
-from braze_assets.assets import make_source
+from braze_assets.sources.factory import make_source
 from braze_assets_tests.conftest import cdi_row, events_rows, sync_config
 
 UTC = dt.timezone.utc
@@ -122,5 +122,5 @@ def test_incremental_range_survives_a_missing_table(harness):
     sync = harness.config("ev")
     resources = harness.resources()
     keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(UTC),
-                             make_source(sync, resources["warehouse"]))
+                             make_source(sync, resources["duckdb"]))
     assert keys.start == keys.end == dt.datetime.now(UTC).strftime("%Y-%m-%d")

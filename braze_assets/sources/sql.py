@@ -67,7 +67,7 @@ class SqlSource(CdiSource):
     def _bind_timestamp(self, value: dt.datetime) -> Any:
         """Bind a UTC instant for the UPDATED_AT column: naive UTC unless the type has a zone."""
         kind = self.columns().get("UPDATED_AT", "").upper()
-        if "TIME ZONE" in kind or kind in ("TIMESTAMPTZ", "TIMESTAMP_TZ", "TIMESTAMP_LTZ"):
+        if "WITH TIME ZONE" in kind or kind.startswith(("TIMESTAMPTZ", "TIMESTAMP_TZ", "TIMESTAMP_LTZ")):
             return value.astimezone(UTC)
         return value.astimezone(UTC).replace(tzinfo=None)
 

@@ -1,0 +1,42 @@
+"""Which resource a sync's source needs, and how to build the adapter from it.
+
+Adapters are imported lazily, so a project that syncs only from DuckDB never imports the other
+warehouses' drivers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from braze_assets.config import SyncConfig
+from braze_assets.sources.base import CdiSource
+
+
+def resource_key(sync: SyncConfig) -> str:
+    """The Dagster resource key of the sync's warehouse: its source type."""
+    return sync.source.type
+
+
+def make_source(sync: SyncConfig, resource: Any) -> CdiSource:
+    kind, table = sync.source.type, sync.source.table
+    if kind == "duckdb":
+        from braze_assets.sources.duckdb_source import DuckDBSource
+
+        return DuckDBSource.from_resource(resource, table)
+    if kind == "redshift":
+        from braze_assets.sources.redshift_source import RedshiftSource
+
+        return RedshiftSource.from_resource(resource, table)
+    if kind == "snowflake":
+        from braze_assets.sources.snowflake_source import SnowflakeSource
+
+        return SnowflakeSource.from_resource(resource, table)
+    if kind == "bigquery":
+        from braze_assets.sources.bigquery_source import BigQuerySource
+
+        return BigQuerySource.from_resource(resource, table)
+    if kind == "databricks":
+        from braze_assets.sources.databricks_source import DatabricksSource
+
+        return DatabricksSource.from_resource(resource, table)
+    raise ValueError(f"sync {sync.name!r}: unknown source type {kind!r}")
