@@ -124,3 +124,29 @@ def sync_failure_alert(context: dg.RunFailureSensorContext):
     sync = context.dagster_run.tags.get("braze_assets/sync", "?")
     context.log.error(f"braze_assets sync {sync} failed in run {context.dagster_run.run_id}: "
                       f"{context.failure_event.message}")
+
+
+def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
+    """`<sync>_test_connection`: connect, check the table, preview rows with their validation."""
+    from braze_assets.connection import check_connection, preview_markdown
+
+    @dg.op(name=f"{sync.name}_check_connection", required_resource_keys={resource_key(sync)},
+           description=f"Test the connection of {sync.name}: nothing is sent to Braze.")
+    def _check(context: dg.OpExecutionContext) -> None:
+        report = check_connection(sync, getattr(context.resources, resource_key(sync)))
+        metadata = {"source": report.source, "result": report.message,
+                    "preview": dg.MetadataValue.md(preview_markdown(report))}
+        if not report.ok:
+            raise dg.Failure(description=report.message, metadata=metadata)
+        context.log.info(report.message)
+        context.log_event(dg.AssetObservation(asset_key=source_key(sync), metadata={
+            **metadata, "dagster/row_count": report.row_count or 0,
+            "newest_updated_at": report.newest_updated_at or ""}))
+
+    @dg.job(name=f"{sync.name}_test_connection",
+            description=f"Test connection for {sync.name} ({sync.source.type} "
+                        f"{sync.source.table}), like CDI's: no data is sent.")
+    def _job():
+        _check()
+
+    return _job

@@ -3,6 +3,7 @@
     braze-assets demo            seed DuckDB, start the local Braze emulator, run every sync, report
     braze-assets ui              the same setup, then the Dagster UI (dagster dev) on it
     braze-assets run [--sync X]  run syncs against the configured Braze (BRAZE_REST_ENDPOINT)
+    braze-assets test-connection [--sync X]   check each source and preview rows; sends nothing
 """
 
 from __future__ import annotations
@@ -61,6 +62,32 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
         summaries.append(_summary(sync.name, keys, result))
     return summaries
+
+
+def connection_reports(only: list[str] | None, as_json: bool) -> int:
+    """Test each sync's connection (nothing sent to Braze); exit 1 if any fails."""
+    import dataclasses
+
+    from braze_assets.config import load_syncs
+    from braze_assets.connection import check_connection, preview_markdown
+    from braze_assets.definitions import default_resources
+    from braze_assets.sources.factory import resource_key
+
+    syncs = [s for s in load_syncs() if not only or s.name in only]
+    resources = default_resources(syncs)
+    reports = []
+    for sync in syncs:
+        resource = resources[resource_key(sync)]
+        if hasattr(resource, "process_config_and_initialize"):  # resolve dg.EnvVar settings
+            resource = resource.process_config_and_initialize()
+        reports.append(check_connection(sync, resource))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports], indent=2, default=str))
+    for report in [] if as_json else reports:
+        print(f"\n== {report.sync}  [{'ok' if report.ok else 'FAILED'}]  {report.message}")
+        if report.preview:
+            print(preview_markdown(report))
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _summary(name: str, keys, result) -> dict:
@@ -145,7 +172,7 @@ def _seed_if_needed(home: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="braze-assets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["demo", "ui", "run"])
+    parser.add_argument("command", choices=["demo", "ui", "run", "test-connection"])
     parser.add_argument("--home", default=os.environ.get("BRAZE_ASSETS_HOME", ".braze_assets"),
                         help="state directory (default .braze_assets)")
     parser.add_argument("--sync", action="append", help="only this sync (repeatable)")
@@ -162,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(home)
     _prepare_home(home)
+    if args.command == "test-connection":
+        return connection_reports(args.sync, args.json)
     if args.command == "run":
         summaries = run_syncs(args.sync, args.log_level)
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")

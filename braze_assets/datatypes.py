@@ -312,6 +312,31 @@ def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec) -> dict[int, list[st
     return {}
 
 
+@dataclass
+class CheckedRows:
+    """A batch of rows after validation: reasons by row position, parsed payloads, identifiers."""
+
+    failures: dict[int, list[str]]
+    payloads: list[dict | None]
+    identifiers: list[dict[str, Any]]
+
+
+def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows:
+    """Validate source rows (upper-case column names) with the data type's schema."""
+    if not rows:
+        return CheckedRows({}, [], [])
+    facts, payloads, identifiers = [], [], []
+    for row in rows:
+        fact, payload = row_facts(row, spec)
+        facts.append(fact)
+        payloads.append(payload)
+        identifiers.append(row_identifiers(row))
+    frame = pd.DataFrame(facts, columns=list(SCHEMAS[spec.name].columns))
+    frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype(
+        "datetime64[us, UTC]")
+    return CheckedRows(validate_facts(frame, spec), payloads, identifiers)
+
+
 # ----------------------------------------------------------------------------- API objects
 def identifier_fields(identifiers: dict[str, Any]) -> dict[str, Any]:
     """A valid row's identifier as `/users/track` object fields [B1.1]: one primary identifier, or

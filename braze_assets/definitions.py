@@ -14,7 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from braze_assets.assets import build_sync_assets
 from braze_assets.automation import (
-    build_job, build_schedule, build_sensor, release_held_job, sync_failure_alert,
+    build_connection_job, build_job, build_schedule, build_sensor, release_held_job, sync_failure_alert,
 )
 from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
@@ -89,7 +89,7 @@ def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) ->
         job = build_job(built)
         assets += [built.source, built.delta, built.results]
         checks += build_checks(built)
-        jobs.append(job)
+        jobs += [job, build_connection_job(sync)]
         schedules.append(build_schedule(sync, job))
         sensors.append(build_sensor(sync, job))
     return dg.Definitions(

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from braze_assets.datatypes import (
-    IDENTIFIER_COLUMNS, DataTypeSpec, build_object, row_facts, row_identifiers, validate_facts,
+    IDENTIFIER_COLUMNS, DataTypeSpec, build_object, row_identifiers, validate_rows,
 )
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
@@ -111,16 +110,8 @@ class DeltaWriter:
         self._reasons: Counter[str] = Counter()
 
     def add(self, rows: list[dict[str, Any]], hashes: list[str]) -> None:
-        facts, payloads, identifiers = [], [], []
-        for row in rows:
-            fact, payload = row_facts(row, self.spec)
-            facts.append(fact)
-            payloads.append(payload)
-            identifiers.append(row_identifiers(row))
-        frame = pd.DataFrame(facts)
-        frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype(
-            "datetime64[us, UTC]")
-        failures = validate_facts(frame, self.spec)
+        checked = validate_rows(rows, self.spec)
+        failures, payloads, identifiers = checked.failures, checked.payloads, checked.identifiers
         valid: dict[str, list] = {name: [] for name in VALID_SCHEMA.names}
         rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
         for i, row in enumerate(rows):

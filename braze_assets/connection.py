@@ -1,0 +1,72 @@
+"""Test connection, like CDI's: connect, check the table against the data type, preview the first
+rows with their validation results. Nothing is sent to Braze and no state changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from braze_assets.config import SyncConfig
+from braze_assets.datatypes import DATA_TYPES, validate_rows
+from braze_assets.masking import mask_identifiers
+from braze_assets.sources.base import SourceError
+from braze_assets.sources.factory import make_source
+
+PREVIEW_ROWS = 10
+
+
+@dataclass
+class ConnectionReport:
+    sync: str
+    source: str
+    ok: bool
+    message: str
+    columns: dict[str, str] = field(default_factory=dict)
+    row_count: int | None = None
+    newest_updated_at: str | None = None
+    preview: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) -> ConnectionReport:
+    """Never raises for a source problem: the report says what is wrong (credentials never shown)."""
+    spec = DATA_TYPES[sync.data_type]
+    source = make_source(sync, resource)
+    report = ConnectionReport(sync.name, source.description, False, "")
+    try:
+        columns = source.check_shape(spec)
+        report.columns = source.columns()
+        report.row_count = source.count()
+        newest = source.max_updated_at()
+        report.newest_updated_at = newest.isoformat() if newest else None
+        sample = source.preview(rows).select(columns).to_pylist()
+    except SourceError as exc:
+        report.message = str(exc)
+        return report
+    checked = validate_rows(sample, spec)
+    for i, row in enumerate(sample):
+        payload = checked.payloads[i]
+        report.preview.append({
+            "identifier": mask_identifiers(checked.identifiers[i]),
+            "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
+            "payload_keys": sorted(payload)[:20] if isinstance(payload, dict) else None,
+            "valid": i not in checked.failures,
+            "reasons": checked.failures.get(i, []),
+        })
+    invalid = len(checked.failures)
+    report.ok = True
+    report.message = (f"connected to {source.description}: {report.row_count:,} rows, columns "
+                      f"{', '.join(columns)}; {len(sample) - invalid} of {len(sample)} preview rows "
+                      "valid")
+    return report
+
+
+def preview_markdown(report: ConnectionReport) -> str:
+    """The preview as a Markdown table for the Dagster UI (identifiers masked)."""
+    if not report.preview:
+        return report.message
+    lines = ["| identifier | UPDATED_AT | payload keys | valid | reasons |", "|---|---|---|---|---|"]
+    for row in report.preview:
+        keys = ", ".join(row["payload_keys"] or [])
+        lines.append(f"| {row['identifier']} | {row['updated_at'] or ''} | {keys} | "
+                     f"{'yes' if row['valid'] else 'no'} | {'; '.join(row['reasons'])} |")
+    return "\n".join(lines)
