@@ -150,7 +150,8 @@ class SyncConfig(_Strict):
     update_existing_only: bool = False
     batch_mode: Literal["combined", "legacy_per_array"] = "combined"
     #: What to do with rows whose outcome at Braze is unknown (timeout after sending, 500/504, drop).
-    #: Defaults: resend for attributes (idempotent), hold for everything else.
+    #: Defaults: resend where sending twice is harmless (attributes, deletions), hold where it
+    #: would inflate counts and revenue (events, purchases).
     ambiguous_policy: Literal["resend", "hold"] | None = None
     #: The run's row-error-rate check blocks delivery above this fraction of rows read.
     max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
@@ -186,7 +187,7 @@ class SyncConfig(_Strict):
     def effective_ambiguous_policy(self) -> Literal["resend", "hold"]:
         if self.ambiguous_policy:
             return self.ambiguous_policy
-        return "resend" if self.data_type == "attributes" else "hold"
+        return "hold" if self.data_type in ("events", "purchases") else "resend"
 
 
 class SyncsFile(_Strict):

@@ -76,7 +76,7 @@ def test_defaults_of_a_minimal_entry(tmp_path):
 
 # ----------------------------------------------------------------------------- ambiguous policy
 @pytest.mark.parametrize("data_type, expected", [
-    ("attributes", "resend"), ("events", "hold"), ("purchases", "hold"), ("deletions", "hold")])
+    ("attributes", "resend"), ("events", "hold"), ("purchases", "hold"), ("deletions", "resend")])
 def test_default_ambiguous_policy(data_type, expected):
     [sync] = parse_syncs({"syncs": [sync_entry(data_type=data_type)]})
     assert sync.effective_ambiguous_policy == expected
