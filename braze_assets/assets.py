@@ -106,7 +106,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         window = context.partition_time_window
         store = delivery_state.store(sync.name)
         watermark = store.read_watermark().value
-        run_dir = store.dir / "deltas" / sync.name / context.run.run_id
+        run_dir = store.delta_dir(context.run.run_id)
         manifest = DeltaManifest(
             sync=sync.name, data_type=sync.data_type, run_id=context.run.run_id,
             window_start=window.start.isoformat(), window_end=window.end.isoformat(),
@@ -165,6 +165,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             run_id=context.run.run_id, log=context.log.info,
         )
         outcome = delivery.run()
+        store.prune_deltas(keep=5)  # older runs' Parquet files; their outcomes stay in the ledger
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)
         outcome.watermark_after = after.isoformat() if after else None

@@ -260,6 +260,20 @@ class StateStore:
         self.journal_path.write_text("")
         return counts
 
+    # ------------------------------------------------------------------ delta files
+    def delta_dir(self, run_id: str) -> Path:
+        return self.dir / "deltas" / self.sync / run_id
+
+    def prune_deltas(self, keep: int = 5) -> int:
+        """Delete all but the newest `keep` runs' delta files (the ledger keeps every outcome)."""
+        import shutil
+
+        root = self.dir / "deltas" / self.sync
+        runs = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.exists() else []
+        for old in runs[:-keep] if keep else runs:
+            shutil.rmtree(old, ignore_errors=True)
+        return max(0, len(runs) - keep)
+
     # ------------------------------------------------------------------ watermark
     def read_watermark(self) -> Watermark:
         try:

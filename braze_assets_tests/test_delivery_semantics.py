@@ -136,3 +136,14 @@ def test_mass_deletion_guard_blocks_then_passes_within_ceiling(harness, emulator
     assert ok.outcome.accepted == 8
     assert sorted(d["id"] for d in emulator.store.deletions()) == sorted(
         f"gone-{i}" for i in range(8))
+
+
+def test_old_delta_files_are_pruned_but_outcomes_stay_in_the_ledger(harness, emulator):
+    ts = _now() - dt.timedelta(hours=2)
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
+    for n in range(7):
+        harness.table("ev", events_rows(1, ts, start=n))
+        assert harness.run("ev_sync").outcome.accepted == 1
+    runs = list((harness.state_dir / "deltas" / "ev_sync").iterdir())
+    assert len(runs) == 5
+    assert harness.ledger("ev_sync") == {"accepted": 7} and seqs(emulator) == list(range(7))
