@@ -182,3 +182,41 @@ def postgres():
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
                         "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ Snowflake stand-in (fakesnow)
+def _with_nulls(to_struct):
+    """fakesnow 0.12.1's server sends a NULL timestamp as 1970-01-01: it builds Snowflake's
+    (epoch, fraction) struct without the validity mask. Give the struct the column's nulls."""
+    import pyarrow as pa
+
+    def convert(ts):
+        ts = ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts
+        struct = to_struct(ts)
+        return pa.StructArray.from_arrays(struct.flatten(), fields=list(struct.type),
+                                          mask=ts.is_null())
+    return convert
+
+
+@pytest.fixture(scope="module")
+def snowflake_server():
+    """fakesnow's server on loopback: the real connector talks to it over HTTP."""
+    import fakesnow
+    import fakesnow.arrow
+
+    with pytest.MonkeyPatch.context() as patch, fakesnow.server() as kwargs:
+        patch.setattr(fakesnow.arrow, "timestamp_to_sf_struct",
+                      _with_nulls(fakesnow.arrow.timestamp_to_sf_struct))
+        yield kwargs
+
+
+def snowflake_resource(server: dict, password: str = "snow"):
+    from dagster_snowflake import SnowflakeResource
+
+    extra = {k: server[k] for k in ("host", "port", "protocol", "session_parameters",
+                                    "network_timeout")}
+    return SnowflakeResource(account=server["account"], user=server["user"], password=password,
+                             database="CDI_DB", schema="PUBLIC",
+                             additional_snowflake_connection_args=extra)
+
+

@@ -49,6 +49,24 @@ def _load_redshift(harness: Harness, kind: str, rows: list[dict], pg: dict) -> d
     return {"type": "redshift", "table": f"public.cdi_{kind}"}
 
 
+def _load_snowflake(harness: Harness, kind: str, rows: list[dict], server: dict) -> dict:
+    """CDI's Snowflake DDL [A2.1]: TIMESTAMP_NTZ(9) UPDATED_AT (UTC), VARCHAR PAYLOAD."""
+    import snowflake.connector
+
+    from braze_assets_tests.conftest import snowflake_resource
+
+    columns = [c for c in COLUMNS if c != "PAYLOAD" or kind != "deletions"]
+    ddl = ", ".join("UPDATED_AT TIMESTAMP_NTZ(9)" if c == "UPDATED_AT" else f"{c} VARCHAR"
+                    for c in columns)
+    with snowflake.connector.connect(**server, database="CDI_DB", schema="PUBLIC") as con:
+        cur = con.cursor()
+        cur.execute(f"CREATE OR REPLACE TABLE cdi_{kind} ({ddl})")
+        cur.executemany(f"INSERT INTO cdi_{kind} VALUES ({', '.join(['%s'] * len(columns))})",
+                        [[r[c] for c in columns] for r in rows])
+    harness.extra_resources["snowflake"] = snowflake_resource(server)
+    return {"type": "snowflake", "table": f"cdi_db.public.cdi_{kind}"}
+
+
 def _final_state(emulator: BrazeEmulator) -> dict:
     def strip(items):
         return sorted(json.dumps({k: v for k, v in i.items() if k != "braze_id"}, sort_keys=True)
@@ -78,13 +96,17 @@ def duckdb_baseline(tmp_path_factory):
     return state, runs
 
 
-@pytest.mark.parametrize("source", ["redshift"])
+@pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")  # fakesnow
+@pytest.mark.parametrize("source", ["redshift", "snowflake"])
 def test_every_source_leaves_the_same_braze_state_as_duckdb(source, duckdb_baseline, tmp_path,
                                                             request):
     expected, baseline_runs = duckdb_baseline
     if source == "redshift":
         pg = request.getfixturevalue("postgres")
         loader = lambda h, k, rows: _load_redshift(h, k, rows, pg)  # noqa: E731
+    else:
+        server = request.getfixturevalue("snowflake_server")
+        loader = lambda h, k, rows: _load_snowflake(h, k, rows, server)  # noqa: E731
     state, runs = _sync_everything(tmp_path, loader)
     assert all(r.result.success for r in runs)
     for run, base in zip(runs, baseline_runs):

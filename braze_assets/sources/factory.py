@@ -6,6 +6,7 @@ warehouses' drivers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from braze_assets.config import SyncConfig
@@ -27,14 +28,20 @@ def make_source(sync: SyncConfig, resource: Any) -> CdiSource:
         from braze_assets.sources.redshift_source import RedshiftSource
 
         return RedshiftSource.from_resource(resource, table)
+    # Inside a run, `context.resources.<key>` holds what these resources attach to the context
+    # (dagster-snowflake: a SnowflakeConnection wrapper; dagster-gcp: a bigquery.Client).
     if kind == "snowflake":
         from braze_assets.sources.snowflake_source import SnowflakeSource
 
-        return SnowflakeSource.from_resource(resource, table)
+        account = getattr(resource, "account", None) or getattr(
+            getattr(resource, "snowflake_connection_resource", None), "account", "snowflake")
+        return SnowflakeSource(table, resource.get_connection, account=account)
     if kind == "bigquery":
         from braze_assets.sources.bigquery_source import BigQuerySource
 
-        return BigQuerySource.from_resource(resource, table)
+        if hasattr(resource, "get_client"):
+            return BigQuerySource.from_resource(resource, table)
+        return BigQuerySource(table, lambda: contextlib.nullcontext(resource))
     if kind == "databricks":
         from braze_assets.sources.databricks_source import DatabricksSource
 

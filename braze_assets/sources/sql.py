@@ -60,12 +60,18 @@ class SqlSource(CdiSource):
     def _scalar(self, sql: str, params: list[Any]) -> Any:
         """Run a query returning one value."""
 
+    def _select_expression(self, column: str, kind: str) -> str:
+        """How a column is read: a JSON/VARIANT/STRUCT PAYLOAD becomes JSON text in the
+        dialect's own function (override); everything else as stored."""
+        return self.quote(self._names[column])
+
     def _placeholder(self, index: int) -> str:
         """How the n-th bound parameter is written (qmark style by default)."""
         return "?"
 
     def _bind_timestamp(self, value: dt.datetime) -> Any:
-        """Bind a UTC instant for the UPDATED_AT column: naive UTC unless the type has a zone."""
+        """Bind a UTC instant for the UPDATED_AT column: naive UTC unless the type has a zone.
+        Dialects whose plain TIMESTAMP is an instant (BigQuery, Databricks) override this."""
         kind = self.columns().get("UPDATED_AT", "").upper()
         if "WITH TIME ZONE" in kind or kind.startswith(("TIMESTAMPTZ", "TIMESTAMP_TZ", "TIMESTAMP_LTZ")):
             return value.astimezone(UTC)
@@ -106,7 +112,8 @@ class SqlSource(CdiSource):
                  ) -> tuple[str, list[Any]]:
         self.columns()
         wanted = columns or list(self._names)
-        select = ", ".join(f"{self.quote(self._names[c])} AS {self.quote(c)}" for c in wanted)
+        select = ", ".join(f"{self._select_expression(c, self._types[c])} AS {self.quote(c)}"
+                           for c in wanted)
         where, params = self._where(start, end, include_null)
         return f"SELECT {select} FROM {self.qualified_table} WHERE {where}", params
 
