@@ -27,6 +27,9 @@ def utc_now() -> dt.datetime:
 
 
 def source_key(sync: SyncConfig) -> dg.AssetKey:
+    if sync.source.type == "s3":
+        folder = [p for p in sync.source.prefix.split("/") if p]
+        return dg.AssetKey(["s3", sync.source.bucket, *folder])
     return dg.AssetKey([sync.source.type, *sync.source.table.replace('"', "").lower().split(".")])
 
 
@@ -62,6 +65,7 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
         "rows_in_future_held_back": manifest.future_rows,
         "future_examples": dg.MetadataValue.json(manifest.future_examples),
         "late_rows_outside_lookback": manifest.late_outside_lookback,
+        "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
         "estimated_data_points": manifest.estimated_data_points,
         "valid_rows_file": dg.MetadataValue.path(manifest.valid_path),
         "rejected_rows_file": dg.MetadataValue.path(manifest.rejected_path),
@@ -131,6 +135,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled, "
             f"{manifest.future_rows:,} in the future held back, "
             f"{manifest.late_outside_lookback:,} late rows outside the lookback")
+        for reason in manifest.unreadable:
+            context.log.warning(f"{sync.name}: not read: {reason}")
         if manifest.late_outside_lookback:
             context.log.warning(
                 f"{sync.name}: {manifest.late_outside_lookback:,} rows older than the scanned window"

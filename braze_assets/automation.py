@@ -82,18 +82,18 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
         delivery_state = context.resources.delivery_state
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         try:
-            newest, rows = source.max_updated_at(), source.count()
+            seen = source.fingerprint()  # tables: newest UPDATED_AT + rows; files: the listing
         except SourceError as exc:
             return dg.SkipReason(f"cannot observe the source: {exc}")
-        seen = {"newest": newest.isoformat() if newest else None, "rows": rows}
         observation = dg.AssetObservation(asset_key=source_key(sync), metadata={
-            "dagster/row_count": rows, "newest_updated_at": seen["newest"] or ""})
+            **({"dagster/row_count": seen["rows"]} if "rows" in seen else {}),
+            "fingerprint": dg.MetadataValue.json(seen)})
         if context.cursor and json.loads(context.cursor) == seen:
             return dg.SensorResult(skip_reason="no new or changed rows", asset_events=[observation])
         keys = incremental_range(sync, delivery_state, utc_now(), source)
+        run_key = ":".join([sync.name, *(str(v) for v in seen.values())])
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(
-                run_key=f"{sync.name}:{seen['newest']}:{rows}", tags=range_tags(keys))],
+            run_requests=[dg.RunRequest(run_key=run_key, tags=range_tags(keys))],
             cursor=json.dumps(seen), asset_events=[observation],
         )
 

@@ -83,9 +83,42 @@ class DatabricksSourceConfig(_TableSource):
     type: Literal["databricks"]
 
 
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class S3SourceConfig(_Strict):
+    """CDI-style files (JSON lines, CSV, Parquet) under s3://bucket/prefix (resource `s3`).
+    Each row's UPDATED_AT is its file's LastModified time."""
+
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    #: the file whose columns describe the source (default: the newest readable file)
+    sample_key: str | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not BUCKET_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an S3 bucket name")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _relative_prefix(cls, value: str) -> str:
+        if value.startswith("/") or "\x00" in value:
+            raise ValueError(f"prefix {value!r} must be relative (no leading /)")
+        return value if not value or value.endswith("/") else value + "/"
+
+    @property
+    def table(self) -> str:
+        """How the source is named in messages and uniqueness checks."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
 SourceConfig = Annotated[
     Union[DuckDBSourceConfig, SnowflakeSourceConfig, BigQuerySourceConfig, RedshiftSourceConfig,
-          DatabricksSourceConfig],
+          DatabricksSourceConfig, S3SourceConfig],
     Field(discriminator="type"),
 ]
 
@@ -203,6 +236,11 @@ class SyncsFile(_Strict):
         by_table: dict[str, list[str]] = {}
         for sync in self.syncs:
             by_table.setdefault(sync.source.table.lower(), []).append(sync.name)
+        folders = sorted(t for t in by_table if t.startswith("s3://"))
+        for outer, inner in zip(folders, folders[1:]):
+            if inner.startswith(outer):  # nested keys are read: CDI needs a folder per sync
+                raise ValueError(f"S3 folders {outer!r} and {inner!r} overlap (syncs "
+                                 f"{by_table[outer][0]!r} and {by_table[inner][0]!r})")
         for table, names in by_table.items():
             if len(names) > 1:
                 raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table "
@@ -210,7 +248,7 @@ class SyncsFile(_Strict):
         return self
 
 
-SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks")
+SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks", "s3")
 
 
 def _describe(error: dict, raw: dict) -> str:

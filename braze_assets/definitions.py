@@ -62,6 +62,11 @@ def warehouse_resource(kind: str):
         return DatabricksResource(
             server_hostname=dg.EnvVar("DATABRICKS_SERVER_HOSTNAME"),
             http_path=dg.EnvVar("DATABRICKS_HTTP_PATH"), access_token=dg.EnvVar("DATABRICKS_TOKEN"))
+    if kind == "s3":
+        from dagster_aws.s3 import S3Resource
+
+        # credentials from the default AWS chain (env, profile, instance role)
+        return S3Resource(region_name=env("AWS_REGION"), endpoint_url=env("S3_ENDPOINT_URL"))
     raise ValueError(f"unknown source type {kind!r}")
 
 

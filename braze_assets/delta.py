@@ -41,9 +41,12 @@ REJECTED_SCHEMA = pa.schema(
         ("updated_at", pa.timestamp("us", tz="UTC")),
         ("identifier", pa.string()),
         ("reasons", pa.string()),
+        ("location", pa.string()),  # file:line for file sources
         ("payload_excerpt", pa.string()),
     ]
 )
+#: Columns file sources add to every row: where it came from (part of the row's identity).
+LOCATION_COLUMNS = ("_FILE", "_LINE")
 EXAMPLES_KEPT = 5
 
 
@@ -68,6 +71,8 @@ class DeltaManifest:
     future_rows: int = 0
     future_examples: list[dict[str, str]] = field(default_factory=list)
     late_outside_lookback: int = 0
+    #: parts of the source that could not be read at all (files over 512 MB, unknown formats)
+    unreadable: list[str] = field(default_factory=list)
     max_updated_at: str | None = None
     estimated_data_points: int = 0
 
@@ -118,16 +123,21 @@ class DeltaWriter:
             shown = mask_identifiers(identifiers[i])
             if i in failures:
                 reasons = "; ".join(dict.fromkeys(failures[i]))
+                location = f"{row['_FILE']}:{row['_LINE']}" if row.get("_FILE") else ""
                 raw = row.get("PAYLOAD")
                 excerpt = raw if isinstance(raw, str) else orjson.dumps(raw).decode() if raw else ""
+                if location and not identifiers[i]:
+                    excerpt = ""  # an unparseable line may hold identifiers we cannot mask
                 for values, value in zip(rejected.values(), (
-                    hashes[i], row.get("UPDATED_AT"), shown, reasons, excerpt[:200],
+                    hashes[i], row.get("UPDATED_AT"), shown, reasons, location, excerpt[:200],
                 )):
                     values.append(value)
                 self._reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
                 if len(self.manifest.rejected_examples) < EXAMPLES_KEPT:
-                    self.manifest.rejected_examples.append(
-                        {"row_hash": hashes[i], "identifier": shown, "reasons": reasons})
+                    example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
+                    if location:
+                        example["location"] = location
+                    self.manifest.rejected_examples.append(example)
                 continue
             obj = build_object(self.spec, identifiers[i], payloads[i], row["UPDATED_AT"],
                                self.update_existing_only)
@@ -174,7 +184,8 @@ def compute_delta(
             for batch in source.scan(window_start, scan_end, manifest.reaches_now, batch_rows,
                                      columns=columns):
                 rows = batch.to_pylist()
-                hashes = [row_hash(row, hash_columns) for row in rows]
+                located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
+                hashes = [row_hash(row, hash_columns + located) for row in rows]
                 known = store.known_hashes(ledger, hashes)
                 manifest.rows_read += len(rows)
                 manifest.already_settled += len(known)
@@ -189,9 +200,10 @@ def compute_delta(
     finally:
         writer.close()
     manifest.max_updated_at = newest.isoformat() if newest else None
+    manifest.unreadable = source.unreadable(window_start, scan_end)
     if manifest.reaches_now:
         _report_future_rows(source, manifest, now)
-        if window_start is not None and window_start > partitions_start:
+        if window_start is not None and window_start > partitions_start and source.cheap_counts:
             # Rows below the window that the ledger never settled arrived too late to be seen.
             unsettled = source.count(partitions_start, window_start) - store.settled_count(
                 partitions_start, window_start)

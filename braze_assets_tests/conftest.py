@@ -185,6 +185,11 @@ def postgres():
 
 
 # ------------------------------------------------------------------ Snowflake stand-in (fakesnow)
+# Captured now: fakesnow.server() imports its submodule fakesnow.server, which then shadows the
+# function on the package, so a second module-scoped server would find a module there.
+from fakesnow import server as _FAKESNOW_SERVER  # noqa: E402
+
+
 def _with_nulls(to_struct):
     """fakesnow 0.12.1's server sends a NULL timestamp as 1970-01-01: it builds Snowflake's
     (epoch, fraction) struct without the validity mask. Give the struct the column's nulls."""
@@ -201,10 +206,9 @@ def _with_nulls(to_struct):
 @pytest.fixture(scope="module")
 def snowflake_server():
     """fakesnow's server on loopback: the real connector talks to it over HTTP."""
-    import fakesnow
     import fakesnow.arrow
 
-    with pytest.MonkeyPatch.context() as patch, fakesnow.server() as kwargs:
+    with pytest.MonkeyPatch.context() as patch, _FAKESNOW_SERVER() as kwargs:
         patch.setattr(fakesnow.arrow, "timestamp_to_sf_struct",
                       _with_nulls(fakesnow.arrow.timestamp_to_sf_struct))
         yield kwargs

@@ -24,6 +24,8 @@ class CdiSource(abc.ABC):
 
     #: e.g. "duckdb table main.braze_events": used in every error message
     description: str
+    #: whether counting rows in a window is a cheap pushdown (false for files, which must be read)
+    cheap_counts: bool = True
 
     @abc.abstractmethod
     def columns(self) -> dict[str, str]:
@@ -49,6 +51,15 @@ class CdiSource(abc.ABC):
     @abc.abstractmethod
     def min_updated_at(self) -> dt.datetime | None:
         """The oldest UPDATED_AT in the table (UTC), None when empty."""
+
+    def fingerprint(self) -> dict:
+        """A cheap summary that changes when rows are added or changed (sensors compare it)."""
+        newest = self.max_updated_at()
+        return {"newest": newest.isoformat() if newest else None, "rows": self.count()}
+
+    def unreadable(self, start: dt.datetime | None, end: dt.datetime | None) -> list[str]:
+        """Reasons why parts of the source in the window cannot be read (files only)."""
+        return []
 
     def preview(self, rows: int = 10) -> pa.Table:
         """The first rows of the table (test connection)."""
