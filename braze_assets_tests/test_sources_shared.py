@@ -67,6 +67,30 @@ def _load_snowflake(harness: Harness, kind: str, rows: list[dict], server: dict)
     return {"type": "snowflake", "table": f"cdi_db.public.cdi_{kind}"}
 
 
+def _load_bigquery(harness: Harness, kind: str, rows: list[dict]) -> dict:
+    """BigQuery's TIMESTAMP UPDATED_AT behind the fake `bigquery.Client` (no BigQuery runs offline)
+    that executes the issued SQL on DuckDB. PAYLOAD is a STRING here: typed JSON (tested in
+    test_sources_warehouses) cannot even hold the malformed payloads these contents include."""
+    import duckdb
+
+    from braze_assets_tests.test_sources_warehouses import FakeBigQuery
+
+    fake = harness.extra_resources.get("bigquery")
+    if fake is None:
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'; ATTACH ':memory:' AS proj; CREATE SCHEMA proj.cdi")
+        fake = harness.extra_resources["bigquery"] = FakeBigQuery(con)
+    columns = [c for c in COLUMNS if c != "PAYLOAD" or kind != "deletions"]
+    ddl = ", ".join({"UPDATED_AT": "UPDATED_AT TIMESTAMPTZ"}.get(
+        c, f"{c} VARCHAR") for c in columns)
+    fake.con.execute(f"CREATE TABLE proj.cdi.cdi_{kind} ({ddl})")
+    fake.con.executemany(
+        f"INSERT INTO proj.cdi.cdi_{kind} VALUES ({', '.join('?' * len(columns))})",
+        [[(r[c].replace(tzinfo=dt.timezone.utc) if c == "UPDATED_AT" and r[c] else r[c])
+          for c in columns] for r in rows])
+    return {"type": "bigquery", "table": f"proj.cdi.cdi_{kind}"}
+
+
 def _final_state(emulator: BrazeEmulator) -> dict:
     def strip(items):
         return sorted(json.dumps({k: v for k, v in i.items() if k != "braze_id"}, sort_keys=True)
@@ -97,13 +121,15 @@ def duckdb_baseline(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")  # fakesnow
-@pytest.mark.parametrize("source", ["redshift", "snowflake"])
+@pytest.mark.parametrize("source", ["redshift", "snowflake", "bigquery"])
 def test_every_source_leaves_the_same_braze_state_as_duckdb(source, duckdb_baseline, tmp_path,
                                                             request):
     expected, baseline_runs = duckdb_baseline
     if source == "redshift":
         pg = request.getfixturevalue("postgres")
         loader = lambda h, k, rows: _load_redshift(h, k, rows, pg)  # noqa: E731
+    elif source == "bigquery":
+        loader = _load_bigquery
     else:
         server = request.getfixturevalue("snowflake_server")
         loader = lambda h, k, rows: _load_snowflake(h, k, rows, server)  # noqa: E731
