@@ -66,6 +66,8 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
         "future_examples": dg.MetadataValue.json(manifest.future_examples),
         "late_rows_outside_lookback": manifest.late_outside_lookback,
         "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
+        "parts_read": len(manifest.parts),
+        "parts_skipped_as_settled": manifest.parts_skipped,
         "estimated_data_points": manifest.estimated_data_points,
         "valid_rows_file": dg.MetadataValue.path(manifest.valid_path),
         "rejected_rows_file": dg.MetadataValue.path(manifest.rejected_path),
@@ -171,6 +173,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             run_id=context.run.run_id, log=context.log.info,
         )
         outcome = delivery.run()
+        if not outcome.not_sent and not outcome.earliest_unsettled:
+            store.add_settled_parts(delta.parts)  # every row of these files is settled
         store.prune_deltas(keep=5)  # older runs' Parquet files; their outcomes stay in the ledger
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)

@@ -73,6 +73,9 @@ class DeltaManifest:
     late_outside_lookback: int = 0
     #: parts of the source that could not be read at all (files over 512 MB, unknown formats)
     unreadable: list[str] = field(default_factory=list)
+    #: parts (files) read in full by this delta, with their version, and those skipped as settled
+    parts: dict[str, str] = field(default_factory=dict)
+    parts_skipped: int = 0
     max_updated_at: str | None = None
     estimated_data_points: int = 0
 
@@ -177,6 +180,8 @@ def compute_delta(
     hash_columns = [c for c in columns if c in IDENTIFIER_COLUMNS or c in ("UPDATED_AT", "PAYLOAD")]
     Path(manifest.valid_path).parent.mkdir(parents=True, exist_ok=True)
     scan_end = min(window_end, now)
+    manifest.parts_skipped = source.skip_parts(store.settled_parts())
+    manifest.parts = source.parts(window_start, scan_end)
     writer = DeltaWriter(manifest, spec, update_existing_only)
     newest: dt.datetime | None = None
     try:

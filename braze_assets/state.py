@@ -274,6 +274,24 @@ class StateStore:
             shutil.rmtree(old, ignore_errors=True)
         return max(0, len(runs) - keep)
 
+    # ------------------------------------------------------------------ settled parts (files)
+    @property
+    def _parts_path(self) -> Path:
+        return self.dir / f"{self.sync}.settled_files.json"
+
+    def settled_parts(self) -> dict[str, str]:
+        try:
+            return json.loads(self._parts_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def add_settled_parts(self, parts: dict[str, str]) -> None:
+        if parts:
+            merged = {**self.settled_parts(), **parts}
+            tmp = self._parts_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(merged))
+            os.replace(tmp, self._parts_path)
+
     # ------------------------------------------------------------------ watermark
     def read_watermark(self) -> Watermark:
         try:

@@ -443,7 +443,9 @@ def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(endpoint, m
         assert sorted(e["properties"]["seq"] for e in emulator.store.events()) == list(range(5))
         assert [e["location"] for e in first.delta.rejected_examples] == [
             "cdi/events/batch-1.jsonl:3"]
-        assert harness.run("s3_events").outcome.requests == 0
+        rerun = harness.run("s3_events")
+        assert rerun.outcome.requests == 0
+        assert rerun.delta.rows_read == 0 and rerun.delta.parts_skipped == 1, "not read twice"
 
         import dagster as dg
 
@@ -459,5 +461,6 @@ def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(endpoint, m
         with dg.build_sensor_context(instance=instance, cursor=tick.cursor,
                                      resources=harness.resources()) as ctx:
             assert len(sensor.evaluate_tick(ctx).run_requests) == 1, "a new file was noticed"
-        assert harness.run("s3_events").outcome.accepted == 1
+        after_new_file = harness.run("s3_events")
+        assert after_new_file.outcome.accepted == 1 and after_new_file.delta.rows_read == 1
         assert sorted(e["properties"]["seq"] for e in emulator.store.events()) == [0, 1, 2, 3, 4, 9]

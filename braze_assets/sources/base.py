@@ -57,6 +57,15 @@ class CdiSource(abc.ABC):
         newest = self.max_updated_at()
         return {"newest": newest.isoformat() if newest else None, "rows": self.count()}
 
+    def parts(self, start: dt.datetime | None, end: dt.datetime | None) -> dict[str, str]:
+        """Independently settled pieces in the window with a version signature (files: key ->
+        size|LastModified). Tables have none."""
+        return {}
+
+    def skip_parts(self, settled: dict[str, str]) -> int:
+        """Do not read parts already settled at the same version; returns how many are skipped."""
+        return 0
+
     def unreadable(self, start: dt.datetime | None, end: dt.datetime | None) -> list[str]:
         """Reasons why parts of the source in the window cannot be read (files only)."""
         return []

@@ -214,6 +214,20 @@ class S3Source(CdiSource):
         return {"newest": files[-1].last_modified.isoformat() if files else None,
                 "files": len(files), "digest": digest}
 
+    @staticmethod
+    def _signature(file: S3File) -> str:
+        return f"{file.size}|{file.last_modified.isoformat()}"
+
+    def parts(self, start=None, end=None) -> dict[str, str]:
+        return {f.key: self._signature(f) for f in self._readable(start, end)}
+
+    def skip_parts(self, settled: dict[str, str]) -> int:
+        """Files whose every row was settled, unchanged since (an overwritten file is read again,
+        as CDI re-processes a re-uploaded file)."""
+        self.skip_keys = {f.key for f in self.list_files()
+                          if settled.get(f.key) == self._signature(f)}
+        return len(self.skip_keys)
+
     def unreadable(self, start=None, end=None) -> list[str]:
         return [oversize_reason(f) for f in self.oversized_files(start, end)] + [
             f"file {f.key} is not JSON lines, CSV or Parquet (by its extension)"
