@@ -17,6 +17,7 @@ from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.resources import BrazeResource, DeliveryStateResource
+from braze_assets.sources.base import SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
 UTC = dt.timezone.utc
@@ -122,12 +123,15 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         context.log.info(f"{sync.name}: computing the delta of {source.description} for "
                          f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC")
-        compute_delta(
-            source=source, spec=spec, store=store, manifest=manifest,
-            window_start=window.start, window_end=window.end, now=now,
-            partitions_start=partitions_start(sync),
-            update_existing_only=sync.update_existing_only, progress=context.log.debug,
-        )
+        try:
+            compute_delta(
+                source=source, spec=spec, store=store, manifest=manifest,
+                window_start=window.start, window_end=window.end, now=now,
+                partitions_start=partitions_start(sync),
+                update_existing_only=sync.update_existing_only, progress=context.log.debug,
+            )
+        except SourceError as exc:  # a global error: nothing was delivered, no state changed
+            raise SourceError(f"sync {sync.name}: {exc}") from None
         context.log_event(dg.AssetObservation(asset_key=src_key, metadata={
             "rows_in_window": manifest.rows_read,
             "newest_updated_at_in_window": manifest.max_updated_at or "",

@@ -40,7 +40,7 @@ def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) 
         report.newest_updated_at = newest.isoformat() if newest else None
         sample = source.preview(rows).select(columns).to_pylist()
     except SourceError as exc:
-        report.message = str(exc)
+        report.message = f"sync {sync.name}: {exc}"
         return report
     checked = validate_rows(sample, spec)
     for i, row in enumerate(sample):

@@ -189,6 +189,7 @@ def test_source_global_errors_stop_the_sync_with_no_state_change(harness, emulat
     run = harness.run("dels")
     assert not run.result.success
     failure = next(e for e in run.result.all_events if e.is_step_failure)
-    assert expected in failure.step_failure_data.error.to_string()
+    message = failure.step_failure_data.error.to_string()
+    assert expected in message and "sync dels:" in message, "names the sync and the source"
     assert emulator.store.stats()["requests"] == 0
     assert harness.ledger("dels") == {} and harness.watermark("dels") is None

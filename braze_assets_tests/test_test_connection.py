@@ -45,7 +45,8 @@ def test_missing_table_and_columns_fail_the_job_with_the_reason(harness):
     harness.syncs = [sync_config("gone", "events", "main.gone"),
                      sync_config("dels", "deletions", "main.deletes_with_payload")]
     defs = harness.definitions()
-    for name, expected in (("gone", "main.gone in warehouse.duckdb does not exist"),
+    for name, expected in (("gone", "sync gone: duckdb table main.gone in warehouse.duckdb does not "
+                                    "exist"),
                            ("dels", "has a PAYLOAD column")):
         result = defs.resolve_job_def(f"{name}_test_connection").execute_in_process(
             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)

@@ -1,0 +1,56 @@
+"""A small run of the benchmark harness (`python -m benchmarks.run --quick`): every case runs and
+reports numbers. It checks the harness, never performance: no figure here is compared to a target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = {
+    ("raw ceiling", "attributes", 0.0), ("raw ceiling", "attributes", 50.0),
+    ("braze_assets e2e", "attributes", 0.0), ("braze_assets e2e", "events", 0.0),
+    ("braze_assets e2e", "purchases", 0.0), ("braze_assets e2e", "attributes", 50.0),
+    ("naive sequential requests", "attributes", 0.0),
+    ("naive sequential requests", "attributes", 50.0),
+    ("braze-client", "attributes", 0.0), ("braze-client", "attributes", 50.0),
+    ("rate-limited", "attributes", 50.0),
+    ("validation + payload alone", "attributes", 0.0),
+    ("validation + payload alone", "events", 0.0),
+    ("validation + payload alone", "purchases", 0.0),
+}
+
+
+def test_quick_benchmark_run_reports_every_case(tmp_path):
+    results, rows_json = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--rows", "3000",
+         "--results", str(results), "--json", str(rows_json), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_json.read_text())
+
+    def key(row):  # "braze-client 2.3.3" -> "braze-client"
+        name = next((c for c, _, _ in EXPECTED if row["case"].startswith(c)), row["case"])
+        return name, row["data_type"], row["latency_ms"]
+
+    measured = {key(r): r for r in rows if not r["extra"].get("skipped")}
+    assert EXPECTED <= measured.keys(), f"missing cases: {EXPECTED - measured.keys()}"
+    for name, row in measured.items():
+        assert "error" not in row["extra"], (name, row["extra"]["error"])
+        assert row["rows"] > 0 and row["seconds"] > 0 and row["objects_per_s"] > 0, (name, row)
+        if not name[0].startswith("validation"):
+            assert row["requests"] > 0 and row["requests_per_s"] > 0, (name, row)
+        assert row["peak_rss_mib"] > 0, name
+    assert any(r["case"] == "memory at 5x rows" and r["extra"].get("skipped") for r in rows)
+    rate = measured[("rate-limited", "attributes", 50.0)]["extra"]
+    assert rate["windows"] >= 1 and rate["share"] > 0
+
+    text = results.read_text()
+    for heading in ("## Machine", "## Results", "## Ratios (same run)", "## Phase split",
+                    "## Targets"):
+        assert heading in text
+    assert "| raw ceiling |" in text and "| braze_assets e2e |" in text
+    assert proc.stdout.strip().endswith(text.strip().splitlines()[-1])  # the table was printed
