@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(home)
     _prepare_home(home)
+    os.environ.setdefault("BRAZE_ASSETS_PROGRESS_BAR", "1")  # shown only on a terminal
     if args.command == "test-connection":
         return connection_reports(args.sync, args.json)
     if args.command == "run":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,21 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
     return requests
 
 
+def _progress_bar(total: int, sync: str):
+    """A terminal progress bar for `braze-assets run/demo` (BRAZE_ASSETS_PROGRESS_BAR=1 on a TTY);
+    runs in the Dagster UI report progress through their log lines instead."""
+    if not total or os.environ.get("BRAZE_ASSETS_PROGRESS_BAR") != "1":
+        return None
+    try:  # the controlling terminal: Dagster captures the step's stdout and stderr
+        terminal = open("/dev/tty", "w")  # noqa: SIM115 - closed with the bar
+    except OSError:
+        return None  # no terminal (CI, a daemon): progress is in the log lines
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{sync} -> Braze", unit="rows", unit_scale=True,
+                file=terminal, mininterval=0.5)
+
+
 class Delivery:
     """One run's delivery of one delta."""
 
@@ -162,12 +178,15 @@ class Delivery:
         parquet = pq.ParquetFile(self.manifest.valid_path)
         total, done, last_log = self.manifest.valid, 0, time.monotonic()
         started = time.monotonic()
+        bar = _progress_bar(total, self.manifest.sync)
         with open(self.store.journal_path, "a") as journal:
             async with self.client:
                 for n, batch in enumerate(parquet.iter_batches(batch_size=self.chunk_rows)):
                     await self._send_chunk(con, journal, pa.Table.from_batches([batch]),
                                            f"{self.run_id[:8]}-{n}")
                     done += batch.num_rows
+                    if bar is not None:
+                        bar.update(batch.num_rows)
                     if time.monotonic() - last_log > 5 or done == total:
                         rate = done / max(time.monotonic() - started, 1e-6)
                         eta = (total - done) / rate if rate else 0
@@ -175,6 +194,9 @@ class Delivery:
                                  f"({rate:,.0f} rows/s, ETA {eta:,.0f}s); accepted "
                                  f"{self.outcome.accepted:,}, failed {self.outcome.failed:,}")
                         last_log = time.monotonic()
+        if bar is not None:
+            bar.close()
+            bar.fp.close()
 
     async def _send_chunk(self, con, journal, chunk: pa.Table, prefix: str) -> None:
         hashes = chunk["row_hash"].to_pylist()
