@@ -3,6 +3,7 @@ reports numbers. It checks the harness, never performance: no figure here is com
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ EXPECTED = {
     ("naive sequential requests", "attributes", 0.0),
     ("naive sequential requests", "attributes", 50.0),
     ("braze-client", "attributes", 0.0), ("braze-client", "attributes", 50.0),
-    ("rate-limited", "attributes", 50.0),
+    ("rate-limited", "attributes", 50.0), ("pacing check", "attributes", 50.0),
     ("validation + payload alone", "attributes", 0.0),
     ("validation + payload alone", "events", 0.0),
     ("validation + payload alone", "purchases", 0.0),
@@ -28,7 +29,7 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--rows", "3000",
          "--results", str(results), "--json", str(rows_json), "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(rows_json.read_text())
 
@@ -37,7 +38,11 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         return name, row["data_type"], row["latency_ms"]
 
     measured = {key(r): r for r in rows if not r["extra"].get("skipped")}
-    assert EXPECTED <= measured.keys(), f"missing cases: {EXPECTED - measured.keys()}"
+    expected = set(EXPECTED)
+    if importlib.util.find_spec("braze") is None:  # optional: the table says it was not measured
+        expected = {e for e in expected if e[0] != "braze-client"}
+        assert any(r["case"] == "braze-client" and "not measured" in r["note"] for r in rows)
+    assert expected <= measured.keys(), f"missing cases: {expected - measured.keys()}"
     for name, row in measured.items():
         assert "error" not in row["extra"], (name, row["extra"]["error"])
         assert row["rows"] > 0 and row["seconds"] > 0 and row["objects_per_s"] > 0, (name, row)
@@ -45,8 +50,9 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
             assert row["requests"] > 0 and row["requests_per_s"] > 0, (name, row)
         assert row["peak_rss_mib"] > 0, name
     assert any(r["case"] == "memory at 5x rows" and r["extra"].get("skipped") for r in rows)
-    rate = measured[("rate-limited", "attributes", 50.0)]["extra"]
-    assert rate["windows"] >= 1 and rate["share"] > 0
+    for case in ("rate-limited", "pacing check"):
+        rate = measured[(case, "attributes", 50.0)]["extra"]
+        assert rate["windows"] >= 1 and rate["share"] > 0, case
 
     text = results.read_text()
     for heading in ("## Machine", "## Results", "## Ratios (same run)", "## Phase split",

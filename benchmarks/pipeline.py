@@ -1,0 +1,128 @@
+"""braze_assets itself, driven without Dagster exactly as its assets drive it: `compute_delta` from
+the DuckDB table, then `Delivery.run()` to the emulator (see braze_assets/assets.py)."""
+
+from __future__ import annotations
+
+import cProfile
+import datetime as dt
+import io
+import pstats
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+from benchmarks.child import peak_rss_mib
+from braze_assets.braze.client import BrazeClient
+from braze_assets.datatypes import DATA_TYPES, build_object, validate_rows
+from braze_assets.delivery import Delivery
+from braze_assets.delta import DeltaManifest, compute_delta
+from braze_assets.sources.duckdb_source import DuckDBSource
+from braze_assets.state import StateStore
+
+UTC = dt.UTC
+
+
+class _Throttled:
+    """Progress lines to stderr, at most one every `every_s` seconds."""
+
+    def __init__(self, label: str, every_s: float = 5.0):
+        self.label, self.every_s, self.last = label, every_s, 0.0
+
+    def __call__(self, message: str) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            print(f"    [{self.label}] {message}", file=sys.stderr, flush=True)
+
+
+def end_to_end(db: str, table: str, data_type: str, base_url: str, api_key: str, workdir: str,
+               in_flight: int, profile: bool = False) -> dict:
+    spec = DATA_TYPES[data_type]
+    now = dt.datetime.now(UTC)
+    run_id = uuid.uuid4().hex
+    run_dir = Path(workdir) / run_id
+    store = StateStore(run_dir / "state", f"bench_{data_type}")
+    manifest = DeltaManifest(
+        sync=store.sync, data_type=data_type, run_id=run_id, window_start=None,
+        window_end=(now + dt.timedelta(days=1)).isoformat(), reaches_now=True,
+        valid_path=str(run_dir / "valid.parquet"), rejected_path=str(run_dir / "rejected.parquet"))
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    started = time.perf_counter()
+    compute_delta(source=DuckDBSource(db, table), spec=spec, store=store, manifest=manifest,
+                  window_start=None, window_end=now + dt.timedelta(days=1), now=now,
+                  partitions_start=now - dt.timedelta(days=60), update_existing_only=False,
+                  progress=_Throttled(f"{data_type} delta"))
+    delta_s = time.perf_counter() - started
+    rss_after_delta = peak_rss_mib()
+    client = BrazeClient(base_url, api_key, max_connections=in_flight)
+    delivery = Delivery(spec=spec, store=store, manifest=manifest, client=client,
+                        policy="resend" if data_type == "attributes" else "hold",
+                        max_in_flight=in_flight, run_id=run_id,
+                        log=_Throttled(f"{data_type} delivery", every_s=0))
+    outcome = delivery.run()
+    total_s = time.perf_counter() - started
+    (run_dir / "manifest.json").write_bytes(orjson.dumps(manifest.to_dict()))
+    result = {
+        "objects": outcome.accepted, "rows": manifest.rows_read, "seconds": total_s,
+        "requests": outcome.requests, "r429": outcome.rate_limited,
+        "delta_s": delta_s, "delivery_s": total_s - delta_s,
+        "peak_rss_delta_mib": rss_after_delta, "valid": manifest.valid,
+        "rejected": manifest.rejected, "failed": outcome.failed, "ambiguous": outcome.ambiguous, "not_sent": outcome.not_sent,
+        "attempts": outcome.attempts, "manifest": str(run_dir / "manifest.json"),
+    }
+    if profiler:
+        profiler.disable()
+        result["profile"] = _top(profiler)
+    return result
+
+
+def deliver_only(manifest: str, base_url: str, api_key: str, workdir: str, in_flight: int) -> dict:
+    """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled)."""
+    delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
+    run_id = uuid.uuid4().hex
+    store = StateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
+    client = BrazeClient(base_url, api_key, max_connections=in_flight)
+    delivery = Delivery(spec=DATA_TYPES[delta.data_type], store=store, manifest=delta,
+                        client=client, policy="resend" if delta.data_type == "attributes" else "hold",
+                        max_in_flight=in_flight, run_id=run_id,
+                        log=_Throttled(f"{delta.data_type} delivery", every_s=0))
+    started = time.perf_counter()
+    outcome = delivery.run()
+    return {"objects": outcome.accepted, "rows": delta.valid, "requests": outcome.requests,
+            "seconds": time.perf_counter() - started, "r429": outcome.rate_limited,
+            "attempts": outcome.attempts, "not_sent": outcome.not_sent}
+
+
+def _top(profiler: cProfile.Profile, lines: int = 30) -> str:
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(lines)
+    stats.sort_stats("cumulative").print_stats(lines)
+    return text.getvalue()
+
+
+def validation_only(db: str, table: str, data_type: str, rows: int) -> dict:
+    """`validate_rows` (row facts + pandera) + `build_object` + orjson over rows already in memory."""
+    spec = DATA_TYPES[data_type]
+    source = DuckDBSource(db, table)
+    batches, loaded = [], 0
+    for batch in source.scan(None, None, False, 20_000, columns=source.check_shape(spec)):
+        batches.append(batch.to_pylist())
+        loaded += batch.num_rows
+        if loaded >= rows:
+            break
+    valid = 0
+    started = time.perf_counter()
+    for batch_rows in batches:
+        checked = validate_rows(batch_rows, spec)
+        for i, row in enumerate(batch_rows):
+            if i not in checked.failures:
+                orjson.dumps(build_object(spec, checked.identifiers[i], checked.payloads[i],
+                                          row["UPDATED_AT"], False))
+                valid += 1
+    seconds = time.perf_counter() - started
+    return {"objects": valid, "rows": loaded, "seconds": seconds}
