@@ -171,9 +171,10 @@ _TYPE_RULES: dict[str, Callable[[dict], list[str]]] = {
 _PROBLEM_SEPARATOR = "\n"
 
 
-def row_facts(row: dict[str, Any], spec: DataTypeSpec) -> tuple[dict[str, Any], dict | None]:
-    """Everything the schema judges about one row, and the parsed PAYLOAD (None if unusable)."""
-    identifiers = row_identifiers(row)
+def row_facts(row: dict[str, Any], spec: DataTypeSpec, identifiers: dict[str, Any]
+              ) -> tuple[dict[str, Any], dict | None]:
+    """Everything the schema judges about one row (whose `row_identifiers` are given), and the
+    parsed PAYLOAD (None if unusable)."""
     alias = identifiers.get("ALIAS")
     facts: dict[str, Any] = {
         "updated_at": row.get("UPDATED_AT"),
@@ -327,10 +328,11 @@ def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows
         return CheckedRows({}, [], [])
     facts, payloads, identifiers = [], [], []
     for row in rows:
-        fact, payload = row_facts(row, spec)
+        found = row_identifiers(row)
+        fact, payload = row_facts(row, spec, found)
         facts.append(fact)
         payloads.append(payload)
-        identifiers.append(row_identifiers(row))
+        identifiers.append(found)
     frame = pd.DataFrame(facts, columns=list(SCHEMAS[spec.name].columns))
     frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype(
         "datetime64[us, UTC]")
