@@ -171,6 +171,18 @@ _TYPE_RULES: dict[str, Callable[[dict], list[str]]] = {
 _PROBLEM_SEPARATOR = "\n"
 
 
+def attribute_count(payload: dict) -> int:
+    """Attributes a PAYLOAD sets: each top-level key once, control keys (`_...`) not [A2.2]."""
+    return sum(1 for key in payload if not key.startswith("_"))
+
+
+def estimated_data_points(spec: DataTypeSpec, attributes: int) -> int:
+    """Braze data points a valid row costs: one per attribute, one per event or purchase [A4.5]."""
+    if spec.name == "attributes":
+        return attributes
+    return 1 if spec.name in ("events", "purchases") else 0
+
+
 def row_facts(row: dict[str, Any], spec: DataTypeSpec, identifiers: dict[str, Any]
               ) -> tuple[dict[str, Any], dict | None]:
     """Everything the schema judges about one row (whose `row_identifiers` are given), and the
@@ -212,7 +224,7 @@ def row_facts(row: dict[str, Any], spec: DataTypeSpec, identifiers: dict[str, An
     if not isinstance(payload, dict):
         facts["payload_problem"] = f"PAYLOAD must be a JSON object: got {type(payload).__name__}"
         return facts, None
-    facts["attribute_count"] = sum(1 for k in payload if not k.startswith("_"))
+    facts["attribute_count"] = attribute_count(payload)
     forbidden = set(contract.PRIMARY_IDENTIFIERS)
     if spec.name != "attributes" or facts["identifier_kinds"] in ("EMAIL", "PHONE", "EMAIL+PHONE"):
         forbidden |= set(contract.SECONDARY_IDENTIFIERS)
@@ -320,12 +332,13 @@ class CheckedRows:
     failures: dict[int, list[str]]
     payloads: list[dict | None]
     identifiers: list[dict[str, Any]]
+    data_points: list[int]
 
 
 def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows:
     """Validate source rows (upper-case column names) with the data type's schema."""
     if not rows:
-        return CheckedRows({}, [], [])
+        return CheckedRows({}, [], [], [])
     facts, payloads, identifiers = [], [], []
     for row in rows:
         found = row_identifiers(row)
@@ -336,7 +349,8 @@ def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows
     frame = pd.DataFrame(facts, columns=list(SCHEMAS[spec.name].columns))
     frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype(
         "datetime64[us, UTC]")
-    return CheckedRows(validate_facts(frame, spec), payloads, identifiers)
+    points = [estimated_data_points(spec, fact["attribute_count"]) for fact in facts]
+    return CheckedRows(validate_facts(frame, spec), payloads, identifiers, points)
 
 
 # ----------------------------------------------------------------------------- API objects

@@ -101,12 +101,6 @@ def reason_key(reason: str) -> str:
     return reason.split(": ")[0]
 
 
-def _data_points(spec: DataTypeSpec, payload: dict | None) -> int:
-    if spec.name == "attributes":
-        return sum(1 for k in (payload or {}) if not k.startswith("_"))
-    return 1 if spec.name in ("events", "purchases") else 0
-
-
 class DeltaWriter:
     """Validates batches and appends them to the valid/rejected Parquet files."""
 
@@ -146,7 +140,7 @@ class DeltaWriter:
                                self.update_existing_only)
             for values, value in zip(valid.values(), (
                 hashes[i], row["UPDATED_AT"], shown, orjson.dumps(obj),
-                _data_points(self.spec, payloads[i]),
+                checked.data_points[i],
             )):
                 values.append(value)
         self._valid.write_table(pa.table(valid, schema=VALID_SCHEMA))
