@@ -151,7 +151,7 @@ class Bench:
             self.case(None, "validation + payload alone", {
                 "case": "validation_only", "db": self.db, "table": table, "data_type": data_type,
                 "rows": limit}, data_type=data_type,
-                note="validate_rows (pandera) + build_object + orjson, rows in memory")
+                note="validate_batch (pandera) + build_objects (orjson), Arrow batches in memory")
 
     def run(self) -> None:
         args = self.args

@@ -46,7 +46,7 @@ def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) 
     for i, row in enumerate(sample):
         payload = checked.payloads[i]
         report.preview.append({
-            "identifier": mask_identifiers(checked.identifiers[i]),
+            "identifier": mask_identifiers(checked.identifiers(i)),
             "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
             "payload_keys": sorted(payload)[:20] if isinstance(payload, dict) else None,
             "valid": i not in checked.failures,

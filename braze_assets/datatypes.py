@@ -4,10 +4,12 @@ Per data type: the columns a source table must/may have, the Braze endpoint and 
 pandera schema every row must pass, and how a valid row becomes a Braze API object. Adding a data type
 (catalogs, say) is one more `DataTypeSpec`, not a new code path.
 
-Validation works in two steps. `row_facts` reads each row once (JSON parse, identifier resolution,
-sizes, the type's own field rules) into a flat frame of facts; the data type's pandera schema then
-judges those facts, so every rule is declared in one place and each failing rule becomes one specific,
-human reason on that row (`validate_facts`).
+Validation works on a batch of rows in two steps. `validate_batch` works out each row's facts:
+identifier kinds and sizes column-wise, and the PAYLOAD parsed once per row (JSON, sizes, the type's
+own field rules). The data type's pandera schema then judges the facts of the whole batch, so every
+rule is declared in one place and each failing rule becomes one specific, human reason on that row
+(`validate_facts`). Facts are numbers (codes and counts) so pandera judges them at numpy speed; the
+sentences behind a non-zero `*_problem` fact are kept beside the frame.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import orjson
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
+import pyarrow.compute as pc
 
 from braze_assets.braze import contract
 
@@ -73,7 +78,18 @@ DATA_TYPES: dict[str, DataTypeSpec] = {
 }
 
 
-# ----------------------------------------------------------------------------- row facts
+# ----------------------------------------------------------------------------- row batches
+#: Bit of each identifier kind in a row's kind code (the schema judges codes, reasons name kinds).
+KIND_BITS = {kind: 1 << n for n, kind in enumerate(IDENTIFIER_KINDS)}
+_SECONDARY_ONLY = frozenset({KIND_BITS["EMAIL"], KIND_BITS["PHONE"],
+                             KIND_BITS["EMAIL"] | KIND_BITS["PHONE"]})
+
+
+def kinds_of(code: int) -> tuple[str, ...]:
+    """The identifier kinds in a kind code, in `IDENTIFIER_KINDS` order."""
+    return tuple(kind for kind in IDENTIFIER_KINDS if code & KIND_BITS[kind])
+
+
 def _text(value: Any) -> str | None:
     """An identifier value exactly as stored (Braze matches it exactly), None for NULL/blank."""
     if value is None or (isinstance(value, float) and value != value):
@@ -82,17 +98,86 @@ def _text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
+def _texts(values: list[Any]) -> list[str | None]:
+    """`_text` over a column; strings (the usual case) take the fast path."""
+    return [v if (type(v) is str and v and not v.isspace()) else None if type(v) is str
+            else _text(v) for v in values]
+
+
+def _json_text(value: Any) -> str | bytes | None:
+    """PAYLOAD as JSON text; warehouses with typed JSON/STRUCT payloads hand over objects."""
+    return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else value
+
+
+class RowBatch:
+    """A batch of CDI rows as columns: identifier values as text (exactly as stored; None when NULL
+    or blank), PAYLOAD as JSON text, UPDATED_AT as an Arrow timestamp[us, UTC] array."""
+
+    def __init__(self, updated_at: pyarrow.Array, identifiers: dict[str, list[str | None]],
+                 payload: list[Any] | None):
+        self.updated_at, self.columns, self.payload = updated_at, identifiers, payload
+        self.num_rows = len(updated_at)
+        codes = np.zeros(self.num_rows, dtype=np.int64)
+        for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
+            if kind in identifiers:
+                codes |= KIND_BITS[kind] * self._present(kind)
+        self.alias_problem = np.zeros(self.num_rows, dtype=np.int64)
+        if "ALIAS_NAME" in identifiers or "ALIAS_LABEL" in identifiers:
+            name, label = self._present("ALIAS_NAME"), self._present("ALIAS_LABEL")
+            codes |= KIND_BITS["ALIAS"] * (name | label)
+            self.alias_problem = np.where(name & ~label, 1, np.where(label & ~name, 2, 0))
+        self.codes = codes
+
+    def _present(self, column: str) -> np.ndarray:
+        values = self.columns.get(column)
+        if values is None:
+            return np.zeros(self.num_rows, dtype=bool)
+        return np.fromiter((v is not None for v in values), dtype=bool, count=self.num_rows)
+
+    @classmethod
+    def from_arrow(cls, table: pyarrow.Table | pyarrow.RecordBatch) -> RowBatch:
+        """Columns as a source scan streams them (upper-case names)."""
+        names = table.schema.names
+        identifiers = {c: _texts(table.column(c).to_pylist()) for c in IDENTIFIER_COLUMNS
+                       if c in names}
+        payload = None
+        if "PAYLOAD" in names:
+            column = table.column("PAYLOAD")
+            payload = column.to_pylist()
+            if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)
+                    or pyarrow.types.is_binary(column.type)):
+                payload = [_json_text(v) for v in payload]
+        updated_at = table.column("UPDATED_AT")
+        if isinstance(updated_at, pyarrow.ChunkedArray):
+            updated_at = updated_at.combine_chunks()
+        return cls(updated_at.cast(pyarrow.timestamp("us", tz="UTC")), identifiers, payload)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> RowBatch:
+        """Rows as dicts (upper-case column names); a naive UPDATED_AT is taken as UTC."""
+        present = {c for row in rows for c in row}
+        identifiers = {c: _texts([row.get(c) for row in rows]) for c in IDENTIFIER_COLUMNS
+                       if c in present}
+        payload = [_json_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present \
+            else None
+        stamps = [row.get("UPDATED_AT") for row in rows]
+        return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload)
+
+    def identifiers(self, i: int) -> dict[str, Any]:
+        """The identifier kinds of row `i`: kind -> value (alias -> (name, label))."""
+        found: dict[str, Any] = {}
+        for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
+            if kind in self.columns and self.columns[kind][i] is not None:
+                found[kind] = self.columns[kind][i]
+        if self.codes[i] & KIND_BITS["ALIAS"]:
+            found["ALIAS"] = tuple(self.columns[c][i] if c in self.columns else None
+                                   for c in ("ALIAS_NAME", "ALIAS_LABEL"))
+        return found
+
+
 def row_identifiers(row: dict[str, Any]) -> dict[str, Any]:
-    """The identifier kinds present in a row: kind -> value (alias -> (name, label))."""
-    found: dict[str, Any] = {}
-    for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
-        value = _text(row.get(kind))
-        if value is not None:
-            found[kind] = value
-    name, label = _text(row.get("ALIAS_NAME")), _text(row.get("ALIAS_LABEL"))
-    if name is not None or label is not None:
-        found["ALIAS"] = (name, label)
-    return found
+    """The identifier kinds present in one row: kind -> value (alias -> (name, label))."""
+    return RowBatch.from_rows([row]).identifiers(0)
 
 
 def parse_braze_time(value: Any) -> dt.datetime | None:
@@ -114,8 +199,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _event_problems(payload: dict) -> list[str]:
-    problems = []
     name = payload.get("name")
+    if type(name) is str and name and not name.isspace() and "time" not in payload:
+        return _properties_problems(payload, "event")  # the usual event
+    problems = []
     if not isinstance(name, str) or not name.strip():
         problems.append("event PAYLOAD has no 'name' (a non-empty string)")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
@@ -129,6 +216,9 @@ def _properties_problems(payload: dict, what: str) -> list[str]:
         return []
     if not isinstance(properties, dict):
         return [f"{what} 'properties' must be a JSON object"]
+    if "time" not in properties and "event_name" not in properties and all(
+            key and len(key) <= contract.MAX_NAME_CHARS and key[0] != "$" for key in properties):
+        return []
     problems = []
     for key in properties:
         if not key or len(key) > contract.MAX_NAME_CHARS or key.startswith("$"):
@@ -140,6 +230,15 @@ def _properties_problems(payload: dict, what: str) -> list[str]:
 
 
 def _purchase_problems(payload: dict) -> list[str]:
+    product_id, currency, price = payload.get("product_id"), payload.get("currency"), \
+        payload.get("price")
+    quantity = payload.get("quantity", 1)
+    if (type(product_id) is str and 0 < len(product_id) <= contract.MAX_NAME_CHARS
+            and currency in contract.ISO_4217_CURRENCIES and type(price) in (int, float)
+            and type(quantity) is int
+            and contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
+            and "time" not in payload):
+        return _properties_problems(payload, "purchase")  # the usual purchase
     missing = [k for k in ("product_id", "currency", "price") if payload.get(k) in (None, "")]
     problems = [f"purchase PAYLOAD is missing required keys: {', '.join(missing)}"] if missing else []
     product_id, currency = payload.get("product_id"), payload.get("currency")
@@ -171,108 +270,106 @@ _TYPE_RULES: dict[str, Callable[[dict], list[str]]] = {
 _PROBLEM_SEPARATOR = "\n"
 
 
-def attribute_count(payload: dict) -> int:
-    """Attributes a PAYLOAD sets: each top-level key once, control keys (`_...`) not [A2.2]."""
-    return sum(1 for key in payload if not key.startswith("_"))
+def attribute_count(payload: dict, raw: str | bytes | None = None) -> int:
+    """Attributes a PAYLOAD sets: each top-level key once, control keys (`_...`) not [A2.2].
+    `raw`, the PAYLOAD's JSON text, lets the usual payload skip the key scan: with neither `"_`
+    nor an escape (`\\u005f`) anywhere in it, no key starts with `_`."""
+    if type(raw) is str and '"_' not in raw and "\\" not in raw:
+        return len(payload)
+    return len(payload) - len([key for key in payload if key[:1] == "_"])
 
 
-def estimated_data_points(spec: DataTypeSpec, attributes: int) -> int:
-    """Braze data points a valid row costs: one per attribute, one per event or purchase [A4.5]."""
-    if spec.name == "attributes":
-        return attributes
-    return 1 if spec.name in ("events", "purchases") else 0
-
-
-def row_facts(row: dict[str, Any], spec: DataTypeSpec, identifiers: dict[str, Any]
-              ) -> tuple[dict[str, Any], dict | None]:
-    """Everything the schema judges about one row (whose `row_identifiers` are given), and the
-    parsed PAYLOAD (None if unusable)."""
-    alias = identifiers.get("ALIAS")
-    facts: dict[str, Any] = {
-        "updated_at": row.get("UPDATED_AT"),
-        "identifier_kinds": "+".join(k for k in IDENTIFIER_KINDS if k in identifiers),
-        "alias_problem": (
-            "ALIAS_NAME is set but ALIAS_LABEL is empty (a user alias needs both)"
-            if alias and alias[1] is None
-            else "ALIAS_LABEL is set but ALIAS_NAME is empty (a user alias needs both)"
-            if alias and alias[0] is None
-            else ""
-        ),
-        "external_id_bytes": len(identifiers.get("EXTERNAL_ID", "").encode()),
-        "payload_problem": "",
-        "payload_bytes": 0,
-        "attribute_count": 0,
-        "payload_identifier_keys": "",
-        "type_problem": "",
-    }
-    if not spec.has_payload:
-        return facts, None
-    raw = row.get("PAYLOAD")
-    if isinstance(raw, (dict, list)):  # warehouses with typed JSON/STRUCT payloads
-        raw = orjson.dumps(raw).decode()
-    if raw is None:
-        facts["payload_problem"] = "PAYLOAD is null"
-        return facts, None
-    facts["payload_bytes"] = len(raw.encode()) if isinstance(raw, str) else len(raw)
-    if facts["payload_bytes"] > contract.PAYLOAD_MAX_BYTES:
-        return facts, None  # reported by the size rule; not worth parsing
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        facts["payload_problem"] = f"PAYLOAD is not valid JSON: {str(exc).split(':')[0]}"
-        return facts, None
-    if not isinstance(payload, dict):
-        facts["payload_problem"] = f"PAYLOAD must be a JSON object: got {type(payload).__name__}"
-        return facts, None
-    facts["attribute_count"] = attribute_count(payload)
-    forbidden = set(contract.PRIMARY_IDENTIFIERS)
-    if spec.name != "attributes" or facts["identifier_kinds"] in ("EMAIL", "PHONE", "EMAIL+PHONE"):
-        forbidden |= set(contract.SECONDARY_IDENTIFIERS)
-    facts["payload_identifier_keys"] = ", ".join(sorted(forbidden & payload.keys()))
-    if spec.allowed_payload_keys is not None:
-        unknown = sorted(payload.keys() - spec.allowed_payload_keys - forbidden)
-        if unknown:
-            facts["type_problem"] = (
-                f"{spec.name[:-1]} PAYLOAD has keys Braze does not take: {', '.join(unknown)[:80]} "
-                f"(allowed: {', '.join(sorted(spec.allowed_payload_keys))})"
-            )
-    if not facts["type_problem"] and spec.name in _TYPE_RULES:
-        facts["type_problem"] = _PROBLEM_SEPARATOR.join(_TYPE_RULES[spec.name](payload))
-    return facts, payload
+def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndarray],
+                   notes: dict[str, dict[int, str]]) -> list[dict | None]:
+    """Parse each PAYLOAD once; fill the payload facts (and the sentences behind non-zero ones).
+    Returns the parsed payloads (None where unusable)."""
+    payloads: list[dict | None] = [None] * batch.num_rows
+    sizes, problem = facts["payload_bytes"], facts["payload_problem"]
+    attributes, identifier_keys = facts["attribute_count"], facts["payload_identifier_keys"]
+    type_problem = facts["type_problem"]
+    primary = frozenset(contract.PRIMARY_IDENTIFIERS)
+    every = primary | frozenset(contract.SECONDARY_IDENTIFIERS)
+    strict = spec.name != "attributes"
+    counted = not strict  # attributes cost a data point each; an event or a purchase costs one
+    allowed, rules = spec.allowed_payload_keys, _TYPE_RULES.get(spec.name)
+    codes = batch.codes.tolist()
+    loads, decode_error, max_bytes = orjson.loads, orjson.JSONDecodeError, contract.PAYLOAD_MAX_BYTES
+    for i, raw in enumerate(batch.payload):
+        if raw is None:
+            problem[i] = 1
+            notes["payload_problem"][i] = "PAYLOAD is null"
+            continue
+        size = len(raw) if type(raw) is bytes or raw.isascii() else len(raw.encode())
+        sizes[i] = size
+        if size > max_bytes:
+            continue  # reported by the size rule; not worth parsing
+        try:
+            payload = loads(raw)
+        except decode_error as exc:
+            problem[i] = 1
+            notes["payload_problem"][i] = f"PAYLOAD is not valid JSON: {str(exc).split(':')[0]}"
+            continue
+        if type(payload) is not dict:
+            problem[i] = 1
+            notes["payload_problem"][i] = (f"PAYLOAD must be a JSON object: got "
+                                           f"{type(payload).__name__}")
+            continue
+        payloads[i] = payload
+        if counted:
+            attributes[i] = attribute_count(payload, raw)
+        forbidden = every if strict or codes[i] in _SECONDARY_ONLY else primary
+        if not forbidden.isdisjoint(payload):
+            found = sorted(forbidden.intersection(payload))
+            identifier_keys[i] = len(found)
+            notes["payload_identifier_keys"][i] = ", ".join(found)
+        problems: list[str] = []
+        if allowed is not None and not payload.keys() <= allowed:
+            unknown = sorted(payload.keys() - allowed - forbidden)
+            if unknown:
+                problems = [f"{spec.name[:-1]} PAYLOAD has keys Braze does not take: "
+                            f"{', '.join(unknown)[:80]} (allowed: {', '.join(sorted(allowed))})"]
+        if not problems and rules is not None:
+            problems = rules(payload)
+        if problems:
+            type_problem[i] = len(problems)
+            notes["type_problem"][i] = _PROBLEM_SEPARATOR.join(problems)
+    return payloads
 
 
 # ----------------------------------------------------------------------------- pandera schemas
-def _empty(series: pd.Series) -> pd.Series:
-    return series == ""
+#: The facts the schema judges, one rule each: counts and codes, 0 meaning "fine" for the
+#: `*_problem`/`*_keys` columns, whose sentences are kept beside the frame.
+_INT_FACTS = ("identifier_kinds", "alias_problem", "external_id_bytes", "payload_problem",
+              "payload_bytes", "attribute_count", "payload_identifier_keys", "type_problem")
+
+
+def allowed_kind_codes(spec: DataTypeSpec) -> list[int]:
+    """Kind codes a row of this data type may have: exactly one kind, or email with phone."""
+    codes = [KIND_BITS[kind] for kind in spec.identifier_kinds]
+    if {"EMAIL", "PHONE"} <= set(spec.identifier_kinds):
+        codes.append(KIND_BITS["EMAIL"] | KIND_BITS["PHONE"])  # CDI: email wins [A2.1][B1.3]
+    return codes
 
 
 def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
-    """The pandera schema over `row_facts` columns; each column carries exactly one rule."""
-    allowed = set(spec.identifier_kinds)
-    if {"EMAIL", "PHONE"} <= allowed:
-        allowed.add("EMAIL+PHONE")  # CDI: with both, email is the identifier [A2.1][B1.3]
+    """The pandera schema over the facts of a batch; each column carries exactly one rule."""
     columns = {
         "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),
-        "identifier_kinds": pa.Column(
-            str,
-            pa.Check(
-                lambda s: s.map(lambda v: v in allowed),
-                name="one_identifier",
-            ),
-        ),
-        "alias_problem": pa.Column(str, pa.Check(_empty, name="alias_pair")),
+        "identifier_kinds": pa.Column(int, pa.Check.isin(allowed_kind_codes(spec),
+                                                         name="one_identifier")),
+        "alias_problem": pa.Column(int, pa.Check.eq(0, name="alias_pair")),
         "external_id_bytes": pa.Column(
             int, pa.Check.le(contract.EXTERNAL_ID_MAX_BYTES, name="external_id_size")
         ),
     }
     if spec.has_payload:
         columns.update(
-            payload_problem=pa.Column(str, pa.Check(_empty, name="payload_json")),
+            payload_problem=pa.Column(int, pa.Check.eq(0, name="payload_json")),
             payload_bytes=pa.Column(
                 int, pa.Check.le(contract.PAYLOAD_MAX_BYTES, name="payload_size")
             ),
-            payload_identifier_keys=pa.Column(str, pa.Check(_empty, name="payload_identifiers")),
-            type_problem=pa.Column(str, pa.Check(_empty, name=f"{spec.name}_fields")),
+            payload_identifier_keys=pa.Column(int, pa.Check.eq(0, name="payload_identifiers")),
+            type_problem=pa.Column(int, pa.Check.eq(0, name=f"{spec.name}_fields")),
         )
     if spec.name == "attributes":
         columns["attribute_count"] = pa.Column(
@@ -284,19 +381,27 @@ def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
 SCHEMAS: dict[str, pa.DataFrameSchema] = {name: _schema_for(s) for name, s in DATA_TYPES.items()}
 
 
-def _reason(column: str, value: Any, spec: DataTypeSpec) -> str:
+def _reason(column: str, value: Any, spec: DataTypeSpec, note: str | None) -> str:
+    if note is not None:
+        if column == "payload_identifier_keys":
+            return ("PAYLOAD contains identifier keys (identifiers belong in their own columns): "
+                    f"{note}")
+        return note  # the *_problem sentences
     if column == "updated_at":
         return "UPDATED_AT is null"
     if column == "identifier_kinds":
-        if not value:
-            kinds = ", ".join("ALIAS_NAME+ALIAS_LABEL" if k == "ALIAS" else k
+        kinds = kinds_of(int(value))
+        if not kinds:
+            shown = ", ".join("ALIAS_NAME+ALIAS_LABEL" if k == "ALIAS" else k
                               for k in spec.identifier_kinds)
-            return f"row has no identifier (set exactly one of {kinds})"
-        kinds = value.split("+")
+            return f"row has no identifier (set exactly one of {shown})"
         if len(kinds) > 1:
             return f"row has several identifier types (CDI rows carry exactly one): {', '.join(kinds)}"
         return (f"{spec.name} rows cannot use EMAIL or PHONE (Braze deletes by EXTERNAL_ID, "
-                f"alias or BRAZE_ID only): {value}")
+                f"alias or BRAZE_ID only): {kinds[0]}")
+    if column == "alias_problem":
+        return ("ALIAS_NAME is set but ALIAS_LABEL is empty (a user alias needs both)" if value == 1
+                else "ALIAS_LABEL is set but ALIAS_NAME is empty (a user alias needs both)")
     if column == "external_id_bytes":
         return (f"EXTERNAL_ID is longer than {contract.EXTERNAL_ID_MAX_BYTES} bytes "
                 f"(EXTERNAL_USER_ID_TOO_LARGE): {value} bytes")
@@ -304,13 +409,14 @@ def _reason(column: str, value: Any, spec: DataTypeSpec) -> str:
         return f"Payload was greater than 1MB: {value} bytes"
     if column == "attribute_count":
         return f"PAYLOAD has more than {contract.MAX_ATTRIBUTES_PER_ROW} attributes: {value}"
-    if column == "payload_identifier_keys":
-        return f"PAYLOAD contains identifier keys (identifiers belong in their own columns): {value}"
-    return str(value)  # the *_problem columns already hold the sentence
+    return f"{column}: {value}"
 
 
-def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec) -> dict[int, list[str]]:
-    """Run the data type's pandera schema lazily; return {row position: [reasons]} for failing rows."""
+def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec,
+                   notes: dict[str, dict[int, str]] | None = None) -> dict[int, list[str]]:
+    """Run the data type's pandera schema lazily; return {row position: [reasons]} for failing
+    rows. `notes` holds the sentences behind the non-zero `*_problem`/`*_keys` facts."""
+    notes = notes or {}
     try:
         SCHEMAS[spec.name].validate(facts, lazy=True)
     except pa.errors.SchemaErrors as err:
@@ -319,38 +425,57 @@ def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec) -> dict[int, list[st
         for column, index, value in zip(cases["column"], cases["index"], cases["failure_case"]):
             if index is None or (isinstance(index, float) and index != index):
                 raise  # a frame-level failure (wrong dtype): a bug, not bad input
+            note = notes.get(column, {}).get(int(index))
             reasons.setdefault(int(index), []).extend(
-                _reason(column, value, spec).split(_PROBLEM_SEPARATOR))
-        return reasons
+                _reason(column, value, spec, note).split(_PROBLEM_SEPARATOR))
+        return {i: reasons[i] for i in sorted(reasons)}
     return {}
 
 
 @dataclass
 class CheckedRows:
-    """A batch of rows after validation: reasons by row position, parsed payloads, identifiers."""
+    """A batch after validation: reasons by row position, parsed payloads, the data points each
+    valid row costs, and the batch itself (identifiers by row: `batch.identifiers(i)`)."""
 
+    batch: RowBatch
     failures: dict[int, list[str]]
     payloads: list[dict | None]
-    identifiers: list[dict[str, Any]]
-    data_points: list[int]
+    data_points: np.ndarray
+
+    def identifiers(self, i: int) -> dict[str, Any]:
+        return self.batch.identifiers(i)
+
+
+def validate_batch(batch: RowBatch, spec: DataTypeSpec) -> CheckedRows:
+    """Validate a batch with the data type's schema: identifier facts are worked out column-wise,
+    each PAYLOAD is parsed once, and pandera judges the facts of the whole batch at once."""
+    n = batch.num_rows
+    facts = {name: np.zeros(n, dtype=np.int64) for name in _INT_FACTS}
+    facts["identifier_kinds"] = batch.codes
+    facts["alias_problem"] = batch.alias_problem
+    external = batch.columns.get("EXTERNAL_ID")
+    if external is not None:
+        facts["external_id_bytes"] = np.fromiter(
+            (0 if v is None else len(v) if v.isascii() else len(v.encode()) for v in external),
+            dtype=np.int64, count=n)
+    notes: dict[str, dict[int, str]] = {"payload_problem": {}, "payload_identifier_keys": {},
+                                        "type_problem": {}}
+    payloads: list[dict | None] = [None] * n
+    if spec.has_payload:
+        payloads = _payload_facts(batch, spec, facts, notes)
+    frame = pd.DataFrame({"updated_at": batch.updated_at.to_pandas().astype("datetime64[us, UTC]"),
+                          **facts}, copy=False)
+    failures = validate_facts(frame, spec, notes) if n else {}
+    if spec.name == "attributes":
+        points = facts["attribute_count"]
+    else:
+        points = np.full(n, 1 if spec.name in ("events", "purchases") else 0, dtype=np.int64)
+    return CheckedRows(batch, failures, payloads, points)
 
 
 def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows:
-    """Validate source rows (upper-case column names) with the data type's schema."""
-    if not rows:
-        return CheckedRows({}, [], [], [])
-    facts, payloads, identifiers = [], [], []
-    for row in rows:
-        found = row_identifiers(row)
-        fact, payload = row_facts(row, spec, found)
-        facts.append(fact)
-        payloads.append(payload)
-        identifiers.append(found)
-    frame = pd.DataFrame(facts, columns=list(SCHEMAS[spec.name].columns))
-    frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype(
-        "datetime64[us, UTC]")
-    points = [estimated_data_points(spec, fact["attribute_count"]) for fact in facts]
-    return CheckedRows(validate_facts(frame, spec), payloads, identifiers, points)
+    """Validate source rows given as dicts (upper-case column names), e.g. a preview sample."""
+    return validate_batch(RowBatch.from_rows(rows), spec)
 
 
 # ----------------------------------------------------------------------------- API objects
@@ -370,22 +495,44 @@ def braze_time(ts: pd.Timestamp | dt.datetime) -> str:
     return ts.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def build_object(
-    spec: DataTypeSpec, identifiers: dict[str, Any], payload: dict | None, updated_at: Any,
-    update_existing_only: bool,
-) -> Any:
-    """A valid row as the object Braze receives: a track object, or (key, id) for deletions."""
+def braze_times(stamps: pyarrow.Array) -> list[str | None]:
+    """`braze_time` over a timestamp[us, UTC] array, column-wise (milliseconds, truncated)."""
+    text = stamps.cast(pyarrow.timestamp("ms"), safe=False).cast(pyarrow.string())
+    text = pc.replace_substring(text, " ", "T", max_replacements=1)  # "YYYY-MM-DD HH:MM:SS.mmm"
+    return pc.binary_join_element_wise(text, "Z", "").to_pylist()
+
+
+def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int],
+                  update_existing_only: bool) -> list[bytes]:
+    """The valid rows at `positions` as the JSON objects Braze receives: track objects, or
+    `[key, id]` pairs for deletions (grouped into requests by delivery)."""
+    batch, payloads = checked.batch, checked.payloads
+    dumps, objects = orjson.dumps, []
     if spec.name == "deletions":
-        kind, value = next(iter(identifiers.items()))
-        if kind == "ALIAS":
-            return ["user_aliases", {"alias_name": value[0], "alias_label": value[1]}]
-        return [f"{kind.lower()}s", value]
-    obj = {**identifier_fields(identifiers), **payload}
-    if spec.name == "attributes":
-        # An alias-only user is created only with an explicit false [ATTR]; CDI's toggle decides.
-        obj.setdefault("_update_existing_only", update_existing_only)
-    else:
-        obj.setdefault("time", braze_time(updated_at))  # CDI: no `time` -> UPDATED_AT [A2.2]
-        if update_existing_only:
-            obj.setdefault("_update_existing_only", True)
-    return obj
+        for i in positions:
+            kind, value = next(iter(batch.identifiers(i).items()))
+            if kind == "ALIAS":
+                objects.append(dumps(["user_aliases", {"alias_name": value[0],
+                                                       "alias_label": value[1]}]))
+            else:
+                objects.append(dumps([f"{kind.lower()}s", value]))
+        return objects
+    single = {KIND_BITS[k]: (k.lower(), batch.columns[k]) for k in
+              ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE") if k in batch.columns}
+    codes = batch.codes.tolist()
+    times = braze_times(batch.updated_at) if spec.name != "attributes" else None
+    for i in positions:
+        plain = single.get(codes[i])
+        if plain is not None:  # one identifier column: the usual row
+            obj = {plain[0]: plain[1][i], **payloads[i]}
+        else:
+            obj = {**identifier_fields(batch.identifiers(i)), **payloads[i]}
+        if times is None:
+            # An alias-only user is created only with an explicit false [ATTR]; CDI's toggle decides.
+            obj.setdefault("_update_existing_only", update_existing_only)
+        else:
+            obj.setdefault("time", times[i])  # CDI: no `time` -> UPDATED_AT [A2.2]
+            if update_existing_only:
+                obj.setdefault("_update_existing_only", True)
+        objects.append(dumps(obj))
+    return objects

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.braze import contract
@@ -161,17 +162,26 @@ class Delivery:
             self.outcome.earliest_unsettled = self._earliest_unsettled.isoformat()
         return self.outcome
 
+    def _since(self) -> dt.datetime | None:
+        computed = self.manifest.computed_at
+        return dt.datetime.fromisoformat(computed) if computed else None
+
     def _record_invalid(self, con) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
         rejected = pq.read_table(self.manifest.rejected_path)
         if rejected.num_rows:
-            rows = pa.table({
+            known = self.store.known_hashes(con, rejected["row_hash"].to_pylist(),
+                                            since=self._since())
+            if known:  # recorded by another run since this delta was computed
+                rejected = rejected.filter(pc.invert(pc.is_in(
+                    rejected["row_hash"], pa.array(list(known), pa.string()))))
+            self.store.append(con, pa.table({
                 "row_hash": rejected["row_hash"], "updated_at": rejected["updated_at"],
-                "status": pa.array(["invalid"] * rejected.num_rows),
+                "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
+                "batch_id": pa.nulls(rejected.num_rows, pa.string()),
                 "identifier": rejected["identifier"], "message": rejected["reasons"],
-                "run_id": pa.array([self.run_id] * rejected.num_rows),
-            })
-            self.store.upsert(con, rows)
+                "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
+            }))
         self.outcome.invalid_recorded = rejected.num_rows
 
     async def _send_all(self, con) -> None:
@@ -200,21 +210,23 @@ class Delivery:
 
     async def _send_chunk(self, con, journal, chunk: pa.Table, prefix: str) -> None:
         hashes = chunk["row_hash"].to_pylist()
-        known = self.store.known_hashes(con, hashes)
+        known = self.store.known_hashes(con, hashes, since=self._since())
         if known:  # settled by another run after this delta was computed: never send twice
             self.outcome.settled_since_delta += len(known)
             chunk = chunk.filter(pa.array([h not in known for h in hashes]))
             hashes = chunk["row_hash"].to_pylist()
         if not chunk.num_rows:
             return
-        self.outcome.estimated_data_points += sum(chunk["data_points"].to_pylist())
+        self.outcome.estimated_data_points += int(pc.sum(chunk["data_points"]).as_py() or 0)
         requests = plan_requests(self.spec, chunk["object"].to_pylist(), prefix)
         batch_of = [""] * chunk.num_rows
         for request in requests:
             for i in request.rows:
                 batch_of[i] = request.batch_id
-        self.store.upsert(con, self._ledger_rows(chunk, ["planned"] * chunk.num_rows,
-                                                 batch_of, [None] * chunk.num_rows))
+        self.store.plan(con, pa.table({
+            "row_hash": chunk["row_hash"], "updated_at": chunk["updated_at"],
+            "batch_id": pa.array(batch_of, pa.string()), "identifier": chunk["identifier"],
+            "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string())}))
         semaphore = asyncio.Semaphore(self.max_in_flight)
         status: list[str | None] = [None] * chunk.num_rows
         messages: list[str | None] = [None] * chunk.num_rows
@@ -237,14 +249,13 @@ class Delivery:
             if state == "failed" and len(self.outcome.failed_examples) < EXAMPLES_KEPT:
                 self.outcome.failed_examples.append(
                     {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]})
-        forget = [h for h, s in zip(hashes, status) if s is None]
         settled = [i for i, s in enumerate(status) if s is not None]
-        self.store.upsert(con, self._ledger_rows(chunk.take(pa.array(settled, pa.int64())),
+        self.store.append(con, self._ledger_rows(chunk.take(pa.array(settled, pa.int64())),
                                                  [status[i] for i in settled],
                                                  [batch_of[i] for i in settled],
                                                  [messages[i] for i in settled]))
-        self.store.forget(con, forget)
-        if forget:
+        self.store.clear_planned(con)  # rows without an outcome are sent again by a later run
+        if len(settled) < chunk.num_rows:
             updated = chunk["updated_at"].to_pylist()
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)
             if self._earliest_unsettled is None or earliest < self._earliest_unsettled:

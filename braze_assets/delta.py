@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.datatypes import (
-    IDENTIFIER_COLUMNS, DataTypeSpec, build_object, row_identifiers, validate_rows,
+    IDENTIFIER_COLUMNS, DataTypeSpec, RowBatch, build_objects, row_identifiers, validate_batch,
 )
-from braze_assets.masking import mask_identifiers
+from braze_assets.masking import mask_identifier_columns, mask_identifiers
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 
@@ -78,6 +79,8 @@ class DeltaManifest:
     parts_skipped: int = 0
     max_updated_at: str | None = None
     estimated_data_points: int = 0
+    #: when the scan began: rows settled from then on by another run are checked again at delivery
+    computed_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +99,43 @@ def row_hash(row: dict[str, Any], columns: list[str]) -> str:
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
 
+def _hash_text(column: str, values: pa.Array) -> pa.Array:
+    """`row_hash`'s `COLUMN=value` text for a whole column (string, integer and timestamp columns
+    column-wise; anything else through Python, exactly as `row_hash` formats it)."""
+    if column == "UPDATED_AT":
+        # "YYYY-MM-DD HH:MM:SS.ffffff" (UTC) -> isoformat(): "T", no zero micros, "+00:00"
+        text = values.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
+        text = pc.replace_substring(text, " ", "T", max_replacements=1)
+        text = pc.replace_substring_regex(text, r"\.000000$", "")
+        text = pc.binary_join_element_wise(text, "+00:00", "")
+    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        text = values
+    elif pa.types.is_integer(values.type):
+        text = values.cast(pa.string())
+    else:
+        text = pa.array([_python_text(v) for v in values.to_pylist()], pa.string())
+    return pc.binary_join_element_wise(f"{column}=", pc.fill_null(text, ""), "")
+
+
+def _python_text(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return None if value is None else str(value)
+
+
+def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[str]:
+    """`row_hash` of every row of a batch, the row text built column-wise."""
+    parts = []
+    for column in columns:
+        values = batch.column(column)
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        parts.append(_hash_text(column, values))
+    joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary()).to_pylist()
+    blake2b = hashlib.blake2b
+    return [blake2b(text, digest_size=16).hexdigest() for text in joined]
+
+
 def reason_key(reason: str) -> str:
     """Group reasons for counting: row-specific detail always follows the first ': '."""
     return reason.split(": ")[0]
@@ -111,43 +151,56 @@ class DeltaWriter:
         self._rejected = pq.ParquetWriter(manifest.rejected_path, REJECTED_SCHEMA)
         self._reasons: Counter[str] = Counter()
 
-    def add(self, rows: list[dict[str, Any]], hashes: list[str]) -> None:
-        checked = validate_rows(rows, self.spec)
-        failures, payloads, identifiers = checked.failures, checked.payloads, checked.identifiers
-        valid: dict[str, list] = {name: [] for name in VALID_SCHEMA.names}
+    def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
+        """Validate scanned rows not yet settled (`hashes`: their `row_hash`) and append them."""
+        batch = RowBatch.from_arrow(rows)
+        checked = validate_batch(batch, self.spec)
+        failures = checked.failures
+        valid = [i for i in range(batch.num_rows) if i not in failures]
+        if valid:
+            shown = mask_identifier_columns(batch.columns, batch.num_rows)
+            take = pa.array(valid, pa.int64())
+            objects = build_objects(checked, self.spec, valid, self.update_existing_only)
+            self._valid.write_table(pa.table({
+                "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
+                "updated_at": batch.updated_at.take(take),
+                "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                "object": pa.array(objects, pa.binary()),
+                "data_points": pa.array(checked.data_points[valid], pa.int32()),
+            }, schema=VALID_SCHEMA))
+            self.manifest.valid += len(valid)
+            self.manifest.estimated_data_points += int(checked.data_points[valid].sum())
+        if failures:
+            self._add_rejected(rows, checked, hashes)
+
+    def _add_rejected(self, rows: pa.RecordBatch | pa.Table, checked, hashes: list[str]) -> None:
+        failures = checked.failures
+        names = rows.schema.names
+        picked = pa.array(sorted(failures), pa.int64())
+        column = {name: rows.column(name).take(picked).to_pylist() if name in names else
+                  [None] * len(picked) for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")}
         rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
-        for i, row in enumerate(rows):
-            shown = mask_identifiers(identifiers[i])
-            if i in failures:
-                reasons = "; ".join(dict.fromkeys(failures[i]))
-                location = f"{row['_FILE']}:{row['_LINE']}" if row.get("_FILE") else ""
-                raw = row.get("PAYLOAD")
-                excerpt = raw if isinstance(raw, str) else orjson.dumps(raw).decode() if raw else ""
-                if location and not identifiers[i]:
-                    excerpt = ""  # an unparseable line may hold identifiers we cannot mask
-                for values, value in zip(rejected.values(), (
-                    hashes[i], row.get("UPDATED_AT"), shown, reasons, location, excerpt[:200],
-                )):
-                    values.append(value)
-                self._reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
-                if len(self.manifest.rejected_examples) < EXAMPLES_KEPT:
-                    example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
-                    if location:
-                        example["location"] = location
-                    self.manifest.rejected_examples.append(example)
-                continue
-            obj = build_object(self.spec, identifiers[i], payloads[i], row["UPDATED_AT"],
-                               self.update_existing_only)
-            for values, value in zip(valid.values(), (
-                hashes[i], row["UPDATED_AT"], shown, orjson.dumps(obj),
-                checked.data_points[i],
+        for n, i in enumerate(sorted(failures)):
+            identifiers = checked.identifiers(i)
+            shown = mask_identifiers(identifiers)
+            reasons = "; ".join(dict.fromkeys(failures[i]))
+            location = f"{column['_FILE'][n]}:{column['_LINE'][n]}" if column["_FILE"][n] else ""
+            raw = column["PAYLOAD"][n]
+            excerpt = raw if isinstance(raw, str) else orjson.dumps(raw).decode() if raw else ""
+            if location and not identifiers:
+                excerpt = ""  # an unparseable line may hold identifiers we cannot mask
+            for values, value in zip(rejected.values(), (
+                hashes[i], column["UPDATED_AT"][n], shown, reasons, location, excerpt[:200],
             )):
                 values.append(value)
-        self._valid.write_table(pa.table(valid, schema=VALID_SCHEMA))
+            self._reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
+            if len(self.manifest.rejected_examples) < EXAMPLES_KEPT:
+                example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
+                if location:
+                    example["location"] = location
+                self.manifest.rejected_examples.append(example)
         self._rejected.write_table(pa.table(rejected, schema=REJECTED_SCHEMA))
-        self.manifest.valid += len(valid["row_hash"])
         self.manifest.rejected += len(rejected["row_hash"])
-        self.manifest.estimated_data_points += sum(valid["data_points"])
 
     def close(self) -> None:
         self._valid.close()
@@ -176,24 +229,31 @@ def compute_delta(
     scan_end = min(window_end, now)
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
+    manifest.computed_at = dt.datetime.now(dt.timezone.utc).isoformat()
     writer = DeltaWriter(manifest, spec, update_existing_only)
     newest: dt.datetime | None = None
     try:
         with store.connect() as ledger:
             for batch in source.scan(window_start, scan_end, manifest.reaches_now, batch_rows,
                                      columns=columns):
-                rows = batch.to_pylist()
                 located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
-                hashes = [row_hash(row, hash_columns + located) for row in rows]
-                known = store.known_hashes(ledger, hashes)
-                manifest.rows_read += len(rows)
+                hashes = batch_hashes(batch, hash_columns + located)
+                stamps = batch.column("UPDATED_AT")
+                span = pc.min_max(stamps)
+                oldest, stamp = span["min"].as_py(), span["max"].as_py()
+                # With no NULL UPDATED_AT in the batch, only ledger rows in its span can match.
+                between = (oldest, stamp) if stamps.null_count == 0 and oldest else None
+                known = store.known_hashes(ledger, hashes, between=between)
+                manifest.rows_read += batch.num_rows
+                if stamp is not None and (newest is None or stamp > newest):
+                    newest = stamp
                 manifest.already_settled += len(known)
-                fresh = [(r, h) for r, h in zip(rows, hashes) if h not in known]
-                if fresh:
-                    writer.add([r for r, _ in fresh], [h for _, h in fresh])
-                stamps = [r["UPDATED_AT"] for r in rows if r["UPDATED_AT"] is not None]
-                if stamps:
-                    newest = max([newest, *stamps] if newest else stamps)
+                if known:
+                    keep = [h not in known for h in hashes]
+                    batch = batch.filter(pa.array(keep))
+                    hashes = [h for h, k in zip(hashes, keep) if k]
+                if batch.num_rows:
+                    writer.add(batch, hashes)
                 progress(f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
                          f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled")
     finally:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 _PHONE = re.compile(r"^\+?[\d\s().-]{7,}$")
 
 
@@ -30,3 +33,50 @@ def mask_identifiers(identifiers: dict) -> str:
         else:
             parts.append(f"{kind}={mask(value)}")
     return ", ".join(parts) or "(none)"
+
+
+#: `_PHONE` for ASCII text, in RE2 syntax (Python's `\s` also takes \x0b and \x1c-\x1f).
+_PHONE_ASCII = r"^\+?[0-9\t\n\x0b\x0c\r\x1c-\x1f ().-]{7,}$"
+
+
+def mask_column(values: pa.Array) -> pa.Array:
+    """`mask` over a string array, column-wise; text that is not ASCII or holds '@' goes through
+    `mask` itself. Nulls stay null."""
+    fallback = pc.or_(pc.invert(pc.string_is_ascii(values)), pc.match_substring(values, "@"))
+    general = pc.if_else(pc.greater(pc.utf8_length(values), 6),
+                         pc.binary_join_element_wise(pc.utf8_slice_codeunits(values, 0, 3), "***",
+                                                     ""), "***")
+    digits = pc.replace_substring_regex(values, r"[^0-9]", "")
+    phone = pc.binary_join_element_wise("***", pc.utf8_slice_codeunits(digits, -2, 1 << 30), "")
+    masked = pc.if_else(pc.match_substring_regex(values, _PHONE_ASCII), phone, general)
+    if pc.any(fallback).as_py():
+        python = masked.to_pylist()
+        for i, value in enumerate(values.to_pylist()):
+            if value is not None and (not value.isascii() or "@" in value):
+                python[i] = mask(value)
+        masked = pa.array(python, pa.string())
+    return masked
+
+
+def mask_identifier_columns(columns: dict[str, list[str | None]], num_rows: int) -> list[str]:
+    """`mask_identifiers` for every row of a batch of identifier columns (text, None when absent),
+    column-wise: kinds in the order rows report them, the alias as `ALIAS=name/label`."""
+    parts = []
+    for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
+        if kind in columns:
+            values = pa.array(columns[kind], pa.string())
+            parts.append(pc.binary_join_element_wise(f"{kind}=", mask_column(values), ""))
+    if "ALIAS_NAME" in columns or "ALIAS_LABEL" in columns:
+        empty = pa.nulls(num_rows, pa.string())
+        name = pa.array(columns["ALIAS_NAME"], pa.string()) if "ALIAS_NAME" in columns else empty
+        label = pa.array(columns["ALIAS_LABEL"], pa.string()) if "ALIAS_LABEL" in columns else empty
+        alias = pc.binary_join_element_wise(
+            "ALIAS=", pc.fill_null(mask_column(name), ""), "/", pc.fill_null(label, ""), "")
+        parts.append(pc.if_else(pc.or_(pc.is_valid(name), pc.is_valid(label)), alias, None))
+    if not parts:
+        return ["(none)"] * num_rows
+    if len(parts) == 1:  # (joining a single array with null_handling="skip" drops its nulls)
+        joined = pc.fill_null(parts[0], "")
+    else:
+        joined = pc.binary_join_element_wise(*parts, ", ", null_handling="skip")
+    return pc.if_else(pc.equal(joined, ""), "(none)", joined).to_pylist()

@@ -2,16 +2,18 @@
 
 Layout under the state directory (one set per sync, so syncs never contend):
 
-* ``<sync>.duckdb`` - the ledger: one row per CDI row this sync has settled, keyed by the row's
-  stable hash, with its status:
+* ``<sync>.duckdb`` - the ledger: one row per CDI row this sync has settled, with the row's stable
+  hash and its status:
     - ``accepted``  Braze acknowledged it; never sent again (re-runs, retries, backfills);
     - ``failed``    Braze refused it for good (its message kept);
     - ``invalid``   failed validation, never sent (its reasons kept);
-    - ``held``      outcome unknown (see DESIGN §3), parked until a person releases it;
-    - ``planned``   about to be sent by the run holding the sync lock.
-* ``<sync>.journal`` - an append-only line per request just before it goes on the wire. After a
-  crash, a ``planned`` batch found in the journal may have reached Braze (ambiguous); one not in it
-  never left the machine.
+    - ``held``      outcome unknown (see DESIGN §3), parked until a person releases it.
+  The ledger is append-only (no index to maintain: appends stay fast and memory flat however large
+  it grows); only the run holding the delivery lock appends, and only rows it found unsettled.
+  Beside it, ``planned`` holds the rows of the chunk being sent right now, with their request ids.
+* ``<sync>.journal`` - an append-only line per request just before it goes on the wire, and one
+  with its known outcome after. After a crash, a planned request found in the journal without an
+  outcome may have reached Braze (ambiguous); one not in it never left the machine.
 * ``<sync>.lock`` - an flock held by the run delivering, so recovery never races a live sender.
 * ``<sync>.watermark.json`` - watermark and late-row accounting, replaced atomically.
 """
@@ -35,7 +37,7 @@ TERMINAL = ("accepted", "failed", "invalid", "held")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
-    row_hash   VARCHAR PRIMARY KEY,
+    row_hash   VARCHAR NOT NULL,
     updated_at TIMESTAMPTZ,
     status     VARCHAR NOT NULL,
     batch_id   VARCHAR,
@@ -44,7 +46,32 @@ CREATE TABLE IF NOT EXISTS ledger (
     run_id     VARCHAR,
     changed_at TIMESTAMPTZ NOT NULL
 );
+CREATE TABLE IF NOT EXISTS planned (
+    row_hash   VARCHAR NOT NULL,
+    updated_at TIMESTAMPTZ,
+    batch_id   VARCHAR NOT NULL,
+    identifier VARCHAR,
+    run_id     VARCHAR
+);
 """
+#: DuckDB's buffer pool for a ledger connection: scans stream, so this bounds memory, not size.
+LEDGER_MEMORY_LIMIT = "256MB"
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Ledgers written before the append-only layout kept a PRIMARY KEY and `planned` rows inline."""
+    keyed = con.execute(
+        "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
+        "AND constraint_type = 'PRIMARY KEY'").fetchall()[0][0]
+    if not keyed:
+        return
+    con.execute("BEGIN TRANSACTION")
+    con.execute("INSERT INTO planned SELECT row_hash, updated_at, batch_id, identifier, run_id "
+                "FROM ledger WHERE status = 'planned'")
+    con.execute("CREATE TABLE ledger_v2 AS SELECT * FROM ledger WHERE status <> 'planned'")
+    con.execute("DROP TABLE ledger")
+    con.execute("ALTER TABLE ledger_v2 RENAME TO ledger")
+    con.execute("COMMIT")
 
 
 class SyncBusyError(RuntimeError):
@@ -100,8 +127,10 @@ class StateStore:
                     raise
                 time.sleep(0.2)
         try:
+            con.execute(f"SET memory_limit = '{LEDGER_MEMORY_LIMIT}'")
             if not read_only:
                 con.execute(_SCHEMA)
+                _migrate(con)
             yield con
         finally:
             con.close()
@@ -124,46 +153,60 @@ class StateStore:
 
     # ------------------------------------------------------------------ ledger
     @staticmethod
-    def known_hashes(con: duckdb.DuckDBPyConnection, hashes: list[str]) -> set[str]:
-        """Which of these rows the ledger has settled (any status but planned)."""
+    def known_hashes(con: duckdb.DuckDBPyConnection, hashes: list[str], *,
+                     since: dt.datetime | None = None,
+                     between: tuple[dt.datetime, dt.datetime] | None = None) -> set[str]:
+        """Which of these rows the ledger has settled. `since`: only rows settled from then on;
+        `between`: the rows' UPDATED_AT range (a row's hash includes its UPDATED_AT, so settled
+        rows outside it cannot match). Both let DuckDB skip row groups by their min/max."""
         if not hashes:
             return set()
+        where, params = [], []
+        if since is not None:
+            where.append("l.changed_at >= ?")
+            params.append(since)
+        if between is not None:
+            where.append("l.updated_at BETWEEN ? AND ?")
+            params += list(between)
         probe = pa.table({"row_hash": pa.array(hashes, pa.string())})
         con.register("probe", probe)
         try:
             rows = con.execute(
-                "SELECT l.row_hash FROM ledger l JOIN probe p USING (row_hash) "
-                "WHERE l.status <> 'planned'"
-            ).fetchall()
+                "SELECT DISTINCT l.row_hash FROM ledger l SEMI JOIN probe p USING (row_hash)"
+                + (" WHERE " + " AND ".join(where) if where else ""), params).fetchall()
         finally:
             con.unregister("probe")
         return {r[0] for r in rows}
 
     @staticmethod
-    def upsert(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
-        """Insert or replace ledger rows (columns as in the ledger table, changed_at optional)."""
-        if rows.num_rows == 0:
-            return
+    def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+        if rows.num_rows:
+            con.register("incoming", rows)
+            try:
+                cols = ", ".join(rows.column_names)
+                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
+            finally:
+                con.unregister("incoming")
+
+    @classmethod
+    def append(cls, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+        """Record settled rows (ledger columns; `changed_at` added). Callers hold the delivery
+        lock and append only rows the ledger does not have."""
         if "changed_at" not in rows.column_names:
             now = dt.datetime.now(dt.timezone.utc)
             rows = rows.append_column("changed_at", pa.array([now] * rows.num_rows,
                                                              pa.timestamp("us", tz="UTC")))
-        con.register("incoming", rows)
-        try:
-            cols = ", ".join(rows.column_names)
-            con.execute(f"INSERT OR REPLACE INTO ledger ({cols}) SELECT {cols} FROM incoming")
-        finally:
-            con.unregister("incoming")
+        cls._insert(con, "ledger", rows)
+
+    @classmethod
+    def plan(cls, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+        """Rows about to be sent: row_hash, updated_at, batch_id, identifier, run_id."""
+        cls._insert(con, "planned", rows)
 
     @staticmethod
-    def forget(con: duckdb.DuckDBPyConnection, hashes: list[str]) -> None:
-        """Drop rows from the ledger: they will be delivered by a later run."""
-        if hashes:
-            con.register("gone", pa.table({"row_hash": pa.array(hashes, pa.string())}))
-            try:
-                con.execute("DELETE FROM ledger WHERE row_hash IN (SELECT row_hash FROM gone)")
-            finally:
-                con.unregister("gone")
+    def clear_planned(con: duckdb.DuckDBPyConnection) -> None:
+        """The planned chunk is settled (appended) or to be sent again by a later run."""
+        con.execute("DELETE FROM planned")
 
     def settled_count(self, start: dt.datetime | None, end: dt.datetime) -> int:
         """Settled rows with start <= UPDATED_AT < end (to find rows older than the scan window)."""
@@ -171,7 +214,7 @@ class StateStore:
             return 0
         with self.connect(read_only=True) as con:
             return con.execute(
-                "SELECT count(*) FROM ledger WHERE status <> 'planned' AND updated_at < ? "
+                "SELECT count(*) FROM ledger WHERE updated_at < ? "
                 "AND (? IS NULL OR updated_at >= ?)", [end, start, start]
             ).fetchone()[0]
 
@@ -227,9 +270,7 @@ class StateStore:
         started, done = self._read_journal()
         counts = {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
         with self.connect() as con:
-            planned = con.execute(
-                "SELECT batch_id, count(*) FROM ledger WHERE status = 'planned' GROUP BY 1"
-            ).fetchall()
+            planned = con.execute("SELECT batch_id, count(*) FROM planned GROUP BY 1").fetchall()
             settled_rows, ambiguous_batches = [], []
             for batch_id, count in planned:
                 if batch_id in done:
@@ -245,18 +286,19 @@ class StateStore:
                     "row_hash": [r[0] for r in settled_rows], "status": [r[1] for r in settled_rows],
                     "message": pa.array([r[2] for r in settled_rows], pa.string())}))
                 con.execute(
-                    "UPDATE ledger SET status = k.status, message = k.message, changed_at = now() "
-                    "FROM known k WHERE ledger.row_hash = k.row_hash AND ledger.status = 'planned'")
+                    "INSERT INTO ledger SELECT p.row_hash, p.updated_at, k.status, p.batch_id, "
+                    "p.identifier, k.message, p.run_id, now() FROM planned p "
+                    "JOIN known k USING (row_hash)")
                 con.unregister("known")
             if ambiguous_batches and policy == "hold":
                 con.register("amb", pa.table({"batch_id": pa.array(ambiguous_batches, pa.string())}))
                 con.execute(
-                    "UPDATE ledger SET status = 'held', changed_at = now(), message = "
-                    "'outcome unknown: the process stopped while this request was in flight' "
-                    "WHERE status = 'planned' AND batch_id IN (SELECT batch_id FROM amb)"
+                    "INSERT INTO ledger SELECT row_hash, updated_at, 'held', batch_id, identifier, "
+                    "'outcome unknown: the process stopped while this request was in flight', "
+                    "run_id, now() FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)"
                 )
                 con.unregister("amb")
-            con.execute("DELETE FROM ledger WHERE status = 'planned'")
+            con.execute("DELETE FROM planned")
         self.journal_path.write_text("")
         return counts
 

@@ -1,8 +1,8 @@
 """Row validation and Braze objects (`braze_assets/datatypes.py`), through the real delta path.
 
 Every case writes CDI-shaped rows into its own table of a real DuckDB file and reads them back with
-`DuckDBSource`. Single-row cases go through `DeltaWriter` (`row_facts` + the pandera schema,
-`build_object`, Parquet output); batch, null-UPDATED_AT and object-shape cases run the whole
+`DuckDBSource`. Single-row cases go through `DeltaWriter` (`validate_batch`: facts + the pandera schema,
+`build_objects`, Parquet output); batch, null-UPDATED_AT and object-shape cases run the whole
 `compute_delta` (window scan, hashing, ledger). The tests read the valid/rejected Parquet files back.
 Contract references are to `shared/braze-contract.md` (A2 = CDI tables, B1 = /users/track,
 B2 = /users/delete).
@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delta import DeltaManifest, DeltaWriter, compute_delta, row_hash
+from braze_assets.delta import (
+    DeltaManifest, DeltaWriter, batch_hashes, compute_delta, row_hash,
+)
 from braze_assets.sources import DuckDBSource
 from braze_assets.state import StateStore
 
@@ -138,9 +140,10 @@ def sync(warehouse, out: Path, data_type: str, rows: list[dict[str, Any]], *, fu
         writer = DeltaWriter(manifest, spec, update_existing_only)
         try:
             for batch in source.scan(None, NOW, True, 1000, columns=columns):
-                scanned = batch.to_pylist()
-                manifest.rows_read += len(scanned)
-                writer.add(scanned, [row_hash(r, hashed) for r in scanned])
+                manifest.rows_read += batch.num_rows
+                hashes = batch_hashes(batch, hashed)
+                assert hashes == [row_hash(r, hashed) for r in batch.to_pylist()]
+                writer.add(batch, hashes)
         finally:
             writer.close()
     valid = pq.read_table(manifest.valid_path).to_pylist()
@@ -624,3 +627,20 @@ def test_identifiers_are_sent_exactly_as_stored(run):
     assert obj["external_id"] == " user-1 "
     reasons = run("events", row({"name": "app_open"}, external_id="   ")).only_reasons()
     assert reasons.startswith("row has no identifier")
+
+
+def test_batch_hashes_equal_row_hashes_for_every_column_type():
+    """The column-wise hash is the row hash: typed identifiers, typed JSON, nulls, file lines."""
+    import pyarrow as pa
+
+    table = pa.table({
+        "UPDATED_AT": pa.array([T0, T0.replace(microsecond=120), None], pa.timestamp("us", tz="UTC")),
+        "EXTERNAL_ID": pa.array([12345, None, 7], pa.int64()),
+        "EMAIL": pa.array(["a@b.co", "", None]),
+        "PAYLOAD": pa.array([{"b": 1.5, "a": True}, None, {"b": None, "a": False}],
+                            pa.struct([("b", pa.float64()), ("a", pa.bool_())])),
+        "_FILE": ["f.jsonl"] * 3,
+        "_LINE": pa.array([1, 2, 3], pa.int32()),
+    })
+    columns = table.schema.names
+    assert batch_hashes(table, columns) == [row_hash(r, columns) for r in table.to_pylist()]

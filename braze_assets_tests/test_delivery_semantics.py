@@ -147,3 +147,30 @@ def test_old_delta_files_are_pruned_but_outcomes_stay_in_the_ledger(harness, emu
     runs = list((harness.state_dir / "deltas" / "ev_sync").iterdir())
     assert len(runs) == 5
     assert harness.ledger("ev_sync") == {"accepted": 7} and seqs(emulator) == list(range(7))
+
+
+def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path):
+    """Ledgers kept a PRIMARY KEY with `planned` rows inline; opening one moves them to the
+    append-only layout, and recovery still settles what the journal knows."""
+    import duckdb
+
+    from braze_assets.state import StateStore
+    store = StateStore(tmp_path, "old")
+    with duckdb.connect(str(store.db_path)) as con:
+        con.execute("CREATE TABLE ledger (row_hash VARCHAR PRIMARY KEY, updated_at TIMESTAMPTZ, "
+                    "status VARCHAR NOT NULL, batch_id VARCHAR, identifier VARCHAR, message VARCHAR, "
+                    "run_id VARCHAR, changed_at TIMESTAMPTZ NOT NULL)")
+        con.execute("INSERT INTO ledger VALUES ('a', now(), 'accepted', 'r-0', 'x', NULL, 'r', now()),"
+                    " ('b', now(), 'planned', 'r-1', 'y', NULL, 'r', now()),"
+                    " ('c', now(), 'planned', 'r-2', 'z', NULL, 'r', now())")
+    store.journal_path.write_text('S r-1\nD {"batch": "r-1", "rows": [["b", "failed", "bad"]]}\n'
+                                  "S r-2\n")
+    with store.delivery_lock():
+        counts = store.recover("hold")
+    assert counts == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 0}
+    assert store.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
+                           "AND constraint_type = 'PRIMARY KEY'").fetchall() == [(0,)]
+        assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",),
+                                                                                 ("c",)]

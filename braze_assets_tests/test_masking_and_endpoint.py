@@ -83,6 +83,38 @@ def test_mask_identifiers_of_an_incomplete_alias_and_of_nothing():
     assert mask_identifiers({}) == "(none)"
 
 
+@pytest.mark.parametrize("values", [
+    EMAILS + PHONES + IDS + [None, "", "1234567\n", " 12 34 567 ", "ab@", "@b", "+", "a" * 7],
+    [None, "user-12345", None],
+])
+def test_column_masking_gives_what_mask_gives(values):
+    """`mask_column` (column-wise, for whole batches) agrees with `mask` value by value."""
+    import pyarrow as pa
+
+    from braze_assets.masking import mask_column
+    shown = mask_column(pa.array(values, pa.string())).to_pylist()
+    assert shown == [None if v is None else mask(v) for v in values]
+
+
+@pytest.mark.parametrize("columns", [
+    {"EXTERNAL_ID": ["user-12345", None, None]},
+    {"EXTERNAL_ID": ["user-12345", None, None], "EMAIL": [None, "jane.doe@example.com", None],
+     "PHONE": [None, "+14155550123", None], "BRAZE_ID": [None, None, "5f0c1b2a9d3e4f5a"]},
+    {"ALIAS_NAME": ["alias-98765", None, "alias-98765", None],
+     "ALIAS_LABEL": ["crm", "crm", None, None]},
+    {"EXTERNAL_ID": [None, "u-1"], "ALIAS_NAME": ["alias-98765", None]},
+])
+def test_identifier_columns_mask_as_rows_do(columns):
+    """`mask_identifier_columns` gives each row what `mask_identifiers` gives its identifiers."""
+    from braze_assets.datatypes import RowBatch
+    from braze_assets.masking import mask_identifier_columns
+    n = len(next(iter(columns.values())))
+    rows = [{c: v[i] for c, v in columns.items()} | {"UPDATED_AT": None} for i in range(n)]
+    batch = RowBatch.from_rows(rows)
+    assert mask_identifier_columns(batch.columns, n) == [
+        mask_identifiers(batch.identifiers(i)) for i in range(n)]
+
+
 # ----------------------------------------------------------------------------- endpoint guard
 BRAZE_HOSTS = [  # [B4]
     "rest.iad-01.braze.com", "rest.iad-02.braze.com", "rest.iad-03.braze.com",
