@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import os
 import time
 from collections import Counter
@@ -80,6 +81,24 @@ class _Request:
     body: bytes
     rows: list[int]  # positions in the chunk
     array: str  # track array, or the delete id key
+
+
+@dataclass
+class _Chunk:
+    """One chunk of the delta on its way: its rows, requests and the outcome of each row."""
+
+    prefix: str
+    table: pa.Table
+    hashes: list[str]
+    batch_of: list[str]
+    requests: list[_Request]
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    status: list[str | None] = field(default_factory=list)
+    messages: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.status = [None] * self.table.num_rows
+        self.messages = [None] * self.table.num_rows
 
 
 def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -> list[_Request]:
@@ -185,30 +204,44 @@ class Delivery:
         self.outcome.invalid_recorded = rejected.num_rows
 
     async def _send_all(self, con) -> None:
+        """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
+        requests are in flight the next chunk is planned and starts sending, and a chunk's
+        outcomes are written once all its requests are answered. Ledger and Parquet work runs in a
+        worker thread so the event loop keeps the window full."""
         parquet = pq.ParquetFile(self.manifest.valid_path)
-        total, done, last_log = self.manifest.valid, 0, time.monotonic()
-        started = time.monotonic()
-        bar = _progress_bar(total, self.manifest.sync)
+        batches = parquet.iter_batches(batch_size=self.chunk_rows)
+        total, self._done, self._last_log = self.manifest.valid, 0, time.monotonic()
+        self._started = time.monotonic()
+        self._bar = _progress_bar(total, self.manifest.sync)
+        window = asyncio.Semaphore(self.max_in_flight)
+        errors: list[BaseException] = []
+        previous: _Chunk | None = None
         with open(self.store.journal_path, "a") as journal:
             async with self.client:
-                for n, batch in enumerate(parquet.iter_batches(batch_size=self.chunk_rows)):
-                    await self._send_chunk(con, journal, pa.Table.from_batches([batch]),
-                                           f"{self.run_id[:8]}-{n}")
-                    done += batch.num_rows
-                    if bar is not None:
-                        bar.update(batch.num_rows)
-                    if time.monotonic() - last_log > 5 or done == total:
-                        rate = done / max(time.monotonic() - started, 1e-6)
-                        eta = (total - done) / rate if rate else 0
-                        self.log(f"{self.manifest.sync}: {done:,}/{total:,} rows through "
-                                 f"({rate:,.0f} rows/s, ETA {eta:,.0f}s); accepted "
-                                 f"{self.outcome.accepted:,}, failed {self.outcome.failed:,}")
-                        last_log = time.monotonic()
-        if bar is not None:
-            bar.close()
-            bar.fp.close()
+                for n in itertools.count():
+                    batch = await asyncio.to_thread(next, batches, None)
+                    if batch is None or errors:
+                        break
+                    chunk = await asyncio.to_thread(
+                        self._prepare, con, pa.Table.from_batches([batch]),
+                        f"{self.run_id[:8]}-{n}")
+                    if chunk is not None:
+                        chunk.tasks = [asyncio.create_task(self._send(chunk, r, journal, window))
+                                       for r in chunk.requests]
+                    if previous is not None:
+                        await self._finish(con, previous, errors)
+                    previous = chunk
+                if previous is not None:
+                    await self._finish(con, previous, errors)
+            journal.truncate(0)  # every chunk's outcomes are in the ledger
+        if self._bar is not None:
+            self._bar.close()
+            self._bar.fp.close()
+        if errors:
+            raise errors[0]
 
-    async def _send_chunk(self, con, journal, chunk: pa.Table, prefix: str) -> None:
+    def _prepare(self, con, chunk: pa.Table, prefix: str) -> _Chunk | None:
+        """Drop rows settled since the delta, plan the requests and record the rows as planned."""
         hashes = chunk["row_hash"].to_pylist()
         known = self.store.known_hashes(con, hashes, since=self._since())
         if known:  # settled by another run after this delta was computed: never send twice
@@ -216,7 +249,7 @@ class Delivery:
             chunk = chunk.filter(pa.array([h not in known for h in hashes]))
             hashes = chunk["row_hash"].to_pylist()
         if not chunk.num_rows:
-            return
+            return None
         self.outcome.estimated_data_points += int(pc.sum(chunk["data_points"]).as_py() or 0)
         requests = plan_requests(self.spec, chunk["object"].to_pylist(), prefix)
         batch_of = [""] * chunk.num_rows
@@ -227,42 +260,62 @@ class Delivery:
             "row_hash": chunk["row_hash"], "updated_at": chunk["updated_at"],
             "batch_id": pa.array(batch_of, pa.string()), "identifier": chunk["identifier"],
             "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string())}))
-        semaphore = asyncio.Semaphore(self.max_in_flight)
-        status: list[str | None] = [None] * chunk.num_rows
-        messages: list[str | None] = [None] * chunk.num_rows
+        return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
-        async def send(request: _Request) -> None:
-            async with semaphore:
-                self.store.journal_start(journal, request.batch_id)
-                result = await self.client.post(self.spec.endpoint, request.body,
-                                                retry_ambiguous=self.policy == "resend")
-            self._apply(request, result, status, messages)
-            # Known outcomes reach the journal at once, so a crash later in the chunk does not
-            # turn answered requests into ambiguous ones.
-            self.store.journal_done(journal, request.batch_id,
-                                    [(hashes[i], status[i], messages[i]) for i in request.rows])
+    async def _send(self, chunk: _Chunk, request: _Request, journal, window) -> None:
+        async with window:
+            self.store.journal_start(journal, request.batch_id)
+            result = await self.client.post(self.spec.endpoint, request.body,
+                                            retry_ambiguous=self.policy == "resend")
+        self._apply(request, result, chunk.status, chunk.messages)
+        # Known outcomes reach the journal at once, so a crash before the chunk is written to the
+        # ledger does not turn answered requests into ambiguous ones.
+        self.store.journal_done(journal, request.batch_id, [
+            (chunk.hashes[i], chunk.status[i], chunk.messages[i]) for i in request.rows
+            if chunk.status[i] != "accepted"])
 
-        results = await asyncio.gather(*(send(r) for r in requests), return_exceptions=True)
-        first_error = next((r for r in results if isinstance(r, BaseException)), None)
-        identifiers = chunk["identifier"].to_pylist()
+    async def _finish(self, con, chunk: _Chunk | None, errors: list[BaseException]) -> None:
+        if chunk is None:
+            return
+        results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
+        errors += [r for r in results if isinstance(r, BaseException)]
+        await asyncio.to_thread(self._settle, con, chunk)
+        self._done += chunk.table.num_rows
+        if self._bar is not None:
+            self._bar.update(chunk.table.num_rows)
+        total = self.manifest.valid
+        if time.monotonic() - self._last_log > 5 or self._done == total:
+            rate = self._done / max(time.monotonic() - self._started, 1e-6)
+            eta = (total - self._done) / rate if rate else 0
+            self.log(f"{self.manifest.sync}: {self._done:,}/{total:,} rows through "
+                     f"({rate:,.0f} rows/s, ETA {eta:,.0f}s); accepted "
+                     f"{self.outcome.accepted:,}, failed {self.outcome.failed:,}")
+            self._last_log = time.monotonic()
+
+    def _settle(self, con, chunk: _Chunk) -> None:
+        """Write a chunk's outcomes: settled rows to the ledger, the rest sent again later."""
+        status, messages, hashes = chunk.status, chunk.messages, chunk.hashes
+        identifiers = None
         for i, state in enumerate(status):
             if state == "failed" and len(self.outcome.failed_examples) < EXAMPLES_KEPT:
+                identifiers = identifiers or chunk.table["identifier"].to_pylist()
                 self.outcome.failed_examples.append(
                     {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]})
         settled = [i for i, s in enumerate(status) if s is not None]
-        self.store.append(con, self._ledger_rows(chunk.take(pa.array(settled, pa.int64())),
+        # One transaction: a crash leaves either the chunk planned (recovered from the journal)
+        # or its outcomes in the ledger, never both.
+        con.begin()
+        self.store.append(con, self._ledger_rows(chunk.table.take(pa.array(settled, pa.int64())),
                                                  [status[i] for i in settled],
-                                                 [batch_of[i] for i in settled],
+                                                 [chunk.batch_of[i] for i in settled],
                                                  [messages[i] for i in settled]))
-        self.store.clear_planned(con)  # rows without an outcome are sent again by a later run
-        if len(settled) < chunk.num_rows:
-            updated = chunk["updated_at"].to_pylist()
+        self.store.clear_planned(con, chunk.prefix)  # the rest is sent again by a later run
+        con.commit()
+        if len(settled) < chunk.table.num_rows:
+            updated = chunk.table["updated_at"].to_pylist()
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)
             if self._earliest_unsettled is None or earliest < self._earliest_unsettled:
                 self._earliest_unsettled = earliest
-        journal.truncate(0)
-        if first_error is not None:
-            raise first_error
 
     def _apply(self, request: _Request, result: RequestOutcome, status: list, messages: list):
         out = self.outcome

@@ -204,9 +204,9 @@ class StateStore:
         cls._insert(con, "planned", rows)
 
     @staticmethod
-    def clear_planned(con: duckdb.DuckDBPyConnection) -> None:
-        """The planned chunk is settled (appended) or to be sent again by a later run."""
-        con.execute("DELETE FROM planned")
+    def clear_planned(con: duckdb.DuckDBPyConnection, prefix: str) -> None:
+        """A planned chunk (request ids `<prefix>-<n>`) is settled, or to be sent again later."""
+        con.execute("DELETE FROM planned WHERE batch_id LIKE ?", [f"{prefix}-%"])
 
     def settled_count(self, start: dt.datetime | None, end: dt.datetime) -> int:
         """Settled rows with start <= UPDATED_AT < end (to find rows older than the scan window)."""
@@ -241,8 +241,10 @@ class StateStore:
         handle.flush()  # in the OS before the request leaves: survives kill -9
 
     def journal_done(self, handle, batch_id: str, rows: list[tuple[str, str | None, str | None]]):
-        """The known outcome of a request: (row_hash, status or None to resend, message)."""
-        handle.write("D " + json.dumps({"batch": batch_id, "rows": rows}) + "\n")
+        """The known outcome of a request: its rows that were not accepted, as (row_hash, status
+        or None to resend, message); every other row of the request was accepted."""
+        handle.write("D " + json.dumps({"batch": batch_id, "rows": rows, "others": "accepted"})
+                     + "\n")
         handle.flush()
 
     def _read_journal(self) -> tuple[set[str], dict[str, list]]:
@@ -257,7 +259,7 @@ class StateStore:
                         record = json.loads(rest)
                     except json.JSONDecodeError:
                         continue  # a line cut short by the crash: that request stays ambiguous
-                    done[record["batch"]] = record["rows"]
+                    done[record["batch"]] = record
         return started, done
 
     def recover(self, policy: str) -> dict[str, int]:
@@ -270,26 +272,39 @@ class StateStore:
         started, done = self._read_journal()
         counts = {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
         with self.connect() as con:
+            con.begin()  # settle and clear the planned rows at once (see Delivery._send_chunk)
             planned = con.execute("SELECT batch_id, count(*) FROM planned GROUP BY 1").fetchall()
-            settled_rows, ambiguous_batches = [], []
+            listed, answered, ambiguous_batches = [], [], []
             for batch_id, count in planned:
                 if batch_id in done:
-                    settled_rows += [r for r in done[batch_id] if r[1] is not None]
+                    listed += [(r[0], batch_id, r[1], r[2]) for r in done[batch_id]["rows"]]
+                    answered.append((batch_id, done[batch_id].get("others")))
                     counts["recovered_settled"] += count
                 elif batch_id in started:
                     ambiguous_batches.append(batch_id)
                     counts["recovered_ambiguous"] += count
                 else:
                     counts["recovered_unsent"] += count
-            if settled_rows:
-                con.register("known", pa.table({
-                    "row_hash": [r[0] for r in settled_rows], "status": [r[1] for r in settled_rows],
-                    "message": pa.array([r[2] for r in settled_rows], pa.string())}))
+            if answered:
+                # Listed rows take their status (None: send again); the others take the request's
+                # (journals written before "others" listed every row: the rest were not settled).
+                con.register("answered", pa.table({
+                    "batch_id": pa.array([a[0] for a in answered], pa.string()),
+                    "others": pa.array([a[1] for a in answered], pa.string())}))
+                con.register("listed", pa.table({
+                    "row_hash": pa.array([r[0] for r in listed], pa.string()),
+                    "batch_id": pa.array([r[1] for r in listed], pa.string()),
+                    "status": pa.array([r[2] for r in listed], pa.string()),
+                    "message": pa.array([r[3] for r in listed], pa.string())}))
                 con.execute(
-                    "INSERT INTO ledger SELECT p.row_hash, p.updated_at, k.status, p.batch_id, "
+                    "INSERT INTO ledger SELECT p.row_hash, p.updated_at, "
+                    "CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, p.batch_id, "
                     "p.identifier, k.message, p.run_id, now() FROM planned p "
-                    "JOIN known k USING (row_hash)")
-                con.unregister("known")
+                    "JOIN answered a USING (batch_id) "
+                    "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
+                    "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL")
+                con.unregister("answered")
+                con.unregister("listed")
             if ambiguous_batches and policy == "hold":
                 con.register("amb", pa.table({"batch_id": pa.array(ambiguous_batches, pa.string())}))
                 con.execute(
@@ -299,6 +314,7 @@ class StateStore:
                 )
                 con.unregister("amb")
             con.execute("DELETE FROM planned")
+            con.commit()
         self.journal_path.write_text("")
         return counts
 
