@@ -264,9 +264,9 @@ class Delivery:
 
     async def _send(self, chunk: _Chunk, request: _Request, journal, window) -> None:
         async with window:
-            self.store.journal_start(journal, request.batch_id)
-            result = await self.client.post(self.spec.endpoint, request.body,
-                                            retry_ambiguous=self.policy == "resend")
+            result = await self.client.post(
+                self.spec.endpoint, request.body, retry_ambiguous=self.policy == "resend",
+                on_send=lambda: self.store.journal_start(journal, request.batch_id))
         self._apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.

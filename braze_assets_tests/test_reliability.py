@@ -94,13 +94,18 @@ def test_rate_limited_workspace_is_paced_and_nothing_is_lost(harness, emulator):
 
 
 def test_mau_style_429_with_retry_after_only(tmp_path):
-    config = EmulatorConfig(api_key=API_KEY, rate_limit=3, rate_window_s=1.0, mau_style_429=True)
-    with BrazeEmulator(config) as emu:
+    """429s that carry only `X-Ratelimit-Retry-After` (as on MAU plans, or when another
+    integration spends the workspace budget: pacing from the headers cannot foresee them) are
+    waited out as told, and every event still arrives exactly once."""
+    faults = FaultConfig(rate_429=0.3, retry_after_s=1, seed=5)
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=faults)) as emu:
         harness = Harness(tmp_path, emu)
         harness.table("events", events_rows(600, NOW - dt.timedelta(hours=1)))
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=8)]
         run = harness.run("events")
         assert run.outcome.accepted == 600 and run.outcome.rate_limited > 0
+        assert run.outcome.seconds >= 1.0, "the Retry-After second was waited out"
+        assert set(emu.store.stats()["by_status"]) == {"201", "429"}
         assert sorted(Counter(e["properties"]["seq"] for e in emu.store.events()).values()) == \
             [1] * 600
 

@@ -22,7 +22,7 @@ import ipaddress
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import aiohttp
 import httpx
@@ -80,52 +80,113 @@ def check_endpoint(url: str, allow_custom_host: bool = False) -> str:
 
 
 class RateBudget:
-    """Paces requests from Braze's `X-RateLimit-*` headers; one per workspace, shared by all syncs
-    in this process (Braze limits per workspace, not per integration)."""
+    """Paces requests from Braze's `X-RateLimit-*` headers; one per workspace and endpoint, shared
+    by all syncs in this process (Braze limits each endpoint per workspace).
+
+    Within a window it spends the `Remaining` Braze reported, less the requests still in flight.
+    When the window is used up it waits for the window's end, then lets one request through (a
+    probe) whose answer tells the new window's budget while the others wait: a new window never
+    starts with a burst of 429s. `Reset` comes in whole seconds, so the end is known only to
+    within a second. When this process sent the first request of a window (its answer says
+    `Remaining = Limit - 1`), that request reached Braze between its sending and its answer, which
+    bounds the window's length from both sides; the documented length (`window_hint_s`) is used
+    when it lies within those bounds, the upper bound otherwise. The window then ends no later than
+    that answer's arrival plus the length: never early, seldom long.
+    """
 
     _shared: dict[str, RateBudget] = {}
+    #: how often requests waiting for a probe's answer look again
+    PROBE_POLL_S = 0.005
 
-    def __init__(self, safety_margin: int = 0) -> None:
+    def __init__(self, safety_margin: int = 0, window_hint_s: float | None = None) -> None:
+        self.limit: int | None = None
+        self.heard = False  # no answer yet: the first request finds out whether there is a limit
         self.remaining: int | None = None
         self.reset_at: float = 0.0
         self.safety_margin = safety_margin
+        self.window_hint_s = window_hint_s
         self.waited_s = 0.0
+        self.in_flight = 0
+        self.probing = False
+        self.window_low, self.window_high = 0.0, float("inf")  # bounds on the window's length
+        self.window_end: float | None = None  # the current window ends no later than this
 
     @classmethod
-    def for_workspace(cls, key: str) -> RateBudget:
-        return cls._shared.setdefault(key, cls())
+    def for_workspace(cls, key: str, window_hint_s: float | None = None) -> RateBudget:
+        return cls._shared.setdefault(key, cls(window_hint_s=window_hint_s))
 
-    async def acquire(self) -> None:
-        while self.remaining is not None and self.remaining <= self.safety_margin:
-            delay = self.reset_at - time.time()
+    async def acquire(self) -> bool:
+        """Wait for the right to send; True when this request probes a new window. Call
+        `release` once the attempt is over (after `observe`)."""
+        while True:
+            if self.remaining is None and (self.limit is not None or not self.heard):
+                if self.probing:
+                    await asyncio.sleep(self.PROBE_POLL_S)
+                    continue
+                self.probing = True
+                self.in_flight += 1
+                return True
+            if self.remaining is None or self.remaining > self.safety_margin:
+                if self.remaining is not None:
+                    self.remaining -= 1
+                self.in_flight += 1
+                return False  # within the budget (or no limit announced yet)
+            ends = self.reset_at if self.window_end is None else min(self.reset_at,
+                                                                     self.window_end)
+            delay = ends - time.time()
             if delay <= 0:
-                self.remaining = None  # a new window: the next answer tells us its budget
-                break
+                self.remaining = None  # a new window: a probe finds out its budget
+                self.window_end = None
+                continue
             self.waited_s += delay
             await asyncio.sleep(delay)
-        if self.remaining is not None:
-            self.remaining -= 1
 
-    def observe(self, headers: httpx.Headers) -> None:
+    def release(self, probe: bool) -> None:
+        self.in_flight -= 1
+        if probe:
+            self.probing = False
+
+    def observe(self, headers: httpx.Headers, sent_at: float | None = None,
+                status: int = 200) -> None:
+        """Take in an answer's rate-limit headers (`sent_at`: when its request left)."""
+        self.heard = True
         remaining, reset = headers.get("x-ratelimit-remaining"), headers.get("x-ratelimit-reset")
         if remaining is None or reset is None:
+            if 200 <= status < 300 and self.remaining is None:
+                self.limit = None  # a success without a limit announced: nothing to pace
             return
         try:
             reset_value = float(reset)
             # The docs disagree: epoch seconds [LIMITS] or seconds remaining [TRACK-new].
-            reset_at = reset_value if reset_value > 1e9 else time.time() + reset_value
+            now = time.time()
+            reset_at = reset_value if reset_value > 1e9 else now + reset_value
             remaining_value = int(remaining)
+            limit = int(headers.get("x-ratelimit-limit") or 0) or None
         except ValueError:
             return
+        self.limit = limit or self.limit or remaining_value + 1
         if reset_at > self.reset_at + 0.5 or self.remaining is None:
-            self.reset_at, self.remaining = reset_at, remaining_value
+            # A new window: what Braze reports, less what is still on its way.
+            self.reset_at = reset_at
+            self.remaining = max(0, remaining_value - self.in_flight)
+            self.window_end = None
         else:
             self.remaining = min(self.remaining, remaining_value)
+        if sent_at is not None and limit and remaining_value == limit - 1 and reset_value > 1e9:
+            # This request opened the window: it reached Braze between sent_at and now, and
+            # Reset is that moment plus the window's length, rounded up to a whole second.
+            self.window_low = max(self.window_low, reset_at - 1 - now)
+            self.window_high = min(self.window_high, reset_at - sent_at)
+            hint = self.window_hint_s
+            length = hint if hint is not None and self.window_low <= hint <= self.window_high \
+                else self.window_high
+            self.window_end = now + length
 
     def pause_until(self, when: float) -> None:
         """After a 429: nobody sends before `when`."""
         self.reset_at = max(self.reset_at, when)
         self.remaining = 0
+        self.window_end = None
 
 
 class _Retry(Exception):
@@ -190,8 +251,14 @@ class BrazeClient:
         self.max_attempts = max_attempts
         self._wait = tenacity.wait_exponential_jitter(
             multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s)
-        self.budget = budget or RateBudget.for_workspace(self.base_url)
+        self._budget = budget
         self._transport: AiohttpTransport | None = None
+
+    def budget(self, path: str) -> RateBudget:
+        """The rate budget of `path` in this workspace (shared by every client in the process)."""
+        if self._budget is not None:
+            return self._budget
+        return RateBudget.for_workspace(self.base_url + path, contract.RATE_WINDOWS_S.get(path))
 
     def __repr__(self) -> str:  # never show the key
         return f"BrazeClient({self.base_url!r})"
@@ -226,14 +293,20 @@ class BrazeClient:
         hinted = exc.wait_s if isinstance(exc, _Retry) else 0.0
         return max(hinted, self._wait(state))
 
-    async def post(self, path: str, body: bytes, *, retry_ambiguous: bool) -> RequestOutcome:
-        """POST `body` (JSON bytes) and classify the result; see the module docstring."""
+    async def post(self, path: str, body: bytes, *, retry_ambiguous: bool,
+                   on_send: Callable[[], None] | None = None) -> RequestOutcome:
+        """POST `body` (JSON bytes) and classify the result; see the module docstring.
+        `on_send` runs once, after any pacing wait, just before the request first goes out."""
         assert self._transport is not None, "use `async with BrazeClient(...)`"
         outcome = RequestOutcome(kind="refused")
 
         async def attempt() -> RequestOutcome:
             outcome.attempts += 1
-            await self.budget.acquire()
+            budget = self.budget(path)
+            probe = await budget.acquire()
+            if on_send is not None and outcome.attempts == 1:
+                on_send()
+            sent_at = time.time()
             try:
                 status, headers, content = await self._send(path, body)
             except httpx.TransportError as exc:
@@ -241,7 +314,9 @@ class BrazeClient:
                 outcome.ambiguous_attempts += ambiguous
                 kind = "no answer (request may have been processed)" if ambiguous else "not sent"
                 raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
-            self.budget.observe(headers)
+            finally:
+                budget.release(probe)
+            budget.observe(headers, sent_at, status)
             if status in (401, 403):
                 raise BrazeAuthError(
                     f"Braze answered {status} for {path}: the REST API key is invalid, for another "
@@ -250,7 +325,7 @@ class BrazeClient:
             if status == 429:
                 outcome.rate_limited += 1
                 wait_s = _retry_after(headers)
-                self.budget.pause_until(time.time() + wait_s)
+                budget.pause_until(time.time() + wait_s)
                 raise _Retry(False, "429 rate limited", status, wait_s)
             if status in _BEFORE_PROCESSING_STATUSES:
                 raise _Retry(False, f"{status} from Braze (not processed)", status)

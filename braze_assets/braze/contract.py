@@ -70,3 +70,7 @@ ISO_4217_CURRENCIES = frozenset(
     XPF XPT XSU XTS XUA XXX YER ZAR ZMW ZWG
     """.split()
 )
+
+#: [LIMITS] Burst windows of the rate limits, by endpoint: `/users/track` allows 3,000 requests per
+#: 3 seconds ("per 3 seconds, not per second"); the client checks it against what it observes.
+RATE_WINDOWS_S = {"/users/track": 3.0}
