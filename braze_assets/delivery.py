@@ -2,9 +2,11 @@
 
 Per chunk of the delta: drop rows the ledger settled since the delta was computed, plan requests
 (≤ 75 objects and ≤ 4 MB for `/users/track`; ≤ 50 ids of one type for `/users/delete`), record the
-rows as `planned`, then send with a bounded number of requests in flight, journaling each request
-just before it leaves. Outcomes are written back per chunk; see `state.py` for what each status means
-and how a crashed run is recovered.
+rows as `planned`, then send through one window of at most `max_in_flight` requests shared by all
+chunks (the next chunk starts while the last requests of the previous one are in flight), journaling
+each request just before it leaves. A chunk's outcomes are written to the ledger once all its
+requests are answered; see `state.py` for what each status means and how a crashed run is
+recovered.
 """
 
 from __future__ import annotations
