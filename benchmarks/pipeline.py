@@ -71,7 +71,8 @@ def end_to_end(db: str, table: str, data_type: str, base_url: str, api_key: str,
         "requests": outcome.requests, "r429": outcome.rate_limited,
         "delta_s": delta_s, "delivery_s": total_s - delta_s,
         "peak_rss_delta_mib": rss_after_delta, "valid": manifest.valid,
-        "rejected": manifest.rejected, "failed": outcome.failed, "ambiguous": outcome.ambiguous, "not_sent": outcome.not_sent,
+        "rejected": manifest.rejected, "failed": outcome.failed, "ambiguous": outcome.ambiguous,
+        "not_sent": outcome.not_sent,
         "attempts": outcome.attempts, "manifest": str(run_dir / "manifest.json"),
     }
     if profiler:

@@ -294,7 +294,7 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
     allowed, rules = spec.allowed_payload_keys, _TYPE_RULES.get(spec.name)
     codes = batch.codes.tolist()
     loads, decode_error, max_bytes = orjson.loads, orjson.JSONDecodeError, contract.PAYLOAD_MAX_BYTES
-    for i, raw in enumerate(batch.payload):
+    for i, raw in enumerate(batch.payload or [None] * batch.num_rows):
         if raw is None:
             problem[i] = 1
             notes["payload_problem"][i] = "PAYLOAD is null"
