@@ -154,8 +154,9 @@ def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path):
         held = harness.ledger("events").get("held", 0)
         assert rerun.outcome.recovered_ambiguous == held, "every ambiguous row is counted"
         assert held <= 4 * 75, "at most the requests in flight are ambiguous"
+        # A request is journaled as sent just before its bytes leave; killed in between, it is
+        # held though Braze never saw it (the safe side). So a missing row must be a held one.
         assert len(missing) <= held, "a row is either in Braze exactly once or held for a person"
-        assert not missing, "requests in flight at the kill were processed by the emulator"
 
 
 def test_wrong_api_key_fails_clearly_without_state_or_secret(tmp_path, emulator):
