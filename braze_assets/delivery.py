@@ -344,6 +344,11 @@ class Delivery:
             raise BrazeRequestError(f"Braze answered 404 for {self.spec.endpoint}: check the "
                                     "REST endpoint URL")
         errors = result.body.get("errors") if isinstance(result.body, dict) else None
+        if result.kind == "answered" and not errors:  # the usual answer: every row accepted
+            for i in rows:
+                status[i] = "accepted"
+            out.accepted += len(rows)
+            return
         by_index: dict[int, str] = {}
         for error in errors or []:
             index = error.get("index") if isinstance(error, dict) else None

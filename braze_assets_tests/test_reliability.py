@@ -199,3 +199,32 @@ def test_source_global_errors_stop_the_sync_with_no_state_change(harness, emulat
     assert expected in message and "sync dels:" in message, "names the sync and the source"
     assert emulator.store.stats()["requests"] == 0
     assert harness.ledger("dels") == {} and harness.watermark("dels") is None
+
+
+@pytest.mark.parametrize("faults, kind, retried", [
+    (FaultConfig(rate_5xx_before=1.0), "refused", True),  # 502/503: not processed, retried
+    (FaultConfig(rate_5xx_after=1.0), "ambiguous", False),  # 500/504: maybe processed, held
+])
+def test_a_failing_request_is_retried_to_the_limit_with_backoff(faults, kind, retried):
+    """The first attempt goes out directly; retries follow with growing waits, up to
+    `max_attempts` in all, and only for failures that are safe to repeat."""
+    import asyncio
+
+    from braze_assets.braze.client import BrazeClient
+
+    async def post(base_url: str):
+        client = BrazeClient(base_url, API_KEY, max_attempts=3, backoff_initial_s=0.05,
+                             backoff_max_s=0.2)
+        async with client:
+            started = time.monotonic()
+            outcome = await client.post("/users/track", b'{"attributes": []}',
+                                        retry_ambiguous=False)
+            return outcome, time.monotonic() - started
+
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=faults)) as emu:
+        outcome, seconds = asyncio.run(post(emu.base_url))
+        assert outcome.kind == kind
+        assert outcome.attempts == (3 if retried else 1)
+        assert emu.store.stats()["requests"] == outcome.attempts
+        if retried:
+            assert seconds >= 0.05 + 0.1, "two backoff waits: 0.05 s, then 0.1 s (plus jitter)"

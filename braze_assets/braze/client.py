@@ -22,6 +22,7 @@ import ipaddress
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Literal
 
 import aiohttp
@@ -288,10 +289,15 @@ class BrazeClient:
             await response.aclose()
         return response.status_code, response.headers, content
 
+    def _retry_wait(self, failure: BaseException | None, failed_attempts: int) -> float:
+        """Backoff after `failed_attempts` failures, never shorter than Braze asked."""
+        hinted = failure.wait_s if isinstance(failure, _Retry) else 0.0
+        return max(hinted, self._wait(SimpleNamespace(attempt_number=failed_attempts)))
+
     def _wait_for(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = exc.wait_s if isinstance(exc, _Retry) else 0.0
-        return max(hinted, self._wait(state))
+        """tenacity's wait for the retries, which begin with the second attempt."""
+        failure = state.outcome.exception() if state.outcome else None
+        return self._retry_wait(failure, state.attempt_number + 1)
 
     async def post(self, path: str, body: bytes, *, retry_ambiguous: bool,
                    on_send: Callable[[], None] | None = None) -> RequestOutcome:
@@ -345,9 +351,15 @@ class BrazeClient:
             return isinstance(exc, _Retry) and (retry_ambiguous or not exc.ambiguous)
 
         try:
+            try:
+                return await attempt()  # the usual request: answered at once, no retry machinery
+            except _Retry as exc:
+                if not retryable(exc) or self.max_attempts < 2:
+                    raise
+                await asyncio.sleep(self._retry_wait(exc, 1))
             async for try_ in tenacity.AsyncRetrying(
                 retry=tenacity.retry_if_exception(retryable),
-                stop=tenacity.stop_after_attempt(self.max_attempts),
+                stop=tenacity.stop_after_attempt(self.max_attempts - 1),
                 wait=self._wait_for,
                 reraise=True,
             ):
