@@ -491,12 +491,9 @@ def identifier_fields(identifiers: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def braze_time(ts: pd.Timestamp | dt.datetime) -> str:
-    return ts.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def braze_times(stamps: pyarrow.Array) -> list[str | None]:
-    """`braze_time` over a timestamp[us, UTC] array, column-wise (milliseconds, truncated)."""
+    """Braze's ISO 8601 times (`2024-05-01T12:00:00.123Z`, milliseconds truncated) for a
+    timestamp[us, UTC] array, column-wise."""
     text = stamps.cast(pyarrow.timestamp("ms"), safe=False).cast(pyarrow.string())
     text = pc.replace_substring(text, " ", "T", max_replacements=1)  # "YYYY-MM-DD HH:MM:SS.mmm"
     return pc.binary_join_element_wise(text, "Z", "").to_pylist()

@@ -644,3 +644,13 @@ def test_batch_hashes_equal_row_hashes_for_every_column_type():
     })
     columns = table.schema.names
     assert batch_hashes(table, columns) == [row_hash(r, columns) for r in table.to_pylist()]
+
+
+def test_braze_times_are_utc_milliseconds_truncated():
+    import pyarrow as pa
+
+    from braze_assets.datatypes import braze_times
+    stamps = [T0.replace(microsecond=123999), T0, dt.datetime(1999, 12, 31, 23, 59, 59, 999999,
+                                                             tzinfo=UTC), None]
+    assert braze_times(pa.array(stamps, pa.timestamp("us", tz="UTC"))) == [
+        "2024-05-01T12:00:00.123Z", "2024-05-01T12:00:00.000Z", "1999-12-31T23:59:59.999Z", None]
