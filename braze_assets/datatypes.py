@@ -100,8 +100,8 @@ def _text(value: Any) -> str | None:
 
 def _texts(values: list[Any]) -> list[str | None]:
     """`_text` over a column; strings (the usual case) take the fast path."""
-    return [v if (type(v) is str and v and not v.isspace()) else None if type(v) is str
-            else _text(v) for v in values]
+    return [(v if v and not v.isspace() else None) if type(v) is str else _text(v)
+            for v in values]
 
 
 def _json_text(value: Any) -> str | bytes | None:
