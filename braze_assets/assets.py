@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from braze_assets.config import SyncConfig
+from braze_assets.config import SyncConfig, source_key_path
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
 from braze_assets.delta import DeltaManifest, compute_delta
@@ -28,10 +28,7 @@ def utc_now() -> dt.datetime:
 
 
 def source_key(sync: SyncConfig) -> dg.AssetKey:
-    if sync.source.type == "s3":
-        folder = [p for p in sync.source.prefix.split("/") if p]
-        return dg.AssetKey(["s3", sync.source.bucket, *folder])
-    return dg.AssetKey([sync.source.type, *sync.source.table.replace('"', "").lower().split(".")])
+    return dg.AssetKey(source_key_path(sync))
 
 
 def partitions_for(sync: SyncConfig) -> dg.DailyPartitionsDefinition:
@@ -66,6 +63,8 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
         "rows_in_future_held_back": manifest.future_rows,
         "future_examples": dg.MetadataValue.json(manifest.future_examples),
         "late_rows_outside_lookback": manifest.late_outside_lookback,
+        "rows_before_partitions_start": manifest.before_partitions_start,
+        "rows_unprocessable": manifest.rows_unprocessable,
         "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
         "parts_read": len(manifest.parts),
         "parts_skipped_as_settled": manifest.parts_skipped,
@@ -143,6 +142,15 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             f"{manifest.late_outside_lookback:,} late rows outside the lookback")
         for reason in manifest.unreadable:
             context.log.warning(f"{sync.name}: not read: {reason}")
+        if manifest.before_partitions_start:
+            context.log.warning(
+                f"{sync.name}: {manifest.before_partitions_start:,} rows have UPDATED_AT before "
+                f"partitions_start ({sync.partitions_start}) and are never synced; set an earlier "
+                "partitions_start in the sync's config to include them")
+        if manifest.rows_unprocessable:
+            context.log.warning(
+                f"{sync.name}: {manifest.rows_unprocessable:,} rows could not be processed and "
+                "were rejected on their own (see rejected_examples); the other rows go on")
         if manifest.late_outside_lookback:
             context.log.warning(
                 f"{sync.name}: {manifest.late_outside_lookback:,} rows older than the scanned window"
@@ -185,9 +193,13 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         outcome.watermark_after = after.isoformat() if after else None
         context.log.info(
             f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
-            f"{outcome.held:,}, ambiguous {outcome.ambiguous:,}, not sent {outcome.not_sent:,} in "
-            f"{outcome.requests:,} requests ({outcome.seconds:.1f}s); watermark "
-            f"{outcome.watermark_before} -> {outcome.watermark_after}")
+            f"{outcome.held_total:,}, ambiguous {outcome.ambiguous:,}, not sent "
+            f"{outcome.not_sent:,} in {outcome.requests:,} requests ({outcome.seconds:.1f}s); "
+            f"watermark {outcome.watermark_before} -> {outcome.watermark_after}")
+        context.log.info(f"{sync.name}: {outcome.status}: {outcome.status_detail}")
+        if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
+            raise dg.Failure(description=f"sync {sync.name}: {outcome.status_detail}",
+                             metadata=results_metadata(outcome, delta))
         return dg.Output(outcome, metadata=results_metadata(outcome, delta))
 
     return SyncAssets(sync, source, delta_asset, results_asset)
@@ -214,13 +226,17 @@ def results_metadata(outcome: SyncOutcome, delta: DeltaManifest) -> dict:
     sent = outcome.accepted + outcome.failed
     return {
         "dagster/row_count": outcome.accepted,
+        "status": outcome.status,
+        "status_detail": outcome.status_detail,
         "rows_read": delta.rows_read,
         "rows_valid": delta.valid,
         "rows_rejected_by_validation": delta.rejected,
         "rows_sent": sent + outcome.held,
         "rows_accepted": outcome.accepted,
         "rows_failed_at_braze": outcome.failed,
-        "rows_held_ambiguous": outcome.held,
+        "rows_held_ambiguous": outcome.held_total,
+        "rows_held_in_flight": outcome.held,
+        "rows_held_by_crash_recovery": outcome.recovered_held,
         "rows_ambiguous": outcome.ambiguous,
         "rows_not_sent_retry_next_run": outcome.not_sent,
         "rows_settled_by_another_run": outcome.settled_since_delta,

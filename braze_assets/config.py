@@ -223,6 +223,21 @@ class SyncConfig(_Strict):
         return "hold" if self.data_type in ("events", "purchases") else "resend"
 
 
+def _key_part(name: str) -> str:
+    """A table or folder name as an asset key part: Dagster takes letters, digits and `_` only,
+    so anything else (spaces in a quoted name, `-`, `$`) becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) or "_"
+
+
+def source_key_path(sync: SyncConfig) -> list[str]:
+    """The asset key of a sync's source: `[type, *table parts]` or `[s3, bucket, *folders]`."""
+    if sync.source.type == "s3":
+        folder = [p for p in sync.source.prefix.split("/") if p]
+        return [_key_part(p) for p in ("s3", sync.source.bucket, *folder)]
+    parts = re.findall(r'"([^"]*)"|([^."]+)', sync.source.table)
+    return [sync.source.type, *(_key_part((quoted or plain).lower()) for quoted, plain in parts)]
+
+
 class SyncsFile(_Strict):
     syncs: list[SyncConfig]
 
@@ -245,6 +260,15 @@ class SyncsFile(_Strict):
             if len(names) > 1:
                 raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table "
                                  f"(syncs {', '.join(repr(n) for n in names)})")
+        by_key: dict[str, SyncConfig] = {}
+        for sync in self.syncs:
+            key = "/".join(source_key_path(sync))
+            other = by_key.setdefault(key, sync)
+            if other is not sync:
+                raise ValueError(
+                    f"tables {other.source.table!r} (sync {other.name!r}) and "
+                    f"{sync.source.table!r} (sync {sync.name!r}) get the same asset key {key!r} "
+                    "(names differ only in characters an asset key cannot hold); rename one")
         return self
 
 

@@ -15,6 +15,8 @@ sentences behind a non-zero `*_problem` fact are kept beside the frame.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +29,7 @@ import pyarrow
 import pyarrow.compute as pc
 
 from braze_assets.braze import contract
+from braze_assets.masking import mask
 
 IDENTIFIER_COLUMNS = ("EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE")
 #: Identifier kinds a row may carry (the alias is one kind made of two columns).
@@ -90,18 +93,59 @@ def kinds_of(code: int) -> tuple[str, ...]:
     return tuple(kind for kind in IDENTIFIER_KINDS if code & KIND_BITS[kind])
 
 
+class IdentifierValueError(ValueError):
+    """An identifier cell that is not text and has no exact text form (a float, non-UTF-8 bytes)."""
+
+    def __init__(self, shown: str, problem: str) -> None:
+        super().__init__(problem)
+        self.shown, self.problem = shown, problem
+
+
 def _text(value: Any) -> str | None:
-    """An identifier value exactly as stored (Braze matches it exactly), None for NULL/blank."""
+    """An identifier value exactly as stored (Braze matches it exactly), None for NULL/blank.
+
+    Text passes as it is; whole numbers and UTF-8 bytes have one exact text form and take it.
+    Anything else (floats, invalid UTF-8, booleans, objects) has no exact text form: raising
+    `IdentifierValueError` lets the row be rejected with a reason instead of sending a guess
+    such as ``"b'user-42'"`` or ``"42.0"``.
+    """
     if value is None or (isinstance(value, float) and value != value):
         return None
-    text = str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise IdentifierValueError(f"0x{bytes(value)[:16].hex()}",
+                                       "is binary data that is not UTF-8 text") from None
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+        text = str(value.quantize(decimal.Decimal(1)))
+    else:
+        raise IdentifierValueError(type(value).__name__, f"must be text or a whole number, not "
+                                   f"{type(value).__name__} (store identifiers as text)")
     return text if text.strip() else None
 
 
-def _texts(values: list[Any]) -> list[str | None]:
-    """`_text` over a column; strings (the usual case) take the fast path."""
-    return [(v if v and not v.isspace() else None) if type(v) is str else _text(v)
-            for v in values]
+def _texts(values: list[Any], column: str = "",
+           problems: dict[int, list[str]] | None = None) -> list[str | None]:
+    """`_text` over a column; strings (the usual case) take the fast path. A value with no exact
+    text form is kept as a placeholder (so the row still counts as identified) and its problem
+    noted in `problems` by row position."""
+    texts: list[str | None] = []
+    for i, v in enumerate(values):
+        if type(v) is str:
+            texts.append(v if v and not v.isspace() else None)
+            continue
+        try:
+            texts.append(_text(v))
+        except IdentifierValueError as exc:
+            texts.append(exc.shown)
+            if problems is not None:
+                problems.setdefault(i, []).append(f"{column} {exc.problem}")
+    return texts
 
 
 def _json_text(value: Any) -> str | bytes | None:
@@ -114,8 +158,11 @@ class RowBatch:
     or blank), PAYLOAD as JSON text, UPDATED_AT as an Arrow timestamp[us, UTC] array."""
 
     def __init__(self, updated_at: pyarrow.Array, identifiers: dict[str, list[str | None]],
-                 payload: list[Any] | None):
+                 payload: list[Any] | None,
+                 identifier_problems: dict[int, list[str]] | None = None):
         self.updated_at, self.columns, self.payload = updated_at, identifiers, payload
+        #: rows whose identifier cells have no exact text form: position -> sentences
+        self.identifier_problems = identifier_problems or {}
         self.num_rows = len(updated_at)
         codes = np.zeros(self.num_rows, dtype=np.int64)
         for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
@@ -138,8 +185,9 @@ class RowBatch:
     def from_arrow(cls, table: pyarrow.Table | pyarrow.RecordBatch) -> RowBatch:
         """Columns as a source scan streams them (upper-case names)."""
         names = table.schema.names
-        identifiers = {c: _texts(table.column(c).to_pylist()) for c in IDENTIFIER_COLUMNS
-                       if c in names}
+        problems: dict[int, list[str]] = {}
+        identifiers = {c: _texts(table.column(c).to_pylist(), c, problems)
+                       for c in IDENTIFIER_COLUMNS if c in names}
         payload = None
         if "PAYLOAD" in names:
             column = table.column("PAYLOAD")
@@ -150,18 +198,21 @@ class RowBatch:
         updated_at = table.column("UPDATED_AT")
         if isinstance(updated_at, pyarrow.ChunkedArray):
             updated_at = updated_at.combine_chunks()
-        return cls(updated_at.cast(pyarrow.timestamp("us", tz="UTC")), identifiers, payload)
+        return cls(updated_at.cast(pyarrow.timestamp("us", tz="UTC")), identifiers, payload,
+                   problems)
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> RowBatch:
         """Rows as dicts (upper-case column names); a naive UPDATED_AT is taken as UTC."""
         present = {c for row in rows for c in row}
-        identifiers = {c: _texts([row.get(c) for row in rows]) for c in IDENTIFIER_COLUMNS
-                       if c in present}
+        problems: dict[int, list[str]] = {}
+        identifiers = {c: _texts([row.get(c) for row in rows], c, problems)
+                       for c in IDENTIFIER_COLUMNS if c in present}
         payload = [_json_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present \
             else None
         stamps = [row.get("UPDATED_AT") for row in rows]
-        return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload)
+        return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload,
+                   problems)
 
     def identifiers(self, i: int) -> dict[str, Any]:
         """The identifier kinds of row `i`: kind -> value (alias -> (name, label))."""
@@ -194,6 +245,19 @@ def parse_braze_time(value: Any) -> dt.datetime | None:
         return None
 
 
+def _shown(value: Any) -> str:
+    """A rejected value as a reason quotes it: masked like an identifier (it may be an email or a
+    phone number put in the wrong field), with its JSON type when that is the problem."""
+    if isinstance(value, str):
+        return repr(mask(value))
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        text = str(value)  # short numbers (0, 150, 9.99) are no one's phone number
+        return text if len(text) <= 6 else f"a number ({mask(text)})"
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -206,7 +270,7 @@ def _event_problems(payload: dict) -> list[str]:
     if not isinstance(name, str) or not name.strip():
         problems.append("event PAYLOAD has no 'name' (a non-empty string)")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
-        problems.append(f"event 'time' is not ISO 8601: {str(payload['time'])[:40]!r}")
+        problems.append(f"event 'time' is not ISO 8601: {_shown(payload['time'])}")
     return problems + _properties_problems(payload, "event")
 
 
@@ -248,17 +312,17 @@ def _purchase_problems(payload: dict) -> list[str]:
         problems.append("purchase 'product_id' must be a string of at most 255 characters")
     if currency not in (None, "") and currency not in contract.ISO_4217_CURRENCIES:
         problems.append(f"purchase 'currency' is not an ISO 4217 currency code: "
-                        f"{str(currency)[:20]!r}")
+                        f"{_shown(currency)}")
     if payload.get("price") not in (None, "") and not _is_number(payload["price"]):
-        problems.append(f"purchase 'price' must be a number: got {str(payload['price'])[:20]!r}")
+        problems.append(f"purchase 'price' must be a number: got {_shown(payload['price'])}")
     quantity = payload.get("quantity", 1)
     if not isinstance(quantity, int) or isinstance(quantity, bool) or not (
         contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
     ):
         problems.append(f"purchase 'quantity' must be a whole number from 1 to 100: "
-                        f"got {str(quantity)[:20]!r}")
+                        f"got {_shown(quantity)}")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
-        problems.append(f"purchase 'time' is not ISO 8601: {str(payload['time'])[:40]!r}")
+        problems.append(f"purchase 'time' is not ISO 8601: {_shown(payload['time'])}")
     return problems + _properties_problems(payload, "purchase")
 
 
@@ -268,6 +332,68 @@ _TYPE_RULES: dict[str, Callable[[dict], list[str]]] = {
 }
 #: Separates several field problems of one row inside the `type_problem` fact.
 _PROBLEM_SEPARATOR = "\n"
+
+
+#: How deep a PAYLOAD may nest: the serializer's limit for the objects sent to Braze.
+MAX_NESTING = 254
+_LONG_DIGITS = re.compile(r"\d{19,}")  # 2**63 has 19 digits: shorter numbers always fit
+_JSON_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+_INT_RANGE = (-(1 << 63), (1 << 64) - 1)  # what the JSON parser keeps exactly
+
+
+def _decode_problem(exc: Exception) -> str:
+    message = str(exc)
+    if "depth" in message or "recursion" in message.lower():
+        return f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
+    if "infinity" in message:
+        return ("PAYLOAD has a whole number beyond 64 bits that cannot be sent exactly; send it "
+                "as a string")
+    return f"PAYLOAD is not valid JSON: {message.split(':')[0]}"
+
+
+def _lossy_json(raw: str | bytes) -> str | None:
+    """Why this PAYLOAD would not reach Braze as written, or None. A JSON parser silently keeps
+    the last of duplicate keys and turns whole numbers beyond 64 bits into floats; both change
+    the data, so such a row is rejected with the reason instead. A cheap look at the text
+    (a 19-digit run, a key name seen twice) decides whether the exact, slower parse is needed."""
+    text = raw if type(raw) is str else raw.decode("utf-8")
+    keys = _JSON_KEY.findall(text)
+    if _LONG_DIGITS.search(text) is None and len(keys) == len(set(keys)):
+        return None
+    duplicates: set[str] = set()
+    too_big: list[int] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                duplicates.add(key)
+            seen.add(key)
+        return dict(items)
+
+    def whole(digits: str) -> int | float:
+        try:
+            value = int(digits)
+        except ValueError:  # longer than Python converts: certainly beyond 64 bits
+            too_big.append(len(digits))
+            return 0
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            too_big.append(len(digits.lstrip("-")))
+        return value
+
+    try:
+        json.loads(text, object_pairs_hook=pairs, parse_int=whole)
+    except RecursionError:
+        return f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
+    problems = []
+    if duplicates:
+        shown = ", ".join(sorted(repr(k[:40]) for k in duplicates)[:5])
+        problems.append(f"PAYLOAD has duplicate keys (JSON keeps only the last; send each key "
+                        f"once): {shown}")
+    if too_big:
+        problems.append(f"PAYLOAD has a whole number beyond 64 bits ({max(too_big)} digits) that "
+                        "cannot be sent exactly; send it as a string")
+    return _PROBLEM_SEPARATOR.join(problems) or None
 
 
 def attribute_count(payload: dict, raw: str | bytes | None = None) -> int:
@@ -299,6 +425,13 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
             problem[i] = 1
             notes["payload_problem"][i] = "PAYLOAD is null"
             continue
+        if type(raw) is not str and type(raw) is not bytes:
+            if not isinstance(raw, (bytearray, memoryview)):
+                problem[i] = 1
+                notes["payload_problem"][i] = (f"PAYLOAD must be JSON text or a JSON object, not "
+                                               f"{type(raw).__name__}")
+                continue
+            raw = bytes(raw)
         size = len(raw) if type(raw) is bytes or raw.isascii() else len(raw.encode())
         sizes[i] = size
         if size > max_bytes:
@@ -307,12 +440,17 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
             payload = loads(raw)
         except decode_error as exc:
             problem[i] = 1
-            notes["payload_problem"][i] = f"PAYLOAD is not valid JSON: {str(exc).split(':')[0]}"
+            notes["payload_problem"][i] = _decode_problem(exc)
             continue
         if type(payload) is not dict:
             problem[i] = 1
             notes["payload_problem"][i] = (f"PAYLOAD must be a JSON object: got "
                                            f"{type(payload).__name__}")
+            continue
+        lossy = _lossy_json(raw)
+        if lossy is not None:
+            problem[i] = 1
+            notes["payload_problem"][i] = lossy
             continue
         payloads[i] = payload
         if counted:
@@ -339,7 +477,8 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
 # ----------------------------------------------------------------------------- pandera schemas
 #: The facts the schema judges, one rule each: counts and codes, 0 meaning "fine" for the
 #: `*_problem`/`*_keys` columns, whose sentences are kept beside the frame.
-_INT_FACTS = ("identifier_kinds", "alias_problem", "external_id_bytes", "payload_problem",
+_INT_FACTS = ("identifier_kinds", "identifier_problem", "alias_problem", "external_id_bytes",
+              "payload_problem",
               "payload_bytes", "attribute_count", "payload_identifier_keys", "type_problem")
 
 
@@ -357,6 +496,7 @@ def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
         "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),
         "identifier_kinds": pa.Column(int, pa.Check.isin(allowed_kind_codes(spec),
                                                          name="one_identifier")),
+        "identifier_problem": pa.Column(int, pa.Check.eq(0, name="identifier_text")),
         "alias_problem": pa.Column(int, pa.Check.eq(0, name="alias_pair")),
         "external_id_bytes": pa.Column(
             int, pa.Check.le(contract.EXTERNAL_ID_MAX_BYTES, name="external_id_size")
@@ -459,7 +599,10 @@ def validate_batch(batch: RowBatch, spec: DataTypeSpec) -> CheckedRows:
             (0 if v is None else len(v) if v.isascii() else len(v.encode()) for v in external),
             dtype=np.int64, count=n)
     notes: dict[str, dict[int, str]] = {"payload_problem": {}, "payload_identifier_keys": {},
-                                        "type_problem": {}}
+                                        "type_problem": {}, "identifier_problem": {}}
+    for i, sentences in batch.identifier_problems.items():
+        facts["identifier_problem"][i] = len(sentences)
+        notes["identifier_problem"][i] = _PROBLEM_SEPARATOR.join(sentences)
     payloads: list[dict | None] = [None] * n
     if spec.has_payload:
         payloads = _payload_facts(batch, spec, facts, notes)
@@ -500,9 +643,11 @@ def braze_times(stamps: pyarrow.Array) -> list[str | None]:
 
 
 def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int],
-                  update_existing_only: bool) -> list[bytes]:
+                  update_existing_only: bool) -> list[bytes | None]:
     """The valid rows at `positions` as the JSON objects Braze receives: track objects, or
-    `[key, id]` pairs for deletions (grouped into requests by delivery)."""
+    `[key, id]` pairs for deletions (grouped into requests by delivery). A row whose object cannot
+    be serialized (nested deeper than the serializer goes) gets None here and its reason in
+    `checked.failures`."""
     batch, payloads = checked.batch, checked.payloads
     dumps, objects = orjson.dumps, []
     if spec.name == "deletions":
@@ -531,5 +676,11 @@ def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int]
             obj.setdefault("time", times[i])  # CDI: no `time` -> UPDATED_AT [A2.2]
             if update_existing_only:
                 obj.setdefault("_update_existing_only", True)
-        objects.append(dumps(obj))
+        try:
+            objects.append(dumps(obj))
+        except TypeError as exc:  # orjson.JSONEncodeError: too deep (the only way a parsed
+            objects.append(None)  # payload fails to serialize again)
+            checked.failures[i] = [
+                f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
+                if "ecursion" in str(exc) else "PAYLOAD cannot be serialized for Braze"]
     return objects

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.braze import contract
-from braze_assets.braze.client import BrazeClient, RequestOutcome
+from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcome
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
 from braze_assets.state import StateStore
@@ -61,6 +61,8 @@ class SyncOutcome:
     recovered_settled: int = 0
     recovered_ambiguous: int = 0
     recovered_unsent: int = 0
+    #: of `recovered_ambiguous`, the rows parked as held (the `hold` policy)
+    recovered_held: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
     failed_examples: list[dict[str, str]] = field(default_factory=list)
     earliest_unsettled: str | None = None
@@ -68,6 +70,14 @@ class SyncOutcome:
     seconds: float = 0.0
     watermark_before: str | None = None
     watermark_after: str | None = None
+    #: CDI-style run status (`RUN_STATUSES`) and one sentence saying why
+    status: str = ""
+    status_detail: str = ""
+
+    @property
+    def held_total(self) -> int:
+        """Rows parked for a person by this run: held in flight, or by recovering a crashed run."""
+        return self.held + self.recovered_held
 
     @property
     def objects_per_second(self) -> float:
@@ -75,6 +85,52 @@ class SyncOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: CDI-style run statuses, worst last, and the `braze-assets run` exit code of each (2 is argparse's
+#: usage error). A run with several syncs exits with the worst.
+RUN_STATUSES = ("success", "partial_success", "held", "error")
+EXIT_CODES = {"success": 0, "partial_success": 3, "held": 4, "error": 1}
+
+
+def worst_status(statuses: list[str]) -> str:
+    return max(statuses, key=RUN_STATUSES.index, default="success")
+
+
+def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
+    """The run's status and why, from what happened to every row it was responsible for.
+
+    `error`: rows were due and none reached Braze (unreachable, every request refused);
+    `held`: rows are parked for a person (outcome unknown); `partial_success`: some rows failed
+    validation, failed at Braze or wait for the next run; `success`: everything due is settled.
+    """
+    due = outcome.rows_in_delta - outcome.settled_since_delta
+    reached = outcome.accepted + outcome.failed + outcome.held
+    if due > 0 and reached == 0 and outcome.not_sent:
+        return "error", (f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
+                         "(Braze unreachable or refusing); they are sent by the next run")
+    problems = []
+    if outcome.held_total:
+        problems.append(f"{outcome.held_total:,} held with an unknown outcome (release them from "
+                        "the release_held_job)")
+    if outcome.not_sent:
+        problems.append(f"{outcome.not_sent:,} not sent (retried by the next run)")
+    if outcome.failed:
+        problems.append(f"{outcome.failed:,} failed at Braze")
+    if delta.rejected:
+        problems.append(f"{delta.rejected:,} rejected by validation")
+    if outcome.unattributed_errors:
+        problems.append(f"{outcome.unattributed_errors:,} Braze errors without a row index")
+    if outcome.held_total:
+        return "held", "; ".join(problems)
+    if problems:
+        return "partial_success", "; ".join(problems)
+    if due <= 0 and outcome.settled_since_delta:
+        return "success", (f"nothing to send: all {outcome.settled_since_delta:,} rows of this "
+                           "delta were already delivered by another run")
+    if outcome.rows_in_delta == 0:
+        return "success", "nothing new or changed to send"
+    return "success", f"all {outcome.accepted:,} rows accepted by Braze"
 
 
 @dataclass
@@ -166,6 +222,9 @@ class Delivery:
                                    rows_in_delta=manifest.valid)
         self._failed_reasons: Counter[str] = Counter()
         self._earliest_unsettled: dt.datetime | None = None
+        self._auth_error: BrazeAuthError | None = None
+        self._live: set[asyncio.Task] = set()
+        self._done = 0
 
     def run(self) -> SyncOutcome:
         started = time.monotonic()
@@ -174,6 +233,8 @@ class Delivery:
             self.outcome.recovered_settled = recovered["recovered_settled"]
             self.outcome.recovered_ambiguous = recovered["recovered_ambiguous"]
             self.outcome.recovered_unsent = recovered["recovered_unsent"]
+            if self.policy == "hold":
+                self.outcome.recovered_held = recovered["recovered_ambiguous"]
             with self.store.connect() as con:
                 self._record_invalid(con)
                 asyncio.run(self._send_all(con))
@@ -181,6 +242,7 @@ class Delivery:
         self.outcome.failed_reasons = dict(self._failed_reasons.most_common())
         if self._earliest_unsettled is not None:
             self.outcome.earliest_unsettled = self._earliest_unsettled.isoformat()
+        self.outcome.status, self.outcome.status_detail = classify(self.outcome, self.manifest)
         return self.outcome
 
     def _since(self) -> dt.datetime | None:
@@ -222,7 +284,7 @@ class Delivery:
             async with self.client:
                 for n in itertools.count():
                     batch = await asyncio.to_thread(next, batches, None)
-                    if batch is None or errors:
+                    if batch is None or errors or self._auth_error is not None:
                         break
                     chunk = await asyncio.to_thread(
                         self._prepare, con, pa.Table.from_batches([batch]),
@@ -230,6 +292,11 @@ class Delivery:
                     if chunk is not None:
                         chunk.tasks = [asyncio.create_task(self._send(chunk, r, journal, window))
                                        for r in chunk.requests]
+                        self._live.update(chunk.tasks)
+                        if self._auth_error is not None:
+                            self._stop_all(self._auth_error)  # planned while the key failed
+                            for task in chunk.tasks:
+                                task.cancel()
                     if previous is not None:
                         await self._finish(con, previous, errors)
                     previous = chunk
@@ -239,6 +306,14 @@ class Delivery:
         if self._bar is not None:
             self._bar.close()
             self._bar.fp.close()
+        if self._auth_error is not None:
+            out = self.outcome
+            unsettled = (self.manifest.valid - out.settled_since_delta - out.accepted - out.failed
+                         - out.held)
+            raise BrazeAuthError(f"{self._auth_error} Delivery stopped at the first refusal: "
+                                 f"{self.outcome.accepted:,} rows accepted before it, "
+                                 f"{unsettled:,} rows not sent and left for the next run "
+                                 "(nothing else settled).") from None
         if errors:
             raise errors[0]
 
@@ -266,9 +341,13 @@ class Delivery:
 
     async def _send(self, chunk: _Chunk, request: _Request, journal, window) -> None:
         async with window:
-            result = await self.client.post(
-                self.spec.endpoint, request.body, retry_ambiguous=self.policy == "resend",
-                on_send=lambda: self.store.journal_start(journal, request.batch_id))
+            try:
+                result = await self.client.post(
+                    self.spec.endpoint, request.body, retry_ambiguous=self.policy == "resend",
+                    on_send=lambda: self.store.journal_start(journal, request.batch_id))
+            except BrazeAuthError as exc:
+                self._stop_all(exc)
+                raise
         self._apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.
@@ -276,11 +355,23 @@ class Delivery:
             (chunk.hashes[i], chunk.status[i], chunk.messages[i]) for i in request.rows
             if chunk.status[i] != "accepted"])
 
+    def _stop_all(self, exc: BrazeAuthError) -> None:
+        """Braze refused the key: every other request would be refused too. Cancel them all (the
+        waiting ones never leave; those on the wire were refused for the same key), so the run
+        stops at the first 401/403 with their rows unsettled, to be sent once the key is fixed."""
+        if self._auth_error is None:
+            self._auth_error = exc
+            for task in self._live:
+                if task is not asyncio.current_task():
+                    task.cancel()
+
     async def _finish(self, con, chunk: _Chunk | None, errors: list[BaseException]) -> None:
         if chunk is None:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
-        errors += [r for r in results if isinstance(r, BaseException)]
+        self._live.difference_update(chunk.tasks)
+        errors += [r for r in results if isinstance(r, BaseException)
+                   and not isinstance(r, asyncio.CancelledError)]
         await asyncio.to_thread(self._settle, con, chunk)
         self._done += chunk.table.num_rows
         if self._bar is not None:

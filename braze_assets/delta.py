@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.datatypes import (
-    IDENTIFIER_COLUMNS, DataTypeSpec, RowBatch, build_objects, row_identifiers, validate_batch,
+    IDENTIFIER_COLUMNS, CheckedRows, DataTypeSpec, RowBatch, build_objects, row_identifiers,
+    validate_batch,
 )
-from braze_assets.masking import mask_identifier_columns, mask_identifiers
+from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 
@@ -72,6 +73,10 @@ class DeltaManifest:
     future_rows: int = 0
     future_examples: list[dict[str, str]] = field(default_factory=list)
     late_outside_lookback: int = 0
+    #: rows with UPDATED_AT before the sync's partitions_start: never read, so counted here
+    before_partitions_start: int = 0
+    #: rows that failed in a way validation did not foresee (rejected, never sent)
+    rows_unprocessable: int = 0
     #: parts of the source that could not be read at all (files over 512 MB, unknown formats)
     unreadable: list[str] = field(default_factory=list)
     #: parts (files) read in full by this delta, with their version, and those skipped as settled
@@ -141,8 +146,25 @@ def reason_key(reason: str) -> str:
     return reason.split(": ")[0]
 
 
+@dataclass
+class _Prepared:
+    """One batch's contribution, computed in full before anything is written: a failure while
+    preparing leaves no trace, so the batch can be taken apart row by row."""
+
+    valid: pa.Table | None = None
+    rejected: pa.Table | None = None
+    data_points: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
 class DeltaWriter:
-    """Validates batches and appends them to the valid/rejected Parquet files."""
+    """Validates batches and appends them to the valid/rejected Parquet files.
+
+    No row can stop the others: a batch that fails to process for a reason validation did not
+    foresee is processed again row by row, and a row that still fails is rejected with a reason
+    naming the failure (counted in `rows_unprocessable`), so every row read ends valid or rejected.
+    """
 
     def __init__(self, manifest: DeltaManifest, spec: DataTypeSpec, update_existing_only: bool):
         self.manifest, self.spec = manifest, spec
@@ -153,54 +175,100 @@ class DeltaWriter:
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
         """Validate scanned rows not yet settled (`hashes`: their `row_hash`) and append them."""
+        try:
+            prepared = self._prepare(rows, hashes)
+        except Exception as exc:  # noqa: BLE001 - any failure is one row's: find it, set it aside
+            if rows.num_rows > 1:
+                for i in range(rows.num_rows):
+                    self.add(rows.slice(i, 1), hashes[i:i + 1])
+                return
+            prepared = self._unprocessable(rows, hashes, exc)
+        self._commit(prepared)
+
+    def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
         batch = RowBatch.from_arrow(rows)
         checked = validate_batch(batch, self.spec)
-        failures = checked.failures
-        valid = [i for i in range(batch.num_rows) if i not in failures]
+        prepared = _Prepared()
+        valid = [i for i in range(batch.num_rows) if i not in checked.failures]
         if valid:
-            shown = mask_identifier_columns(batch.columns, batch.num_rows)
-            take = pa.array(valid, pa.int64())
             objects = build_objects(checked, self.spec, valid, self.update_existing_only)
-            self._valid.write_table(pa.table({
+            if any(o is None for o in objects):  # rows too deep to serialize: now in failures
+                objects = [o for o in objects if o is not None]
+                valid = [i for i in valid if i not in checked.failures]
+            shown = mask_identifier_columns(batch.columns, batch.num_rows)
+            points = checked.data_points[valid]
+            prepared.valid = pa.table({
                 "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
-                "updated_at": batch.updated_at.take(take),
+                "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
                 "identifier": pa.array([shown[i] for i in valid], pa.string()),
                 "object": pa.array(objects, pa.binary()),
-                "data_points": pa.array(checked.data_points[valid], pa.int32()),
-            }, schema=VALID_SCHEMA))
-            self.manifest.valid += len(valid)
-            self.manifest.estimated_data_points += int(checked.data_points[valid].sum())
-        if failures:
-            self._add_rejected(rows, checked, hashes)
+                "data_points": pa.array(points, pa.int32()),
+            }, schema=VALID_SCHEMA)
+            prepared.data_points = int(points.sum())
+        if checked.failures:
+            self._prepare_rejected(rows, checked, hashes, prepared)
+        return prepared
 
-    def _add_rejected(self, rows: pa.RecordBatch | pa.Table, checked, hashes: list[str]) -> None:
+    def _prepare_rejected(self, rows: pa.RecordBatch | pa.Table, checked: CheckedRows,
+                          hashes: list[str], prepared: _Prepared) -> None:
         failures = checked.failures
         names = rows.schema.names
         picked = pa.array(sorted(failures), pa.int64())
         column = {name: rows.column(name).take(picked).to_pylist() if name in names else
                   [None] * len(picked) for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")}
-        rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
+        rejected: dict[str, list[Any]] = {name: [] for name in REJECTED_SCHEMA.names}
         for n, i in enumerate(sorted(failures)):
             identifiers = checked.identifiers(i)
             shown = mask_identifiers(identifiers)
             reasons = "; ".join(dict.fromkeys(failures[i]))
             location = f"{column['_FILE'][n]}:{column['_LINE'][n]}" if column["_FILE"][n] else ""
-            raw = column["PAYLOAD"][n]
-            excerpt = raw if isinstance(raw, str) else orjson.dumps(raw).decode() if raw else ""
-            if location and not identifiers:
-                excerpt = ""  # an unparseable line may hold identifiers we cannot mask
+            excerpt = mask_payload(column["PAYLOAD"][n])
             for values, value in zip(rejected.values(), (
-                hashes[i], column["UPDATED_AT"][n], shown, reasons, location, excerpt[:200],
-            )):
+                hashes[i], column["UPDATED_AT"][n], shown, reasons, location, excerpt,
+            ), strict=True):
                 values.append(value)
-            self._reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
-            if len(self.manifest.rejected_examples) < EXAMPLES_KEPT:
-                example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
-                if location:
-                    example["location"] = location
-                self.manifest.rejected_examples.append(example)
-        self._rejected.write_table(pa.table(rejected, schema=REJECTED_SCHEMA))
-        self.manifest.rejected += len(rejected["row_hash"])
+            prepared.reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
+            example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
+            if location:
+                example["location"] = location
+            prepared.examples.append(example)
+        prepared.rejected = pa.table(rejected, schema=REJECTED_SCHEMA)
+
+    def _unprocessable(self, rows: pa.RecordBatch | pa.Table, hashes: list[str],
+                       exc: Exception) -> _Prepared:
+        """One row that could not be processed at all: rejected with the failure's kind (never
+        its text, which may quote the row's values)."""
+        reason = (f"row could not be processed ({type(exc).__name__}); set aside so the other "
+                  "rows go on")
+        stamps = rows.column("UPDATED_AT")
+        try:
+            stamp = stamps.cast(pa.timestamp("us", tz="UTC"))[0].as_py()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError):
+            stamp = None
+        names = rows.schema.names
+        location = (f"{rows.column('_FILE')[0].as_py()}:{rows.column('_LINE')[0].as_py()}"
+                    if "_FILE" in names else "")
+        self.manifest.rows_unprocessable += 1
+        return _Prepared(
+            rejected=pa.table({"row_hash": [hashes[0]], "updated_at": [stamp],
+                               "identifier": ["(not shown)"], "reasons": [reason],
+                               "location": [location], "payload_excerpt": [""]},
+                              schema=REJECTED_SCHEMA),
+            reasons=Counter({reason_key(reason): 1}),
+            examples=[{"row_hash": hashes[0], "identifier": "(not shown)", "reasons": reason}])
+
+    def _commit(self, prepared: _Prepared) -> None:
+        manifest = self.manifest
+        if prepared.valid is not None and prepared.valid.num_rows:
+            self._valid.write_table(prepared.valid)
+            manifest.valid += prepared.valid.num_rows
+            manifest.estimated_data_points += prepared.data_points
+        if prepared.rejected is not None and prepared.rejected.num_rows:
+            self._rejected.write_table(prepared.rejected)
+            manifest.rejected += prepared.rejected.num_rows
+            self._reasons.update(prepared.reasons)
+            room = EXAMPLES_KEPT - len(manifest.rejected_examples)
+            manifest.rejected_examples += prepared.examples[:max(room, 0)]
 
     def close(self) -> None:
         self._valid.close()
@@ -267,6 +335,10 @@ def compute_delta(
             unsettled = source.count(partitions_start, window_start) - store.settled_count(
                 partitions_start, window_start)
             manifest.late_outside_lookback = max(0, unsettled)
+        if source.cheap_counts and (window_start is None or window_start >= partitions_start):
+            # Older than any partition: no run or backfill reads them, so say how many there are.
+            manifest.before_partitions_start = max(0, source.count(None, partitions_start)
+                                                   - store.settled_count(None, partitions_start))
     return manifest
 
 

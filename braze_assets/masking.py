@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -75,8 +76,43 @@ def mask_identifier_columns(columns: dict[str, list[str | None]], num_rows: int)
         parts.append(pc.if_else(pc.or_(pc.is_valid(name), pc.is_valid(label)), alias, None))
     if not parts:
         return ["(none)"] * num_rows
-    if len(parts) == 1:  # (joining a single array with null_handling="skip" drops its nulls)
-        joined = pc.fill_null(parts[0], "")
+    # Each present part followed by ", ", absent parts as "", then the last ", " dropped.
+    # (pyarrow's null_handling="skip" join drops rows where every part is null, shifting the
+    # rows after them, so it is not used.)
+    pieces = [pc.fill_null(pc.binary_join_element_wise(part, ", ", ""), "") for part in parts]
+    joined = pc.replace_substring_regex(pc.binary_join_element_wise(*pieces, ""), ", $", "")
+    shown = pc.if_else(pc.equal(joined, ""), "(none)", joined).to_pylist()
+    if len(shown) != num_rows:  # every row keeps its own entry, whatever pyarrow does
+        raise RuntimeError(f"masked {len(shown)} identifiers for {num_rows} rows")
+    return shown
+
+
+def mask_payload(raw: object, limit: int = 200) -> str:
+    """A PAYLOAD for display: its JSON shape and keys, every string value masked like an
+    identifier and long numbers too (a payload may hold emails or phone numbers anywhere).
+    Text that is not JSON cannot be masked and is not shown."""
+    if raw is None:
+        return ""
+    if isinstance(raw, (dict, list)):
+        value = raw
     else:
-        joined = pc.binary_join_element_wise(*parts, ", ", null_handling="skip")
-    return pc.if_else(pc.equal(joined, ""), "(none)", joined).to_pylist()
+        try:
+            value = orjson.loads(bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw)
+        except (orjson.JSONDecodeError, TypeError):
+            return f"(not shown: not valid JSON, {len(raw) if hasattr(raw, '__len__') else 0} bytes)"
+
+    def masked(node: object, depth: int = 0) -> object:
+        if depth > 20:
+            return "..."
+        if isinstance(node, dict):
+            return {str(k)[:40]: masked(v, depth + 1) for k, v in list(node.items())[:20]}
+        if isinstance(node, list):
+            return [masked(v, depth + 1) for v in node[:10]]
+        if isinstance(node, str):
+            return mask(node)
+        if isinstance(node, (int, float)) and not isinstance(node, bool) and len(str(node)) > 6:
+            return mask(str(node))
+        return node
+
+    text = orjson.dumps(masked(value)).decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

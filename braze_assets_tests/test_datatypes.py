@@ -338,15 +338,17 @@ def test_event_without_a_name_is_rejected(run, payload):
     assert run("events", row(payload, external_id="user-1")).only_reasons() == NO_EVENT_NAME
 
 
-@pytest.mark.parametrize("time", ["yesterday", "2024-13-45T00:00:00Z"])
-def test_event_with_unparseable_time_is_rejected(run, time):
+@pytest.mark.parametrize("time, shown", [("yesterday", "'yes***'"),
+                                         ("2024-13-45T00:00:00Z", "'202***'")])
+def test_event_with_unparseable_time_is_rejected(run, time, shown):
+    """The value is quoted masked, like an identifier: a wrong field may hold an email."""
     reasons = run("events", row({**EVENT, "time": time}, external_id="user-1")).only_reasons()
-    assert reasons == f"event 'time' is not ISO 8601: {time!r}"
+    assert reasons == f"event 'time' is not ISO 8601: {shown}"
 
 
 def test_event_time_that_is_not_a_string_is_rejected(run):
     reasons = run("events", row({**EVENT, "time": 1714564800}, external_id="user-1")).only_reasons()
-    assert reasons == "event 'time' is not ISO 8601: '1714564800'"
+    assert reasons == "event 'time' is not ISO 8601: a number (***00)"
 
 
 @pytest.mark.parametrize("time", [
@@ -388,7 +390,7 @@ def test_purchase_missing_every_required_key_names_them_all(run):
 def test_currency_that_is_not_iso_4217_is_rejected(run, currency):
     reasons = run("purchases", row({**PURCHASE, "currency": currency},
                                    external_id="user-1")).only_reasons()
-    assert reasons == f"purchase 'currency' is not an ISO 4217 currency code: {currency!r}"
+    assert reasons == "purchase 'currency' is not an ISO 4217 currency code: '***'"
 
 
 @pytest.mark.parametrize("currency", ["EUR", "JPY"])
@@ -397,11 +399,12 @@ def test_iso_4217_currencies_are_accepted(run, currency):
     assert obj["currency"] == currency
 
 
-@pytest.mark.parametrize("quantity", [0, 101, 2.5, True])
-def test_purchase_quantity_outside_1_to_100_is_rejected(run, quantity):
+@pytest.mark.parametrize("quantity, shown", [(0, "0"), (101, "101"), (2.5, "2.5"),
+                                             (True, "true")])
+def test_purchase_quantity_outside_1_to_100_is_rejected(run, quantity, shown):
     reasons = run("purchases", row({**PURCHASE, "quantity": quantity},
                                    external_id="user-1")).only_reasons()
-    assert reasons == QUANTITY + repr(str(quantity))
+    assert reasons == QUANTITY + shown
 
 
 @pytest.mark.parametrize("quantity", [1, 100])
@@ -410,10 +413,11 @@ def test_purchase_quantity_1_and_100_are_accepted(run, quantity):
     assert obj["quantity"] == quantity
 
 
-@pytest.mark.parametrize("price", ["12.5", True, {"amount": 12.5}])
-def test_non_numeric_price_is_rejected(run, price):
+@pytest.mark.parametrize("price, shown", [("12.5", "'***'"), (True, "true"),
+                                          ({"amount": 12.5}, "a JSON object")])
+def test_non_numeric_price_is_rejected(run, price, shown):
     reasons = run("purchases", row({**PURCHASE, "price": price}, external_id="user-1")).only_reasons()
-    assert reasons == f"purchase 'price' must be a number: got {str(price)[:20]!r}"
+    assert reasons == f"purchase 'price' must be a number: got {shown}"
 
 
 @pytest.mark.parametrize("price", [12.5, 3])
@@ -424,7 +428,7 @@ def test_numeric_price_is_accepted(run, price):
 
 def test_purchase_with_unparseable_time_is_rejected(run):
     reasons = run("purchases", row({**PURCHASE, "time": "soon"}, external_id="user-1")).only_reasons()
-    assert reasons == "purchase 'time' is not ISO 8601: 'soon'"
+    assert reasons == "purchase 'time' is not ISO 8601: '***'"
 
 
 # ----------------------------------------------------------------------------- UPDATED_AT, deletions

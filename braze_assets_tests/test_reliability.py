@@ -153,6 +153,9 @@ def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path):
         missing = set(range(6000)) - set(counts)
         held = harness.ledger("events").get("held", 0)
         assert rerun.outcome.recovered_ambiguous == held, "every ambiguous row is counted"
+        # the recovery run says how many rows it parked, in its counts and its status
+        assert rerun.outcome.held_total == rerun.outcome.recovered_held == held
+        assert rerun.outcome.status == ("held" if held else "success")
         assert held <= 4 * 75, "at most the requests in flight are ambiguous"
         # A request is journaled as sent just before its bytes leave; killed in between, it is
         # held though Braze never saw it (the safe side). So a missing row must be a held one.
