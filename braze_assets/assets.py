@@ -8,6 +8,7 @@ range, the ledger keeps a row Braze acknowledged from ever being sent again.
 
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dagster as dg
@@ -167,6 +168,11 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         kinds={"braze"},
         io_manager_key="watermark_io_manager",
         pool=f"braze_sync_{sync.name}",
+        check_specs=[dg.AssetCheckSpec(
+            "delivery_complete", asset=f"{sync.name}_sync_results",
+            description="Every row this run was responsible for is settled: nothing held with an "
+                        "unknown outcome, failed at Braze, rejected by validation or left for the "
+                        "next run (WARN otherwise, with the run's status and why).")],
         description=(
             f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
             "ledger (accepted / failed with Braze's message / held when the outcome is unknown), "
@@ -176,7 +182,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
     def results_asset(
         context: dg.AssetExecutionContext, delta: DeltaManifest, braze: BrazeResource,
         delivery_state: DeliveryStateResource,
-    ) -> dg.Output[SyncOutcome]:
+    ) -> Iterator[dg.Output[SyncOutcome] | dg.AssetCheckResult]:
         store = delivery_state.store(sync.name)
         before = store.read_watermark().value
         delivery = Delivery(
@@ -200,7 +206,13 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
             raise dg.Failure(description=f"sync {sync.name}: {outcome.status_detail}",
                              metadata=results_metadata(outcome, delta))
-        return dg.Output(outcome, metadata=results_metadata(outcome, delta))
+        yield dg.Output(outcome, metadata=results_metadata(outcome, delta))
+        yield dg.AssetCheckResult(
+            check_name="delivery_complete", passed=outcome.status == "success",
+            severity=dg.AssetCheckSeverity.WARN, description=outcome.status_detail,
+            metadata={"status": outcome.status, "rows_held": outcome.held_total,
+                      "rows_not_sent": outcome.not_sent, "rows_failed_at_braze": outcome.failed,
+                      "rows_rejected_by_validation": delta.rejected})
 
     return SyncAssets(sync, source, delta_asset, results_asset)
 

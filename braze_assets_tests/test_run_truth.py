@@ -79,6 +79,11 @@ def test_partial_success_names_what_did_not_go(tmp_path, emulator):
     run = harness.run("events")
     assert run.outcome.status == "partial_success"
     assert run.outcome.status_detail == "1 rejected by validation"
+    # the UI shows it on the results asset: a WARN check with the reason
+    [check] = [e for e in run.result.get_asset_check_evaluations()
+               if e.check_name == "delivery_complete"]
+    assert not check.passed and check.severity.value == "WARN"
+    assert check.description == "1 rejected by validation"
 
 
 def test_a_delta_already_delivered_by_another_run_says_so(tmp_path, emulator):
