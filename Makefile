@@ -2,16 +2,31 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+# The lock: every runtime, test and dev dependency pinned with hashes, for Python 3.11 on Linux x86_64.
+LOCK := requirements.lock
+LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
 
-.PHONY: setup demo ui emulator test clean
+.PHONY: setup lock demo ui emulator test clean
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the locked versions (hash-checked), then the project itself, built with the locked setuptools.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Regenerate the lock from pyproject.toml (runtime deps + the test and dev extras), then install it.
+# Pins already in the lock are kept where pyproject.toml still allows them; to upgrade, pass uv's
+# flags: `make lock UPGRADE=--upgrade` (everything) or `make lock UPGRADE="--upgrade-package dagster"`.
+UPGRADE ?=
+lock: $(VENV)/.installed  ## regenerate requirements.lock from pyproject.toml, then install it
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra dev --generate-hashes \
+		--custom-compile-command "make lock" \
+		$(LOCK_PLATFORM) --quiet $(UPGRADE) -o $(LOCK)
+	$(MAKE) setup
 
 demo: setup  ## seed DuckDB, start the Braze emulator, run every sync, show what it did
 	$(VENV)/bin/braze-assets demo
