@@ -66,6 +66,7 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
         "late_rows_outside_lookback": manifest.late_outside_lookback,
         "rows_before_partitions_start": manifest.before_partitions_start,
         "rows_unprocessable": manifest.rows_unprocessable,
+        "rows_exact_duplicates_dropped": manifest.duplicate_rows,
         "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
         "parts_read": len(manifest.parts),
         "parts_skipped_as_settled": manifest.parts_skipped,
@@ -148,6 +149,10 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 f"{sync.name}: {manifest.before_partitions_start:,} rows have UPDATED_AT before "
                 f"partitions_start ({sync.partitions_start}) and are never synced; set an earlier "
                 "partitions_start in the sync's config to include them")
+        if manifest.duplicate_rows:
+            context.log.warning(
+                f"{sync.name}: {manifest.duplicate_rows:,} rows are exact copies of another row "
+                "(same identifiers, UPDATED_AT and PAYLOAD) and go out once")
         if manifest.rows_unprocessable:
             context.log.warning(
                 f"{sync.name}: {manifest.rows_unprocessable:,} rows could not be processed and "

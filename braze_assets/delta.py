@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,6 +78,8 @@ class DeltaManifest:
     before_partitions_start: int = 0
     #: rows that failed in a way validation did not foresee (rejected, never sent)
     rows_unprocessable: int = 0
+    #: rows that were exact copies of another row of the delta (sent, or rejected, once)
+    duplicate_rows: int = 0
     #: parts of the source that could not be read at all (files over 512 MB, unknown formats)
     unreadable: list[str] = field(default_factory=list)
     #: parts (files) read in full by this delta, with their version, and those skipped as settled
@@ -326,6 +329,10 @@ def compute_delta(
                          f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled")
     finally:
         writer.close()
+    manifest.duplicate_rows = (_drop_duplicates(manifest.valid_path)
+                               + _drop_duplicates(manifest.rejected_path))
+    manifest.valid -= _count_dropped(manifest.valid_path, manifest.valid)
+    manifest.rejected -= _count_dropped(manifest.rejected_path, manifest.rejected)
     manifest.max_updated_at = newest.isoformat() if newest else None
     manifest.unreadable = source.unreadable(window_start, scan_end)
     if manifest.reaches_now:
@@ -340,6 +347,26 @@ def compute_delta(
             manifest.before_partitions_start = max(0, source.count(None, partitions_start)
                                                    - store.settled_count(None, partitions_start))
     return manifest
+
+
+def _drop_duplicates(path: str) -> int:
+    """Rows that are exact copies of an earlier row of the delta (same identifiers, UPDATED_AT and
+    PAYLOAD, so the same identity) are one row: keep the first, return how many copies were
+    dropped. The file is rewritten only when it has copies (a scan of one column otherwise)."""
+    with duckdb.connect(config={"memory_limit": "256MB"}) as con:
+        copies = con.sql("SELECT count(*) - count(DISTINCT row_hash) FROM read_parquet(?)",
+                         params=[path]).fetchall()[0][0]
+        if copies:
+            kept = con.sql(
+                "SELECT * EXCLUDE (file_row_number) FROM read_parquet(?, file_row_number = true) "
+                "QUALIFY row_number() OVER (PARTITION BY row_hash ORDER BY file_row_number) = 1 "
+                "ORDER BY file_row_number", params=[path]).to_arrow_table()
+            pq.write_table(kept.cast(pq.read_schema(path)), path)
+    return int(copies)
+
+
+def _count_dropped(path: str, counted: int) -> int:
+    return counted - pq.ParquetFile(path).metadata.num_rows
 
 
 def _report_future_rows(source: CdiSource, manifest: DeltaManifest, now: dt.datetime) -> None:

@@ -360,3 +360,20 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_facto
     assert counts.get("accepted", 0) + counts.get("failed", 0) == manifest.valid
     assert outcome.status in ("success", "partial_success")
 
+
+
+def test_exact_duplicate_rows_do_not_block_the_sync(tmp_path, emulator):
+    """Two identical rows are one row (same identity): sent once, counted, never a blocked run."""
+    harness = Harness(tmp_path, emulator)
+    recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
+    same = _table_row({"name": "app_open", "properties": {"n": 1}}, updated_at=recent,
+                      external_id="u1")
+    harness.table("events", [same, dict(same), dict(same),
+                             _table_row(PAYLOADS["events"], updated_at=recent, external_id="u2")])
+    harness.syncs = [sync_config("events", "events", "main.events")]
+    run = harness.run("events")
+    assert run.result.success
+    assert run.delta.duplicate_rows == 2 and run.delta.valid == 2
+    assert run.outcome.accepted == 2 and run.outcome.status == "success"
+    assert sorted(e["external_id"] for e in emulator.store.events()) == ["u1", "u2"]
+    assert harness.run("events").delta.valid == 0  # and settled for good
