@@ -467,4 +467,5 @@ class Delivery:
             "status": pa.array(status, pa.string()), "batch_id": pa.array(batch_ids, pa.string()),
             "identifier": chunk["identifier"], "message": pa.array(messages, pa.string()),
             "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
+            "object": chunk["object"],  # StateStore.append keeps held rows' details from it
         })

@@ -10,7 +10,10 @@ Layout under the state directory (one set per sync, so syncs never contend):
     - ``held``      outcome unknown (see DESIGN §3), parked until a person releases it.
   The ledger is append-only (no index to maintain: appends stay fast and memory flat however large
   it grows); only the run holding the delivery lock appends, and only rows it found unsettled.
-  Beside it, ``planned`` holds the rows of the chunk being sent right now, with their request ids.
+  Beside it, ``planned`` holds the rows of the chunk being sent right now, with their request ids,
+  and ``held_details`` what a person's reconcile needs to ask Braze about each held event or
+  purchase (the unmasked identifier, the event name or product_id and the time sent); a row's
+  details go when it stops being held.
 * ``<sync>.journal`` - an append-only line per request just before it goes on the wire, and one
   with its known outcome after. After a crash, a planned request found in the journal without an
   outcome may have reached Braze (ambiguous); one not in it never left the machine.
@@ -25,13 +28,17 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import duckdb
+import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 TERMINAL = ("accepted", "failed", "invalid", "held")
 
@@ -53,7 +60,71 @@ CREATE TABLE IF NOT EXISTS planned (
     identifier VARCHAR,
     run_id     VARCHAR
 );
+CREATE TABLE IF NOT EXISTS held_details (
+    row_hash   VARCHAR NOT NULL,
+    id_type    VARCHAR NOT NULL,  -- external_id | user_alias | braze_id | email | phone
+    id_value   VARCHAR NOT NULL,  -- user_alias: {"alias_name": .., "alias_label": ..} as JSON
+    kind       VARCHAR NOT NULL,  -- event | purchase
+    name       VARCHAR NOT NULL,  -- the event name or the product_id
+    sent_time  TIMESTAMPTZ NOT NULL  -- the object's `time` (UPDATED_AT when the payload had none)
+);
 """
+HELD_DETAILS_SCHEMA = pa.schema([
+    ("row_hash", pa.string()), ("id_type", pa.string()), ("id_value", pa.string()),
+    ("kind", pa.string()), ("name", pa.string()), ("sent_time", pa.timestamp("us", tz="UTC")),
+])
+#: How Braze picks the user an object names [B1.3]: the first of these the object carries.
+_IDENTITY_ORDER = ("external_id", "user_alias", "braze_id", "email", "phone")
+_JAVA_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}):(\d{3})(Z|[+-]\d{4})$")
+
+
+def _sent_time(value: object) -> dt.datetime | None:
+    """An object's `time` (ISO 8601 or `yyyy-MM-dd'T'HH:mm:ss:SSSZ`) in UTC; naive means UTC."""
+    if not isinstance(value, str):
+        return None
+    java = _JAVA_TIME.match(value)
+    if java:
+        value = f"{java[1]}.{java[2]}{'+0000' if java[3] == 'Z' else java[3]}"
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(
+        dt.timezone.utc)
+
+
+def held_detail(raw: bytes) -> tuple[str, str, str, str, dt.datetime] | None:
+    """What reconcile needs of a sent object: (id_type, id_value, kind, name, time), or None for
+    objects Braze cannot be asked about (attributes, deletions)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None  # a deletion: [key, id]
+    if isinstance(obj.get("product_id"), str):
+        kind, name = "purchase", obj["product_id"]
+    elif isinstance(obj.get("name"), str):
+        kind, name = "event", obj["name"]
+    else:
+        return None
+    sent = _sent_time(obj.get("time"))
+    id_type = next((key for key in _IDENTITY_ORDER if obj.get(key) is not None), None)
+    if sent is None or id_type is None:
+        return None
+    value = obj[id_type]
+    if id_type == "user_alias":
+        if not isinstance(value, dict):
+            return None
+        value = alias_key(value.get("alias_name"), value.get("alias_label"))
+    return id_type, str(value), kind, name, sent
+
+
+def alias_key(name: object, label: object) -> str:
+    """A user alias as `held_details.id_value` keeps it."""
+    return orjson.dumps({"alias_name": name, "alias_label": label}).decode()
+
+
 #: DuckDB's buffer pool for a ledger connection: scans stream, so this bounds memory, not size.
 LEDGER_MEMORY_LIMIT = "256MB"
 
@@ -188,15 +259,32 @@ class StateStore:
             finally:
                 con.unregister("incoming")
 
-    @classmethod
-    def append(cls, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+    def append(self, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
         """Record settled rows (ledger columns; `changed_at` added). Callers hold the delivery
-        lock and append only rows the ledger does not have."""
+        lock and append only rows the ledger does not have.
+
+        An optional `object` column (the objects as sent) keeps `held_details` of the rows held;
+        without it, a held row's object is looked up in its run's delta file."""
+        objects = None
+        if "object" in rows.column_names:
+            objects = rows["object"]
+            rows = rows.drop_columns(["object"])
         if "changed_at" not in rows.column_names:
             now = dt.datetime.now(dt.timezone.utc)
             rows = rows.append_column("changed_at", pa.array([now] * rows.num_rows,
                                                              pa.timestamp("us", tz="UTC")))
-        cls._insert(con, "ledger", rows)
+        self._insert(con, "ledger", rows)
+        is_held = pc.equal(rows["status"], "held")
+        if rows.num_rows and pc.any(is_held).as_py():
+            held = pc.indices_nonzero(is_held)
+            hashes = rows["row_hash"].take(held).to_pylist()
+            if objects is not None:
+                found = dict(zip(hashes, objects.take(held).to_pylist()))
+            else:
+                run_ids = sorted({r for r in rows["run_id"].to_pylist() if r}) \
+                    if "run_id" in rows.column_names else []
+                found = self._objects_from_deltas(hashes, run_ids)
+            self._keep_held_details(con, found)
 
     @classmethod
     def plan(cls, con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
@@ -224,15 +312,116 @@ class StateStore:
         with self.connect(read_only=True) as con:
             return dict(con.execute("SELECT status, count(*) FROM ledger GROUP BY 1").fetchall())
 
-    def release_held(self, row_hashes: list[str] | None = None) -> int:
-        """A person decided held rows should be sent again: forget them so the next run does."""
+    # ------------------------------------------------------------------ held rows: a person decides
+    def _keep_held_details(self, con: duckdb.DuckDBPyConnection,
+                           objects: Mapping[str, bytes | None]) -> None:
+        rows = [(h, *detail) for h, raw in objects.items()
+                if raw is not None and (detail := held_detail(raw)) is not None]
+        if rows:
+            self._insert(con, "held_details", pa.Table.from_pylist(
+                [dict(zip(HELD_DETAILS_SCHEMA.names, row)) for row in rows], HELD_DETAILS_SCHEMA))
+
+    def _objects_from_deltas(self, hashes: list[str], run_ids: list[str]) -> dict[str, bytes]:
+        """The objects of these rows as their runs' delta files hold them (the runs' own files
+        first, then the other retained ones, newest first). Files being written or gone are
+        skipped: a row whose object is not found gets no details (reconcile leaves it held)."""
+        if not hashes:
+            return {}
+        root = self.dir / "deltas" / self.sync
+        own = [self.delta_dir(r) / "valid.parquet" for r in run_ids]
+        others = sorted((p for p in root.glob("*/valid.parquet") if p not in own),
+                        key=lambda p: p.stat().st_mtime, reverse=True) if root.exists() else []
+        wanted, found = set(hashes), {}
+        for path in own + others:
+            if not wanted:
+                break
+            try:
+                table = pq.read_table(path, columns=["row_hash", "object"],
+                                      filters=[("row_hash", "in", sorted(wanted))])
+            except (OSError, pa.ArrowException):
+                continue
+            for h, raw in zip(table["row_hash"].to_pylist(), table["object"].to_pylist()):
+                found[h] = raw
+            wanted -= found.keys()
+        return found
+
+    def held_rows(self, row_hashes: list[str] | None = None) -> list[dict]:
+        """Held rows (all, or those of `row_hashes`) with their details where kept: row_hash,
+        updated_at, batch_id, identifier (masked), message, run_id, id_type, id_value, kind,
+        name, sent_time (None when no details were kept)."""
+        if not self.db_path.exists():
+            return []
         with self.connect() as con:
-            where = "status = 'held'"
+            where = ""
             if row_hashes is not None:
                 con.register("chosen", pa.table({"row_hash": pa.array(row_hashes, pa.string())}))
-                where += " AND row_hash IN (SELECT row_hash FROM chosen)"
-            count = con.execute(f"SELECT count(*) FROM ledger WHERE {where}").fetchone()[0]
+                where = " AND l.row_hash IN (SELECT row_hash FROM chosen)"
+            cursor = con.execute(
+                "SELECT l.row_hash, l.updated_at, l.batch_id, l.identifier, l.message, l.run_id, "
+                "d.id_type, d.id_value, d.kind, d.name, d.sent_time FROM ledger l "
+                "LEFT JOIN (SELECT DISTINCT ON (row_hash) * FROM held_details) d USING (row_hash) "
+                f"WHERE l.status = 'held'{where} ORDER BY l.updated_at, l.row_hash")
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    @staticmethod
+    def _chosen(con: duckdb.DuckDBPyConnection, row_hashes: list[str] | None) -> str:
+        where = "status = 'held'"
+        if row_hashes is not None:
+            con.register("chosen", pa.table({"row_hash": pa.array(row_hashes, pa.string())}))
+            where += " AND row_hash IN (SELECT row_hash FROM chosen)"
+        return where
+
+    def release_held(self, row_hashes: list[str] | None = None) -> int:
+        """A person decided held rows should be sent again: forget them so the next run does.
+
+        The watermark says every row at or before it is settled, so it moves back to just before
+        the earliest row forgotten: the next scheduled run reads those rows again, however far
+        behind its lookback they lie. Call with the delivery lock held (see `release.py`)."""
+        with self.connect() as con:
+            con.begin()
+            where = self._chosen(con, row_hashes)
+            count, earliest = con.execute(
+                f"SELECT count(*), min(updated_at) FROM ledger WHERE {where}").fetchone()
+            con.execute(f"DELETE FROM held_details WHERE row_hash IN "
+                        f"(SELECT row_hash FROM ledger WHERE {where})")
             con.execute(f"DELETE FROM ledger WHERE {where}")
+            con.commit()
+        watermark = self.read_watermark()
+        if earliest is not None and watermark.value is not None and watermark.value >= earliest:
+            self.write_watermark(Watermark(earliest - dt.timedelta(microseconds=1),
+                                           updated_by_run="release_held"))
+        return int(count)
+
+    def mark_held_delivered(self, messages: dict[str, str]) -> int:
+        """A person (or a reconcile with Braze's evidence) settled held rows as accepted: never
+        sent again; `messages` gives each row's reason, kept in the ledger."""
+        return self._settle_held(messages, "accepted")
+
+    def note_held(self, messages: dict[str, str]) -> int:
+        """Rows that stay held, with why (kept in the ledger's message)."""
+        return self._settle_held(messages, "held")
+
+    def _settle_held(self, messages: dict[str, str], status: str) -> int:
+        if not messages:
+            return 0
+        with self.connect() as con:
+            con.register("decided", pa.table({
+                "row_hash": pa.array(list(messages), pa.string()),
+                "message": pa.array(list(messages.values()), pa.string())}))
+            con.begin()
+            count = con.execute(
+                "SELECT count(*) FROM ledger WHERE status = 'held' AND row_hash IN "
+                "(SELECT row_hash FROM decided)").fetchone()[0]
+            con.execute(
+                "UPDATE ledger SET status = ?, message = d.message, changed_at = now() "
+                "FROM decided d WHERE ledger.row_hash = d.row_hash AND ledger.status = 'held'",
+                [status])
+            if status != "held":
+                con.execute("DELETE FROM held_details WHERE row_hash IN "
+                            "(SELECT row_hash FROM decided)")
+            con.commit()
+            con.unregister("decided")
         return int(count)
 
     # ------------------------------------------------------------------ journal and recovery
@@ -312,7 +501,12 @@ class StateStore:
                     "'outcome unknown: the process stopped while this request was in flight', "
                     "run_id, now() FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)"
                 )
+                held = con.execute("SELECT row_hash, run_id FROM planned WHERE batch_id IN "
+                                   "(SELECT batch_id FROM amb)").fetchall()
                 con.unregister("amb")
+                # `planned` keeps no objects: the crashed run's delta file has them
+                self._keep_held_details(con, self._objects_from_deltas(
+                    [h for h, _ in held], sorted({r for _, r in held if r})))
             con.execute("DELETE FROM planned")
             con.commit()
         self.journal_path.write_text("")

@@ -455,8 +455,9 @@ def test_admin_endpoints(client, braze, admin):
 
 
 def test_unknown_paths_are_404(client):
-    assert client.get("/users/export/ids").json() == {"message": "Not Found"}
+    assert client.get("/users/export/segment").json() == {"message": "Not Found"}
     assert client.get("/users/track").status_code == 405
+    assert client.get("/users/export/ids").status_code == 405
 
 
 def test_lean_mode_counts_without_storing():

@@ -1,8 +1,12 @@
-"""A local emulator of Braze's user-data REST API (``/users/track``, ``/users/delete``), like moto for AWS.
+"""A local emulator of Braze's user-data REST API (``/users/track``, ``/users/delete``,
+``/users/export/ids``), like moto for AWS.
 
 A real ``aiohttp`` HTTP server on loopback that enforces the documented contract (``shared/braze-contract.md``
 B1-B3; object rules live in :mod:`braze_assets.braze.emulator_validation`), stores what it accepted so tests
-and the demo can query it, and injects faults both before and after processing a request (DESIGN.md §5, §3).
+and the demo can query it, and injects faults both before and after processing a request (DESIGN.md §5, §3)
+on every API endpoint alike. ``/users/export/ids`` answers from what was stored (identifiers, attributes,
+and per event name and product_id the ``first``/``last`` time and ``count``); it has its own rate-limit
+window (``export_rate_limit``, Braze's default being 250 requests per minute), unlimited unless set.
 
 Python::
 
@@ -42,6 +46,7 @@ from braze_assets.braze.emulator_validation import (
     Identity,
     RequestError,
     delete_ids,
+    export_request,
     is_number,
     track_arrays,
     validate_object,
@@ -62,8 +67,10 @@ _REASONS = {
 
 @dataclass
 class FaultConfig:
-    """Fault injection rates (0..1). "before" faults refuse a request unprocessed; "after" faults process
-    (store) it and then lose or spoil the answer, the ambiguous case of DESIGN.md §3."""
+    """Fault injection rates (0..1), drawn for every API request (``/users/track``, ``/users/delete``,
+    ``/users/export/ids``). "before" faults refuse a request unprocessed (429, 502/503, dropped connection);
+    "after" faults process (store) it and then lose or spoil the answer (500/504, dropped connection,
+    a stall past the client's timeout), the ambiguous case of DESIGN.md §3."""
 
     rate_429: float = 0.0
     rate_5xx_before: float = 0.0
@@ -101,6 +108,8 @@ class EmulatorConfig:
     port: int = 0
     rate_limit: int | None = None
     rate_window_s: float = 3.0
+    export_rate_limit: int | None = None
+    export_rate_window_s: float = 60.0
     mau_style_429: bool = False
     legacy_batching: bool = False
     lean: bool = False
@@ -157,6 +166,7 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response()
 
 
+_EXPORT_PATH = "/users/export/ids"
 _Processor = Callable[[web.Request], Awaitable[tuple[int, dict]]]
 
 
@@ -170,6 +180,7 @@ class BrazeEmulator:
         self._auth = f"Bearer {self.config.api_key}"
         self.set_faults(self.config.faults)
         self.set_rate_limit(self.config.rate_limit, self.config.rate_window_s)
+        self.set_export_rate_limit(self.config.export_rate_limit, self.config.export_rate_window_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -181,6 +192,10 @@ class BrazeEmulator:
     def set_rate_limit(self, limit: int | None, window_s: float = 3.0) -> None:
         """Swap the rate limit (``None`` = unlimited) and start a fresh window."""
         self._window = _RateWindow(limit, window_s)
+
+    def set_export_rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
+        """Swap ``/users/export/ids``'s own rate limit (``None`` = unlimited; Braze: 250 per minute)."""
+        self._export_window = _RateWindow(limit, window_s)
 
     def start(self) -> str:
         """Listen on ``config.host:config.port`` and return the base URL once the socket is bound."""
@@ -249,6 +264,7 @@ class BrazeEmulator:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/users/track", partial(self._api, process=self._track))
         app.router.add_post("/users/delete", partial(self._api, process=self._delete))
+        app.router.add_post("/users/export/ids", partial(self._api, process=self._export))
         app.router.add_get("/_emulator/{name}", self._admin_read)
         app.router.add_post("/_emulator/reset", self._admin_reset)
         app.router.add_post("/_emulator/faults", self._admin_faults)
@@ -261,7 +277,7 @@ class BrazeEmulator:
         """B3 rate limit, then B4 auth: 429 or 401 (or 0 when admitted). Every API request counts toward
         the window; with a limit set every answer carries ``X-RateLimit-*`` except MAU-style 429s, which
         carry only ``X-Ratelimit-Retry-After``."""
-        window = self._window
+        window = self._export_window if request.path == _EXPORT_PATH else self._window
         if window.limit is not None:
             now = time.time()
             allowed = window.take(now)
@@ -350,9 +366,16 @@ class BrazeEmulator:
         self.store.record_deletions(ids)
         return 201, {"deleted": len(ids), "message": "success"}
 
+    async def _export(self, request: web.Request) -> tuple[int, dict]:
+        """``POST /users/export/ids``: the users found with the requested fields, and the ids that
+        match nobody. Read-only, so an "after" fault loses only the answer."""
+        users, invalid = self.store.export(export_request(await self._read_json(request)))
+        missing = {"invalid_user_ids": invalid} if invalid else {}
+        return 201, {"users": users, **missing, "message": "success"}
+
     async def _unknown(self, request: web.Request) -> web.Response:
         """Any other path: 404 (405 for a wrong method on an API path); counted, never rate limited."""
-        status = 405 if request.path in ("/users/track", "/users/delete") else 404
+        status = 405 if request.path in ("/users/track", "/users/delete", _EXPORT_PATH) else 404
         self.store.record_request(str(status))
         return _json(status, {"message": _REASONS[status]})
 
@@ -370,6 +393,7 @@ class BrazeEmulator:
         """Forget everything stored and counted, and start a fresh rate-limit window."""
         self.store.reset()
         self.set_rate_limit(self._window.limit, self._window.window_s)
+        self.set_export_rate_limit(self._export_window.limit, self._export_window.window_s)
         return _json(200, {"message": "reset"})
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
@@ -417,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rate-window", type=float, default=3.0, help="window length in seconds")
     parser.add_argument(
+        "--export-rate-limit", type=int, default=None,
+        help="/users/export/ids requests per window (default unlimited; Braze's default is 250 per minute)",
+    )
+    parser.add_argument("--export-rate-window", type=float, default=60.0, help="its window in seconds")
+    parser.add_argument(
         "--mau-style-429", action="store_true", help="429s carry only X-Ratelimit-Retry-After"
     )
     parser.add_argument(
@@ -448,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         rate_limit=args.rate_limit,
         rate_window_s=args.rate_window,
+        export_rate_limit=args.export_rate_limit,
+        export_rate_window_s=args.export_rate_window,
         mau_style_429=args.mau_style_429,
         legacy_batching=args.legacy_batching,
         lean=args.lean,

@@ -1,4 +1,5 @@
-"""What the local Braze emulator accepted: profiles, events, purchases and deletions."""
+"""What the local Braze emulator accepted: profiles, events, purchases and deletions, and what
+``/users/export/ids`` answers from them."""
 
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ import orjson
 
 from braze_assets.braze.emulator_validation import (
     CONTROL_KEYS,
+    STANDARD_ATTRIBUTES,
     DeleteId,
+    ExportRequest,
     Identity,
     apply_attribute,
     creates_profile,
+    format_time,
     identity_key,
+    parse_time,
 )
+
+#: export field -> track array whose objects it aggregates, and the object key naming the aggregate
+_ACTIVITY = {"custom_events": ("events", "name"), "purchases": ("purchases", "product_id")}
 
 
 class EmulatorStore:
@@ -25,8 +33,10 @@ class EmulatorStore:
     Profiles get a generated ``braze_id`` (every Braze profile has one). Email/phone lookups pick the most
     recently updated profile with an external_id, else the most recently updated one (B1.3). Events and
     purchases are stored once each, whether or not a profile exists (Braze never de-duplicates them, B1.1);
-    a purchase with quantity N is one stored object. In ``lean`` mode only counters are kept and
-    ``profiles`` in :meth:`stats` counts distinct identities seen.
+    a purchase with quantity N is one stored object. Each profile also keeps, per event name and per
+    product_id, the ``first`` and ``last`` time and the ``count`` that ``/users/export/ids`` reports; a
+    deleted profile takes them with it. In ``lean`` mode only counters are kept and ``profiles`` in
+    :meth:`stats` counts distinct identities seen.
     """
 
     def __init__(self, lean: bool = False):
@@ -41,6 +51,8 @@ class EmulatorStore:
             self._events: list[dict] = []
             self._purchases: list[dict] = []
             self._deletions: list[dict] = []
+            # braze_id -> export field -> name -> [first, last, count]
+            self._activity: dict[str, dict[str, dict[str, list]]] = {}
             self._identities: set[str] = set()  # lean mode only
             self._counts: Counter[str] = Counter()
             self._by_status: Counter[str] = Counter()
@@ -92,6 +104,14 @@ class EmulatorStore:
                 {
                     "profiles": list(self._profiles.values()),
                     **{name: getattr(self, f"_{name}") for name in ("events", "purchases", "deletions")},
+                    "activity": {
+                        braze_id: {
+                            field: {name: [format_time(first), format_time(last), n]
+                                    for name, (first, last, n) in named.items()}
+                            for field, named in fields.items()
+                        }
+                        for braze_id, fields in self._activity.items()
+                    },
                     "identities": sorted(self._identities),
                     "counts": self._counts,
                     "by_status": self._by_status,
@@ -111,6 +131,14 @@ class EmulatorStore:
                 data["purchases"],
                 data["deletions"],
             )
+            self._activity = {  # absent from snapshots written before the export endpoint
+                braze_id: {
+                    field: {name: [parse_time(first), parse_time(last), n]
+                            for name, (first, last, n) in named.items()}
+                    for field, named in fields.items()
+                }
+                for braze_id, fields in data.get("activity", {}).items()
+            }
             self._identities = set(data["identities"])
             self._counts.update(data["counts"])
             self._by_status.update(data["by_status"])
@@ -146,6 +174,7 @@ class EmulatorStore:
                     )
                     if profile is not None:
                         profile["_updated"] = next(self._clock)
+                        self._record_activity(profile["braze_id"], array, obj)
 
     def record_deletions(self, ids: list[DeleteId]) -> None:
         """B2: remove matching profiles (events and purchases stay) and record every id queued."""
@@ -163,8 +192,72 @@ class EmulatorStore:
                 if profile is not None:
                     self._index_profile(profile, add=False)
                     del self._profiles[profile["braze_id"]]
+                    self._activity.pop(profile["braze_id"], None)
 
+    def export(self, request: ExportRequest) -> tuple[list[dict], list[str]]:
+        """``/users/export/ids``: the users found, each with the requested fields it has, and the
+        requested ids that match nobody (``invalid_user_ids``). Email and phone may match several users."""
+        with self._lock:
+            found: list[dict] = []
+            invalid: list[str] = []
+            lookups: list[tuple[str, list[dict]]] = []
+            for external_id in request.external_ids:
+                profile = self._find("external_id", external_id, identity_key("external_id", external_id))
+                lookups.append((external_id, [profile] if profile else []))
+            for alias in request.user_aliases:
+                profile = self._find("user_alias", alias, identity_key("user_alias", alias))
+                lookups.append((f"{alias[0]}:{alias[1]}", [profile] if profile else []))
+            if request.braze_id is not None:
+                profile = self._profiles.get(request.braze_id)
+                lookups.append((request.braze_id, [profile] if profile else []))
+            for kind, value in (("email", request.email), ("phone", request.phone)):
+                if value is not None:
+                    lookups.append((value, self._candidates(identity_key(kind, value))))
+            if request.device_id is not None:
+                lookups.append((request.device_id, []))  # the emulator keeps no devices
+            for requested, profiles in lookups:
+                if not profiles:
+                    invalid.append(requested)
+                for profile in profiles:
+                    if all(profile is not other for other in found):
+                        found.append(profile)
+            return [self._exported(profile, request.fields) for profile in found], invalid
     # --- internals (lock held) ---------------------------------------------------------------------
+    def _record_activity(self, braze_id: str, array: str, obj: dict) -> None:
+        field = "custom_events" if array == "events" else "purchases"
+        name = obj[_ACTIVITY[field][1]]
+        when = parse_time(obj["time"])
+        named = self._activity.setdefault(braze_id, {}).setdefault(field, {})
+        seen = named.get(name)
+        if seen is None:
+            named[name] = [when, when, 1]
+        else:
+            seen[0], seen[1], seen[2] = min(seen[0], when), max(seen[1], when), seen[2] + 1
+
+    def _exported(self, profile: dict, fields: frozenset[str] | None) -> dict:
+        """One user of an export answer: the requested fields it has (``None``: every field)."""
+        attributes = profile["attributes"]
+        user: dict[str, Any] = {}
+        candidates: dict[str, Any] = {
+            "external_id": profile.get("external_id"),
+            "user_aliases": [dict(profile["user_alias"])] if "user_alias" in profile else None,
+            "braze_id": profile["braze_id"],
+            "custom_attributes": {k: v for k, v in attributes.items() if k not in STANDARD_ATTRIBUTES}
+            or None,
+            **{name: attributes.get(name) for name in STANDARD_ATTRIBUTES},
+        }
+        activity = self._activity.get(profile["braze_id"], {})
+        for field in _ACTIVITY:
+            named = activity.get(field)
+            candidates[field] = [
+                {"name": name, "first": format_time(first), "last": format_time(last), "count": count}
+                for name, (first, last, count) in sorted(named.items())
+            ] if named else None
+        for field, value in candidates.items():
+            if value is not None and (fields is None or field in fields):
+                user[field] = value
+        return user
+
     def _candidates(self, key: str) -> list[dict]:
         return [self._profiles[braze_id] for braze_id in self._index.get(key, ())]
 

@@ -1,16 +1,16 @@
 """Request and object validation for the local Braze emulator, and how accepted objects apply.
 
-Pure functions (no I/O, no state) that enforce the documented ``/users/track`` and ``/users/delete``
-contract. Section numbers refer to ``shared/braze-contract.md``. Request-level violations raise
-:class:`RequestError` (the whole request is refused); object-level violations return the error message
-that Braze puts in the ``errors`` array (B1.4, B1.5). The last section holds the attribute-merge and
-profile-creation rules the emulator's store applies to valid objects (B1.1, B1.3).
+Pure functions (no I/O, no state) that enforce the documented ``/users/track``, ``/users/delete`` and
+``/users/export/ids`` contract. Section numbers refer to ``shared/braze-contract.md``. Request-level
+violations raise :class:`RequestError` (the whole request is refused); object-level violations return
+the error message that Braze puts in the ``errors`` array (B1.4, B1.5). The last section holds the
+attribute-merge and profile-creation rules the emulator's store applies to valid objects (B1.1, B1.3).
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from braze_assets.braze.contract import (  # one source for the limits the client obeys too
@@ -68,6 +68,18 @@ class Identity(NamedTuple):
     key: str  # identity_key(type, value)
 
 
+class ExportRequest(NamedTuple):
+    """A valid ``/users/export/ids`` body: whom to export and which fields (``None``: all)."""
+
+    external_ids: tuple[str, ...] = ()
+    user_aliases: tuple[tuple[str, str], ...] = ()
+    braze_id: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    device_id: str | None = None
+    fields: frozenset[str] | None = None
+
+
 class DeleteId(NamedTuple):
     """One identifier of a /users/delete request (B2); ``prioritization`` only for email and phone."""
 
@@ -106,6 +118,22 @@ def valid_time(value: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_time(value: str) -> datetime:
+    """A ``time`` that :func:`valid_time` accepted, as an aware UTC datetime (naive means UTC)."""
+    java = _JAVA_TIME_RE.match(value)
+    if java:
+        value = f"{java[1]}.{java[2]}{java[3]}"
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    """Braze's export form of a time: ISO 8601 in UTC with milliseconds, ``2024-05-01T12:00:00.000Z``."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
 def identity_key(id_type: str, value: Any) -> str:
@@ -286,6 +314,68 @@ def delete_ids(body: Any) -> list[DeleteId]:
     if len(items) > MAX_DELETE_IDS:
         raise RequestError(400, MSG_MAX_IDS)
     return [_delete_id(key, item) for item in items]
+
+
+#: ``fields_to_export`` names Braze documents for /users/export/ids; the emulator fills those it stores
+#: (identifiers, attributes, ``custom_events``, ``purchases``) and leaves the others out of each user.
+EXPORT_FIELDS = frozenset(
+    """
+    apps attributed_campaign attributed_source attributed_adgroup attributed_ad braze_id
+    campaigns_received canvases_received cards_clicked country created_at custom_attributes
+    custom_events devices dob email email_subscribe external_id first_name gender home_city language
+    last_coordinates last_name phone purchases push_subscribe push_tokens random_bucket time_zone
+    total_revenue uninstalled_at user_aliases
+    """.split()
+)
+#: Standard attributes exported under their own name; every other attribute is a custom attribute.
+STANDARD_ATTRIBUTES = frozenset(
+    {"country", "dob", "email", "email_subscribe", "first_name", "gender", "home_city", "language",
+     "last_name", "phone", "push_subscribe", "time_zone"}
+)
+MAX_EXPORT_IDS = 50  # external_ids and user_aliases per request
+_EXPORT_SINGLE_KEYS = ("device_id", "email_address", "phone")  # one per request, alone
+
+
+def export_request(body: Any) -> ExportRequest:
+    """Validate a /users/export/ids body: up to 50 ``external_ids`` and ``user_aliases`` (together), or
+    a single ``braze_id``; ``device_id``, ``email_address`` or ``phone`` only one per request, alone;
+    ``fields_to_export`` an array of documented field names (absent: every field)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "Invalid JSON: the body must be a JSON object")
+    external_ids = body.get("external_ids", [])
+    aliases = body.get("user_aliases", [])
+    if not isinstance(external_ids, list) or not all(_is_text(item) for item in external_ids):
+        raise RequestError(400, "'external_ids' must be an array of non-empty strings")
+    if not isinstance(aliases, list) or not all(
+        isinstance(a, dict) and _is_text(a.get("alias_name")) and _is_text(a.get("alias_label"))
+        for a in aliases
+    ):
+        raise RequestError(400, MSG_BAD_ALIAS)
+    if len(external_ids) + len(aliases) > MAX_EXPORT_IDS:
+        raise RequestError(400, MSG_MAX_IDS)
+    singles = {key: body[key] for key in ("braze_id", *_EXPORT_SINGLE_KEYS) if key in body}
+    for key, value in singles.items():
+        if not _is_text(value):
+            raise RequestError(400, f"'{key}' must be a non-empty string")
+    alone = [key for key in _EXPORT_SINGLE_KEYS if key in singles]
+    if alone and (len(singles) > 1 or external_ids or aliases):
+        raise RequestError(400, f"'{alone[0]}' must be the only identifier of the request")
+    if not (external_ids or aliases or singles):
+        raise RequestError(400, "Provide 'external_ids', 'user_aliases', 'braze_id', 'device_id', "
+                                "'email_address' or 'phone'")
+    fields = body.get("fields_to_export")
+    if fields is not None:
+        if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise RequestError(400, "'fields_to_export' must be an array of strings")
+        unknown = sorted(set(fields) - EXPORT_FIELDS)
+        if unknown:
+            raise RequestError(400, f"'fields_to_export' has unknown fields: {', '.join(unknown)}")
+        fields = frozenset(fields)
+    return ExportRequest(
+        tuple(external_ids), tuple((a["alias_name"], a["alias_label"]) for a in aliases),
+        singles.get("braze_id"), singles.get("email_address"), singles.get("phone"),
+        singles.get("device_id"), fields,
+    )
 
 
 # --- how accepted objects apply to a profile (used by the emulator's store) ---------------------------
