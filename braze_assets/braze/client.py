@@ -4,10 +4,11 @@ Each POST ends in one `RequestOutcome` whose kind tells the caller exactly what 
 
 * ``answered``  - Braze answered 2xx; `body` holds its JSON (with any per-object `errors`).
 * ``rejected``  - Braze refused the request for good (400/404/413/...): nothing was processed.
-* ``refused``   - Braze did not process it (429, 502/503, connect failure) and retries ran out;
+* ``refused``   - Braze did not process it (408, 429, 502/503, connect failure) and retries ran out;
   safe to send again later.
 * ``ambiguous`` - the request may have been processed but the answer was lost (timeout after the
-  body was sent, dropped connection, 500/504). Retried only when the caller allows it.
+  body was sent, dropped connection, 500/504 or any other 5xx). Retried only when the caller
+  allows it.
 
 401/403 raise `BrazeAuthError` at once: a global error, the key or its permissions are wrong.
 Retries use tenacity with exponential backoff and jitter, and never wait less than Braze asked
@@ -34,8 +35,9 @@ from httpx_aiohttp import AiohttpTransport
 from braze_assets.braze import contract
 
 OutcomeKind = Literal["answered", "rejected", "refused", "ambiguous"]
-_BEFORE_PROCESSING_STATUSES = {429, 502, 503}
-_AMBIGUOUS_STATUSES = {500, 504}
+#: Refused before processing: 408 (the body never arrived whole), 429, 502 and 503 [ERR].
+_BEFORE_PROCESSING_STATUSES = {408, 429, 502, 503}
+#: Any other 5xx (500, 504, and undocumented ones such as a proxy's 520) may have been processed.
 
 
 class BrazeAuthError(RuntimeError):
@@ -335,7 +337,7 @@ class BrazeClient:
                 raise _Retry(False, "429 rate limited", status, wait_s)
             if status in _BEFORE_PROCESSING_STATUSES:
                 raise _Retry(False, f"{status} from Braze (not processed)", status)
-            if status in _AMBIGUOUS_STATUSES:
+            if status >= 500:
                 outcome.ambiguous_attempts += 1
                 raise _Retry(True, f"{status} from Braze (may have been processed)", status)
             payload = _json(content)
