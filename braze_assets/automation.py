@@ -3,6 +3,7 @@
 
 import datetime as dt
 import json
+from typing import Literal
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -13,7 +14,7 @@ from braze_assets.assets import (
     SyncAssets, partitions_for, partitions_start, source_key, utc_now,
 )
 from braze_assets.config import SyncConfig
-from braze_assets.resources import DeliveryStateResource
+from braze_assets.resources import BrazeResource, DeliveryStateResource
 from braze_assets.sources import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
@@ -52,6 +53,20 @@ def build_job(assets: SyncAssets):
     )
 
 
+def reclaim_before_launch(context: dg.ScheduleEvaluationContext | dg.SensorEvaluationContext,
+                          sync: SyncConfig) -> str | None:
+    """Reclaim the pool slot of the sync's runs whose process died (they would block every later
+    run); the reason to launch nothing while a live run of the sync holds it."""
+    from braze_assets.instance import reclaim_dead_runs
+
+    try:
+        instance = context.instance
+    except dg.DagsterInvariantViolationError:  # a context built without an instance (tests)
+        return None
+    state = reclaim_dead_runs(instance, sync.name, log=context.log.warning)
+    return state.busy_message() if state.busy else None
+
+
 def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"{sync.name}_schedule", job=job, cron_schedule=sync.schedule.cron,
@@ -60,6 +75,9 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
         description=f"Sync {sync.name} from its watermark minus the lookback up to now.",
     )
     def _schedule(context: dg.ScheduleEvaluationContext):
+        busy = reclaim_before_launch(context, sync)
+        if busy:
+            return dg.SkipReason(busy)
         delivery_state = context.resources.delivery_state
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         keys = incremental_range(sync, delivery_state, utc_now(), source)
@@ -79,6 +97,7 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
         description=f"Launches {sync.name} when {sync.source.table} has new or changed rows.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
+        busy = reclaim_before_launch(context, sync)
         delivery_state = context.resources.delivery_state
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         try:
@@ -90,6 +109,8 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
             "fingerprint": dg.MetadataValue.json(seen)})
         if context.cursor and json.loads(context.cursor) == seen:
             return dg.SensorResult(skip_reason="no new or changed rows", asset_events=[observation])
+        if busy:  # the cursor stays: the rows are requested once the live run has ended
+            return dg.SensorResult(skip_reason=busy, asset_events=[observation])
         keys = incremental_range(sync, delivery_state, utc_now(), source)
         run_key = ":".join([sync.name, *(str(v) for v in seen.values())])
         return dg.SensorResult(
@@ -100,21 +121,66 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
     return _sensor
 
 
+def build_reclaim_sensor(syncs: list[SyncConfig]) -> dg.SensorDefinition:
+    """Frees the pool slots of dead runs even when no schedule or sensor of the sync is on, so a
+    crashed run never blocks a Materialize click or a backfill (Dagster's own run monitoring does
+    not see a run whose process died with its code server, nor a CLI run)."""
+
+    @dg.sensor(name="reclaim_dead_runs", default_status=dg.DefaultSensorStatus.RUNNING,
+               minimum_interval_seconds=60,
+               description="Marks failed the sync runs whose process is gone and frees their "
+                           "pool slots, so a crash never blocks a sync.")
+    def _reclaim(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        from braze_assets.instance import reclaim_dead_runs
+
+        said = [line for sync in syncs
+                for line in reclaim_dead_runs(context.instance, sync.name,
+                                              log=context.log.warning).reclaimed]
+        return dg.SkipReason("; ".join(said) if said else "no dead run holds a sync's pool")
+
+    return _reclaim
+
+
 class ReleaseHeldConfig(dg.Config):
     sync: str
-    #: row hashes to release; empty releases every held row of the sync
+    #: resend: forget them so the next run sends them (they may reach Braze twice);
+    #: mark_delivered: settle them as accepted; reconcile: ask Braze (/users/export/ids), resend
+    #: only what is proven missing, settle what is shown to have arrived, keep the rest held
+    mode: Literal["resend", "mark_delivered", "reconcile"] = "resend"
+    #: row hashes to decide on; empty means every held row of the sync
     row_hashes: list[str] = []
 
 
-@dg.op(description="Release rows held because Braze's answer was unknown: the next run of the "
-                   "sync sends them again (they may then reach Braze twice).")
+@dg.op(description="Decide what becomes of a sync's held rows (Braze's answer was unknown): "
+                   "resend them, mark them delivered, or reconcile them with what Braze holds "
+                   "(events and purchases). Reports how many rows each path resolved.")
 def release_held_rows(context: dg.OpExecutionContext, config: ReleaseHeldConfig,
-                      delivery_state: DeliveryStateResource) -> None:
-    released = delivery_state.store(config.sync).release_held(config.row_hashes or None)
-    context.log.info(f"{config.sync}: released {released} held rows")
+                      delivery_state: DeliveryStateResource,
+                      braze: BrazeResource) -> dg.Output[dict]:
+    from braze_assets.release import EXPORT_IN_FLIGHT, ReleaseError, release
+    from braze_assets.state import SyncBusyError
+
+    try:
+        report = release(
+            delivery_state.store(config.sync), config.mode, config.row_hashes or None,
+            client=lambda: braze.client(EXPORT_IN_FLIGHT),
+            decided_by=f"a person (release_held_job run {context.run_id[:8]}, mode {config.mode})",
+            log=context.log.info)
+    except (ReleaseError, SyncBusyError) as exc:  # nothing was changed
+        raise dg.Failure(description=str(exc)) from None
+    counts = {"held_rows": report.held, "resent_next_run": report.resent,
+              "marked_delivered": report.marked_delivered, "still_held": report.still_held}
+    return dg.Output(report.to_dict(), metadata={
+        "sync": config.sync, "mode": config.mode, **counts,
+        "still_held_reasons": dg.MetadataValue.json(report.still_held_reasons),
+        "export_requests": report.export_requests,
+        "watermark_before": report.watermark_before or "none",
+        "watermark_after": report.watermark_after or "none",
+    })
 
 
-@dg.job(description="Release held (ambiguous) rows of one sync so its next run resends them.")
+@dg.job(description="Decide on held (ambiguous) rows of one sync: resend, mark_delivered or "
+                    "reconcile with Braze.")
 def release_held_job():
     release_held_rows()
 

@@ -4,6 +4,19 @@
     braze-assets ui              the same setup, then the Dagster UI (dagster dev) on it
     braze-assets run [--sync X]  run syncs against the configured Braze (BRAZE_REST_ENDPOINT)
     braze-assets test-connection [--sync X]   check each source and preview rows; sends nothing
+
+Each sync of a run ends with a CDI-style status, printed with the reason. Exit status of `run`,
+the worst status of its syncs:
+    0 success           every row due was accepted by Braze (or there was nothing to send)
+    3 partial_success   some rows were rejected by validation, failed at Braze or wait for the
+                        next run
+    4 held              rows are held because Braze's answer was lost (release_held_job)
+    1 error             no row reached Braze (unreachable, refused), a step failed (its cause is
+                        shown), a check blocked delivery, or the sync is busy with another run
+    2                   usage error
+`demo` exits 1 only when a sync ends in error (its seed has bad rows on purpose).
+A run killed with kill -9 is reclaimed by the next launch: its Dagster pool slot is freed and the
+run marked failed; rows it had in flight are recovered from the sync's journal.
 """
 
 from __future__ import annotations
@@ -26,15 +39,26 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1   # one run at a time per sync (pool braze_sync_<name>)
+# The daemon (dagster dev) fails runs that never start and frees the pool slots runs keep after
+# they end (a run worker that died is marked failed by its code server). Runs of a sync whose
+# process died are also reclaimed before each launch (braze_assets/instance.py).
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 30
 """
 
 
 def _prepare_home(home: Path) -> Path:
+    from braze_assets.instance import initialise_local_instance
+
     os.environ["BRAZE_ASSETS_HOME"] = str(home)
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
-    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
+    initialise_local_instance(dagster_home, DAGSTER_YAML)  # once, under a lock
     return dagster_home
 
 
@@ -45,6 +69,7 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
     from braze_assets.automation import incremental_range, range_tags
     from braze_assets.config import load_syncs
     from braze_assets.definitions import build_definitions, default_resources
+    from braze_assets.instance import file_lock, process_tags, reclaim_dead_runs
     from braze_assets.sources.factory import make_source, resource_key
 
     syncs = [s for s in load_syncs() if not only or s.name in only]
@@ -53,15 +78,40 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
     instance = dg.DagsterInstance.get()
     summaries = []
     for sync in syncs:
-        source = make_source(sync, resources[resource_key(sync)])
-        keys = incremental_range(sync, resources["delivery_state"],
-                                 dt.datetime.now(dt.timezone.utc), source)
-        job = defs.resolve_job_def(f"{sync.name}_job")
-        result = job.execute_in_process(
-            instance=instance, tags=range_tags(keys), raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
-        summaries.append(_summary(sync.name, keys, result))
+        # One `braze-assets run` of a sync at a time on this machine; then runs of the sync that
+        # died are reclaimed, and a live one makes the sync busy: Dagster would otherwise wait
+        # for its pool slot in a busy loop.
+        lock = Path(instance.root_directory) / "locks" / f"{sync.name}.lock"
+        with file_lock(lock, blocking=False) as ours:
+            if not ours:
+                summaries.append(_busy_summary(sync.name, (
+                    f"sync {sync.name} is busy: another braze-assets run of it is in progress "
+                    "on this machine; try again when it ends"), []))
+                continue
+            pool = reclaim_dead_runs(instance, sync.name, log=_note)
+            if pool.busy:
+                summaries.append(_busy_summary(sync.name, pool.busy_message(), pool.reclaimed))
+                continue
+            source = make_source(sync, resources[resource_key(sync)])
+            keys = incremental_range(sync, resources["delivery_state"],
+                                     dt.datetime.now(dt.UTC), source)
+            job = defs.resolve_job_def(f"{sync.name}_job")
+            result = job.execute_in_process(
+                instance=instance, tags={**range_tags(keys), **process_tags()},
+                raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
+        summaries.append(_summary(sync.name, keys, result, pool.reclaimed))
     return summaries
+
+
+def _note(message: str) -> None:
+    print(f"braze-assets: {message}", file=sys.stderr, flush=True)
+
+
+def _busy_summary(name: str, detail: str, reclaimed: list[str]) -> dict:
+    _note(detail)
+    return {"sync": name, "partitions": None, "status": "error", "status_detail": detail,
+            "run_id": None, "reclaimed": reclaimed}
 
 
 def connection_reports(only: list[str] | None, as_json: bool) -> int:
@@ -90,55 +140,106 @@ def connection_reports(only: list[str] | None, as_json: bool) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-def _summary(name: str, keys, result) -> dict:
-    summary: dict = {"sync": name, "partitions": f"{keys.start}..{keys.end}",
-                     "success": result.success, "run_id": result.run_id}
-    try:
+def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dict:
+    """The sync's CDI-style status and why, and what the run read and sent."""
+    summary: dict = {"sync": name, "partitions": f"{keys.start}..{keys.end}", "status": "error",
+                     "status_detail": "", "run_id": result.run_id, "reclaimed": reclaimed or []}
+    if result.is_node_success(f"{name}_delta"):
         delta = result.output_for_node(f"{name}_delta")
         summary.update(read=delta.rows_read, already_settled=delta.already_settled,
                        valid=delta.valid, rejected=delta.rejected,
                        rejected_reasons=delta.rejected_reasons, future_held_back=delta.future_rows,
                        late_outside_lookback=delta.late_outside_lookback)
-    except Exception:  # the delta step did not produce an output
-        pass
-    try:
+    if result.is_node_success(f"{name}_sync_results"):
         out = result.output_for_node(f"{name}_sync_results")
-        summary.update(sent=out.accepted + out.failed + out.held, accepted=out.accepted,
-                       failed=out.failed, held=out.held, ambiguous=out.ambiguous,
+        summary.update(status=out.status, status_detail=out.status_detail,
+                       sent=out.accepted + out.failed + out.held, accepted=out.accepted,
+                       failed=out.failed, held=out.held_total, ambiguous=out.ambiguous,
                        not_sent=out.not_sent, failed_reasons=out.failed_reasons,
-                       requests=out.requests, watermark_before=out.watermark_before,
-                       watermark_after=out.watermark_after)
-    except Exception:
+                       requests=out.requests, recovered_settled=out.recovered_settled,
+                       recovered_held=out.recovered_held, recovered_unsent=out.recovered_unsent,
+                       watermark_before=out.watermark_before, watermark_after=out.watermark_after)
+    elif result.is_node_failed(f"{name}_sync_results"):
+        summary.update(_counts_of_failed_delivery(result, f"{name}_sync_results"))
+    else:
         checks = [e for e in result.get_asset_check_evaluations() if not e.passed
                   and e.severity.value == "ERROR"]
         summary["blocked_by"] = [e.check_name for e in checks]
-    if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        if failure is not None:
-            summary["error"] = failure.step_failure_data.error.message.strip()[:500]
+        if checks:
+            summary["status_detail"] = ("delivery blocked by check(s) "
+                                        f"{', '.join(summary['blocked_by'])}: nothing was sent")
+    error = _run_error(result)
+    if error:  # a step failure is an error, whatever was delivered before it
+        summary.update(status="error", status_detail=error, error=error)
+    elif not summary["status_detail"]:
+        summary["status_detail"] = "the run ended without delivering"
     return summary
+
+
+#: what a failed delivery (a `dg.Failure` with the results' metadata) still tells
+_FAILED_DELIVERY_COUNTS = {
+    "rows_sent": "sent", "rows_accepted": "accepted", "rows_failed_at_braze": "failed",
+    "rows_held_ambiguous": "held", "rows_ambiguous": "ambiguous",
+    "rows_not_sent_retry_next_run": "not_sent", "failed_reasons": "failed_reasons",
+    "requests": "requests", "watermark_before": "watermark_before",
+    "watermark_after": "watermark_after",
+}
+
+
+def _counts_of_failed_delivery(result, node: str) -> dict:
+    failure = result.failure_data_for_node(node)
+    user = failure.user_failure_data if failure is not None else None
+    metadata = user.metadata if user is not None else {}
+    return {key: metadata[name].value for name, key in _FAILED_DELIVERY_COUNTS.items()
+            if name in metadata}
+
+
+def _run_error(result) -> str | None:
+    """The cause of the first step failure (the user's error under Dagster's "Error occurred
+    while executing op" wrapper), else the run failure's message."""
+    failures = result.get_step_failure_events()
+    if failures:
+        data = failures[0].step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return data.user_failure_data.description.strip()[:500]  # a dg.Failure's own words
+        error = data.error
+        while error.cause is not None:
+            error = error.cause
+        message = error.message.strip()
+        qualified, sep, rest = message.partition(": ")
+        if sep and qualified.rsplit(".", 1)[-1] == error.cls_name:
+            message = f"{error.cls_name}: {rest}"
+        return message[:500]
+    if not result.success:
+        return result.get_run_failure_event().message or "the run failed"
+    return None
 
 
 def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -> None:
     for s in summaries:
-        status = "ok" if s["success"] else "FAILED"
-        print(f"\n== {s['sync']}  [{status}]  partitions {s['partitions']}  run {s['run_id'][:8]}")
+        run = f"partitions {s['partitions']}  run {s['run_id'][:8]}" if s["run_id"] else "no run"
+        print(f"\n== {s['sync']}  [{s['status']}]  {run}")
+        print(f"   {s['status_detail']}")
+        for message in s.get("reclaimed", []):
+            print(f"   {message}")
         if "read" in s:
             print(f"   read {s['read']:,}  already settled {s['already_settled']:,}  valid "
                   f"{s['valid']:,}  rejected {s['rejected']:,}  future (held back) "
                   f"{s['future_held_back']:,}  late outside lookback {s['late_outside_lookback']:,}")
             for reason, count in s["rejected_reasons"].items():
                 print(f"      rejected {count:>4}  {reason}")
-        if "accepted" in s:
+        if {"sent", "requests", "accepted", "failed", "held", "not_sent"} <= s.keys():
             print(f"   sent {s['sent']:,} in {s['requests']:,} requests: accepted "
                   f"{s['accepted']:,}  failed {s['failed']:,}  held (unknown outcome) {s['held']:,}"
                   f"  not sent (retry next run) {s['not_sent']:,}")
-            for reason, count in s["failed_reasons"].items():
+            if s.get("recovered_settled") or s.get("recovered_held") or s.get("recovered_unsent"):
+                print(f"   recovered from a killed run: settled {s['recovered_settled']:,}  held "
+                      f"{s['recovered_held']:,}  to send again {s['recovered_unsent']:,}")
+            for reason, count in s.get("failed_reasons", {}).items():
                 print(f"      failed   {count:>4}  {reason}")
-            print(f"   watermark {s['watermark_before'] or 'none'} -> {s['watermark_after'] or 'none'}")
-        if s.get("blocked_by"):
-            print(f"   delivery blocked by check(s): {', '.join(s['blocked_by'])}")
-        if s.get("error"):
+            print(f"   watermark {s.get('watermark_before') or 'none'} -> "
+                  f"{s.get('watermark_after') or 'none'}")
+        if s.get("error") and s["error"] != s["status_detail"]:
             print(f"   error: {s['error']}")
     if emulator_stats is not None:
         print("\n== Braze emulator now holds: "
@@ -170,6 +271,11 @@ def _seed_if_needed(home: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["release"]:  # its own options: see `braze-assets release --help`
+        from braze_assets.release import release_command
+
+        return release_command(argv[1:])
     parser = argparse.ArgumentParser(prog="braze-assets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["demo", "ui", "run", "test-connection"])
@@ -197,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")
         if not args.json:
             print_summaries(summaries)
-        return 0 if all(s["success"] for s in summaries) else 1
+        from braze_assets.delivery import EXIT_CODES, worst_status
+
+        return EXIT_CODES[worst_status([s["status"] for s in summaries])]
     _seed_if_needed(home)
     emulator = _start_emulator(home, args.port)
     print(f"Local Braze emulator on {emulator.base_url}")
@@ -213,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"syncs": summaries, "emulator": stats}, indent=2, default=str))
         else:
             print_summaries(summaries, stats)
-        return 0 if all(s["success"] for s in summaries) else 1
+        return 1 if any(s["status"] == "error" for s in summaries) else 0
     finally:
         emulator.stop()
 

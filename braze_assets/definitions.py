@@ -14,7 +14,8 @@ from dagster_duckdb import DuckDBResource
 
 from braze_assets.assets import build_sync_assets
 from braze_assets.automation import (
-    build_connection_job, build_job, build_schedule, build_sensor, release_held_job, sync_failure_alert,
+    build_connection_job, build_job, build_reclaim_sensor, build_schedule, build_sensor,
+    release_held_job, sync_failure_alert,
 )
 from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
@@ -88,7 +89,8 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
 
 
 def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) -> dg.Definitions:
-    assets, checks, jobs, schedules, sensors = [], [], [release_held_job], [], [sync_failure_alert]
+    assets, checks, jobs, schedules = [], [], [release_held_job], []
+    sensors = [sync_failure_alert, build_reclaim_sensor(syncs)]
     for sync in syncs:
         built = build_sync_assets(sync)
         job = build_job(built)

@@ -1,0 +1,111 @@
+"""`braze-assets run` tells the truth: each sync's CDI-style status and why, the underlying cause of
+a step error, every held row, and an exit code per status (0, 3 partial_success, 4 held, 1 error)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+
+from braze_assets import cli
+from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
+from braze_assets.delivery import EXIT_CODES
+from braze_assets_tests.cli_project import cli_project, summaries
+from braze_assets_tests.conftest import API_KEY, cdi_row, events_rows, sync_config
+
+UTC = dt.UTC
+HOUR_AGO = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+
+
+def _bad_rows(n: int) -> list[dict]:
+    return [cdi_row(HOUR_AGO.replace(tzinfo=None), "{not json", external_id=f"bad-{i}")
+            for i in range(n)]
+
+
+def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path, emulator):
+    project = cli_project(tmp_path, emulator, [
+        sync_config("ok", "events", "main.ok"),
+        sync_config("partial", "events", "main.partial"),
+        sync_config("missing", "events", "main.nope"),
+        sync_config("blocked", "events", "main.blocked"),
+    ])
+    project.harness.table("ok", events_rows(5, HOUR_AGO))
+    project.harness.table("partial", events_rows(10, HOUR_AGO, start=5) + _bad_rows(1))
+    project.harness.table("blocked", events_rows(1, HOUR_AGO, start=15) + _bad_rows(3))
+
+    partial = project.run("run", "--sync", "partial")
+    assert partial.returncode == EXIT_CODES["partial_success"] == 3, partial.stdout[-2000:]
+    assert "[partial_success]" in partial.stdout and "1 rejected by validation" in partial.stdout
+
+    everything = project.run("run", "--json")
+    by_name = {s["sync"]: s for s in summaries(everything)}
+    assert "success" not in by_name["ok"], "the status replaces the old success flag"
+    assert by_name["ok"]["status"] == "success" and by_name["ok"]["accepted"] == 5
+    assert by_name["ok"]["status_detail"] == "all 5 rows accepted by Braze"
+    assert by_name["partial"]["status"] == "success", "its rejected row was reported already"
+    assert by_name["partial"]["status_detail"] == "nothing new or changed to send"
+    # A step error shows its cause, not Dagster's "Error occurred while executing op" wrapper.
+    missing = by_name["missing"]
+    assert missing["status"] == "error" and "read" not in missing
+    assert "table main.nope in warehouse.duckdb does not exist" in missing["status_detail"], missing
+    assert "Error occurred while executing" not in missing["status_detail"]
+    assert missing["error"] == missing["status_detail"]
+    blocked = by_name["blocked"]
+    assert blocked["status"] == "error" and blocked["blocked_by"] == ["row_error_rate"], blocked
+    assert "row_error_rate" in blocked["status_detail"] and "accepted" not in blocked
+    assert everything.returncode == EXIT_CODES["error"] == 1, "the worst status: error"
+
+    text = project.run("run", "--sync", "ok", "--sync", "missing")
+    assert text.returncode == 1
+    assert "== ok  [success]" in text.stdout and "nothing new or changed to send" in text.stdout
+    assert "== missing  [error]" in text.stdout
+    assert "table main.nope in warehouse.duckdb does not exist" in text.stdout, text.stdout[-2000:]
+    assert "Error occurred while executing" not in text.stdout
+
+
+def test_held_rows_make_the_run_held_with_exit_4(tmp_path):
+    faults = FaultConfig(rate_5xx_after=1.0)  # processed, then the answer is lost: ambiguous
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=faults)) as emu:
+        project = cli_project(tmp_path, emu, [sync_config("events", "events", "main.events")])
+        project.harness.table("events", events_rows(10, HOUR_AGO))
+        run = project.run("run", "--json")
+        [summary] = summaries(run)
+        assert summary["status"] == "held" and summary["held"] == 10, summary
+        assert "10 held" in summary["status_detail"]
+        assert run.returncode == EXIT_CODES["held"] == 4
+        text = project.run("run")  # held rows are settled until released: nothing more to send
+        assert text.returncode == 0 and "[success]" in text.stdout, text.stdout[-2000:]
+
+
+def test_unreachable_braze_is_an_error_not_a_success(tmp_path, emulator):
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    project = cli_project(tmp_path, emulator, [sync_config("events", "events", "main.events")],
+                          endpoint=closed)
+    project.harness.table("events", events_rows(10, HOUR_AGO))
+    run = project.run("run", "--json")
+    [summary] = summaries(run)
+    assert summary["status"] == "error" and summary["not_sent"] == 10, summary
+    assert "none of 10 rows reached Braze" in summary["status_detail"]
+    assert run.returncode == EXIT_CODES["error"]
+
+
+def test_a_delta_already_delivered_by_another_run_says_so(capsys):
+    detail = ("nothing to send: all 40 rows of this delta were already delivered by another run")
+    cli.print_summaries([{"sync": "events", "partitions": "2024-01-01..2024-01-02",
+                          "run_id": "0123456789", "status": "success", "status_detail": detail,
+                          "sent": 0, "requests": 0, "accepted": 0, "failed": 0, "held": 0,
+                          "not_sent": 0, "failed_reasons": {}, "watermark_before": None,
+                          "watermark_after": None}])
+    assert detail in capsys.readouterr().out
+
+
+def test_help_documents_the_exit_codes(capsys):
+    try:
+        cli.main(["--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    text = capsys.readouterr().out
+    assert "exit status" in text.lower()
+    for status, code in EXIT_CODES.items():
+        assert f"{code} {status}" in text, (status, text)
