@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ PAYLOADS = {"attributes": {"tier": "gold"}, "events": {"name": "app_open"},
             "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 12.5}}
 ID_COLUMNS = ("EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE")
 _tables = itertools.count()
+_EXPLORE = os.environ.get("HYPOTHESIS_EXPLORE") == "1"
 
 
 def _table(path: Path, data_type: str, rows: list[dict[str, Any]],
@@ -209,11 +211,12 @@ def test_the_same_key_in_different_objects_is_fine(tmp_path):
 def test_rows_before_partitions_start_are_counted_and_reported(tmp_path, emulator):
     harness = Harness(tmp_path, emulator)
     recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
-    old = dt.datetime(2023, 6, 1, tzinfo=UTC)
+    old = recent - dt.timedelta(days=60)
+    start = (recent - dt.timedelta(days=3)).date().isoformat()
     harness.table("events", [_table_row(PAYLOADS["events"], updated_at=old, external_id=f"old-{i}")
                              for i in range(3)]
                   + [_table_row(PAYLOADS["events"], updated_at=recent, external_id="new-1")])
-    harness.syncs = [sync_config("events", "events", "main.events")]  # partitions from 2024
+    harness.syncs = [sync_config("events", "events", "main.events", partitions_start=start)]
     run = harness.run("events")
     assert run.result.success
     assert run.delta.before_partitions_start == 3
@@ -332,7 +335,9 @@ def shared_emulator():
 
 
 @pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
-@settings(max_examples=25, deadline=None,
+# derandomize: CI explores the same examples every run (a random failure would block a landing
+# without saying what changed); explore more with HYPOTHESIS_EXPLORE=1 (random, 200 examples).
+@settings(max_examples=200 if _EXPLORE else 25, derandomize=not _EXPLORE, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_factory,
@@ -342,8 +347,10 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_facto
     tmp_path = tmp_path_factory.mktemp("prop")
     manifest = _delta(tmp_path, data_type, rows)
     future = sum(1 for r in rows if r["UPDATED_AT"] and r["UPDATED_AT"] >= NOW.replace(tzinfo=None))
-    # every row read ends valid or rejected with a reason; future rows are held back, counted
-    assert manifest.rows_read == len(rows) - future == manifest.valid + manifest.rejected
+    # every row read ends valid, rejected with a reason, or dropped as an exact copy of another;
+    # future rows are held back, counted
+    assert manifest.rows_read == len(rows) - future
+    assert manifest.rows_read == manifest.valid + manifest.rejected + manifest.duplicate_rows
     assert manifest.future_rows == future
     assert all(r["reasons"] for r in _rejected(manifest))
     store = StateStore(tmp_path / "state", "delivered")
