@@ -29,16 +29,16 @@ _PAYLOAD_SQL = {
 }
 
 
-def create_table(con: duckdb.DuckDBPyConnection, table: str, data_type: str, rows: int,
-                 now: dt.datetime) -> None:
+def create_table(
+    con: duckdb.DuckDBPyConnection, table: str, data_type: str, rows: int, now: dt.datetime
+) -> None:
     """`rows` valid CDI rows (UPDATED_AT spread over the 30 days before `now`, distinct users)."""
     start = (now - dt.timedelta(days=30)).replace(tzinfo=None)
     step_us = max(1, int(29 * 86_400 * 1e6 // max(rows, 1)))
-    users = "'user-' || i::VARCHAR" if data_type == "attributes" else \
-        "'user-' || (i % 200000)::VARCHAR"
+    users = "'user-' || i::VARCHAR" if data_type == "attributes" else "'user-' || (i % 200000)::VARCHAR"
     con.execute(f"""
         CREATE OR REPLACE TABLE {table} AS
-        SELECT TIMESTAMP '{start.isoformat(sep=' ')}' + to_microseconds(i * {step_us})
+        SELECT TIMESTAMP '{start.isoformat(sep=" ")}' + to_microseconds(i * {step_us})
                    AS UPDATED_AT,
                {users} AS EXTERNAL_ID,
                {_PAYLOAD_SQL[data_type]} AS PAYLOAD

@@ -27,16 +27,23 @@ def free_port() -> int:
 class EmulatorProcess:
     """`with EmulatorProcess(latency_ms=50) as braze: braze.base_url, braze.stats(), braze.reset()`"""
 
-    def __init__(self, latency_ms: float = 0.0, rate_limit: int | None = None,
-                 rate_window_s: float = 3.0):
+    def __init__(self, latency_ms: float = 0.0, rate_limit: int | None = None, rate_window_s: float = 3.0):
         self.latency_ms, self.rate_limit, self.rate_window_s = latency_ms, rate_limit, rate_window_s
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Self:
-        args = [sys.executable, "-m", "braze_assets.braze.emulator", "--port", str(self.port),
-                "--lean", "--latency-ms", str(self.latency_ms)]
+        args = [
+            sys.executable,
+            "-m",
+            "braze_assets.braze.emulator",
+            "--port",
+            str(self.port),
+            "--lean",
+            "--latency-ms",
+            str(self.latency_ms),
+        ]
         if self.rate_limit:
             args += ["--rate-limit", str(self.rate_limit), "--rate-window", str(self.rate_window_s)]
         env = {**os.environ, "BRAZE_API_KEY": API_KEY}
@@ -70,7 +77,6 @@ class EmulatorProcess:
         return self._get("stats")
 
     def reset(self) -> None:
-        request = urllib.request.Request(f"{self.base_url}/_emulator/reset", data=b"",
-                                         method="POST")
+        request = urllib.request.Request(f"{self.base_url}/_emulator/reset", data=b"", method="POST")
         with urllib.request.urlopen(request, timeout=10):
             pass

@@ -37,43 +37,79 @@ class _Throttled:
             print(f"    [{self.label}] {message}", file=sys.stderr, flush=True)
 
 
-def end_to_end(db: str, table: str, data_type: str, base_url: str, api_key: str, workdir: str,
-               in_flight: int, profile: bool = False) -> dict:
+def end_to_end(
+    db: str,
+    table: str,
+    data_type: str,
+    base_url: str,
+    api_key: str,
+    workdir: str,
+    in_flight: int,
+    profile: bool = False,
+) -> dict:
     spec = DATA_TYPES[data_type]
     now = dt.datetime.now(UTC)
     run_id = uuid.uuid4().hex
     run_dir = Path(workdir) / run_id
     store = StateStore(run_dir / "state", f"bench_{data_type}")
     manifest = DeltaManifest(
-        sync=store.sync, data_type=data_type, run_id=run_id, window_start=None,
-        window_end=(now + dt.timedelta(days=1)).isoformat(), reaches_now=True,
-        valid_path=str(run_dir / "valid.parquet"), rejected_path=str(run_dir / "rejected.parquet"))
+        sync=store.sync,
+        data_type=data_type,
+        run_id=run_id,
+        window_start=None,
+        window_end=(now + dt.timedelta(days=1)).isoformat(),
+        reaches_now=True,
+        valid_path=str(run_dir / "valid.parquet"),
+        rejected_path=str(run_dir / "rejected.parquet"),
+    )
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     started = time.perf_counter()
-    compute_delta(source=DuckDBSource(db, table), spec=spec, store=store, manifest=manifest,
-                  window_start=None, window_end=now + dt.timedelta(days=1), now=now,
-                  partitions_start=now - dt.timedelta(days=60), update_existing_only=False,
-                  progress=_Throttled(f"{data_type} delta"))
+    compute_delta(
+        source=DuckDBSource(db, table),
+        spec=spec,
+        store=store,
+        manifest=manifest,
+        window_start=None,
+        window_end=now + dt.timedelta(days=1),
+        now=now,
+        partitions_start=now - dt.timedelta(days=60),
+        update_existing_only=False,
+        progress=_Throttled(f"{data_type} delta"),
+    )
     delta_s = time.perf_counter() - started
     rss_after_delta = peak_rss_mib()
     client = BrazeClient(base_url, api_key, max_connections=in_flight)
-    delivery = Delivery(spec=spec, store=store, manifest=manifest, client=client,
-                        policy="resend" if data_type == "attributes" else "hold",
-                        max_in_flight=in_flight, run_id=run_id,
-                        log=_Throttled(f"{data_type} delivery", every_s=0))
+    delivery = Delivery(
+        spec=spec,
+        store=store,
+        manifest=manifest,
+        client=client,
+        policy="resend" if data_type == "attributes" else "hold",
+        max_in_flight=in_flight,
+        run_id=run_id,
+        log=_Throttled(f"{data_type} delivery", every_s=0),
+    )
     outcome = delivery.run()
     total_s = time.perf_counter() - started
     (run_dir / "manifest.json").write_bytes(orjson.dumps(manifest.to_dict()))
     result = {
-        "objects": outcome.accepted, "rows": manifest.rows_read, "seconds": total_s,
-        "requests": outcome.requests, "r429": outcome.rate_limited,
-        "delta_s": delta_s, "delivery_s": total_s - delta_s,
-        "peak_rss_delta_mib": rss_after_delta, "valid": manifest.valid,
-        "rejected": manifest.rejected, "failed": outcome.failed, "ambiguous": outcome.ambiguous,
+        "objects": outcome.accepted,
+        "rows": manifest.rows_read,
+        "seconds": total_s,
+        "requests": outcome.requests,
+        "r429": outcome.rate_limited,
+        "delta_s": delta_s,
+        "delivery_s": total_s - delta_s,
+        "peak_rss_delta_mib": rss_after_delta,
+        "valid": manifest.valid,
+        "rejected": manifest.rejected,
+        "failed": outcome.failed,
+        "ambiguous": outcome.ambiguous,
         "not_sent": outcome.not_sent,
-        "attempts": outcome.attempts, "manifest": str(run_dir / "manifest.json"),
+        "attempts": outcome.attempts,
+        "manifest": str(run_dir / "manifest.json"),
     }
     if profiler:
         profiler.disable()
@@ -87,15 +123,27 @@ def deliver_only(manifest: str, base_url: str, api_key: str, workdir: str, in_fl
     run_id = uuid.uuid4().hex
     store = StateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
     client = BrazeClient(base_url, api_key, max_connections=in_flight)
-    delivery = Delivery(spec=DATA_TYPES[delta.data_type], store=store, manifest=delta,
-                        client=client, policy="resend" if delta.data_type == "attributes" else "hold",
-                        max_in_flight=in_flight, run_id=run_id,
-                        log=_Throttled(f"{delta.data_type} delivery", every_s=0))
+    delivery = Delivery(
+        spec=DATA_TYPES[delta.data_type],
+        store=store,
+        manifest=delta,
+        client=client,
+        policy="resend" if delta.data_type == "attributes" else "hold",
+        max_in_flight=in_flight,
+        run_id=run_id,
+        log=_Throttled(f"{delta.data_type} delivery", every_s=0),
+    )
     started = time.perf_counter()
     outcome = delivery.run()
-    return {"objects": outcome.accepted, "rows": delta.valid, "requests": outcome.requests,
-            "seconds": time.perf_counter() - started, "r429": outcome.rate_limited,
-            "attempts": outcome.attempts, "not_sent": outcome.not_sent}
+    return {
+        "objects": outcome.accepted,
+        "rows": delta.valid,
+        "requests": outcome.requests,
+        "seconds": time.perf_counter() - started,
+        "r429": outcome.rate_limited,
+        "attempts": outcome.attempts,
+        "not_sent": outcome.not_sent,
+    }
 
 
 def _top(profiler: cProfile.Profile, lines: int = 30) -> str:

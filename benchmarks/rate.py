@@ -24,8 +24,7 @@ class StatsSampler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             stats = self.emulator.stats()
-            self.samples.append((time.monotonic(), stats["requests"],
-                                 stats["by_status"].get("429", 0)))
+            self.samples.append((time.monotonic(), stats["requests"], stats["by_status"].get("429", 0)))
             time.sleep(self.every_s)
 
     def stop(self) -> None:
@@ -57,7 +56,6 @@ def window_share(samples: list[tuple[float, int, int]], limit: int, window_s: fl
     windows = math.floor(seconds / window_s)
     if windows == 0:  # shorter than one window: the average rate against the nominal one
         admitted = final - samples[-1][2]
-        return {"share": admitted / (limit / window_s * max(seconds, 1e-6)), "windows": 0,
-                "seconds": seconds}
+        return {"share": admitted / (limit / window_s * max(seconds, 1e-6)), "windows": 0, "seconds": seconds}
     admitted = _admitted_at(samples, t0 + windows * window_s)
     return {"share": admitted / (windows * limit), "windows": windows, "seconds": seconds}

@@ -9,8 +9,20 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("aiohttp", "httpx", "httpx-aiohttp", "tenacity", "orjson", "duckdb", "pyarrow",
-            "pandas", "pandera", "dagster", "requests", "braze-client")
+PACKAGES = (
+    "aiohttp",
+    "httpx",
+    "httpx-aiohttp",
+    "tenacity",
+    "orjson",
+    "duckdb",
+    "pyarrow",
+    "pandas",
+    "pandera",
+    "dagster",
+    "requests",
+    "braze-client",
+)
 
 
 @dataclass
@@ -36,8 +48,7 @@ class Row:
         return self.requests / self.seconds if self.seconds and self.requests is not None else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "objects_per_s": self.objects_per_s,
-                "requests_per_s": self.requests_per_s}
+        return {**asdict(self), "objects_per_s": self.objects_per_s, "requests_per_s": self.requests_per_s}
 
 
 def _n(value: float | None, digits: int = 0) -> str:
@@ -45,17 +56,25 @@ def _n(value: float | None, digits: int = 0) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = [("| case | type | latency | rows | seconds | objects/s | requests/s | 429s | "
-              "peak RSS MiB | load | notes |"), "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        (
+            "| case | type | latency | rows | seconds | objects/s | requests/s | 429s | "
+            "peak RSS MiB | load | notes |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if r.extra.get("skipped") or r.extra.get("error"):
-            lines.append(f"| {r.case} | {r.data_type} | {r.latency_ms:g} ms | {r.rows:,} | — | — | "
-                         f"— | — | — | — | {r.note} |")
+            lines.append(
+                f"| {r.case} | {r.data_type} | {r.latency_ms:g} ms | {r.rows:,} | — | — | "
+                f"— | — | — | — | {r.note} |"
+            )
             continue
         lines.append(
             f"| {r.case} | {r.data_type} | {r.latency_ms:g} ms | {r.rows:,} | {r.seconds:,.2f} | "
             f"{_n(r.objects_per_s)} | {_n(r.requests_per_s)} | {_n(r.r429)} | "
-            f"{_n(r.peak_rss_mib)} | {_n(r.extra.get('load_1min'), 1)} | {r.note} |")
+            f"{_n(r.peak_rss_mib)} | {_n(r.extra.get('load_1min'), 1)} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -73,14 +92,20 @@ def machine(load_before: tuple, load_after: tuple) -> str:
             versions.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             versions.append(f"{name} (not installed)")
-    return "\n".join([
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        (f"- machine: `nproc` = {_sh('nproc')}, {platform.machine()}, "
-         f"{platform.system()} {platform.release()}"),
-        "- `free -h`:\n\n```\n" + _sh("free", "-h") + "\n```\n",
-        f"- Python {platform.python_version()}; {', '.join(versions)}",
-        (f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
-         f"after: {'/'.join(f'{x:.2f}' for x in load_after)} (other processes on this machine, "
-         f"e.g. test suites, compete for its {os.cpu_count()} cores: compare cases by their "
-         "load)"),
-    ])
+    return "\n".join(
+        [
+            f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            (
+                f"- machine: `nproc` = {_sh('nproc')}, {platform.machine()}, "
+                f"{platform.system()} {platform.release()}"
+            ),
+            "- `free -h`:\n\n```\n" + _sh("free", "-h") + "\n```\n",
+            f"- Python {platform.python_version()}; {', '.join(versions)}",
+            (
+                f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+                f"after: {'/'.join(f'{x:.2f}' for x in load_after)} (other processes on this machine, "
+                f"e.g. test suites, compete for its {os.cpu_count()} cores: compare cases by their "
+                "load)"
+            ),
+        ]
+    )

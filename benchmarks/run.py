@@ -44,10 +44,18 @@ SMALL_TABLE = f"{data.TABLES['attributes']}_small"  # min(rows, 200k): pacing ch
 
 def run_child(params: dict) -> dict:
     """Run one case in a fresh interpreter; its progress goes to our stderr."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                    os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.child", json.dumps(params)],
-                          check=False, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.child", json.dumps(params)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         return {"error": f"the case's process exited with {proc.returncode}"}
@@ -64,23 +72,40 @@ class Bench:
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
-        shown = "skipped" if row.extra.get("skipped") else row.extra.get("error") or \
-            f"{row.objects_per_s:,.0f} objects/s in {row.seconds:,.1f} s"
-        print(f"  {row.case} [{row.data_type}, {row.latency_ms:g} ms]: {shown}", file=sys.stderr,
-              flush=True)
+        shown = (
+            "skipped"
+            if row.extra.get("skipped")
+            else row.extra.get("error") or f"{row.objects_per_s:,.0f} objects/s in {row.seconds:,.1f} s"
+        )
+        print(f"  {row.case} [{row.data_type}, {row.latency_ms:g} ms]: {shown}", file=sys.stderr, flush=True)
         return row
 
-    def case(self, emu: EmulatorProcess | None, name: str, params: dict, *, data_type="attributes",
-             rows: int = 0, note: str = "") -> Row:
-        print(f"- {name} [{data_type}, {emu.latency_ms if emu else 0:g} ms] ...", file=sys.stderr,
-              flush=True)
+    def case(
+        self,
+        emu: EmulatorProcess | None,
+        name: str,
+        params: dict,
+        *,
+        data_type="attributes",
+        rows: int = 0,
+        note: str = "",
+    ) -> Row:
+        print(f"- {name} [{data_type}, {emu.latency_ms if emu else 0:g} ms] ...", file=sys.stderr, flush=True)
         if emu is not None:
             emu.reset()
             params = {**params, "base_url": emu.base_url, "api_key": API_KEY}
         result = run_child(params)
-        row = Row(name, data_type, emu.latency_ms if emu else 0.0, result.get("rows", rows),
-                  result.get("seconds", 0.0), result.get("objects", 0),
-                  peak_rss_mib=result.get("peak_rss_mib"), note=note, extra=result)
+        row = Row(
+            name,
+            data_type,
+            emu.latency_ms if emu else 0.0,
+            result.get("rows", rows),
+            result.get("seconds", 0.0),
+            result.get("objects", 0),
+            peak_rss_mib=result.get("peak_rss_mib"),
+            note=note,
+            extra=result,
+        )
         if emu is not None:
             stats = emu.stats()
             row.requests, row.r429 = stats["requests"], stats["by_status"].get("429", 0)
@@ -93,65 +118,112 @@ class Bench:
 
     # ----------------------------------------------------------------------------- the cases
     def raw_ceiling(self, emu: EmulatorProcess) -> Row:
-        return self.case(emu, "raw ceiling", {
-            "case": "raw_ceiling", "db": self.db, "table": data.TABLES["attributes"],
-            "rows": self.args.rows}, rows=self.args.rows,
-            note="aiohttp, 64 connections, pre-built 75-object bodies")
+        return self.case(
+            emu,
+            "raw ceiling",
+            {
+                "case": "raw_ceiling",
+                "db": self.db,
+                "table": data.TABLES["attributes"],
+                "rows": self.args.rows,
+            },
+            rows=self.args.rows,
+            note="aiohttp, 64 connections, pre-built 75-object bodies",
+        )
 
-    def e2e(self, emu: EmulatorProcess, data_type: str, table: str | None = None,
-            name: str = "braze_assets e2e", profile: bool = False) -> Row:
-        row = self.case(emu, name, {
-            "case": "end_to_end", "db": self.db, "table": table or data.TABLES[data_type],
-            "data_type": data_type, "workdir": str(self.workdir / "runs"),
-            "in_flight": self.args.in_flight, "profile": profile}, data_type=data_type)
+    def e2e(
+        self,
+        emu: EmulatorProcess,
+        data_type: str,
+        table: str | None = None,
+        name: str = "braze_assets e2e",
+        profile: bool = False,
+    ) -> Row:
+        row = self.case(
+            emu,
+            name,
+            {
+                "case": "end_to_end",
+                "db": self.db,
+                "table": table or data.TABLES[data_type],
+                "data_type": data_type,
+                "workdir": str(self.workdir / "runs"),
+                "in_flight": self.args.in_flight,
+                "profile": profile,
+            },
+            data_type=data_type,
+        )
         extra = row.extra
         if "delta_s" in extra:
-            row.note = (f"delta {extra['rows'] / extra['delta_s']:,.0f} rows/s (peak RSS "
-                        f"{extra['peak_rss_delta_mib']:,.0f} MiB by its end) + delivery "
-                        f"{extra['objects'] / extra['delivery_s']:,.0f} objects/s; "
-                        f"{self.args.in_flight} in flight")
+            row.note = (
+                f"delta {extra['rows'] / extra['delta_s']:,.0f} rows/s (peak RSS "
+                f"{extra['peak_rss_delta_mib']:,.0f} MiB by its end) + delivery "
+                f"{extra['objects'] / extra['delivery_s']:,.0f} objects/s; "
+                f"{self.args.in_flight} in flight"
+            )
             if extra["objects"] != extra["rows"]:
                 row.note += f"; only {extra['objects']:,} of {extra['rows']:,} accepted"
         self.profile = extra.pop("profile", self.profile)
         return row
 
     def sequential(self, emu: EmulatorProcess, case: str, name: str) -> Row:
-        row = self.case(emu, name, {
-            "case": case, "db": self.db, "table": data.TABLES["attributes"],
-            "rows": self.args.rows, "time_box_s": self.args.time_box})
+        row = self.case(
+            emu,
+            name,
+            {
+                "case": case,
+                "db": self.db,
+                "table": data.TABLES["attributes"],
+                "rows": self.args.rows,
+                "time_box_s": self.args.time_box,
+            },
+        )
         if row.extra.get("time_boxed"):
             row.note = f"time-boxed at {self.args.time_box:g} s"
         if row.extra.get("version"):
             row.case = f"{name} {row.extra['version']}"
         return row
 
-    def rate_limited(self, latency_ms: float, limit: int, window_s: float, name: str,
-                     params: dict) -> Row:
+    def rate_limited(self, latency_ms: float, limit: int, window_s: float, name: str, params: dict) -> Row:
         """Deliver under a rate limit while sampling the emulator's counters (see rate.py)."""
         with EmulatorProcess(latency_ms, rate_limit=limit, rate_window_s=window_s) as emu:
             sampler = StatsSampler(emu)
             sampler.start()
             try:
-                row = self.case(emu, name, {**params, "workdir": str(self.workdir / "runs"),
-                                            "in_flight": self.args.in_flight})
+                row = self.case(
+                    emu,
+                    name,
+                    {**params, "workdir": str(self.workdir / "runs"), "in_flight": self.args.in_flight},
+                )
             finally:
                 sampler.stop()
         if "error" not in row.extra:
             row.seconds = row.extra.get("delivery_s", row.seconds)  # the delivery phase only
             share = window_share(sampler.samples, limit, window_s)
             row.extra.update(share, limit_per_s=limit / window_s)
-            row.note = (f"{share['share']:.1%} of the allowed rate over {share['windows']} whole "
-                        f"windows ({share['seconds']:.1f} s); {row.r429 / max(row.requests, 1):.2%}"
-                        " of requests answered 429")
+            row.note = (
+                f"{share['share']:.1%} of the allowed rate over {share['windows']} whole "
+                f"windows ({share['seconds']:.1f} s); {row.r429 / max(row.requests, 1):.2%}"
+                " of requests answered 429"
+            )
         return row
 
     def validation(self) -> None:
         limit = min(self.args.rows, 200_000)
         for data_type, table in data.TABLES.items():
-            self.case(None, "validation + payload alone", {
-                "case": "validation_only", "db": self.db, "table": table, "data_type": data_type,
-                "rows": limit}, data_type=data_type,
-                note="validate_batch (pandera) + build_objects (orjson), Arrow batches in memory")
+            self.case(
+                None,
+                "validation + payload alone",
+                {
+                    "case": "validation_only",
+                    "db": self.db,
+                    "table": table,
+                    "data_type": data_type,
+                    "rows": limit,
+                },
+                data_type=data_type,
+                note="validate_batch (pandera) + build_objects (orjson), Arrow batches in memory",
+            )
 
     def run(self) -> None:
         args = self.args
@@ -162,11 +234,16 @@ class Bench:
             self.e2e(emu, "events")
             self.e2e(emu, "purchases")
             if args.quick:
-                self.add(Row("memory at 5x rows", rows=5 * args.rows, note="skipped (--quick)",
-                             extra={"skipped": True}))
+                self.add(
+                    Row(
+                        "memory at 5x rows",
+                        rows=5 * args.rows,
+                        note="skipped (--quick)",
+                        extra={"skipped": True},
+                    )
+                )
             else:
-                self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x",
-                         name="memory at 5x rows")
+                self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x", name="memory at 5x rows")
             self.sequential(emu, "naive_requests", "naive sequential requests")
             self.sequential(emu, "braze_client", "braze-client")
         with EmulatorProcess(latency_ms=50) as emu:
@@ -178,36 +255,51 @@ class Bench:
         # a few thousand rows still span several windows.
         limit, window = (15, 1.0) if args.quick else (BRAZE_LIMIT, BRAZE_WINDOW_S)
         for latency in (50,) if args.quick else (0, 50):
-            self.rate_limited(latency, limit, window, f"rate-limited {limit}/{window:g} s",
-                              {"case": "deliver_only", "manifest": self.manifest})
+            self.rate_limited(
+                latency,
+                limit,
+                window,
+                f"rate-limited {limit}/{window:g} s",
+                {"case": "deliver_only", "manifest": self.manifest},
+            )
         # Pacing alone: a limit below what the sender reaches unlimited, so the share measures
         # the pacing, not the sender's speed (e2e on the small table; the delta phase sends nothing).
         limit, window = (15, 1.0) if args.quick else (PACING_LIMIT, BRAZE_WINDOW_S)
-        self.rate_limited(50, limit, window, f"pacing check {limit}/{window:g} s", {
-            "case": "end_to_end", "db": self.db, "table": SMALL_TABLE, "data_type": "attributes"})
+        self.rate_limited(
+            50,
+            limit,
+            window,
+            f"pacing check {limit}/{window:g} s",
+            {"case": "end_to_end", "db": self.db, "table": SMALL_TABLE, "data_type": "attributes"},
+        )
         self.validation()
         if args.profile:
             with EmulatorProcess(latency_ms=0) as emu:
-                self.e2e(emu, "attributes", table=SMALL_TABLE, name="profiled e2e (cProfile)",
-                         profile=True)
+                self.e2e(emu, "attributes", table=SMALL_TABLE, name="profiled e2e (cProfile)", profile=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, help="rows per table (default 1,000,000; --quick "
-                        "100,000)")
-    parser.add_argument("--quick", action="store_true", help="short time boxes, no 5x memory "
-                        "case, a small rate limit")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rows", type=int, help="rows per table (default 1,000,000; --quick 100,000)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short time boxes, no 5x memory case, a small rate limit"
+    )
     parser.add_argument("--in-flight", type=int, default=64, help="braze_assets max_in_flight")
-    parser.add_argument("--time-box", type=float, help="seconds per sequential sender (30; "
-                        "--quick 1)")
-    parser.add_argument("--profile", action="store_true", help="also cProfile one e2e run "
-                        "(attributes, min(rows, 200k))")
+    parser.add_argument("--time-box", type=float, help="seconds per sequential sender (30; --quick 1)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also cProfile one e2e run (attributes, min(rows, 200k))"
+    )
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--workdir", type=Path, help="where data and deltas go (default: a "
-                        "temporary directory, removed at the end)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="where data and deltas go (default: a temporary directory, removed at the end)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.rows = args.rows or (100_000 if args.quick else 1_000_000)
@@ -239,17 +331,33 @@ def main(argv: list[str] | None = None) -> int:
 def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds: float) -> str:
     command = "python -m benchmarks.run " + " ".join(argv)
     parts = [
-        "# braze_assets benchmarks", "",
-        (f"`{command.strip()}` — {seconds / 60:.1f} min; {args.rows:,} rows per table; "
-         f"braze_assets with max_in_flight={args.in_flight} (the sync default is 32); emulator "
-         "in its own process, `--lean`; every case in a process of its own (peak RSS = its "
-         "VmHWM); `load` = 1-minute load average when the case ended."),
-        "", "## Machine", "", report.machine(load_before, load_after), "",
-        "## Results", "", report.table(bench.rows), "", summary(bench.rows, args),
+        "# braze_assets benchmarks",
+        "",
+        (
+            f"`{command.strip()}` — {seconds / 60:.1f} min; {args.rows:,} rows per table; "
+            f"braze_assets with max_in_flight={args.in_flight} (the sync default is 32); emulator "
+            "in its own process, `--lean`; every case in a process of its own (peak RSS = its "
+            "VmHWM); `load` = 1-minute load average when the case ended."
+        ),
+        "",
+        "## Machine",
+        "",
+        report.machine(load_before, load_after),
+        "",
+        "## Results",
+        "",
+        report.table(bench.rows),
+        "",
+        summary(bench.rows, args),
     ]
     if bench.profile:
-        parts += ["## Profile of one e2e run (cProfile, top by own time, then cumulative)", "",
-                  "```", bench.profile.strip(), "```"]
+        parts += [
+            "## Profile of one e2e run (cProfile, top by own time, then cumulative)",
+            "",
+            "```",
+            bench.profile.strip(),
+            "```",
+        ]
     return "\n".join(parts)
 
 

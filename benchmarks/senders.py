@@ -28,16 +28,26 @@ def _attribute_objects(db: str, table: str, limit: int | None):
     return con, con.execute(sql)
 
 
-def raw_ceiling(db: str, table: str, base_url: str, api_key: str, rows: int,
-                connections: int = 64, distinct_bodies: int = 256) -> dict:
+def raw_ceiling(
+    db: str,
+    table: str,
+    base_url: str,
+    api_key: str,
+    rows: int,
+    connections: int = 64,
+    distinct_bodies: int = 256,
+) -> dict:
     import aiohttp
 
     con, cursor = _attribute_objects(db, table, distinct_bodies * BATCH)
     records = cursor.fetchall()
     con.close()
-    bodies = [orjson.dumps({"attributes": [{"external_id": e, **orjson.loads(p)}
-                                           for e, p in records[i:i + BATCH]]})
-              for i in range(0, len(records) - BATCH + 1, BATCH)]
+    bodies = [
+        orjson.dumps(
+            {"attributes": [{"external_id": e, **orjson.loads(p)} for e, p in records[i : i + BATCH]]}
+        )
+        for i in range(0, len(records) - BATCH + 1, BATCH)
+    ]
     if not bodies:
         return {"error": f"the raw sender needs at least {BATCH} rows"}
     total_requests = -(-rows // BATCH)
@@ -48,10 +58,12 @@ def raw_ceiling(db: str, table: str, base_url: str, api_key: str, rows: int,
         counter = itertools.count()
         connector = aiohttp.TCPConnector(limit=connections)
         async with aiohttp.ClientSession(base_url, connector=connector) as session:
+
             async def worker() -> None:
                 while (n := next(counter)) < total_requests:
-                    async with session.post("/users/track", data=bodies[n % len(bodies)],
-                                            headers=headers) as answer:
+                    async with session.post(
+                        "/users/track", data=bodies[n % len(bodies)], headers=headers
+                    ) as answer:
                         await answer.read()
                         statuses[answer.status] += 1
 
@@ -60,9 +72,14 @@ def raw_ceiling(db: str, table: str, base_url: str, api_key: str, rows: int,
             return time.perf_counter() - started
 
     seconds = asyncio.run(main())
-    return {"objects": statuses[201] * BATCH, "rows": total_requests * BATCH,
-            "requests": total_requests, "seconds": seconds,
-            "r429": statuses[429], "statuses": dict(statuses)}
+    return {
+        "objects": statuses[201] * BATCH,
+        "rows": total_requests * BATCH,
+        "requests": total_requests,
+        "seconds": seconds,
+        "r429": statuses[429],
+        "statuses": dict(statuses),
+    }
 
 
 def _time_boxed_loop(db: str, table: str, rows: int, time_box_s: float, send) -> dict:
@@ -76,43 +93,49 @@ def _time_boxed_loop(db: str, table: str, rows: int, time_box_s: float, send) ->
         if not batch:
             break
         read += len(batch)
-        attributes = [{"external_id": external_id, **json.loads(payload)}
-                      for external_id, payload in batch]
+        attributes = [{"external_id": external_id, **json.loads(payload)} for external_id, payload in batch]
         status = send(attributes)
         statuses[status] += 1
         requests += 1
         objects += len(attributes) if status == 201 else 0
     seconds = time.perf_counter() - started
     con.close()
-    return {"objects": objects, "rows": read, "requests": requests,
-            "seconds": seconds, "r429": statuses[429], "statuses": dict(statuses),
-            "time_boxed": read < rows}
+    return {
+        "objects": objects,
+        "rows": read,
+        "requests": requests,
+        "seconds": seconds,
+        "r429": statuses[429],
+        "statuses": dict(statuses),
+        "time_boxed": read < rows,
+    }
 
 
-def naive_requests(db: str, table: str, base_url: str, api_key: str, rows: int,
-                   time_box_s: float) -> dict:
+def naive_requests(db: str, table: str, base_url: str, api_key: str, rows: int, time_box_s: float) -> dict:
     import requests
 
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
     def send(attributes: list[dict]) -> int:
-        answer = requests.post(f"{base_url}/users/track", headers=headers,
-                               json={"attributes": attributes}, timeout=30)
+        answer = requests.post(
+            f"{base_url}/users/track", headers=headers, json={"attributes": attributes}, timeout=30
+        )
         return answer.status_code
 
     return _time_boxed_loop(db, table, rows, time_box_s, send)
 
 
-def braze_client(db: str, table: str, base_url: str, api_key: str, rows: int,
-                 time_box_s: float) -> dict:
+def braze_client(db: str, table: str, base_url: str, api_key: str, rows: int, time_box_s: float) -> dict:
     try:
         from importlib.metadata import version
 
         from braze.client import BrazeClient, BrazeClientError
     except ImportError as exc:  # reported in the table, never faked
-        return {"unavailable": f"not measured: braze-client is not importable ({exc}); install it "
-                               "with `pip install --no-deps braze-client==2.3.3` (it pins "
-                               "tenacity<6 but runs with tenacity 9)"}
+        return {
+            "unavailable": f"not measured: braze-client is not importable ({exc}); install it "
+            "with `pip install --no-deps braze-client==2.3.3` (it pins "
+            "tenacity<6 but runs with tenacity 9)"
+        }
     client = BrazeClient(api_key=api_key, api_url=base_url)
 
     def send(attributes: list[dict]) -> int:

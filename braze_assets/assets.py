@@ -6,7 +6,6 @@ the lookback up to today; a backfill from the UI re-evaluates exactly the days c
 range, the ledger keeps a row Braze acknowledged from ever being sent again.
 """
 
-
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from braze_assets.resources import BrazeResource, DeliveryStateResource
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def utc_now() -> dt.datetime:
@@ -84,7 +83,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
     source = dg.AssetSpec(
         key=src_key,
         description=f"CDI {sync.data_type} table `{sync.source.table}` (external; observed by the "
-                    f"`{sync.name}` sensor and runs: row count, newest UPDATED_AT).",
+        f"`{sync.name}` sensor and runs: row count, newest UPDATED_AT).",
         group_name=sync.name,
         kinds=kinds,
         metadata={"table": sync.source.table, "data_type": sync.data_type},
@@ -106,8 +105,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             "invalid rows with their reasons (never sent).".format(sync.data_type)
         ),
     )
-    def delta_asset(
-        context: dg.AssetExecutionContext) -> dg.Output[DeltaManifest]:
+    def delta_asset(context: dg.AssetExecutionContext) -> dg.Output[DeltaManifest]:
         # Resources by key: which warehouse resource depends on the sync's source type.
         delivery_state: DeliveryStateResource = context.resources.delivery_state
         now = utc_now()
@@ -116,53 +114,76 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         watermark = store.read_watermark().value
         run_dir = store.delta_dir(context.run.run_id)
         manifest = DeltaManifest(
-            sync=sync.name, data_type=sync.data_type, run_id=context.run.run_id,
-            window_start=window.start.isoformat(), window_end=window.end.isoformat(),
+            sync=sync.name,
+            data_type=sync.data_type,
+            run_id=context.run.run_id,
+            window_start=window.start.isoformat(),
+            window_end=window.end.isoformat(),
             reaches_now=window.end > now,
-            valid_path=str(run_dir / "valid.parquet"), rejected_path=str(run_dir / "rejected.parquet"),
+            valid_path=str(run_dir / "valid.parquet"),
+            rejected_path=str(run_dir / "rejected.parquet"),
         )
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
-        context.log.info(f"{sync.name}: computing the delta of {source.description} for "
-                         f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC")
+        context.log.info(
+            f"{sync.name}: computing the delta of {source.description} for "
+            f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC"
+        )
         try:
             compute_delta(
-                source=source, spec=spec, store=store, manifest=manifest,
-                window_start=window.start, window_end=window.end, now=now,
+                source=source,
+                spec=spec,
+                store=store,
+                manifest=manifest,
+                window_start=window.start,
+                window_end=window.end,
+                now=now,
                 partitions_start=partitions_start(sync),
-                update_existing_only=sync.update_existing_only, progress=context.log.debug,
+                update_existing_only=sync.update_existing_only,
+                progress=context.log.debug,
             )
         except SourceError as exc:  # a global error: nothing was delivered, no state changed
             raise SourceError(f"sync {sync.name}: {exc}") from None
-        context.log_event(dg.AssetObservation(asset_key=src_key, metadata={
-            "rows_in_window": manifest.rows_read,
-            "newest_updated_at_in_window": manifest.max_updated_at or "",
-        }))
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=src_key,
+                metadata={
+                    "rows_in_window": manifest.rows_read,
+                    "newest_updated_at_in_window": manifest.max_updated_at or "",
+                },
+            )
+        )
         context.log.info(
             f"{sync.name}: {manifest.rows_read:,} rows read, {manifest.valid:,} to send, "
             f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled, "
             f"{manifest.future_rows:,} in the future held back, "
-            f"{manifest.late_outside_lookback:,} late rows outside the lookback")
+            f"{manifest.late_outside_lookback:,} late rows outside the lookback"
+        )
         for reason in manifest.unreadable:
             context.log.warning(f"{sync.name}: not read: {reason}")
         if manifest.before_partitions_start:
             context.log.warning(
                 f"{sync.name}: {manifest.before_partitions_start:,} rows have UPDATED_AT before "
                 f"partitions_start ({sync.partitions_start}) and are never synced; set an earlier "
-                "partitions_start in the sync's config to include them")
+                "partitions_start in the sync's config to include them"
+            )
         if manifest.duplicate_rows:
             context.log.warning(
                 f"{sync.name}: {manifest.duplicate_rows:,} rows are exact copies of another row "
-                "(same identifiers, UPDATED_AT and PAYLOAD) and go out once")
+                "(same identifiers, UPDATED_AT and PAYLOAD) and go out once"
+            )
         if manifest.rows_unprocessable:
             context.log.warning(
                 f"{sync.name}: {manifest.rows_unprocessable:,} rows could not be processed and "
-                "were rejected on their own (see rejected_examples); the other rows go on")
+                "were rejected on their own (see rejected_examples); the other rows go on"
+            )
         if manifest.late_outside_lookback:
             context.log.warning(
                 f"{sync.name}: {manifest.late_outside_lookback:,} rows older than the scanned window"
-                " are not delivered; backfill their days to deliver them")
-        return dg.Output(manifest, metadata=_delta_metadata(
-            manifest, watermark.isoformat() if watermark else None))
+                " are not delivered; backfill their days to deliver them"
+            )
+        return dg.Output(
+            manifest, metadata=_delta_metadata(manifest, watermark.isoformat() if watermark else None)
+        )
 
     @dg.asset(
         name=f"{sync.name}_sync_results",
@@ -173,11 +194,15 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         kinds={"braze"},
         io_manager_key="watermark_io_manager",
         pool=f"braze_sync_{sync.name}",
-        check_specs=[dg.AssetCheckSpec(
-            "delivery_complete", asset=f"{sync.name}_sync_results",
-            description="Every row this run was responsible for is settled: nothing held with an "
-                        "unknown outcome, failed at Braze, rejected by validation or left for the "
-                        "next run (WARN otherwise, with the run's status and why).")],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "delivery_complete",
+                asset=f"{sync.name}_sync_results",
+                description="Every row this run was responsible for is settled: nothing held with an "
+                "unknown outcome, failed at Braze, rejected by validation or left for the "
+                "next run (WARN otherwise, with the run's status and why).",
+            )
+        ],
         description=(
             f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
             "ledger (accepted / failed with Braze's message / held when the outcome is unknown), "
@@ -185,15 +210,22 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         ),
     )
     def results_asset(
-        context: dg.AssetExecutionContext, delta: DeltaManifest, braze: BrazeResource,
+        context: dg.AssetExecutionContext,
+        delta: DeltaManifest,
+        braze: BrazeResource,
         delivery_state: DeliveryStateResource,
     ) -> Iterator[dg.Output[SyncOutcome] | dg.AssetCheckResult]:
         store = delivery_state.store(sync.name)
         before = store.read_watermark().value
         delivery = Delivery(
-            spec=spec, store=store, manifest=delta, client=braze.client(sync.max_in_flight),
-            policy=sync.effective_ambiguous_policy, max_in_flight=sync.max_in_flight,
-            run_id=context.run.run_id, log=context.log.info,
+            spec=spec,
+            store=store,
+            manifest=delta,
+            client=braze.client(sync.max_in_flight),
+            policy=sync.effective_ambiguous_policy,
+            max_in_flight=sync.max_in_flight,
+            run_id=context.run.run_id,
+            log=context.log.info,
         )
         outcome = delivery.run()
         if not outcome.not_sent and not outcome.earliest_unsettled:
@@ -206,24 +238,35 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
             f"{outcome.held_total:,}, ambiguous {outcome.ambiguous:,}, not sent "
             f"{outcome.not_sent:,} in {outcome.requests:,} requests ({outcome.seconds:.1f}s); "
-            f"watermark {outcome.watermark_before} -> {outcome.watermark_after}")
+            f"watermark {outcome.watermark_before} -> {outcome.watermark_after}"
+        )
         context.log.info(f"{sync.name}: {outcome.status}: {outcome.status_detail}")
         if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
-            raise dg.Failure(description=f"sync {sync.name}: {outcome.status_detail}",
-                             metadata=results_metadata(outcome, delta))
+            raise dg.Failure(
+                description=f"sync {sync.name}: {outcome.status_detail}",
+                metadata=results_metadata(outcome, delta),
+            )
         yield dg.Output(outcome, metadata=results_metadata(outcome, delta))
         yield dg.AssetCheckResult(
-            check_name="delivery_complete", passed=outcome.status == "success",
-            severity=dg.AssetCheckSeverity.WARN, description=outcome.status_detail,
-            metadata={"status": outcome.status, "rows_held": outcome.held_total,
-                      "rows_not_sent": outcome.not_sent, "rows_failed_at_braze": outcome.failed,
-                      "rows_rejected_by_validation": delta.rejected})
+            check_name="delivery_complete",
+            passed=outcome.status == "success",
+            severity=dg.AssetCheckSeverity.WARN,
+            description=outcome.status_detail,
+            metadata={
+                "status": outcome.status,
+                "rows_held": outcome.held_total,
+                "rows_not_sent": outcome.not_sent,
+                "rows_failed_at_braze": outcome.failed,
+                "rows_rejected_by_validation": delta.rejected,
+            },
+        )
 
     return SyncAssets(sync, source, delta_asset, results_asset)
 
 
-def next_watermark(sync: SyncConfig, delta: DeltaManifest, outcome: SyncOutcome,
-                   before: dt.datetime | None) -> dt.datetime | None:
+def next_watermark(
+    sync: SyncConfig, delta: DeltaManifest, outcome: SyncOutcome, before: dt.datetime | None
+) -> dt.datetime | None:
     """The watermark moves only when this run scanned up to now and everything older than its
     window is settled (the window starts at or before the watermark, or no unsettled rows lie
     below it); never past a row still waiting to be sent, nor past now (future rows are not read)."""

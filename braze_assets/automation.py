@@ -1,17 +1,21 @@
 """Per-sync jobs, schedules and sensors, the held-rows release job, and failure alerting."""
 
-
 import datetime as dt
 import json
 from typing import Literal
 
 import dagster as dg
 from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
 )
 
 from braze_assets.assets import (
-    SyncAssets, partitions_for, partitions_start, source_key, utc_now,
+    SyncAssets,
+    partitions_for,
+    partitions_start,
+    source_key,
+    utc_now,
 )
 from braze_assets.config import SyncConfig
 from braze_assets.resources import BrazeResource, DeliveryStateResource
@@ -19,8 +23,9 @@ from braze_assets.sources import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
 
-def incremental_range(sync: SyncConfig, delivery_state: DeliveryStateResource,
-                      now: dt.datetime, source: CdiSource) -> dg.PartitionKeyRange:
+def incremental_range(
+    sync: SyncConfig, delivery_state: DeliveryStateResource, now: dt.datetime, source: CdiSource
+) -> dg.PartitionKeyRange:
     """From the day of (watermark - lookback) to today: where new and late rows can be.
 
     The first sync starts at the table's oldest row (not at partitions_start), so a run does not
@@ -53,8 +58,9 @@ def build_job(assets: SyncAssets):
     )
 
 
-def reclaim_before_launch(context: dg.ScheduleEvaluationContext | dg.SensorEvaluationContext,
-                          sync: SyncConfig) -> str | None:
+def reclaim_before_launch(
+    context: dg.ScheduleEvaluationContext | dg.SensorEvaluationContext, sync: SyncConfig
+) -> str | None:
     """Reclaim the pool slot of the sync's runs whose process died (they would block every later
     run); the reason to launch nothing while a live run of the sync holds it."""
     from braze_assets.instance import reclaim_dead_runs
@@ -69,7 +75,9 @@ def reclaim_before_launch(context: dg.ScheduleEvaluationContext | dg.SensorEvalu
 
 def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
     @dg.schedule(
-        name=f"{sync.name}_schedule", job=job, cron_schedule=sync.schedule.cron,
+        name=f"{sync.name}_schedule",
+        job=job,
+        cron_schedule=sync.schedule.cron,
         execution_timezone=sync.schedule.timezone,
         required_resource_keys={resource_key(sync), "delivery_state"},
         description=f"Sync {sync.name} from its watermark minus the lookback up to now.",
@@ -87,11 +95,12 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
 
 
 def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
-    status = (dg.DefaultSensorStatus.RUNNING if sync.sensor.enabled
-              else dg.DefaultSensorStatus.STOPPED)
+    status = dg.DefaultSensorStatus.RUNNING if sync.sensor.enabled else dg.DefaultSensorStatus.STOPPED
 
     @dg.sensor(
-        name=f"{sync.name}_sensor", job=job, default_status=status,
+        name=f"{sync.name}_sensor",
+        job=job,
+        default_status=status,
         minimum_interval_seconds=sync.sensor.minimum_interval_seconds,
         required_resource_keys={resource_key(sync), "delivery_state"},
         description=f"Launches {sync.name} when {sync.source.table} has new or changed rows.",
@@ -104,9 +113,13 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
             seen = source.fingerprint()  # tables: newest UPDATED_AT + rows; files: the listing
         except SourceError as exc:
             return dg.SkipReason(f"cannot observe the source: {exc}")
-        observation = dg.AssetObservation(asset_key=source_key(sync), metadata={
-            **({"dagster/row_count": seen["rows"]} if "rows" in seen else {}),
-            "fingerprint": dg.MetadataValue.json(seen)})
+        observation = dg.AssetObservation(
+            asset_key=source_key(sync),
+            metadata={
+                **({"dagster/row_count": seen["rows"]} if "rows" in seen else {}),
+                "fingerprint": dg.MetadataValue.json(seen),
+            },
+        )
         if context.cursor and json.loads(context.cursor) == seen:
             return dg.SensorResult(skip_reason="no new or changed rows", asset_events=[observation])
         if busy:  # the cursor stays: the rows are requested once the live run has ended
@@ -115,7 +128,8 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
         run_key = ":".join([sync.name, *(str(v) for v in seen.values())])
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=run_key, tags=range_tags(keys))],
-            cursor=json.dumps(seen), asset_events=[observation],
+            cursor=json.dumps(seen),
+            asset_events=[observation],
         )
 
     return _sensor
@@ -126,16 +140,21 @@ def build_reclaim_sensor(syncs: list[SyncConfig]) -> dg.SensorDefinition:
     crashed run never blocks a Materialize click or a backfill (Dagster's own run monitoring does
     not see a run whose process died with its code server, nor a CLI run)."""
 
-    @dg.sensor(name="reclaim_dead_runs", default_status=dg.DefaultSensorStatus.RUNNING,
-               minimum_interval_seconds=60,
-               description="Marks failed the sync runs whose process is gone and frees their "
-                           "pool slots, so a crash never blocks a sync.")
+    @dg.sensor(
+        name="reclaim_dead_runs",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=60,
+        description="Marks failed the sync runs whose process is gone and frees their "
+        "pool slots, so a crash never blocks a sync.",
+    )
     def _reclaim(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         from braze_assets.instance import reclaim_dead_runs
 
-        said = [line for sync in syncs
-                for line in reclaim_dead_runs(context.instance, sync.name,
-                                              log=context.log.warning).reclaimed]
+        said = [
+            line
+            for sync in syncs
+            for line in reclaim_dead_runs(context.instance, sync.name, log=context.log.warning).reclaimed
+        ]
         return dg.SkipReason("; ".join(said) if said else "no dead run holds a sync's pool")
 
     return _reclaim
@@ -151,36 +170,54 @@ class ReleaseHeldConfig(dg.Config):
     row_hashes: list[str] = []
 
 
-@dg.op(description="Decide what becomes of a sync's held rows (Braze's answer was unknown): "
-                   "resend them, mark them delivered, or reconcile them with what Braze holds "
-                   "(events and purchases). Reports how many rows each path resolved.")
-def release_held_rows(context: dg.OpExecutionContext, config: ReleaseHeldConfig,
-                      delivery_state: DeliveryStateResource,
-                      braze: BrazeResource) -> dg.Output[dict]:
+@dg.op(
+    description="Decide what becomes of a sync's held rows (Braze's answer was unknown): "
+    "resend them, mark them delivered, or reconcile them with what Braze holds "
+    "(events and purchases). Reports how many rows each path resolved."
+)
+def release_held_rows(
+    context: dg.OpExecutionContext,
+    config: ReleaseHeldConfig,
+    delivery_state: DeliveryStateResource,
+    braze: BrazeResource,
+) -> dg.Output[dict]:
     from braze_assets.release import EXPORT_IN_FLIGHT, ReleaseError, release
     from braze_assets.state import SyncBusyError
 
     try:
         report = release(
-            delivery_state.store(config.sync), config.mode, config.row_hashes or None,
+            delivery_state.store(config.sync),
+            config.mode,
+            config.row_hashes or None,
             client=lambda: braze.client(EXPORT_IN_FLIGHT),
             decided_by=f"a person (release_held_job run {context.run_id[:8]}, mode {config.mode})",
-            log=context.log.info)
+            log=context.log.info,
+        )
     except (ReleaseError, SyncBusyError) as exc:  # nothing was changed
         raise dg.Failure(description=str(exc)) from None
-    counts = {"held_rows": report.held, "resent_next_run": report.resent,
-              "marked_delivered": report.marked_delivered, "still_held": report.still_held}
-    return dg.Output(report.to_dict(), metadata={
-        "sync": config.sync, "mode": config.mode, **counts,
-        "still_held_reasons": dg.MetadataValue.json(report.still_held_reasons),
-        "export_requests": report.export_requests,
-        "watermark_before": report.watermark_before or "none",
-        "watermark_after": report.watermark_after or "none",
-    })
+    counts = {
+        "held_rows": report.held,
+        "resent_next_run": report.resent,
+        "marked_delivered": report.marked_delivered,
+        "still_held": report.still_held,
+    }
+    return dg.Output(
+        report.to_dict(),
+        metadata={
+            "sync": config.sync,
+            "mode": config.mode,
+            **counts,
+            "still_held_reasons": dg.MetadataValue.json(report.still_held_reasons),
+            "export_requests": report.export_requests,
+            "watermark_before": report.watermark_before or "none",
+            "watermark_after": report.watermark_after or "none",
+        },
+    )
 
 
-@dg.job(description="Decide on held (ambiguous) rows of one sync: resend, mark_delivered or "
-                    "reconcile with Braze.")
+@dg.job(
+    description="Decide on held (ambiguous) rows of one sync: resend, mark_delivered or reconcile with Braze."
+)
 def release_held_job():
     release_held_rows()
 
@@ -188,30 +225,47 @@ def release_held_job():
 @dg.run_failure_sensor(description="Reports failed sync runs (hook your alerting in here).")
 def sync_failure_alert(context: dg.RunFailureSensorContext):
     sync = context.dagster_run.tags.get("braze_assets/sync", "?")
-    context.log.error(f"braze_assets sync {sync} failed in run {context.dagster_run.run_id}: "
-                      f"{context.failure_event.message}")
+    context.log.error(
+        f"braze_assets sync {sync} failed in run {context.dagster_run.run_id}: "
+        f"{context.failure_event.message}"
+    )
 
 
 def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
     """`<sync>_test_connection`: connect, check the table, preview rows with their validation."""
     from braze_assets.connection import check_connection, preview_markdown
 
-    @dg.op(name=f"{sync.name}_check_connection", required_resource_keys={resource_key(sync)},
-           description=f"Test the connection of {sync.name}: nothing is sent to Braze.")
+    @dg.op(
+        name=f"{sync.name}_check_connection",
+        required_resource_keys={resource_key(sync)},
+        description=f"Test the connection of {sync.name}: nothing is sent to Braze.",
+    )
     def _check(context: dg.OpExecutionContext) -> None:
         report = check_connection(sync, getattr(context.resources, resource_key(sync)))
-        metadata = {"source": report.source, "result": report.message,
-                    "preview": dg.MetadataValue.md(preview_markdown(report))}
+        metadata = {
+            "source": report.source,
+            "result": report.message,
+            "preview": dg.MetadataValue.md(preview_markdown(report)),
+        }
         if not report.ok:
             raise dg.Failure(description=report.message, metadata=metadata)
         context.log.info(report.message)
-        context.log_event(dg.AssetObservation(asset_key=source_key(sync), metadata={
-            **metadata, "dagster/row_count": report.row_count or 0,
-            "newest_updated_at": report.newest_updated_at or ""}))
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=source_key(sync),
+                metadata={
+                    **metadata,
+                    "dagster/row_count": report.row_count or 0,
+                    "newest_updated_at": report.newest_updated_at or "",
+                },
+            )
+        )
 
-    @dg.job(name=f"{sync.name}_test_connection",
-            description=f"Test connection for {sync.name} ({sync.source.type} "
-                        f"{sync.source.table}), like CDI's: no data is sent.")
+    @dg.job(
+        name=f"{sync.name}_test_connection",
+        description=f"Test connection for {sync.name} ({sync.source.type} "
+        f"{sync.source.table}), like CDI's: no data is sent.",
+    )
     def _job():
         _check()
 

@@ -4,7 +4,6 @@ All three are blocking: when one fails with ERROR severity the run does not deli
 changes (the ledger and watermark only move in `<sync>_sync_results`).
 """
 
-
 import dagster as dg
 import pandera.pandas as pa
 import pyarrow.parquet as pq
@@ -18,8 +17,9 @@ DELTA_OUTPUT_SCHEMA = pa.DataFrameSchema(
         "row_hash": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{32}$"), unique=True),
         "updated_at": pa.Column("datetime64[us, UTC]", nullable=False),
         "identifier": pa.Column(str),
-        "object": pa.Column(object, pa.Check(lambda s: s.map(len) > 2, element_wise=False,
-                                             name="non_empty_object")),
+        "object": pa.Column(
+            object, pa.Check(lambda s: s.map(len) > 2, element_wise=False, name="non_empty_object")
+        ),
         "data_points": pa.Column("int32", pa.Check.ge(0)),
     },
     name="braze_delta_output",
@@ -31,10 +31,14 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
     sync = assets.sync
     delta_key = assets.delta.key
 
-    @dg.asset_check(asset=delta_key, name="pandera_schema", blocking=True,
-                    description=f"Every source row passed the cdi_{sync.data_type} pandera schema "
-                                "(WARN: rejected rows are listed, never sent) and the rows handed "
-                                "to Braze match the delta schema (ERROR otherwise).")
+    @dg.asset_check(
+        asset=delta_key,
+        name="pandera_schema",
+        blocking=True,
+        description=f"Every source row passed the cdi_{sync.data_type} pandera schema "
+        "(WARN: rejected rows are listed, never sent) and the rows handed "
+        "to Braze match the delta schema (ERROR otherwise).",
+    )
     def pandera_schema(delta: DeltaManifest) -> dg.AssetCheckResult:
         output_failures = 0
         parquet = pq.ParquetFile(delta.valid_path)
@@ -51,39 +55,55 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
             "output_schema_failures": output_failures,
         }
         if output_failures:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                       metadata=metadata)
-        return dg.AssetCheckResult(passed=delta.rejected == 0,
-                                   severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
+        return dg.AssetCheckResult(
+            passed=delta.rejected == 0, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
+        )
 
-    @dg.asset_check(asset=delta_key, name="row_error_rate", blocking=True,
-                    description=f"Blocks delivery when more than {sync.max_row_error_rate:.0%} of "
-                                "the rows evaluated this run fail validation.")
+    @dg.asset_check(
+        asset=delta_key,
+        name="row_error_rate",
+        blocking=True,
+        description=f"Blocks delivery when more than {sync.max_row_error_rate:.0%} of "
+        "the rows evaluated this run fail validation.",
+    )
     def row_error_rate(delta: DeltaManifest) -> dg.AssetCheckResult:
         evaluated = delta.valid + delta.rejected
         rate = delta.rejected / evaluated if evaluated else 0.0
         return dg.AssetCheckResult(
             passed=rate <= sync.max_row_error_rate,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=(f"{delta.rejected:,} of {evaluated:,} rows rejected ({rate:.1%}); "
-                         f"threshold {sync.max_row_error_rate:.0%}"),
-            metadata={"error_rate": round(rate, 4), "threshold": sync.max_row_error_rate,
-                      "rows_rejected": delta.rejected, "rows_evaluated": evaluated},
+            description=(
+                f"{delta.rejected:,} of {evaluated:,} rows rejected ({rate:.1%}); "
+                f"threshold {sync.max_row_error_rate:.0%}"
+            ),
+            metadata={
+                "error_rate": round(rate, 4),
+                "threshold": sync.max_row_error_rate,
+                "rows_rejected": delta.rejected,
+                "rows_evaluated": evaluated,
+            },
         )
 
     checks = [pandera_schema, row_error_rate]
     if sync.data_type == "deletions":
 
-        @dg.asset_check(asset=delta_key, name="mass_deletion_guard", blocking=True,
-                        description=f"Blocks a run that would delete more than "
-                                    f"{sync.max_deletions:,} users (deletes are permanent).")
+        @dg.asset_check(
+            asset=delta_key,
+            name="mass_deletion_guard",
+            blocking=True,
+            description=f"Blocks a run that would delete more than "
+            f"{sync.max_deletions:,} users (deletes are permanent).",
+        )
         def mass_deletion_guard(delta: DeltaManifest) -> dg.AssetCheckResult:
             return dg.AssetCheckResult(
                 passed=delta.valid <= sync.max_deletions,
                 severity=dg.AssetCheckSeverity.ERROR,
-                description=(f"{delta.valid:,} users would be deleted; ceiling "
-                             f"{sync.max_deletions:,} (raise max_deletions in syncs.yaml if "
-                             "this is intended)"),
+                description=(
+                    f"{delta.valid:,} users would be deleted; ceiling "
+                    f"{sync.max_deletions:,} (raise max_deletions in syncs.yaml if "
+                    "this is intended)"
+                ),
                 metadata={"users_to_delete": delta.valid, "ceiling": sync.max_deletions},
             )
 

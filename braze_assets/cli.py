@@ -84,22 +84,30 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
         lock = Path(instance.root_directory) / "locks" / f"{sync.name}.lock"
         with file_lock(lock, blocking=False) as ours:
             if not ours:
-                summaries.append(_busy_summary(sync.name, (
-                    f"sync {sync.name} is busy: another braze-assets run of it is in progress "
-                    "on this machine; try again when it ends"), []))
+                summaries.append(
+                    _busy_summary(
+                        sync.name,
+                        (
+                            f"sync {sync.name} is busy: another braze-assets run of it is in progress "
+                            "on this machine; try again when it ends"
+                        ),
+                        [],
+                    )
+                )
                 continue
             pool = reclaim_dead_runs(instance, sync.name, log=_note)
             if pool.busy:
                 summaries.append(_busy_summary(sync.name, pool.busy_message(), pool.reclaimed))
                 continue
             source = make_source(sync, resources[resource_key(sync)])
-            keys = incremental_range(sync, resources["delivery_state"],
-                                     dt.datetime.now(dt.UTC), source)
+            keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(dt.UTC), source)
             job = defs.resolve_job_def(f"{sync.name}_job")
             result = job.execute_in_process(
-                instance=instance, tags={**range_tags(keys), **process_tags()},
+                instance=instance,
+                tags={**range_tags(keys), **process_tags()},
                 raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            )
         summaries.append(_summary(sync.name, keys, result, pool.reclaimed))
     return summaries
 
@@ -110,8 +118,14 @@ def _note(message: str) -> None:
 
 def _busy_summary(name: str, detail: str, reclaimed: list[str]) -> dict:
     _note(detail)
-    return {"sync": name, "partitions": None, "status": "error", "status_detail": detail,
-            "run_id": None, "reclaimed": reclaimed}
+    return {
+        "sync": name,
+        "partitions": None,
+        "status": "error",
+        "status_detail": detail,
+        "run_id": None,
+        "reclaimed": reclaimed,
+    }
 
 
 def connection_reports(only: list[str] | None, as_json: bool) -> int:
@@ -142,32 +156,55 @@ def connection_reports(only: list[str] | None, as_json: bool) -> int:
 
 def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dict:
     """The sync's CDI-style status and why, and what the run read and sent."""
-    summary: dict = {"sync": name, "partitions": f"{keys.start}..{keys.end}", "status": "error",
-                     "status_detail": "", "run_id": result.run_id, "reclaimed": reclaimed or []}
+    summary: dict = {
+        "sync": name,
+        "partitions": f"{keys.start}..{keys.end}",
+        "status": "error",
+        "status_detail": "",
+        "run_id": result.run_id,
+        "reclaimed": reclaimed or [],
+    }
     if result.is_node_success(f"{name}_delta"):
         delta = result.output_for_node(f"{name}_delta")
-        summary.update(read=delta.rows_read, already_settled=delta.already_settled,
-                       valid=delta.valid, rejected=delta.rejected,
-                       rejected_reasons=delta.rejected_reasons, future_held_back=delta.future_rows,
-                       late_outside_lookback=delta.late_outside_lookback)
+        summary.update(
+            read=delta.rows_read,
+            already_settled=delta.already_settled,
+            valid=delta.valid,
+            rejected=delta.rejected,
+            rejected_reasons=delta.rejected_reasons,
+            future_held_back=delta.future_rows,
+            late_outside_lookback=delta.late_outside_lookback,
+        )
     if result.is_node_success(f"{name}_sync_results"):
         out = result.output_for_node(f"{name}_sync_results")
-        summary.update(status=out.status, status_detail=out.status_detail,
-                       sent=out.accepted + out.failed + out.held, accepted=out.accepted,
-                       failed=out.failed, held=out.held_total, ambiguous=out.ambiguous,
-                       not_sent=out.not_sent, failed_reasons=out.failed_reasons,
-                       requests=out.requests, recovered_settled=out.recovered_settled,
-                       recovered_held=out.recovered_held, recovered_unsent=out.recovered_unsent,
-                       watermark_before=out.watermark_before, watermark_after=out.watermark_after)
+        summary.update(
+            status=out.status,
+            status_detail=out.status_detail,
+            sent=out.accepted + out.failed + out.held,
+            accepted=out.accepted,
+            failed=out.failed,
+            held=out.held_total,
+            ambiguous=out.ambiguous,
+            not_sent=out.not_sent,
+            failed_reasons=out.failed_reasons,
+            requests=out.requests,
+            recovered_settled=out.recovered_settled,
+            recovered_held=out.recovered_held,
+            recovered_unsent=out.recovered_unsent,
+            watermark_before=out.watermark_before,
+            watermark_after=out.watermark_after,
+        )
     elif result.is_node_failed(f"{name}_sync_results"):
         summary.update(_counts_of_failed_delivery(result, f"{name}_sync_results"))
     else:
-        checks = [e for e in result.get_asset_check_evaluations() if not e.passed
-                  and e.severity.value == "ERROR"]
+        checks = [
+            e for e in result.get_asset_check_evaluations() if not e.passed and e.severity.value == "ERROR"
+        ]
         summary["blocked_by"] = [e.check_name for e in checks]
         if checks:
-            summary["status_detail"] = ("delivery blocked by check(s) "
-                                        f"{', '.join(summary['blocked_by'])}: nothing was sent")
+            summary["status_detail"] = (
+                f"delivery blocked by check(s) {', '.join(summary['blocked_by'])}: nothing was sent"
+            )
     error = _run_error(result)
     if error:  # a step failure is an error, whatever was delivered before it
         summary.update(status="error", status_detail=error, error=error)
@@ -178,10 +215,15 @@ def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dic
 
 #: what a failed delivery (a `dg.Failure` with the results' metadata) still tells
 _FAILED_DELIVERY_COUNTS = {
-    "rows_sent": "sent", "rows_accepted": "accepted", "rows_failed_at_braze": "failed",
-    "rows_held_ambiguous": "held", "rows_ambiguous": "ambiguous",
-    "rows_not_sent_retry_next_run": "not_sent", "failed_reasons": "failed_reasons",
-    "requests": "requests", "watermark_before": "watermark_before",
+    "rows_sent": "sent",
+    "rows_accepted": "accepted",
+    "rows_failed_at_braze": "failed",
+    "rows_held_ambiguous": "held",
+    "rows_ambiguous": "ambiguous",
+    "rows_not_sent_retry_next_run": "not_sent",
+    "failed_reasons": "failed_reasons",
+    "requests": "requests",
+    "watermark_before": "watermark_before",
     "watermark_after": "watermark_after",
 }
 
@@ -190,8 +232,7 @@ def _counts_of_failed_delivery(result, node: str) -> dict:
     failure = result.failure_data_for_node(node)
     user = failure.user_failure_data if failure is not None else None
     metadata = user.metadata if user is not None else {}
-    return {key: metadata[name].value for name, key in _FAILED_DELIVERY_COUNTS.items()
-            if name in metadata}
+    return {key: metadata[name].value for name, key in _FAILED_DELIVERY_COUNTS.items() if name in metadata}
 
 
 def _run_error(result) -> str | None:
@@ -223,28 +264,38 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
         for message in s.get("reclaimed", []):
             print(f"   {message}")
         if "read" in s:
-            print(f"   read {s['read']:,}  already settled {s['already_settled']:,}  valid "
-                  f"{s['valid']:,}  rejected {s['rejected']:,}  future (held back) "
-                  f"{s['future_held_back']:,}  late outside lookback {s['late_outside_lookback']:,}")
+            print(
+                f"   read {s['read']:,}  already settled {s['already_settled']:,}  valid "
+                f"{s['valid']:,}  rejected {s['rejected']:,}  future (held back) "
+                f"{s['future_held_back']:,}  late outside lookback {s['late_outside_lookback']:,}"
+            )
             for reason, count in s["rejected_reasons"].items():
                 print(f"      rejected {count:>4}  {reason}")
         if {"sent", "requests", "accepted", "failed", "held", "not_sent"} <= s.keys():
-            print(f"   sent {s['sent']:,} in {s['requests']:,} requests: accepted "
-                  f"{s['accepted']:,}  failed {s['failed']:,}  held (unknown outcome) {s['held']:,}"
-                  f"  not sent (retry next run) {s['not_sent']:,}")
+            print(
+                f"   sent {s['sent']:,} in {s['requests']:,} requests: accepted "
+                f"{s['accepted']:,}  failed {s['failed']:,}  held (unknown outcome) {s['held']:,}"
+                f"  not sent (retry next run) {s['not_sent']:,}"
+            )
             if s.get("recovered_settled") or s.get("recovered_held") or s.get("recovered_unsent"):
-                print(f"   recovered from a killed run: settled {s['recovered_settled']:,}  held "
-                      f"{s['recovered_held']:,}  to send again {s['recovered_unsent']:,}")
+                print(
+                    f"   recovered from a killed run: settled {s['recovered_settled']:,}  held "
+                    f"{s['recovered_held']:,}  to send again {s['recovered_unsent']:,}"
+                )
             for reason, count in s.get("failed_reasons", {}).items():
                 print(f"      failed   {count:>4}  {reason}")
-            print(f"   watermark {s.get('watermark_before') or 'none'} -> "
-                  f"{s.get('watermark_after') or 'none'}")
+            print(
+                f"   watermark {s.get('watermark_before') or 'none'} -> {s.get('watermark_after') or 'none'}"
+            )
         if s.get("error") and s["error"] != s["status_detail"]:
             print(f"   error: {s['error']}")
     if emulator_stats is not None:
-        print("\n== Braze emulator now holds: "
-              + ", ".join(f"{emulator_stats.get(k, 0):,} {k}"
-                          for k in ("profiles", "events", "purchases", "deletions")))
+        print(
+            "\n== Braze emulator now holds: "
+            + ", ".join(
+                f"{emulator_stats.get(k, 0):,} {k}" for k in ("profiles", "events", "purchases", "deletions")
+            )
+        )
 
 
 def _start_emulator(home: Path, port: int):
@@ -252,8 +303,9 @@ def _start_emulator(home: Path, port: int):
 
     key = os.environ.get("BRAZE_API_KEY") or secrets.token_urlsafe(24)
     os.environ["BRAZE_API_KEY"] = key
-    emulator = BrazeEmulator(EmulatorConfig(api_key=key, port=port,
-                                            state_file=str(home / "emulator_store.json")))
+    emulator = BrazeEmulator(
+        EmulatorConfig(api_key=key, port=port, state_file=str(home / "emulator_store.json"))
+    )
     os.environ["BRAZE_REST_ENDPOINT"] = emulator.start()
     return emulator
 
@@ -276,14 +328,19 @@ def main(argv: list[str] | None = None) -> int:
         from braze_assets.release import release_command
 
         return release_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="braze-assets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="braze-assets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["demo", "ui", "run", "test-connection"])
-    parser.add_argument("--home", default=os.environ.get("BRAZE_ASSETS_HOME", ".braze_assets"),
-                        help="state directory (default .braze_assets)")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("BRAZE_ASSETS_HOME", ".braze_assets"),
+        help="state directory (default .braze_assets)",
+    )
     parser.add_argument("--sync", action="append", help="only this sync (repeatable)")
-    parser.add_argument("--reset", action="store_true", help="demo/ui: start from a fresh warehouse,"
-                        " emulator and state")
+    parser.add_argument(
+        "--reset", action="store_true", help="demo/ui: start from a fresh warehouse, emulator and state"
+    )
     parser.add_argument("--port", type=int, default=DEMO_PORT, help="demo/ui: emulator port")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
     parser.add_argument("--log-level", default="INFO", help="Dagster console log level")
@@ -313,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ui":
             print("Starting the Dagster UI (Ctrl-C to stop) ...")
             root = Path(__file__).resolve().parent.parent
-            return subprocess.call([sys.executable, "-m", "dagster", "dev", "-w",
-                                    str(root / "workspace.yaml")], cwd=root)
+            return subprocess.call(
+                [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml")], cwd=root
+            )
         summaries = run_syncs(args.sync, args.log_level)
         stats = emulator.store.stats()
         if args.json:

@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -117,8 +117,12 @@ class S3SourceConfig(_Strict):
 
 
 SourceConfig = Annotated[
-    Union[DuckDBSourceConfig, SnowflakeSourceConfig, BigQuerySourceConfig, RedshiftSourceConfig,
-          DatabricksSourceConfig, S3SourceConfig],
+    DuckDBSourceConfig
+    | SnowflakeSourceConfig
+    | BigQuerySourceConfig
+    | RedshiftSourceConfig
+    | DatabricksSourceConfig
+    | S3SourceConfig,
     Field(discriminator="type"),
 ]
 
@@ -146,12 +150,12 @@ class ScheduleConfig(_Strict):
             raise ValueError(f"cron {self.cron!r} is not a valid cron expression")
         # A year of ticks: a cron that runs often but only in some months must fail too. Judged
         # in UTC so daylight-saving shifts of the schedule's own zone do not count as gaps.
-        start = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+        start = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
         ticks = cron_string_iterator(start.timestamp(), self.cron, "UTC")
         times = [next(ticks)]
         while times[-1] < start + dt.timedelta(days=366) and len(times) < 40_000:
             times.append(next(ticks))
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         shortest = min(gaps, default=MAX_SCHEDULE_INTERVAL)
         longest = max([times[0] - start, *gaps])
         if shortest < MIN_SCHEDULE_INTERVAL or longest > MAX_SCHEDULE_INTERVAL:
@@ -204,9 +208,7 @@ class SyncConfig(_Strict):
     @classmethod
     def _asset_safe_name(cls, value: str) -> str:
         if not SYNC_NAME.fullmatch(value):
-            raise ValueError(
-                f"{value!r} must be lower-case letters, digits and _, starting with a letter"
-            )
+            raise ValueError(f"{value!r} must be lower-case letters, digits and _, starting with a letter")
         return value
 
     @field_validator("lookback")
@@ -252,14 +254,18 @@ class SyncsFile(_Strict):
         for sync in self.syncs:
             by_table.setdefault(sync.source.table.lower(), []).append(sync.name)
         folders = sorted(t for t in by_table if t.startswith("s3://"))
-        for outer, inner in zip(folders, folders[1:]):
+        for outer, inner in zip(folders, folders[1:], strict=False):
             if inner.startswith(outer):  # nested keys are read: CDI needs a folder per sync
-                raise ValueError(f"S3 folders {outer!r} and {inner!r} overlap (syncs "
-                                 f"{by_table[outer][0]!r} and {by_table[inner][0]!r})")
+                raise ValueError(
+                    f"S3 folders {outer!r} and {inner!r} overlap (syncs "
+                    f"{by_table[outer][0]!r} and {by_table[inner][0]!r})"
+                )
         for table, names in by_table.items():
             if len(names) > 1:
-                raise ValueError(f"table {table!r} feeds two syncs; CDI allows one sync per table "
-                                 f"(syncs {', '.join(repr(n) for n in names)})")
+                raise ValueError(
+                    f"table {table!r} feeds two syncs; CDI allows one sync per table "
+                    f"(syncs {', '.join(repr(n) for n in names)})"
+                )
         by_key: dict[str, SyncConfig] = {}
         for sync in self.syncs:
             key = "/".join(source_key_path(sync))
@@ -268,7 +274,8 @@ class SyncsFile(_Strict):
                 raise ValueError(
                     f"tables {other.source.table!r} (sync {other.name!r}) and "
                     f"{sync.source.table!r} (sync {sync.name!r}) get the same asset key {key!r} "
-                    "(names differ only in characters an asset key cannot hold); rename one")
+                    "(names differ only in characters an asset key cannot hold); rename one"
+                )
         return self
 
 
@@ -277,14 +284,19 @@ SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks", "s3
 
 def _describe(error: dict, raw: dict) -> str:
     # pydantic names the union member in the location (source.duckdb.table): drop it
-    loc = [part for i, part in enumerate(error["loc"])
-           if not (i and error["loc"][i - 1] == "source" and part in SOURCE_TYPES)]
+    loc = [
+        part
+        for i, part in enumerate(error["loc"])
+        if not (i and error["loc"][i - 1] == "source" and part in SOURCE_TYPES)
+    ]
     where = ".".join(str(p) for p in loc)
     if len(loc) >= 2 and loc[0] == "syncs" and isinstance(loc[1], int):
         entries = raw.get("syncs") or []
-        name = entries[loc[1]].get("name") if loc[1] < len(entries) and isinstance(
-            entries[loc[1]], dict
-        ) else None
+        name = (
+            entries[loc[1]].get("name")
+            if loc[1] < len(entries) and isinstance(entries[loc[1]], dict)
+            else None
+        )
         field = ".".join(str(p) for p in loc[2:]) or "(entry)"
         where = f"sync {name or '#' + str(loc[1] + 1)!r}, field {field!r}"
     return f"{where}: {error['msg']}"

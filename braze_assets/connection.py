@@ -45,18 +45,22 @@ def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) 
     checked = validate_rows(sample, spec)
     for i, row in enumerate(sample):
         payload = checked.payloads[i]
-        report.preview.append({
-            "identifier": mask_identifiers(checked.identifiers(i)),
-            "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
-            "payload_keys": sorted(payload)[:20] if isinstance(payload, dict) else None,
-            "valid": i not in checked.failures,
-            "reasons": checked.failures.get(i, []),
-        })
+        report.preview.append(
+            {
+                "identifier": mask_identifiers(checked.identifiers(i)),
+                "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
+                "payload_keys": sorted(payload)[:20] if isinstance(payload, dict) else None,
+                "valid": i not in checked.failures,
+                "reasons": checked.failures.get(i, []),
+            }
+        )
     invalid = len(checked.failures)
     report.ok = True
-    report.message = (f"connected to {source.description}: {report.row_count:,} rows, columns "
-                      f"{', '.join(columns)}; {len(sample) - invalid} of {len(sample)} preview rows "
-                      "valid")
+    report.message = (
+        f"connected to {source.description}: {report.row_count:,} rows, columns "
+        f"{', '.join(columns)}; {len(sample) - invalid} of {len(sample)} preview rows "
+        "valid"
+    )
     return report
 
 
@@ -67,6 +71,8 @@ def preview_markdown(report: ConnectionReport) -> str:
     lines = ["| identifier | UPDATED_AT | payload keys | valid | reasons |", "|---|---|---|---|---|"]
     for row in report.preview:
         keys = ", ".join(row["payload_keys"] or [])
-        lines.append(f"| {row['identifier']} | {row['updated_at'] or ''} | {keys} | "
-                     f"{'yes' if row['valid'] else 'no'} | {'; '.join(row['reasons'])} |")
+        lines.append(
+            f"| {row['identifier']} | {row['updated_at'] or ''} | {keys} | "
+            f"{'yes' if row['valid'] else 'no'} | {'; '.join(row['reasons'])} |"
+        )
     return "\n".join(lines)

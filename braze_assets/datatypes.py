@@ -18,8 +18,9 @@ import datetime as dt
 import decimal
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -57,25 +58,48 @@ class DataTypeSpec:
 
 _EVENT_KEYS = frozenset({"name", "time", "app_id", "properties", "_update_existing_only"})
 _PURCHASE_KEYS = frozenset(
-    {"product_id", "currency", "price", "quantity", "time", "app_id", "properties",
-     "_update_existing_only"}
+    {"product_id", "currency", "price", "quantity", "time", "app_id", "properties", "_update_existing_only"}
 )
 
 DATA_TYPES: dict[str, DataTypeSpec] = {
     "attributes": DataTypeSpec(
-        "attributes", "/users/track", "attributes", True, IDENTIFIER_KINDS, None, (),
+        "attributes",
+        "/users/track",
+        "attributes",
+        True,
+        IDENTIFIER_KINDS,
+        None,
+        (),
         contract.TRACK_MAX_OBJECTS,
     ),
     "events": DataTypeSpec(
-        "events", "/users/track", "events", True, IDENTIFIER_KINDS, _EVENT_KEYS, ("name",),
+        "events",
+        "/users/track",
+        "events",
+        True,
+        IDENTIFIER_KINDS,
+        _EVENT_KEYS,
+        ("name",),
         contract.TRACK_MAX_OBJECTS,
     ),
     "purchases": DataTypeSpec(
-        "purchases", "/users/track", "purchases", True, IDENTIFIER_KINDS, _PURCHASE_KEYS,
-        ("product_id", "currency", "price"), contract.TRACK_MAX_OBJECTS,
+        "purchases",
+        "/users/track",
+        "purchases",
+        True,
+        IDENTIFIER_KINDS,
+        _PURCHASE_KEYS,
+        ("product_id", "currency", "price"),
+        contract.TRACK_MAX_OBJECTS,
     ),
     "deletions": DataTypeSpec(
-        "deletions", "/users/delete", None, False, ("EXTERNAL_ID", "ALIAS", "BRAZE_ID"), None, (),
+        "deletions",
+        "/users/delete",
+        None,
+        False,
+        ("EXTERNAL_ID", "ALIAS", "BRAZE_ID"),
+        None,
+        (),
         contract.DELETE_MAX_IDS,
     ),
 }
@@ -84,8 +108,7 @@ DATA_TYPES: dict[str, DataTypeSpec] = {
 # ----------------------------------------------------------------------------- row batches
 #: Bit of each identifier kind in a row's kind code (the schema judges codes, reasons name kinds).
 KIND_BITS = {kind: 1 << n for n, kind in enumerate(IDENTIFIER_KINDS)}
-_SECONDARY_ONLY = frozenset({KIND_BITS["EMAIL"], KIND_BITS["PHONE"],
-                             KIND_BITS["EMAIL"] | KIND_BITS["PHONE"]})
+_SECONDARY_ONLY = frozenset({KIND_BITS["EMAIL"], KIND_BITS["PHONE"], KIND_BITS["EMAIL"] | KIND_BITS["PHONE"]})
 
 
 def kinds_of(code: int) -> tuple[str, ...]:
@@ -115,8 +138,9 @@ def _text(value: Any) -> str | None:
         try:
             text = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            raise IdentifierValueError(f"0x{bytes(value)[:16].hex()}",
-                                       "is binary data that is not UTF-8 text") from None
+            raise IdentifierValueError(
+                f"0x{bytes(value)[:16].hex()}", "is binary data that is not UTF-8 text"
+            ) from None
     elif isinstance(value, str):
         text = value
     elif isinstance(value, int) and not isinstance(value, bool):
@@ -124,13 +148,16 @@ def _text(value: Any) -> str | None:
     elif isinstance(value, decimal.Decimal) and value == value.to_integral_value():
         text = str(value.quantize(decimal.Decimal(1)))
     else:
-        raise IdentifierValueError(type(value).__name__, f"must be text or a whole number, not "
-                                   f"{type(value).__name__} (store identifiers as text)")
+        raise IdentifierValueError(
+            type(value).__name__,
+            f"must be text or a whole number, not {type(value).__name__} (store identifiers as text)",
+        )
     return text if text.strip() else None
 
 
-def _texts(values: list[Any], column: str = "",
-           problems: dict[int, list[str]] | None = None) -> list[str | None]:
+def _texts(
+    values: list[Any], column: str = "", problems: dict[int, list[str]] | None = None
+) -> list[str | None]:
     """`_text` over a column; strings (the usual case) take the fast path. A value with no exact
     text form is kept as a placeholder (so the row still counts as identified) and its problem
     noted in `problems` by row position."""
@@ -157,9 +184,13 @@ class RowBatch:
     """A batch of CDI rows as columns: identifier values as text (exactly as stored; None when NULL
     or blank), PAYLOAD as JSON text, UPDATED_AT as an Arrow timestamp[us, UTC] array."""
 
-    def __init__(self, updated_at: pyarrow.Array, identifiers: dict[str, list[str | None]],
-                 payload: list[Any] | None,
-                 identifier_problems: dict[int, list[str]] | None = None):
+    def __init__(
+        self,
+        updated_at: pyarrow.Array,
+        identifiers: dict[str, list[str | None]],
+        payload: list[Any] | None,
+        identifier_problems: dict[int, list[str]] | None = None,
+    ):
         self.updated_at, self.columns, self.payload = updated_at, identifiers, payload
         #: rows whose identifier cells have no exact text form: position -> sentences
         self.identifier_problems = identifier_problems or {}
@@ -186,33 +217,35 @@ class RowBatch:
         """Columns as a source scan streams them (upper-case names)."""
         names = table.schema.names
         problems: dict[int, list[str]] = {}
-        identifiers = {c: _texts(table.column(c).to_pylist(), c, problems)
-                       for c in IDENTIFIER_COLUMNS if c in names}
+        identifiers = {
+            c: _texts(table.column(c).to_pylist(), c, problems) for c in IDENTIFIER_COLUMNS if c in names
+        }
         payload = None
         if "PAYLOAD" in names:
             column = table.column("PAYLOAD")
             payload = column.to_pylist()
-            if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)
-                    or pyarrow.types.is_binary(column.type)):
+            if not (
+                pyarrow.types.is_string(column.type)
+                or pyarrow.types.is_large_string(column.type)
+                or pyarrow.types.is_binary(column.type)
+            ):
                 payload = [_json_text(v) for v in payload]
         updated_at = table.column("UPDATED_AT")
         if isinstance(updated_at, pyarrow.ChunkedArray):
             updated_at = updated_at.combine_chunks()
-        return cls(updated_at.cast(pyarrow.timestamp("us", tz="UTC")), identifiers, payload,
-                   problems)
+        return cls(updated_at.cast(pyarrow.timestamp("us", tz="UTC")), identifiers, payload, problems)
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> RowBatch:
         """Rows as dicts (upper-case column names); a naive UPDATED_AT is taken as UTC."""
         present = {c for row in rows for c in row}
         problems: dict[int, list[str]] = {}
-        identifiers = {c: _texts([row.get(c) for row in rows], c, problems)
-                       for c in IDENTIFIER_COLUMNS if c in present}
-        payload = [_json_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present \
-            else None
+        identifiers = {
+            c: _texts([row.get(c) for row in rows], c, problems) for c in IDENTIFIER_COLUMNS if c in present
+        }
+        payload = [_json_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present else None
         stamps = [row.get("UPDATED_AT") for row in rows]
-        return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload,
-                   problems)
+        return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload, problems)
 
     def identifiers(self, i: int) -> dict[str, Any]:
         """The identifier kinds of row `i`: kind -> value (alias -> (name, label))."""
@@ -221,8 +254,9 @@ class RowBatch:
             if kind in self.columns and self.columns[kind][i] is not None:
                 found[kind] = self.columns[kind][i]
         if self.codes[i] & KIND_BITS["ALIAS"]:
-            found["ALIAS"] = tuple(self.columns[c][i] if c in self.columns else None
-                                   for c in ("ALIAS_NAME", "ALIAS_LABEL"))
+            found["ALIAS"] = tuple(
+                self.columns[c][i] if c in self.columns else None for c in ("ALIAS_NAME", "ALIAS_LABEL")
+            )
         return found
 
 
@@ -280,28 +314,35 @@ def _properties_problems(payload: dict, what: str) -> list[str]:
         return []
     if not isinstance(properties, dict):
         return [f"{what} 'properties' must be a JSON object"]
-    if "time" not in properties and "event_name" not in properties and all(
-            key and len(key) <= contract.MAX_NAME_CHARS and key[0] != "$" for key in properties):
+    if (
+        "time" not in properties
+        and "event_name" not in properties
+        and all(key and len(key) <= contract.MAX_NAME_CHARS and key[0] != "$" for key in properties)
+    ):
         return []
     problems = []
     for key in properties:
         if not key or len(key) > contract.MAX_NAME_CHARS or key.startswith("$"):
-            problems.append(f"{what} property names must be 1-255 characters, not starting with $: "
-                            f"{key[:40]!r}")
+            problems.append(
+                f"{what} property names must be 1-255 characters, not starting with $: {key[:40]!r}"
+            )
         elif key in ("time", "event_name"):
             problems.append(f"{what} property name is reserved by Braze: {key!r}")
     return problems
 
 
 def _purchase_problems(payload: dict) -> list[str]:
-    product_id, currency, price = payload.get("product_id"), payload.get("currency"), \
-        payload.get("price")
+    product_id, currency, price = payload.get("product_id"), payload.get("currency"), payload.get("price")
     quantity = payload.get("quantity", 1)
-    if (type(product_id) is str and 0 < len(product_id) <= contract.MAX_NAME_CHARS
-            and currency in contract.ISO_4217_CURRENCIES and type(price) in (int, float)
-            and type(quantity) is int
-            and contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
-            and "time" not in payload):
+    if (
+        type(product_id) is str
+        and 0 < len(product_id) <= contract.MAX_NAME_CHARS
+        and currency in contract.ISO_4217_CURRENCIES
+        and type(price) in (int, float)
+        and type(quantity) is int
+        and contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
+        and "time" not in payload
+    ):
         return _properties_problems(payload, "purchase")  # the usual purchase
     missing = [k for k in ("product_id", "currency", "price") if payload.get(k) in (None, "")]
     problems = [f"purchase PAYLOAD is missing required keys: {', '.join(missing)}"] if missing else []
@@ -311,16 +352,16 @@ def _purchase_problems(payload: dict) -> list[str]:
     ):
         problems.append("purchase 'product_id' must be a string of at most 255 characters")
     if currency not in (None, "") and currency not in contract.ISO_4217_CURRENCIES:
-        problems.append(f"purchase 'currency' is not an ISO 4217 currency code: "
-                        f"{_shown(currency)}")
+        problems.append(f"purchase 'currency' is not an ISO 4217 currency code: {_shown(currency)}")
     if payload.get("price") not in (None, "") and not _is_number(payload["price"]):
         problems.append(f"purchase 'price' must be a number: got {_shown(payload['price'])}")
     quantity = payload.get("quantity", 1)
-    if not isinstance(quantity, int) or isinstance(quantity, bool) or not (
-        contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX
+    if (
+        not isinstance(quantity, int)
+        or isinstance(quantity, bool)
+        or not (contract.PURCHASE_QUANTITY_MIN <= quantity <= contract.PURCHASE_QUANTITY_MAX)
     ):
-        problems.append(f"purchase 'quantity' must be a whole number from 1 to 100: "
-                        f"got {_shown(quantity)}")
+        problems.append(f"purchase 'quantity' must be a whole number from 1 to 100: got {_shown(quantity)}")
     if "time" in payload and parse_braze_time(payload["time"]) is None:
         problems.append(f"purchase 'time' is not ISO 8601: {_shown(payload['time'])}")
     return problems + _properties_problems(payload, "purchase")
@@ -346,8 +387,7 @@ def _decode_problem(exc: Exception) -> str:
     if "depth" in message or "recursion" in message.lower():
         return f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
     if "infinity" in message:
-        return ("PAYLOAD has a whole number beyond 64 bits that cannot be sent exactly; send it "
-                "as a string")
+        return "PAYLOAD has a whole number beyond 64 bits that cannot be sent exactly; send it as a string"
     return f"PAYLOAD is not valid JSON: {message.split(':')[0]}"
 
 
@@ -388,11 +428,12 @@ def _lossy_json(raw: str | bytes) -> str | None:
     problems = []
     if duplicates:
         shown = ", ".join(sorted(repr(k[:40]) for k in duplicates)[:5])
-        problems.append(f"PAYLOAD has duplicate keys (JSON keeps only the last; send each key "
-                        f"once): {shown}")
+        problems.append(f"PAYLOAD has duplicate keys (JSON keeps only the last; send each key once): {shown}")
     if too_big:
-        problems.append(f"PAYLOAD has a whole number beyond 64 bits ({max(too_big)} digits) that "
-                        "cannot be sent exactly; send it as a string")
+        problems.append(
+            f"PAYLOAD has a whole number beyond 64 bits ({max(too_big)} digits) that "
+            "cannot be sent exactly; send it as a string"
+        )
     return _PROBLEM_SEPARATOR.join(problems) or None
 
 
@@ -405,8 +446,9 @@ def attribute_count(payload: dict, raw: str | bytes | None = None) -> int:
     return len(payload) - len([key for key in payload if key[:1] == "_"])
 
 
-def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndarray],
-                   notes: dict[str, dict[int, str]]) -> list[dict | None]:
+def _payload_facts(
+    batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndarray], notes: dict[str, dict[int, str]]
+) -> list[dict | None]:
     """Parse each PAYLOAD once; fill the payload facts (and the sentences behind non-zero ones).
     Returns the parsed payloads (None where unusable)."""
     payloads: list[dict | None] = [None] * batch.num_rows
@@ -428,8 +470,9 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
         if type(raw) is not str and type(raw) is not bytes:
             if not isinstance(raw, (bytearray, memoryview)):
                 problem[i] = 1
-                notes["payload_problem"][i] = (f"PAYLOAD must be JSON text or a JSON object, not "
-                                               f"{type(raw).__name__}")
+                notes["payload_problem"][i] = (
+                    f"PAYLOAD must be JSON text or a JSON object, not {type(raw).__name__}"
+                )
                 continue
             raw = bytes(raw)
         size = len(raw) if type(raw) is bytes or raw.isascii() else len(raw.encode())
@@ -444,8 +487,7 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
             continue
         if type(payload) is not dict:
             problem[i] = 1
-            notes["payload_problem"][i] = (f"PAYLOAD must be a JSON object: got "
-                                           f"{type(payload).__name__}")
+            notes["payload_problem"][i] = f"PAYLOAD must be a JSON object: got {type(payload).__name__}"
             continue
         lossy = _lossy_json(raw)
         if lossy is not None:
@@ -464,8 +506,10 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
         if allowed is not None and not payload.keys() <= allowed:
             unknown = sorted(payload.keys() - allowed - forbidden)
             if unknown:
-                problems = [f"{spec.name[:-1]} PAYLOAD has keys Braze does not take: "
-                            f"{', '.join(unknown)[:80]} (allowed: {', '.join(sorted(allowed))})"]
+                problems = [
+                    f"{spec.name[:-1]} PAYLOAD has keys Braze does not take: "
+                    f"{', '.join(unknown)[:80]} (allowed: {', '.join(sorted(allowed))})"
+                ]
         if not problems and rules is not None:
             problems = rules(payload)
         if problems:
@@ -477,9 +521,17 @@ def _payload_facts(batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndar
 # ----------------------------------------------------------------------------- pandera schemas
 #: The facts the schema judges, one rule each: counts and codes, 0 meaning "fine" for the
 #: `*_problem`/`*_keys` columns, whose sentences are kept beside the frame.
-_INT_FACTS = ("identifier_kinds", "identifier_problem", "alias_problem", "external_id_bytes",
-              "payload_problem",
-              "payload_bytes", "attribute_count", "payload_identifier_keys", "type_problem")
+_INT_FACTS = (
+    "identifier_kinds",
+    "identifier_problem",
+    "alias_problem",
+    "external_id_bytes",
+    "payload_problem",
+    "payload_bytes",
+    "attribute_count",
+    "payload_identifier_keys",
+    "type_problem",
+)
 
 
 def allowed_kind_codes(spec: DataTypeSpec) -> list[int]:
@@ -494,8 +546,7 @@ def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
     """The pandera schema over the facts of a batch; each column carries exactly one rule."""
     columns = {
         "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),
-        "identifier_kinds": pa.Column(int, pa.Check.isin(allowed_kind_codes(spec),
-                                                         name="one_identifier")),
+        "identifier_kinds": pa.Column(int, pa.Check.isin(allowed_kind_codes(spec), name="one_identifier")),
         "identifier_problem": pa.Column(int, pa.Check.eq(0, name="identifier_text")),
         "alias_problem": pa.Column(int, pa.Check.eq(0, name="alias_pair")),
         "external_id_bytes": pa.Column(
@@ -505,9 +556,7 @@ def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
     if spec.has_payload:
         columns.update(
             payload_problem=pa.Column(int, pa.Check.eq(0, name="payload_json")),
-            payload_bytes=pa.Column(
-                int, pa.Check.le(contract.PAYLOAD_MAX_BYTES, name="payload_size")
-            ),
+            payload_bytes=pa.Column(int, pa.Check.le(contract.PAYLOAD_MAX_BYTES, name="payload_size")),
             payload_identifier_keys=pa.Column(int, pa.Check.eq(0, name="payload_identifiers")),
             type_problem=pa.Column(int, pa.Check.eq(0, name=f"{spec.name}_fields")),
         )
@@ -524,27 +573,32 @@ SCHEMAS: dict[str, pa.DataFrameSchema] = {name: _schema_for(s) for name, s in DA
 def _reason(column: str, value: Any, spec: DataTypeSpec, note: str | None) -> str:
     if note is not None:
         if column == "payload_identifier_keys":
-            return ("PAYLOAD contains identifier keys (identifiers belong in their own columns): "
-                    f"{note}")
+            return f"PAYLOAD contains identifier keys (identifiers belong in their own columns): {note}"
         return note  # the *_problem sentences
     if column == "updated_at":
         return "UPDATED_AT is null"
     if column == "identifier_kinds":
         kinds = kinds_of(int(value))
         if not kinds:
-            shown = ", ".join("ALIAS_NAME+ALIAS_LABEL" if k == "ALIAS" else k
-                              for k in spec.identifier_kinds)
+            shown = ", ".join("ALIAS_NAME+ALIAS_LABEL" if k == "ALIAS" else k for k in spec.identifier_kinds)
             return f"row has no identifier (set exactly one of {shown})"
         if len(kinds) > 1:
             return f"row has several identifier types (CDI rows carry exactly one): {', '.join(kinds)}"
-        return (f"{spec.name} rows cannot use EMAIL or PHONE (Braze deletes by EXTERNAL_ID, "
-                f"alias or BRAZE_ID only): {kinds[0]}")
+        return (
+            f"{spec.name} rows cannot use EMAIL or PHONE (Braze deletes by EXTERNAL_ID, "
+            f"alias or BRAZE_ID only): {kinds[0]}"
+        )
     if column == "alias_problem":
-        return ("ALIAS_NAME is set but ALIAS_LABEL is empty (a user alias needs both)" if value == 1
-                else "ALIAS_LABEL is set but ALIAS_NAME is empty (a user alias needs both)")
+        return (
+            "ALIAS_NAME is set but ALIAS_LABEL is empty (a user alias needs both)"
+            if value == 1
+            else "ALIAS_LABEL is set but ALIAS_NAME is empty (a user alias needs both)"
+        )
     if column == "external_id_bytes":
-        return (f"EXTERNAL_ID is longer than {contract.EXTERNAL_ID_MAX_BYTES} bytes "
-                f"(EXTERNAL_USER_ID_TOO_LARGE): {value} bytes")
+        return (
+            f"EXTERNAL_ID is longer than {contract.EXTERNAL_ID_MAX_BYTES} bytes "
+            f"(EXTERNAL_USER_ID_TOO_LARGE): {value} bytes"
+        )
     if column == "payload_bytes":
         return f"Payload was greater than 1MB: {value} bytes"
     if column == "attribute_count":
@@ -552,8 +606,9 @@ def _reason(column: str, value: Any, spec: DataTypeSpec, note: str | None) -> st
     return f"{column}: {value}"
 
 
-def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec,
-                   notes: dict[str, dict[int, str]] | None = None) -> dict[int, list[str]]:
+def validate_facts(
+    facts: pd.DataFrame, spec: DataTypeSpec, notes: dict[str, dict[int, str]] | None = None
+) -> dict[int, list[str]]:
     """Run the data type's pandera schema lazily; return {row position: [reasons]} for failing
     rows. `notes` holds the sentences behind the non-zero `*_problem`/`*_keys` facts."""
     notes = notes or {}
@@ -562,12 +617,13 @@ def validate_facts(facts: pd.DataFrame, spec: DataTypeSpec,
     except pa.errors.SchemaErrors as err:
         reasons: dict[int, list[str]] = {}
         cases = err.failure_cases
-        for column, index, value in zip(cases["column"], cases["index"], cases["failure_case"]):
+        for column, index, value in zip(cases["column"], cases["index"], cases["failure_case"], strict=True):
             if index is None or (isinstance(index, float) and index != index):
                 raise  # a frame-level failure (wrong dtype): a bug, not bad input
             note = notes.get(column, {}).get(int(index))
             reasons.setdefault(int(index), []).extend(
-                _reason(column, value, spec, note).split(_PROBLEM_SEPARATOR))
+                _reason(column, value, spec, note).split(_PROBLEM_SEPARATOR)
+            )
         return {i: reasons[i] for i in sorted(reasons)}
     return {}
 
@@ -597,17 +653,24 @@ def validate_batch(batch: RowBatch, spec: DataTypeSpec) -> CheckedRows:
     if external is not None:
         facts["external_id_bytes"] = np.fromiter(
             (0 if v is None else len(v) if v.isascii() else len(v.encode()) for v in external),
-            dtype=np.int64, count=n)
-    notes: dict[str, dict[int, str]] = {"payload_problem": {}, "payload_identifier_keys": {},
-                                        "type_problem": {}, "identifier_problem": {}}
+            dtype=np.int64,
+            count=n,
+        )
+    notes: dict[str, dict[int, str]] = {
+        "payload_problem": {},
+        "payload_identifier_keys": {},
+        "type_problem": {},
+        "identifier_problem": {},
+    }
     for i, sentences in batch.identifier_problems.items():
         facts["identifier_problem"][i] = len(sentences)
         notes["identifier_problem"][i] = _PROBLEM_SEPARATOR.join(sentences)
     payloads: list[dict | None] = [None] * n
     if spec.has_payload:
         payloads = _payload_facts(batch, spec, facts, notes)
-    frame = pd.DataFrame({"updated_at": batch.updated_at.to_pandas().astype("datetime64[us, UTC]"),
-                          **facts}, copy=False)
+    frame = pd.DataFrame(
+        {"updated_at": batch.updated_at.to_pandas().astype("datetime64[us, UTC]"), **facts}, copy=False
+    )
     failures = validate_facts(frame, spec, notes) if n else {}
     if spec.name == "attributes":
         points = facts["attribute_count"]
@@ -642,8 +705,9 @@ def braze_times(stamps: pyarrow.Array) -> list[str | None]:
     return pc.binary_join_element_wise(text, "Z", "").to_pylist()
 
 
-def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int],
-                  update_existing_only: bool) -> list[bytes | None]:
+def build_objects(
+    checked: CheckedRows, spec: DataTypeSpec, positions: list[int], update_existing_only: bool
+) -> list[bytes | None]:
     """The valid rows at `positions` as the JSON objects Braze receives: track objects, or
     `[key, id]` pairs for deletions (grouped into requests by delivery). A row whose object cannot
     be serialized (nested deeper than the serializer goes) gets None here and its reason in
@@ -654,13 +718,15 @@ def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int]
         for i in positions:
             kind, value = next(iter(batch.identifiers(i).items()))
             if kind == "ALIAS":
-                objects.append(dumps(["user_aliases", {"alias_name": value[0],
-                                                       "alias_label": value[1]}]))
+                objects.append(dumps(["user_aliases", {"alias_name": value[0], "alias_label": value[1]}]))
             else:
                 objects.append(dumps([f"{kind.lower()}s", value]))
         return objects
-    single = {KIND_BITS[k]: (k.lower(), batch.columns[k]) for k in
-              ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE") if k in batch.columns}
+    single = {
+        KIND_BITS[k]: (k.lower(), batch.columns[k])
+        for k in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE")
+        if k in batch.columns
+    }
     codes = batch.codes.tolist()
     times = braze_times(batch.updated_at) if spec.name != "attributes" else None
     for i in positions:
@@ -682,5 +748,7 @@ def build_objects(checked: CheckedRows, spec: DataTypeSpec, positions: list[int]
             objects.append(None)  # payload fails to serialize again)
             checked.failures[i] = [
                 f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
-                if "ecursion" in str(exc) else "PAYLOAD cannot be serialized for Braze"]
+                if "ecursion" in str(exc)
+                else "PAYLOAD cannot be serialized for Braze"
+            ]
     return objects

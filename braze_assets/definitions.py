@@ -14,15 +14,24 @@ from dagster_duckdb import DuckDBResource
 
 from braze_assets.assets import build_sync_assets
 from braze_assets.automation import (
-    build_connection_job, build_job, build_reclaim_sensor, build_schedule, build_sensor,
-    release_held_job, sync_failure_alert,
+    build_connection_job,
+    build_job,
+    build_reclaim_sensor,
+    build_schedule,
+    build_sensor,
+    release_held_job,
+    sync_failure_alert,
 )
 from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
-from braze_assets.sources.factory import resource_key
 from braze_assets.resources import (
-    BrazeResource, DeliveryStateResource, DeltaIOManager, WatermarkIOManager, home_dir,
+    BrazeResource,
+    DeliveryStateResource,
+    DeltaIOManager,
+    WatermarkIOManager,
+    home_dir,
 )
+from braze_assets.sources.factory import resource_key
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:4545"
 
@@ -39,30 +48,44 @@ def warehouse_resource(kind: str):
     if kind == "snowflake":
         from dagster_snowflake import SnowflakeResource
 
-        secret = ({"private_key": dg.EnvVar("SNOWFLAKE_PRIVATE_KEY")}
-                  if env("SNOWFLAKE_PRIVATE_KEY") else {"password": dg.EnvVar("SNOWFLAKE_PASSWORD")})
+        secret = (
+            {"private_key": dg.EnvVar("SNOWFLAKE_PRIVATE_KEY")}
+            if env("SNOWFLAKE_PRIVATE_KEY")
+            else {"password": dg.EnvVar("SNOWFLAKE_PASSWORD")}
+        )
         return SnowflakeResource(
-            account=dg.EnvVar("SNOWFLAKE_ACCOUNT"), user=dg.EnvVar("SNOWFLAKE_USER"),
-            warehouse=env("SNOWFLAKE_WAREHOUSE"), role=env("SNOWFLAKE_ROLE"),
-            database=env("SNOWFLAKE_DATABASE"), **secret)
+            account=dg.EnvVar("SNOWFLAKE_ACCOUNT"),
+            user=dg.EnvVar("SNOWFLAKE_USER"),
+            warehouse=env("SNOWFLAKE_WAREHOUSE"),
+            role=env("SNOWFLAKE_ROLE"),
+            database=env("SNOWFLAKE_DATABASE"),
+            **secret,
+        )
     if kind == "bigquery":
         from dagster_gcp import BigQueryResource
 
-        return BigQueryResource(project=env("BIGQUERY_PROJECT"),
-                                gcp_credentials=dg.EnvVar("BIGQUERY_CREDENTIALS_BASE64"))
+        return BigQueryResource(
+            project=env("BIGQUERY_PROJECT"), gcp_credentials=dg.EnvVar("BIGQUERY_CREDENTIALS_BASE64")
+        )
     if kind == "redshift":
         from dagster_aws.redshift import RedshiftClientResource
 
         return RedshiftClientResource(
-            host=dg.EnvVar("REDSHIFT_HOST"), port=int(env("REDSHIFT_PORT") or 5439),
-            user=dg.EnvVar("REDSHIFT_USER"), password=dg.EnvVar("REDSHIFT_PASSWORD"),
-            database=env("REDSHIFT_DATABASE") or "dev", sslmode=env("REDSHIFT_SSLMODE") or "require")
+            host=dg.EnvVar("REDSHIFT_HOST"),
+            port=int(env("REDSHIFT_PORT") or 5439),
+            user=dg.EnvVar("REDSHIFT_USER"),
+            password=dg.EnvVar("REDSHIFT_PASSWORD"),
+            database=env("REDSHIFT_DATABASE") or "dev",
+            sslmode=env("REDSHIFT_SSLMODE") or "require",
+        )
     if kind == "databricks":
         from braze_assets.resources import DatabricksResource
 
         return DatabricksResource(
             server_hostname=dg.EnvVar("DATABRICKS_SERVER_HOSTNAME"),
-            http_path=dg.EnvVar("DATABRICKS_HTTP_PATH"), access_token=dg.EnvVar("DATABRICKS_TOKEN"))
+            http_path=dg.EnvVar("DATABRICKS_HTTP_PATH"),
+            access_token=dg.EnvVar("DATABRICKS_TOKEN"),
+        )
     if kind == "s3":
         from dagster_aws.s3 import S3Resource
 
@@ -100,7 +123,11 @@ def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) ->
         schedules.append(build_schedule(sync, job))
         sensors.append(build_sensor(sync, job))
     return dg.Definitions(
-        assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules, sensors=sensors,
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        schedules=schedules,
+        sensors=sensors,
         resources=resources if resources is not None else default_resources(syncs),
     )
 

@@ -17,8 +17,9 @@ import itertools
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -107,12 +108,15 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
     due = outcome.rows_in_delta - outcome.settled_since_delta
     reached = outcome.accepted + outcome.failed + outcome.held
     if due > 0 and reached == 0 and outcome.not_sent:
-        return "error", (f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
-                         "(Braze unreachable or refusing); they are sent by the next run")
+        return "error", (
+            f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
+            "(Braze unreachable or refusing); they are sent by the next run"
+        )
     problems = []
     if outcome.held_total:
-        problems.append(f"{outcome.held_total:,} held with an unknown outcome (release them from "
-                        "the release_held_job)")
+        problems.append(
+            f"{outcome.held_total:,} held with an unknown outcome (release them from the release_held_job)"
+        )
     if outcome.not_sent:
         problems.append(f"{outcome.not_sent:,} not sent (retried by the next run)")
     if outcome.failed:
@@ -126,8 +130,10 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
     if problems:
         return "partial_success", "; ".join(problems)
     if due <= 0 and outcome.settled_since_delta:
-        return "success", (f"nothing to send: all {outcome.settled_since_delta:,} rows of this "
-                           "delta were already delivered by another run")
+        return "success", (
+            f"nothing to send: all {outcome.settled_since_delta:,} rows of this "
+            "delta were already delivered by another run"
+        )
     if outcome.rows_in_delta == 0:
         return "success", "nothing new or changed to send"
     return "success", f"all {outcome.accepted:,} rows accepted by Braze"
@@ -174,24 +180,28 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
     requests: list[_Request] = []
     for array, positions in groups.items():
         head = b'{"' + array.encode() + b'":['
-
-        def close(rows: list[int]) -> None:
+        for rows in _fill(positions, payloads, spec.max_per_request, len(head) + 2):
             body = head + b",".join(payloads[i] for i in rows) + b"]}"
             requests.append(_Request(f"{batch_prefix}-{len(requests)}", body, rows, array))
-
-        current: list[int] = []
-        size = len(head) + 2
-        for i in positions:
-            extra = len(payloads[i]) + 1
-            if current and (len(current) == spec.max_per_request
-                            or size + extra > contract.SEND_BODY_MAX_BYTES):
-                close(current)
-                current, size = [], len(head) + 2
-            current.append(i)
-            size += extra
-        if current:
-            close(current)
     return requests
+
+
+def _fill(positions: list[int], payloads: list[bytes], max_objects: int, overhead: int) -> list[list[int]]:
+    """Consecutive groups of `positions`, each at most `max_objects` long and whose payloads,
+    comma-joined plus `overhead` bytes, fit Braze's body limit."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = overhead
+    for i in positions:
+        extra = len(payloads[i]) + 1
+        if current and (len(current) == max_objects or size + extra > contract.SEND_BODY_MAX_BYTES):
+            groups.append(current)
+            current, size = [], overhead
+        current.append(i)
+        size += extra
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _progress_bar(total: int, sync: str):
@@ -205,21 +215,31 @@ def _progress_bar(total: int, sync: str):
         return None  # no terminal (CI, a daemon): progress is in the log lines
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"{sync} -> Braze", unit="rows", unit_scale=True,
-                file=terminal, mininterval=0.5)
+    return tqdm(
+        total=total, desc=f"{sync} -> Braze", unit="rows", unit_scale=True, file=terminal, mininterval=0.5
+    )
 
 
 class Delivery:
     """One run's delivery of one delta."""
 
-    def __init__(self, *, spec: DataTypeSpec, store: StateStore, manifest: DeltaManifest,
-                 client: BrazeClient, policy: str, max_in_flight: int, run_id: str,
-                 chunk_rows: int = 20_000, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        *,
+        spec: DataTypeSpec,
+        store: StateStore,
+        manifest: DeltaManifest,
+        client: BrazeClient,
+        policy: str,
+        max_in_flight: int,
+        run_id: str,
+        chunk_rows: int = 20_000,
+        log: Callable[[str], None] = print,
+    ):
         self.spec, self.store, self.manifest = spec, store, manifest
         self.client, self.policy, self.max_in_flight = client, policy, max_in_flight
         self.run_id, self.chunk_rows, self.log = run_id, chunk_rows, log
-        self.outcome = SyncOutcome(manifest.sync, manifest.data_type, run_id,
-                                   rows_in_delta=manifest.valid)
+        self.outcome = SyncOutcome(manifest.sync, manifest.data_type, run_id, rows_in_delta=manifest.valid)
         self._failed_reasons: Counter[str] = Counter()
         self._earliest_unsettled: dt.datetime | None = None
         self._auth_error: BrazeAuthError | None = None
@@ -253,18 +273,25 @@ class Delivery:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
         rejected = pq.read_table(self.manifest.rejected_path)
         if rejected.num_rows:
-            known = self.store.known_hashes(con, rejected["row_hash"].to_pylist(),
-                                            since=self._since())
+            known = self.store.known_hashes(con, rejected["row_hash"].to_pylist(), since=self._since())
             if known:  # recorded by another run since this delta was computed
-                rejected = rejected.filter(pc.invert(pc.is_in(
-                    rejected["row_hash"], pa.array(list(known), pa.string()))))
-            self.store.append(con, pa.table({
-                "row_hash": rejected["row_hash"], "updated_at": rejected["updated_at"],
-                "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
-                "batch_id": pa.nulls(rejected.num_rows, pa.string()),
-                "identifier": rejected["identifier"], "message": rejected["reasons"],
-                "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
-            }))
+                rejected = rejected.filter(
+                    pc.invert(pc.is_in(rejected["row_hash"], pa.array(list(known), pa.string())))
+                )
+            self.store.append(
+                con,
+                pa.table(
+                    {
+                        "row_hash": rejected["row_hash"],
+                        "updated_at": rejected["updated_at"],
+                        "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
+                        "batch_id": pa.nulls(rejected.num_rows, pa.string()),
+                        "identifier": rejected["identifier"],
+                        "message": rejected["reasons"],
+                        "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
+                    }
+                ),
+            )
         self.outcome.invalid_recorded = rejected.num_rows
 
     async def _send_all(self, con) -> None:
@@ -287,11 +314,12 @@ class Delivery:
                     if batch is None or errors or self._auth_error is not None:
                         break
                     chunk = await asyncio.to_thread(
-                        self._prepare, con, pa.Table.from_batches([batch]),
-                        f"{self.run_id[:8]}-{n}")
+                        self._prepare, con, pa.Table.from_batches([batch]), f"{self.run_id[:8]}-{n}"
+                    )
                     if chunk is not None:
-                        chunk.tasks = [asyncio.create_task(self._send(chunk, r, journal, window))
-                                       for r in chunk.requests]
+                        chunk.tasks = [
+                            asyncio.create_task(self._send(chunk, r, journal, window)) for r in chunk.requests
+                        ]
                         self._live.update(chunk.tasks)
                         if self._auth_error is not None:
                             self._stop_all(self._auth_error)  # planned while the key failed
@@ -308,12 +336,13 @@ class Delivery:
             self._bar.fp.close()
         if self._auth_error is not None:
             out = self.outcome
-            unsettled = (self.manifest.valid - out.settled_since_delta - out.accepted - out.failed
-                         - out.held)
-            raise BrazeAuthError(f"{self._auth_error} Delivery stopped at the first refusal: "
-                                 f"{self.outcome.accepted:,} rows accepted before it, "
-                                 f"{unsettled:,} rows not sent and left for the next run "
-                                 "(nothing else settled).") from None
+            unsettled = self.manifest.valid - out.settled_since_delta - out.accepted - out.failed - out.held
+            raise BrazeAuthError(
+                f"{self._auth_error} Delivery stopped at the first refusal: "
+                f"{self.outcome.accepted:,} rows accepted before it, "
+                f"{unsettled:,} rows not sent and left for the next run "
+                "(nothing else settled)."
+            ) from None
         if errors:
             raise errors[0]
 
@@ -333,27 +362,44 @@ class Delivery:
         for request in requests:
             for i in request.rows:
                 batch_of[i] = request.batch_id
-        self.store.plan(con, pa.table({
-            "row_hash": chunk["row_hash"], "updated_at": chunk["updated_at"],
-            "batch_id": pa.array(batch_of, pa.string()), "identifier": chunk["identifier"],
-            "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string())}))
+        self.store.plan(
+            con,
+            pa.table(
+                {
+                    "row_hash": chunk["row_hash"],
+                    "updated_at": chunk["updated_at"],
+                    "batch_id": pa.array(batch_of, pa.string()),
+                    "identifier": chunk["identifier"],
+                    "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
+                }
+            ),
+        )
         return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
     async def _send(self, chunk: _Chunk, request: _Request, journal, window) -> None:
         async with window:
             try:
                 result = await self.client.post(
-                    self.spec.endpoint, request.body, retry_ambiguous=self.policy == "resend",
-                    on_send=lambda: self.store.journal_start(journal, request.batch_id))
+                    self.spec.endpoint,
+                    request.body,
+                    retry_ambiguous=self.policy == "resend",
+                    on_send=lambda: self.store.journal_start(journal, request.batch_id),
+                )
             except BrazeAuthError as exc:
                 self._stop_all(exc)
                 raise
         self._apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.
-        self.store.journal_done(journal, request.batch_id, [
-            (chunk.hashes[i], chunk.status[i], chunk.messages[i]) for i in request.rows
-            if chunk.status[i] != "accepted"])
+        self.store.journal_done(
+            journal,
+            request.batch_id,
+            [
+                (chunk.hashes[i], chunk.status[i], chunk.messages[i])
+                for i in request.rows
+                if chunk.status[i] != "accepted"
+            ],
+        )
 
     def _stop_all(self, exc: BrazeAuthError) -> None:
         """Braze refused the key: every other request would be refused too. Cancel them all (the
@@ -370,8 +416,9 @@ class Delivery:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
         self._live.difference_update(chunk.tasks)
-        errors += [r for r in results if isinstance(r, BaseException)
-                   and not isinstance(r, asyncio.CancelledError)]
+        errors += [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
         await asyncio.to_thread(self._settle, con, chunk)
         self._done += chunk.table.num_rows
         if self._bar is not None:
@@ -380,9 +427,11 @@ class Delivery:
         if time.monotonic() - self._last_log > 5 or self._done == total:
             rate = self._done / max(time.monotonic() - self._started, 1e-6)
             eta = (total - self._done) / rate if rate else 0
-            self.log(f"{self.manifest.sync}: {self._done:,}/{total:,} rows through "
-                     f"({rate:,.0f} rows/s, ETA {eta:,.0f}s); accepted "
-                     f"{self.outcome.accepted:,}, failed {self.outcome.failed:,}")
+            self.log(
+                f"{self.manifest.sync}: {self._done:,}/{total:,} rows through "
+                f"({rate:,.0f} rows/s, ETA {eta:,.0f}s); accepted "
+                f"{self.outcome.accepted:,}, failed {self.outcome.failed:,}"
+            )
             self._last_log = time.monotonic()
 
     def _settle(self, con, chunk: _Chunk) -> None:
@@ -393,15 +442,21 @@ class Delivery:
             if state == "failed" and len(self.outcome.failed_examples) < EXAMPLES_KEPT:
                 identifiers = identifiers or chunk.table["identifier"].to_pylist()
                 self.outcome.failed_examples.append(
-                    {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]})
+                    {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]}
+                )
         settled = [i for i, s in enumerate(status) if s is not None]
         # One transaction: a crash leaves either the chunk planned (recovered from the journal)
         # or its outcomes in the ledger, never both.
         con.begin()
-        self.store.append(con, self._ledger_rows(chunk.table.take(pa.array(settled, pa.int64())),
-                                                 [status[i] for i in settled],
-                                                 [chunk.batch_of[i] for i in settled],
-                                                 [messages[i] for i in settled]))
+        self.store.append(
+            con,
+            self._ledger_rows(
+                chunk.table.take(pa.array(settled, pa.int64())),
+                [status[i] for i in settled],
+                [chunk.batch_of[i] for i in settled],
+                [messages[i] for i in settled],
+            ),
+        )
         self.store.clear_planned(con, chunk.prefix)  # the rest is sent again by a later run
         con.commit()
         if len(settled) < chunk.table.num_rows:
@@ -432,8 +487,9 @@ class Delivery:
         if result.ambiguous_attempts:
             out.ambiguous += len(rows)  # a retried attempt may also have been processed
         if result.kind == "rejected" and result.status == 404:
-            raise BrazeRequestError(f"Braze answered 404 for {self.spec.endpoint}: check the "
-                                    "REST endpoint URL")
+            raise BrazeRequestError(
+                f"Braze answered 404 for {self.spec.endpoint}: check the REST endpoint URL"
+            )
         errors = result.body.get("errors") if isinstance(result.body, dict) else None
         if result.kind == "answered" and not errors:  # the usual answer: every row accepted
             for i in rows:
@@ -447,8 +503,9 @@ class Delivery:
                 by_index[index] = str(error.get("type") or error.get("message") or error)
             else:
                 out.unattributed_errors += 1
-                self.log(f"{self.manifest.sync}: Braze reported an error without a row index: "
-                         f"{str(error)[:200]}")
+                self.log(
+                    f"{self.manifest.sync}: Braze reported an error without a row index: {str(error)[:200]}"
+                )
         for position, i in enumerate(rows):
             message = by_index.get(position)
             if result.kind == "rejected":
@@ -462,10 +519,15 @@ class Delivery:
                 out.accepted += 1
 
     def _ledger_rows(self, chunk: pa.Table, status, batch_ids, messages) -> pa.Table:
-        return pa.table({
-            "row_hash": chunk["row_hash"], "updated_at": chunk["updated_at"],
-            "status": pa.array(status, pa.string()), "batch_id": pa.array(batch_ids, pa.string()),
-            "identifier": chunk["identifier"], "message": pa.array(messages, pa.string()),
-            "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
-            "object": chunk["object"],  # StateStore.append keeps held rows' details from it
-        })
+        return pa.table(
+            {
+                "row_hash": chunk["row_hash"],
+                "updated_at": chunk["updated_at"],
+                "status": pa.array(status, pa.string()),
+                "batch_id": pa.array(batch_ids, pa.string()),
+                "identifier": chunk["identifier"],
+                "message": pa.array(messages, pa.string()),
+                "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
+                "object": chunk["object"],  # StateStore.append keeps held rows' details from it
+            }
+        )

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import duckdb
 import orjson
@@ -22,7 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.datatypes import (
-    IDENTIFIER_COLUMNS, CheckedRows, DataTypeSpec, RowBatch, build_objects, row_identifiers,
+    IDENTIFIER_COLUMNS,
+    CheckedRows,
+    DataTypeSpec,
+    RowBatch,
+    build_objects,
+    row_identifiers,
     validate_batch,
 )
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
@@ -100,7 +106,7 @@ def row_hash(row: dict[str, Any], columns: list[str]) -> str:
     for column in columns:
         value = row.get(column)
         if column == "UPDATED_AT" and value is not None:
-            value = value.astimezone(dt.timezone.utc).isoformat()
+            value = value.astimezone(dt.UTC).isoformat()
         elif isinstance(value, (dict, list)):
             value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         parts.append(f"{column}={'' if value is None else value}")
@@ -183,7 +189,7 @@ class DeltaWriter:
         except Exception as exc:  # noqa: BLE001 - any failure is one row's: find it, set it aside
             if rows.num_rows > 1:
                 for i in range(rows.num_rows):
-                    self.add(rows.slice(i, 1), hashes[i:i + 1])
+                    self.add(rows.slice(i, 1), hashes[i : i + 1])
                 return
             prepared = self._unprocessable(rows, hashes, exc)
         self._commit(prepared)
@@ -200,25 +206,31 @@ class DeltaWriter:
                 valid = [i for i in valid if i not in checked.failures]
             shown = mask_identifier_columns(batch.columns, batch.num_rows)
             points = checked.data_points[valid]
-            prepared.valid = pa.table({
-                "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
-                "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
-                "identifier": pa.array([shown[i] for i in valid], pa.string()),
-                "object": pa.array(objects, pa.binary()),
-                "data_points": pa.array(points, pa.int32()),
-            }, schema=VALID_SCHEMA)
+            prepared.valid = pa.table(
+                {
+                    "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
+                    "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
+                    "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                    "object": pa.array(objects, pa.binary()),
+                    "data_points": pa.array(points, pa.int32()),
+                },
+                schema=VALID_SCHEMA,
+            )
             prepared.data_points = int(points.sum())
         if checked.failures:
             self._prepare_rejected(rows, checked, hashes, prepared)
         return prepared
 
-    def _prepare_rejected(self, rows: pa.RecordBatch | pa.Table, checked: CheckedRows,
-                          hashes: list[str], prepared: _Prepared) -> None:
+    def _prepare_rejected(
+        self, rows: pa.RecordBatch | pa.Table, checked: CheckedRows, hashes: list[str], prepared: _Prepared
+    ) -> None:
         failures = checked.failures
         names = rows.schema.names
         picked = pa.array(sorted(failures), pa.int64())
-        column = {name: rows.column(name).take(picked).to_pylist() if name in names else
-                  [None] * len(picked) for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")}
+        column = {
+            name: rows.column(name).take(picked).to_pylist() if name in names else [None] * len(picked)
+            for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")
+        }
         rejected: dict[str, list[Any]] = {name: [] for name in REJECTED_SCHEMA.names}
         for n, i in enumerate(sorted(failures)):
             identifiers = checked.identifiers(i)
@@ -226,9 +238,18 @@ class DeltaWriter:
             reasons = "; ".join(dict.fromkeys(failures[i]))
             location = f"{column['_FILE'][n]}:{column['_LINE'][n]}" if column["_FILE"][n] else ""
             excerpt = mask_payload(column["PAYLOAD"][n])
-            for values, value in zip(rejected.values(), (
-                hashes[i], column["UPDATED_AT"][n], shown, reasons, location, excerpt,
-            ), strict=True):
+            for values, value in zip(
+                rejected.values(),
+                (
+                    hashes[i],
+                    column["UPDATED_AT"][n],
+                    shown,
+                    reasons,
+                    location,
+                    excerpt,
+                ),
+                strict=True,
+            ):
                 values.append(value)
             prepared.reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
             example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
@@ -237,28 +258,35 @@ class DeltaWriter:
             prepared.examples.append(example)
         prepared.rejected = pa.table(rejected, schema=REJECTED_SCHEMA)
 
-    def _unprocessable(self, rows: pa.RecordBatch | pa.Table, hashes: list[str],
-                       exc: Exception) -> _Prepared:
+    def _unprocessable(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], exc: Exception) -> _Prepared:
         """One row that could not be processed at all: rejected with the failure's kind (never
         its text, which may quote the row's values)."""
-        reason = (f"row could not be processed ({type(exc).__name__}); set aside so the other "
-                  "rows go on")
+        reason = f"row could not be processed ({type(exc).__name__}); set aside so the other rows go on"
         stamps = rows.column("UPDATED_AT")
         try:
             stamp = stamps.cast(pa.timestamp("us", tz="UTC"))[0].as_py()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError):
             stamp = None
         names = rows.schema.names
-        location = (f"{rows.column('_FILE')[0].as_py()}:{rows.column('_LINE')[0].as_py()}"
-                    if "_FILE" in names else "")
+        location = (
+            f"{rows.column('_FILE')[0].as_py()}:{rows.column('_LINE')[0].as_py()}" if "_FILE" in names else ""
+        )
         self.manifest.rows_unprocessable += 1
         return _Prepared(
-            rejected=pa.table({"row_hash": [hashes[0]], "updated_at": [stamp],
-                               "identifier": ["(not shown)"], "reasons": [reason],
-                               "location": [location], "payload_excerpt": [""]},
-                              schema=REJECTED_SCHEMA),
+            rejected=pa.table(
+                {
+                    "row_hash": [hashes[0]],
+                    "updated_at": [stamp],
+                    "identifier": ["(not shown)"],
+                    "reasons": [reason],
+                    "location": [location],
+                    "payload_excerpt": [""],
+                },
+                schema=REJECTED_SCHEMA,
+            ),
             reasons=Counter({reason_key(reason): 1}),
-            examples=[{"row_hash": hashes[0], "identifier": "(not shown)", "reasons": reason}])
+            examples=[{"row_hash": hashes[0], "identifier": "(not shown)", "reasons": reason}],
+        )
 
     def _commit(self, prepared: _Prepared) -> None:
         manifest = self.manifest
@@ -271,7 +299,7 @@ class DeltaWriter:
             manifest.rejected += prepared.rejected.num_rows
             self._reasons.update(prepared.reasons)
             room = EXAMPLES_KEPT - len(manifest.rejected_examples)
-            manifest.rejected_examples += prepared.examples[:max(room, 0)]
+            manifest.rejected_examples += prepared.examples[: max(room, 0)]
 
     def close(self) -> None:
         self._valid.close()
@@ -300,13 +328,14 @@ def compute_delta(
     scan_end = min(window_end, now)
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
-    manifest.computed_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()
     writer = DeltaWriter(manifest, spec, update_existing_only)
     newest: dt.datetime | None = None
     try:
         with store.connect() as ledger:
-            for batch in source.scan(window_start, scan_end, manifest.reaches_now, batch_rows,
-                                     columns=columns):
+            for batch in source.scan(
+                window_start, scan_end, manifest.reaches_now, batch_rows, columns=columns
+            ):
                 located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
                 hashes = batch_hashes(batch, hash_columns + located)
                 stamps = batch.column("UPDATED_AT")
@@ -322,15 +351,16 @@ def compute_delta(
                 if known:
                     keep = [h not in known for h in hashes]
                     batch = batch.filter(pa.array(keep))
-                    hashes = [h for h, k in zip(hashes, keep) if k]
+                    hashes = [h for h, k in zip(hashes, keep, strict=True) if k]
                 if batch.num_rows:
                     writer.add(batch, hashes)
-                progress(f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
-                         f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled")
+                progress(
+                    f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
+                    f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled"
+                )
     finally:
         writer.close()
-    manifest.duplicate_rows = (_drop_duplicates(manifest.valid_path)
-                               + _drop_duplicates(manifest.rejected_path))
+    manifest.duplicate_rows = _drop_duplicates(manifest.valid_path) + _drop_duplicates(manifest.rejected_path)
     manifest.valid -= _count_dropped(manifest.valid_path, manifest.valid)
     manifest.rejected -= _count_dropped(manifest.rejected_path, manifest.rejected)
     manifest.max_updated_at = newest.isoformat() if newest else None
@@ -340,12 +370,14 @@ def compute_delta(
         if window_start is not None and window_start > partitions_start and source.cheap_counts:
             # Rows below the window that the ledger never settled arrived too late to be seen.
             unsettled = source.count(partitions_start, window_start) - store.settled_count(
-                partitions_start, window_start)
+                partitions_start, window_start
+            )
             manifest.late_outside_lookback = max(0, unsettled)
         if source.cheap_counts and (window_start is None or window_start >= partitions_start):
             # Older than any partition: no run or backfill reads them, so say how many there are.
-            manifest.before_partitions_start = max(0, source.count(None, partitions_start)
-                                                   - store.settled_count(None, partitions_start))
+            manifest.before_partitions_start = max(
+                0, source.count(None, partitions_start) - store.settled_count(None, partitions_start)
+            )
     return manifest
 
 
@@ -354,13 +386,16 @@ def _drop_duplicates(path: str) -> int:
     PAYLOAD, so the same identity) are one row: keep the first, return how many copies were
     dropped. The file is rewritten only when it has copies (a scan of one column otherwise)."""
     with duckdb.connect(config={"memory_limit": "256MB"}) as con:
-        copies = con.sql("SELECT count(*) - count(DISTINCT row_hash) FROM read_parquet(?)",
-                         params=[path]).fetchall()[0][0]
+        copies = con.sql(
+            "SELECT count(*) - count(DISTINCT row_hash) FROM read_parquet(?)", params=[path]
+        ).fetchall()[0][0]
         if copies:
             kept = con.sql(
                 "SELECT * EXCLUDE (file_row_number) FROM read_parquet(?, file_row_number = true) "
                 "QUALIFY row_number() OVER (PARTITION BY row_hash ORDER BY file_row_number) = 1 "
-                "ORDER BY file_row_number", params=[path]).to_arrow_table()
+                "ORDER BY file_row_number",
+                params=[path],
+            ).to_arrow_table()
             pq.write_table(kept.cast(pq.read_schema(path)), path)
     return int(copies)
 
@@ -376,10 +411,12 @@ def _report_future_rows(source: CdiSource, manifest: DeltaManifest, now: dt.date
         return
     for batch in source.scan(now, None, False, EXAMPLES_KEPT):
         for row in batch.to_pylist()[:EXAMPLES_KEPT]:
-            manifest.future_examples.append({
-                "identifier": mask_identifiers(row_identifiers(row)),
-                "updated_at": row["UPDATED_AT"].isoformat(),
-                "reason": "UPDATED_AT is in the future; held until then so the watermark never "
-                          "passes now",
-            })
+            manifest.future_examples.append(
+                {
+                    "identifier": mask_identifiers(row_identifiers(row)),
+                    "updated_at": row["UPDATED_AT"].isoformat(),
+                    "reason": "UPDATED_AT is in the future; held until then so the watermark never "
+                    "passes now",
+                }
+            )
         break

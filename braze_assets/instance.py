@@ -30,8 +30,7 @@ SYNC_TAG = "braze_assets/sync"
 #: where the process running a run lives: set by `braze-assets run` on the runs it executes
 HOST_TAG = "braze_assets/host"
 PID_TAG = "braze_assets/pid"
-IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
-               dg.DagsterRunStatus.CANCELING]
+IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 
@@ -108,13 +107,17 @@ class PoolState:
     busy: list[RunProcess] = field(default_factory=list)
 
     def busy_message(self) -> str:
-        return (f"sync {self.sync} is busy: " + "; ".join(p.describe() for p in self.busy)
-                + f" holds or waits for pool {pool_of(self.sync)}; try again when it ends (a run "
-                "that is gone on another host: mark it failed in the UI to free its slot)")
+        return (
+            f"sync {self.sync} is busy: "
+            + "; ".join(p.describe() for p in self.busy)
+            + f" holds or waits for pool {pool_of(self.sync)}; try again when it ends (a run "
+            "that is gone on another host: mark it failed in the UI to free its slot)"
+        )
 
 
-def reclaim_dead_runs(instance: dg.DagsterInstance, sync_name: str,
-                      log: Callable[[str], None] | None = None) -> PoolState:
+def reclaim_dead_runs(
+    instance: dg.DagsterInstance, sync_name: str, log: Callable[[str], None] | None = None
+) -> PoolState:
     """Fail the dead runs of a sync and free their pool slots; report the live ones as busy.
 
     The runs looked at: those holding or waiting for a slot of the sync's pool (whatever job they
@@ -128,12 +131,18 @@ def reclaim_dead_runs(instance: dg.DagsterInstance, sync_name: str,
     if storage.supports_global_concurrency_limits:
         info = storage.get_concurrency_info(pool)
         in_pool = {s.run_id for s in info.claimed_slots} | {p.run_id for p in info.pending_steps}
-    records = {r.dagster_run.run_id: r for r in instance.get_run_records(
-        filters=dg.RunsFilter(tags={SYNC_TAG: sync_name}, statuses=IN_PROGRESS))}
+    records = {
+        r.dagster_run.run_id: r
+        for r in instance.get_run_records(
+            filters=dg.RunsFilter(tags={SYNC_TAG: sync_name}, statuses=IN_PROGRESS)
+        )
+    }
     others = in_pool - records.keys()
     if others:
-        records.update((r.dagster_run.run_id, r) for r in instance.get_run_records(
-            filters=dg.RunsFilter(run_ids=sorted(others))))
+        records.update(
+            (r.dagster_run.run_id, r)
+            for r in instance.get_run_records(filters=dg.RunsFilter(run_ids=sorted(others)))
+        )
     for run_id in sorted(in_pool - records.keys()):  # the run was deleted, its slot was not
         storage.free_concurrency_slots_for_run(run_id)
         state.reclaimed.append(_say(log, f"{sync_name}: freed the pool slot of deleted run {run_id}"))
@@ -142,8 +151,12 @@ def reclaim_dead_runs(instance: dg.DagsterInstance, sync_name: str,
         if run.is_finished:
             if run_id in in_pool:
                 storage.free_concurrency_slots_for_run(run_id)
-                state.reclaimed.append(_say(log, f"{sync_name}: freed the pool slot of run {run_id}"
-                                                 f", which ended ({run.status.value})"))
+                state.reclaimed.append(
+                    _say(
+                        log,
+                        f"{sync_name}: freed the pool slot of run {run_id}, which ended ({run.status.value})",
+                    )
+                )
             continue
         process = run_process(instance, record)
         if process.alive is not False:
@@ -151,15 +164,25 @@ def reclaim_dead_runs(instance: dg.DagsterInstance, sync_name: str,
             continue
         current = instance.get_run_by_id(run_id)
         if current is not None and not current.is_finished:
-            instance.report_run_failed(current, message=(
-                f"The process running this run is gone ({process.why}): marked failed by "
-                f"braze_assets before launching {sync_name} again; its pool slots are freed. Rows "
-                "it had in flight are recovered from the sync's journal by the next run."))
+            instance.report_run_failed(
+                current,
+                message=(
+                    f"The process running this run is gone ({process.why}): marked failed by "
+                    f"braze_assets before launching {sync_name} again; its pool slots are freed. Rows "
+                    "it had in flight are recovered from the sync's journal by the next run."
+                ),
+            )
         storage.free_concurrency_slots_for_run(run_id)
         gone = f"pid {process.pid} gone" if process.pid else process.why
-        state.reclaimed.append(_say(log, (
-            f"{sync_name}: reclaimed the pool slot and locks of dead run {run_id} ({gone}); its "
-            "state lock was released by the OS when it died")))
+        state.reclaimed.append(
+            _say(
+                log,
+                (
+                    f"{sync_name}: reclaimed the pool slot and locks of dead run {run_id} ({gone}); its "
+                    "state lock was released by the OS when it died"
+                ),
+            )
+        )
     return state
 
 
@@ -184,23 +207,27 @@ def run_process(instance: dg.DagsterInstance, record) -> RunProcess:
             return RunProcess(run.run_id, status, host, pid, None, "on another host")
         return _judge(run.run_id, status, host, pid, record.create_timestamp.timestamp())
     grpc = json.loads(tags.get(GRPC_INFO_TAG) or "{}")
-    local = (bool(grpc.get("socket")) or grpc.get("host") in LOCAL_HOSTS | {here}
-             or isinstance(instance.run_storage, SqliteRunStorage))
+    local = (
+        bool(grpc.get("socket"))
+        or grpc.get("host") in LOCAL_HOSTS | {here}
+        or isinstance(instance.run_storage, SqliteRunStorage)
+    )
     if local:
         for event in instance.get_records_for_run(
-                run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=50).records:
+            run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=50
+        ).records:
             dagster_event = event.event_log_entry.dagster_event
             data = dagster_event.engine_event_data if dagster_event else None
             if data is not None and "pid" in (data.metadata or {}):
                 pid = int(str(data.metadata["pid"].value))
                 return _judge(run.run_id, status, here, pid, event.event_log_entry.timestamp)
     if run.status == dg.DagsterRunStatus.STARTING:
-        launched = (instance.get_run_stats(run.run_id).launch_time
-                    or record.create_timestamp.timestamp())
+        launched = instance.get_run_stats(run.run_id).launch_time or record.create_timestamp.timestamp()
         timeout = instance.run_monitoring_start_timeout_seconds
         if time.time() - launched > timeout:
-            return RunProcess(run.run_id, status, None, None, False,
-                              f"no run worker started within {timeout} s")
+            return RunProcess(
+                run.run_id, status, None, None, False, f"no run worker started within {timeout} s"
+            )
     return RunProcess(run.run_id, status, None, None, None, "its process is not known here")
 
 
@@ -209,8 +236,7 @@ def _judge(run_id: str, status: str, host: str, pid: int, alive_at: float) -> Ru
     if started is None:
         return RunProcess(run_id, status, host, pid, False, f"pid {pid} gone")
     if started > alive_at + 2.0:  # /proc's boot time has a 1 s resolution
-        return RunProcess(run_id, status, host, pid, False,
-                          f"pid {pid} gone (now another process's)")
+        return RunProcess(run_id, status, host, pid, False, f"pid {pid} gone (now another process's)")
     return RunProcess(run_id, status, host, pid, True, "alive")
 
 
@@ -225,11 +251,14 @@ def process_start_time(pid: int) -> float | None:
         return None
     except OSError:
         return _exists(pid)
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X", "x"):
         return None
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime "))
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 

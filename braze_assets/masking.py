@@ -44,9 +44,11 @@ def mask_column(values: pa.Array) -> pa.Array:
     """`mask` over a string array, column-wise; text that is not ASCII or holds '@' goes through
     `mask` itself. Nulls stay null."""
     fallback = pc.or_(pc.invert(pc.string_is_ascii(values)), pc.match_substring(values, "@"))
-    general = pc.if_else(pc.greater(pc.utf8_length(values), 6),
-                         pc.binary_join_element_wise(pc.utf8_slice_codeunits(values, 0, 3), "***",
-                                                     ""), "***")
+    general = pc.if_else(
+        pc.greater(pc.utf8_length(values), 6),
+        pc.binary_join_element_wise(pc.utf8_slice_codeunits(values, 0, 3), "***", ""),
+        "***",
+    )
     digits = pc.replace_substring_regex(values, r"[^0-9]", "")
     phone = pc.binary_join_element_wise("***", pc.utf8_slice_codeunits(digits, -2, 1 << 30), "")
     masked = pc.if_else(pc.match_substring_regex(values, _PHONE_ASCII), phone, general)
@@ -72,7 +74,8 @@ def mask_identifier_columns(columns: dict[str, list[str | None]], num_rows: int)
         name = pa.array(columns["ALIAS_NAME"], pa.string()) if "ALIAS_NAME" in columns else empty
         label = pa.array(columns["ALIAS_LABEL"], pa.string()) if "ALIAS_LABEL" in columns else empty
         alias = pc.binary_join_element_wise(
-            "ALIAS=", pc.fill_null(mask_column(name), ""), "/", pc.fill_null(label, ""), "")
+            "ALIAS=", pc.fill_null(mask_column(name), ""), "/", pc.fill_null(label, ""), ""
+        )
         parts.append(pc.if_else(pc.or_(pc.is_valid(name), pc.is_valid(label)), alias, None))
     if not parts:
         return ["(none)"] * num_rows

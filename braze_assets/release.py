@@ -57,16 +57,25 @@ EXPORT_MAX_IDS = 50
 EXPORT_IN_FLIGHT = 4
 RECONCILABLE = ("events", "purchases")
 _FIELD = {"event": "custom_events", "purchase": "purchases"}
-_ID_FIELDS = {"external_id": "external_id", "user_alias": "user_aliases", "braze_id": "braze_id",
-              "email": "email", "phone": "phone"}
+_ID_FIELDS = {
+    "external_id": "external_id",
+    "user_alias": "user_aliases",
+    "braze_id": "braze_id",
+    "email": "email",
+    "phone": "phone",
+}
 
 # Reasons a reconciled row stays held (the ledger keeps the sentence; the report counts each).
 LATER = "Braze shows a later {name} for this user; cannot tell"
-SHARED = ("{count} held rows share this user, {name} and second, and Braze shows {name} at that "
-          "second; cannot tell which arrived")
+SHARED = (
+    "{count} held rows share this user, {name} and second, and Braze shows {name} at that "
+    "second; cannot tell which arrived"
+)
 NO_ANSWER = "Braze did not answer the export ({why}); cannot tell"
-NO_DETAILS = ("no copy of this row's event was kept (held before reconcile existed, or its delta "
-              "file was gone); choose resend or mark_delivered")
+NO_DETAILS = (
+    "no copy of this row's event was kept (held before reconcile existed, or its delta "
+    "file was gone); choose resend or mark_delivered"
+)
 UNREADABLE = "Braze's answer for {name} has no readable first/last time; cannot tell"
 
 
@@ -95,14 +104,18 @@ class ReleaseReport:
     watermark_after: str | None = None
 
     def summary(self) -> str:
-        text = (f"{self.sync}: {self.mode} over {self.held:,} held rows: {self.resent:,} resent by "
-                f"the next run, {self.marked_delivered:,} marked delivered, {self.still_held:,} "
-                "still held")
+        text = (
+            f"{self.sync}: {self.mode} over {self.held:,} held rows: {self.resent:,} resent by "
+            f"the next run, {self.marked_delivered:,} marked delivered, {self.still_held:,} "
+            "still held"
+        )
         if self.mode == "reconcile":
             text += f" ({self.export_requests:,} export requests to Braze)"
         if self.watermark_after != self.watermark_before:
-            text += (f"; watermark moved back {self.watermark_before} -> {self.watermark_after} "
-                     "so the next run reads the resent rows")
+            text += (
+                f"; watermark moved back {self.watermark_before} -> {self.watermark_after} "
+                "so the next run reads the resent rows"
+            )
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,9 +137,16 @@ def last_data_type(store: StateStore) -> str | None:
     return None
 
 
-def release(store: StateStore, mode: str, row_hashes: list[str] | None = None, *,
-            client: Callable[[], BrazeClient] | None = None, data_type: str | None = None,
-            decided_by: str = "a person", log: Callable[[str], None] = print) -> ReleaseReport:
+def release(
+    store: StateStore,
+    mode: str,
+    row_hashes: list[str] | None = None,
+    *,
+    client: Callable[[], BrazeClient] | None = None,
+    data_type: str | None = None,
+    decided_by: str = "a person",
+    log: Callable[[str], None] = print,
+) -> ReleaseReport:
     """Apply `mode` to the sync's held rows (all, or those of `row_hashes`). `client` makes the
     Braze client reconcile asks; `data_type` defaults to the last run's."""
     if mode not in MODES:
@@ -137,7 +157,8 @@ def release(store: StateStore, mode: str, row_hashes: list[str] | None = None, *
             raise ReleaseError(
                 f"reconcile is not supported for {store.sync} ({data_type}): Braze keeps no trace "
                 "of an attributes update or a deletion to compare with, and a second copy of one "
-                "is harmless; use mode resend (or mark_delivered). Nothing was changed.")
+                "is harmless; use mode resend (or mark_delivered). Nothing was changed."
+            )
         if client is None:
             raise ReleaseError("reconcile needs a Braze client")
     report = ReleaseReport(store.sync, mode, data_type)
@@ -146,14 +167,17 @@ def release(store: StateStore, mode: str, row_hashes: list[str] | None = None, *
         report.watermark_before = before.isoformat() if before else None
         rows = store.held_rows(row_hashes)
         report.held = len(rows)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         if mode == "resend":
             report.resent = store.release_held([r["row_hash"] for r in rows]) if rows else 0
         elif mode == "mark_delivered":
-            report.marked_delivered = store.mark_held_delivered({
-                r["row_hash"]: f"marked delivered by {decided_by} on {stamp} (outcome at Braze "
-                               f"was unknown: {r['message'] or 'held'}); never sent again"
-                for r in rows})
+            report.marked_delivered = store.mark_held_delivered(
+                {
+                    r["row_hash"]: f"marked delivered by {decided_by} on {stamp} (outcome at Braze "
+                    f"was unknown: {r['message'] or 'held'}); never sent again"
+                    for r in rows
+                }
+            )
         elif rows:
             assert client is not None
             _reconcile(store, rows, client, report, decided_by, stamp)
@@ -166,8 +190,14 @@ def release(store: StateStore, mode: str, row_hashes: list[str] | None = None, *
 
 
 # ---------------------------------------------------------------------------------- reconcile
-def _reconcile(store: StateStore, rows: list[dict], client: Callable[[], BrazeClient],
-               report: ReleaseReport, decided_by: str, stamp: str) -> None:
+def _reconcile(
+    store: StateStore,
+    rows: list[dict],
+    client: Callable[[], BrazeClient],
+    report: ReleaseReport,
+    decided_by: str,
+    stamp: str,
+) -> None:
     everyone = store.held_rows()  # a shared user, name and second counts across all held rows
     sharing = Counter(_moment(r) for r in everyone if r["kind"] is not None)
     asked = [r for r in rows if r["kind"] is not None]
@@ -194,7 +224,8 @@ def _reconcile(store: StateStore, rows: list[dict], client: Callable[[], BrazeCl
         elif verdict == "shown" and sharing[_moment(row)] == 1:
             arrived[row["row_hash"]] = (
                 f"reconciled by {decided_by} on {stamp}: Braze shows {name} for this user at "
-                f"{when} (/users/export/ids); settled as accepted, never sent again")
+                f"{when} (/users/export/ids); settled as accepted, never sent again"
+            )
         elif verdict == "shown":
             held[row["row_hash"]] = SHARED.format(count=sharing[_moment(row)], name=name)
             reasons["several held rows share the user, name and second"] += 1
@@ -212,7 +243,7 @@ def _reconcile(store: StateStore, rows: list[dict], client: Callable[[], BrazeCl
 
 
 def _second(value: dt.datetime) -> dt.datetime:
-    return value.astimezone(dt.timezone.utc).replace(microsecond=0)
+    return value.astimezone(dt.UTC).replace(microsecond=0)
 
 
 def _moment(row: dict) -> tuple:
@@ -226,7 +257,7 @@ def _braze_time(value: Any) -> dt.datetime | None:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-    return _second(parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc))
+    return _second(parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC))
 
 
 def _verdict(row: dict, users: list[dict]) -> str:
@@ -235,8 +266,14 @@ def _verdict(row: dict, users: list[dict]) -> str:
     wanted = _second(row["sent_time"])
     verdicts = []
     for user in users:
-        aggregate = next((a for a in user.get(_FIELD[row["kind"]]) or []
-                          if isinstance(a, dict) and a.get("name") == row["name"]), None)
+        aggregate = next(
+            (
+                a
+                for a in user.get(_FIELD[row["kind"]]) or []
+                if isinstance(a, dict) and a.get("name") == row["name"]
+            ),
+            None,
+        )
         if aggregate is None:
             verdicts.append("missing")
             continue
@@ -260,14 +297,13 @@ def _verdict(row: dict, users: list[dict]) -> str:
 def _export_bodies(rows: list[dict]) -> list[tuple[dict, list[tuple[str, str]]]]:
     """The export requests that ask about every identity of `rows`, each with those identities:
     up to 50 external_ids or user_aliases per request, one braze_id, email or phone."""
-    fields = sorted({"external_id", "user_aliases", "braze_id"}
-                    | {_FIELD[r["kind"]] for r in rows})
+    fields = sorted({"external_id", "user_aliases", "braze_id"} | {_FIELD[r["kind"]] for r in rows})
     identities = sorted({(r["id_type"], r["id_value"]) for r in rows})
     bodies: list[tuple[dict, list[tuple[str, str]]]] = []
     for id_type, key in (("external_id", "external_ids"), ("user_alias", "user_aliases")):
         values = [who for who in identities if who[0] == id_type]
         for start in range(0, len(values), EXPORT_MAX_IDS):
-            chunk = values[start:start + EXPORT_MAX_IDS]
+            chunk = values[start : start + EXPORT_MAX_IDS]
             ids = [v if id_type == "external_id" else orjson.loads(v) for _, v in chunk]
             bodies.append(({key: ids, "fields_to_export": fields}, chunk))
     single = {"braze_id": "braze_id", "email": "email_address", "phone": "phone"}
@@ -290,8 +326,9 @@ def _owners(user: dict, asked: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [who for who in asked if who in mine]
 
 
-async def _ask_braze(make_client: Callable[[], BrazeClient], rows: list[dict],
-                     report: ReleaseReport) -> tuple[dict, dict]:
+async def _ask_braze(
+    make_client: Callable[[], BrazeClient], rows: list[dict], report: ReleaseReport
+) -> tuple[dict, dict]:
     """Braze's users per identity, and the identities whose export failed (with why)."""
     answers: dict[tuple[str, str], list[dict]] = defaultdict(list)
     failures: dict[tuple[str, str], str] = {}
@@ -317,8 +354,9 @@ async def _ask_braze(make_client: Callable[[], BrazeClient], rows: list[dict],
         async with client:
             await asyncio.gather(*(ask(body, asked) for body, asked in bodies))
     except BrazeAuthError as exc:
-        raise BrazeAuthError(f"{exc}. Reconcile needs a key with the users.export.ids "
-                             "permission; nothing was changed.") from None
+        raise BrazeAuthError(
+            f"{exc}. Reconcile needs a key with the users.export.ids permission; nothing was changed."
+        ) from None
     return answers, failures
 
 
@@ -327,13 +365,22 @@ def release_command(argv: list[str] | None = None) -> int:
     """`braze-assets release --sync NAME --mode resend|mark_delivered|reconcile [--row-hash H]`."""
     parser = argparse.ArgumentParser(
         prog="braze-assets release",
-        description="Decide what becomes of a sync's held rows (outcome at Braze unknown).")
+        description="Decide what becomes of a sync's held rows (outcome at Braze unknown).",
+    )
     parser.add_argument("--sync", required=True)
-    parser.add_argument("--mode", choices=MODES, required=True,
-                        help="resend: the next run sends them; mark_delivered: settle as "
-                             "accepted; reconcile: ask Braze, resend what is proven missing")
-    parser.add_argument("--row-hash", action="append", dest="row_hashes",
-                        help="only this held row (repeatable); default every held row")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        required=True,
+        help="resend: the next run sends them; mark_delivered: settle as "
+        "accepted; reconcile: ask Braze, resend what is proven missing",
+    )
+    parser.add_argument(
+        "--row-hash",
+        action="append",
+        dest="row_hashes",
+        help="only this held row (repeatable); default every held row",
+    )
     args = parser.parse_args(argv)
 
     import os
@@ -349,13 +396,21 @@ def release_command(argv: list[str] | None = None) -> int:
     store = DeliveryStateResource(state_dir=str(home_dir() / "state")).store(sync.name)
 
     def client() -> BrazeClient:
-        return BrazeResource(rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
-                             api_key=os.environ.get("BRAZE_API_KEY", "")).client(EXPORT_IN_FLIGHT)
+        return BrazeResource(
+            rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
+            api_key=os.environ.get("BRAZE_API_KEY", ""),
+        ).client(EXPORT_IN_FLIGHT)
 
     try:
-        report = release(store, args.mode, args.row_hashes, client=client,
-                         data_type=sync.data_type, decided_by="a person (braze-assets release)",
-                         log=lambda line: print(line, file=sys.stderr))
+        report = release(
+            store,
+            args.mode,
+            args.row_hashes,
+            client=client,
+            data_type=sync.data_type,
+            decided_by="a person (braze-assets release)",
+            log=lambda line: print(line, file=sys.stderr),
+        )
     except ReleaseError as exc:
         print(f"braze-assets release: {exc}")
         return 2

@@ -35,9 +35,13 @@ class BrazeResource(dg.ConfigurableResource):
 
     def client(self, max_in_flight: int) -> BrazeClient:
         return BrazeClient(
-            self.rest_endpoint, self.api_key, max_connections=max_in_flight,
-            timeout_s=self.timeout_s, max_attempts=self.max_attempts,
-            backoff_initial_s=self.backoff_initial_s, backoff_max_s=self.backoff_max_s,
+            self.rest_endpoint,
+            self.api_key,
+            max_connections=max_in_flight,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
             allow_custom_host=self.allow_custom_host,
         )
 
@@ -52,8 +56,9 @@ class DatabricksResource(dg.ConfigurableResource):
     def connect(self):
         from databricks import sql
 
-        return sql.connect(server_hostname=self.server_hostname, http_path=self.http_path,
-                           access_token=self.access_token)
+        return sql.connect(
+            server_hostname=self.server_hostname, http_path=self.http_path, access_token=self.access_token
+        )
 
 
 class DeliveryStateResource(dg.ConfigurableResource):
@@ -86,8 +91,10 @@ class DeltaIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: DeltaManifest) -> None:
         text = json.dumps(obj.to_dict())
-        for path in (self._dir(context) / "runs" / f"{context.run_id}.json",
-                     self._dir(context) / f"{_partition_suffix(context)}.json"):
+        for path in (
+            self._dir(context) / "runs" / f"{context.run_id}.json",
+            self._dir(context) / f"{_partition_suffix(context)}.json",
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
 
@@ -100,7 +107,8 @@ class DeltaIOManager(dg.ConfigurableIOManager):
                 return DeltaManifest(**json.loads(path.read_text()))
         raise FileNotFoundError(
             f"no delta materialized for {context.asset_key.to_user_string()} in this run or for "
-            "these partitions; materialize the delta first")
+            "these partitions; materialize the delta first"
+        )
 
 
 class WatermarkIOManager(dg.ConfigurableIOManager):
@@ -116,8 +124,9 @@ class WatermarkIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: SyncOutcome) -> None:
         store = StateStore(self.state_dir, obj.sync)
         if obj.watermark_after and obj.watermark_after != obj.watermark_before:
-            store.write_watermark(Watermark(dt.datetime.fromisoformat(obj.watermark_after),
-                                            updated_by_run=obj.run_id))
+            store.write_watermark(
+                Watermark(dt.datetime.fromisoformat(obj.watermark_after), updated_by_run=obj.run_id)
+            )
         history = Path(self.state_dir, f"{obj.sync}.runs.jsonl")
         with history.open("a") as handle:
             handle.write(json.dumps(obj.to_dict()) + "\n")

@@ -19,10 +19,11 @@ TABLES = {
     "purchases": "braze_purchases",
     "deletions": "braze_user_deletes",
 }
-_ID_COLUMNS = "EXTERNAL_ID VARCHAR, ALIAS_NAME VARCHAR, ALIAS_LABEL VARCHAR, BRAZE_ID VARCHAR, " \
-              "EMAIL VARCHAR, PHONE VARCHAR"
-_COLUMNS = ("UPDATED_AT", "EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE",
-            "PAYLOAD")
+_ID_COLUMNS = (
+    "EXTERNAL_ID VARCHAR, ALIAS_NAME VARCHAR, ALIAS_LABEL VARCHAR, BRAZE_ID VARCHAR, "
+    "EMAIL VARCHAR, PHONE VARCHAR"
+)
+_COLUMNS = ("UPDATED_AT", "EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE", "PAYLOAD")
 _EVENT_NAMES = ("app_open", "viewed_product", "added_to_cart", "search", "shared_item")
 _PRODUCTS = ("sku-tee", "sku-mug", "sku-cap", "sku-hoodie", "sku-socks")
 _CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CAD")
@@ -48,8 +49,11 @@ def _identity(rng: random.Random, i: int) -> dict:
 
 def _common_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
     """Bad rows every payload-bearing data type must reject (one reason each)."""
-    good = {"attributes": {"tier": "gold"}, "events": {"name": "app_open"},
-            "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 10.0}}[kind]
+    good = {
+        "attributes": {"tier": "gold"},
+        "events": {"name": "app_open"},
+        "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 10.0},
+    }[kind]
     dump = json.dumps
     return [
         cdi_row(ts, "{not json", external_id="bad-json"),
@@ -71,8 +75,7 @@ def _type_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
     if kind == "events":
         return [
             cdi_row(ts, dump({"properties": {"a": 1}}), external_id="bad-event-no-name"),
-            cdi_row(ts, dump({"name": "app_open", "time": "yesterday-ish"}),
-                 external_id="bad-event-time"),
+            cdi_row(ts, dump({"name": "app_open", "time": "yesterday-ish"}), external_id="bad-event-time"),
         ]
     if kind == "purchases":
         base = {"product_id": "sku-tee", "currency": "USD", "price": 10.0}
@@ -95,33 +98,50 @@ def sample_rows(kind: str, now: dt.datetime, count: int, seed: int = 7) -> list[
         ts = now - dt.timedelta(seconds=rng.randint(60, 10 * 86_400))
         ids = _identity(rng, i % 2500)
         if kind == "attributes":
-            payload = {"first_name": rng.choice(["Ana", "Bo", "Chen", "Dee", "Eli"]),
-                       "loyalty_points": rng.randint(0, 5000), "plan": rng.choice(["free", "pro"]),
-                       "favorite_colors": rng.sample(["red", "green", "blue", "black"], 2)}
+            payload = {
+                "first_name": rng.choice(["Ana", "Bo", "Chen", "Dee", "Eli"]),
+                "loyalty_points": rng.randint(0, 5000),
+                "plan": rng.choice(["free", "pro"]),
+                "favorite_colors": rng.sample(["red", "green", "blue", "black"], 2),
+            }
             if "external_id" in ids:
                 payload["email"] = f"user{i}@example.com"  # an attribute beside a primary id
         elif kind == "events":
-            payload = {"name": rng.choice(_EVENT_NAMES),
-                       "properties": {"event_seq": i, "screen": rng.choice(["home", "cart"])}}
+            payload = {
+                "name": rng.choice(_EVENT_NAMES),
+                "properties": {"event_seq": i, "screen": rng.choice(["home", "cart"])},
+            }
             if rng.random() < 0.5:
                 payload["time"] = (ts - dt.timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
         elif kind == "purchases":
-            payload = {"product_id": rng.choice(_PRODUCTS), "currency": rng.choice(_CURRENCIES),
-                       "price": round(rng.uniform(1, 200), 2), "quantity": rng.randint(1, 3),
-                       "properties": {"order_seq": i}}
+            payload = {
+                "product_id": rng.choice(_PRODUCTS),
+                "currency": rng.choice(_CURRENCIES),
+                "price": round(rng.uniform(1, 200), 2),
+                "quantity": rng.randint(1, 3),
+                "properties": {"order_seq": i},
+            }
         else:
-            ids = {"external_id": f"user-{i:06d}"} if i % 5 else {
-                "alias_name": f"anon-{i:06d}", "alias_label": "web_visitor"}
+            ids = (
+                {"external_id": f"user-{i:06d}"}
+                if i % 5
+                else {"alias_name": f"anon-{i:06d}", "alias_label": "web_visitor"}
+            )
             rows.append(cdi_row(ts.replace(tzinfo=None), **ids))
             continue
         rows.append(cdi_row(ts.replace(tzinfo=None), json.dumps(payload), **ids))
     ts = (now - dt.timedelta(hours=2)).replace(tzinfo=None)
     future = (now + dt.timedelta(days=3)).replace(tzinfo=None)
     if kind == "deletions":
-        rows += [cdi_row(ts, email="forget-me@example.com"), cdi_row(ts, phone="+14155550000"),
-                 cdi_row(ts), cdi_row(ts, external_id="del-two", braze_id="abc123"),
-                 cdi_row(ts, alias_name="del-no-label"), cdi_row(None, external_id="del-null-ts"),
-                 cdi_row(future, external_id="del-future")]
+        rows += [
+            cdi_row(ts, email="forget-me@example.com"),
+            cdi_row(ts, phone="+14155550000"),
+            cdi_row(ts),
+            cdi_row(ts, external_id="del-two", braze_id="abc123"),
+            cdi_row(ts, alias_name="del-no-label"),
+            cdi_row(None, external_id="del-null-ts"),
+            cdi_row(future, external_id="del-future"),
+        ]
     else:
         good = rows[0]["PAYLOAD"]
         rows += _common_bad_rows(ts, kind) + _type_bad_rows(ts, kind)
@@ -134,18 +154,19 @@ def create_table(con: duckdb.DuckDBPyConnection, table: str, with_payload: bool 
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} (UPDATED_AT TIMESTAMP, {_ID_COLUMNS}{payload})")
 
 
-def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict],
-                with_payload: bool = True) -> None:
+def insert_rows(
+    con: duckdb.DuckDBPyConnection, table: str, rows: list[dict], with_payload: bool = True
+) -> None:
     columns = [c for c in _COLUMNS if c != "PAYLOAD" or with_payload]
     values = [[row[c] for c in columns] for row in rows]
     con.executemany(
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-        values)
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
+    )
 
 
 def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int = 1) -> dict:
     """Create the four sample tables in a DuckDB file; returns {table: rows inserted}."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     counts = {"attributes": 2500, "events": 4000, "purchases": 1500, "deletions": 150}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     inserted = {}

@@ -30,9 +30,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import duckdb
 import orjson
@@ -69,10 +69,16 @@ CREATE TABLE IF NOT EXISTS held_details (
     sent_time  TIMESTAMPTZ NOT NULL  -- the object's `time` (UPDATED_AT when the payload had none)
 );
 """
-HELD_DETAILS_SCHEMA = pa.schema([
-    ("row_hash", pa.string()), ("id_type", pa.string()), ("id_value", pa.string()),
-    ("kind", pa.string()), ("name", pa.string()), ("sent_time", pa.timestamp("us", tz="UTC")),
-])
+HELD_DETAILS_SCHEMA = pa.schema(
+    [
+        ("row_hash", pa.string()),
+        ("id_type", pa.string()),
+        ("id_value", pa.string()),
+        ("kind", pa.string()),
+        ("name", pa.string()),
+        ("sent_time", pa.timestamp("us", tz="UTC")),
+    ]
+)
 #: How Braze picks the user an object names [B1.3]: the first of these the object carries.
 _IDENTITY_ORDER = ("external_id", "user_alias", "braze_id", "email", "phone")
 _JAVA_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}):(\d{3})(Z|[+-]\d{4})$")
@@ -89,8 +95,7 @@ def _sent_time(value: object) -> dt.datetime | None:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(
-        dt.timezone.utc)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
 
 
 def held_detail(raw: bytes) -> tuple[str, str, str, str, dt.datetime] | None:
@@ -133,12 +138,15 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Ledgers written before the append-only layout kept a PRIMARY KEY and `planned` rows inline."""
     keyed = con.execute(
         "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
-        "AND constraint_type = 'PRIMARY KEY'").fetchall()[0][0]
+        "AND constraint_type = 'PRIMARY KEY'"
+    ).fetchall()[0][0]
     if not keyed:
         return
     con.execute("BEGIN TRANSACTION")
-    con.execute("INSERT INTO planned SELECT row_hash, updated_at, batch_id, identifier, run_id "
-                "FROM ledger WHERE status = 'planned'")
+    con.execute(
+        "INSERT INTO planned SELECT row_hash, updated_at, batch_id, identifier, run_id "
+        "FROM ledger WHERE status = 'planned'"
+    )
     con.execute("CREATE TABLE ledger_v2 AS SELECT * FROM ledger WHERE status <> 'planned'")
     con.execute("DROP TABLE ledger")
     con.execute("ALTER TABLE ledger_v2 RENAME TO ledger")
@@ -224,9 +232,13 @@ class StateStore:
 
     # ------------------------------------------------------------------ ledger
     @staticmethod
-    def known_hashes(con: duckdb.DuckDBPyConnection, hashes: list[str], *,
-                     since: dt.datetime | None = None,
-                     between: tuple[dt.datetime, dt.datetime] | None = None) -> set[str]:
+    def known_hashes(
+        con: duckdb.DuckDBPyConnection,
+        hashes: list[str],
+        *,
+        since: dt.datetime | None = None,
+        between: tuple[dt.datetime, dt.datetime] | None = None,
+    ) -> set[str]:
         """Which of these rows the ledger has settled. `since`: only rows settled from then on;
         `between`: the rows' UPDATED_AT range (a row's hash includes its UPDATED_AT, so settled
         rows outside it cannot match). Both let DuckDB skip row groups by their min/max."""
@@ -244,7 +256,9 @@ class StateStore:
         try:
             rows = con.execute(
                 "SELECT DISTINCT l.row_hash FROM ledger l SEMI JOIN probe p USING (row_hash)"
-                + (" WHERE " + " AND ".join(where) if where else ""), params).fetchall()
+                + (" WHERE " + " AND ".join(where) if where else ""),
+                params,
+            ).fetchall()
         finally:
             con.unregister("probe")
         return {r[0] for r in rows}
@@ -270,19 +284,23 @@ class StateStore:
             objects = rows["object"]
             rows = rows.drop_columns(["object"])
         if "changed_at" not in rows.column_names:
-            now = dt.datetime.now(dt.timezone.utc)
-            rows = rows.append_column("changed_at", pa.array([now] * rows.num_rows,
-                                                             pa.timestamp("us", tz="UTC")))
+            now = dt.datetime.now(dt.UTC)
+            rows = rows.append_column(
+                "changed_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC"))
+            )
         self._insert(con, "ledger", rows)
         is_held = pc.equal(rows["status"], "held")
         if rows.num_rows and pc.any(is_held).as_py():
             held = pc.indices_nonzero(is_held)
             hashes = rows["row_hash"].take(held).to_pylist()
             if objects is not None:
-                found = dict(zip(hashes, objects.take(held).to_pylist()))
+                found = dict(zip(hashes, objects.take(held).to_pylist(), strict=True))
             else:
-                run_ids = sorted({r for r in rows["run_id"].to_pylist() if r}) \
-                    if "run_id" in rows.column_names else []
+                run_ids = (
+                    sorted({r for r in rows["run_id"].to_pylist() if r})
+                    if "run_id" in rows.column_names
+                    else []
+                )
                 found = self._objects_from_deltas(hashes, run_ids)
             self._keep_held_details(con, found)
 
@@ -302,8 +320,8 @@ class StateStore:
             return 0
         with self.connect(read_only=True) as con:
             return con.execute(
-                "SELECT count(*) FROM ledger WHERE updated_at < ? "
-                "AND (? IS NULL OR updated_at >= ?)", [end, start, start]
+                "SELECT count(*) FROM ledger WHERE updated_at < ? AND (? IS NULL OR updated_at >= ?)",
+                [end, start, start],
             ).fetchone()[0]
 
     def status_counts(self) -> dict[str, int]:
@@ -313,13 +331,21 @@ class StateStore:
             return dict(con.execute("SELECT status, count(*) FROM ledger GROUP BY 1").fetchall())
 
     # ------------------------------------------------------------------ held rows: a person decides
-    def _keep_held_details(self, con: duckdb.DuckDBPyConnection,
-                           objects: Mapping[str, bytes | None]) -> None:
-        rows = [(h, *detail) for h, raw in objects.items()
-                if raw is not None and (detail := held_detail(raw)) is not None]
+    def _keep_held_details(self, con: duckdb.DuckDBPyConnection, objects: Mapping[str, bytes | None]) -> None:
+        rows = [
+            (h, *detail)
+            for h, raw in objects.items()
+            if raw is not None and (detail := held_detail(raw)) is not None
+        ]
         if rows:
-            self._insert(con, "held_details", pa.Table.from_pylist(
-                [dict(zip(HELD_DETAILS_SCHEMA.names, row)) for row in rows], HELD_DETAILS_SCHEMA))
+            self._insert(
+                con,
+                "held_details",
+                pa.Table.from_pylist(
+                    [dict(zip(HELD_DETAILS_SCHEMA.names, r, strict=True)) for r in rows],
+                    HELD_DETAILS_SCHEMA,
+                ),
+            )
 
     def _objects_from_deltas(self, hashes: list[str], run_ids: list[str]) -> dict[str, bytes]:
         """The objects of these rows as their runs' delta files hold them (the runs' own files
@@ -329,18 +355,26 @@ class StateStore:
             return {}
         root = self.dir / "deltas" / self.sync
         own = [self.delta_dir(r) / "valid.parquet" for r in run_ids]
-        others = sorted((p for p in root.glob("*/valid.parquet") if p not in own),
-                        key=lambda p: p.stat().st_mtime, reverse=True) if root.exists() else []
+        others = (
+            sorted(
+                (p for p in root.glob("*/valid.parquet") if p not in own),
+                key=lambda p: p.stat().st_mtime,
+                reverse=True,
+            )
+            if root.exists()
+            else []
+        )
         wanted, found = set(hashes), {}
         for path in own + others:
             if not wanted:
                 break
             try:
-                table = pq.read_table(path, columns=["row_hash", "object"],
-                                      filters=[("row_hash", "in", sorted(wanted))])
+                table = pq.read_table(
+                    path, columns=["row_hash", "object"], filters=[("row_hash", "in", sorted(wanted))]
+                )
             except (OSError, pa.ArrowException):
                 continue
-            for h, raw in zip(table["row_hash"].to_pylist(), table["object"].to_pylist()):
+            for h, raw in zip(table["row_hash"].to_pylist(), table["object"].to_pylist(), strict=True):
                 found[h] = raw
             wanted -= found.keys()
         return found
@@ -360,9 +394,10 @@ class StateStore:
                 "SELECT l.row_hash, l.updated_at, l.batch_id, l.identifier, l.message, l.run_id, "
                 "d.id_type, d.id_value, d.kind, d.name, d.sent_time FROM ledger l "
                 "LEFT JOIN (SELECT DISTINCT ON (row_hash) * FROM held_details) d USING (row_hash) "
-                f"WHERE l.status = 'held'{where} ORDER BY l.updated_at, l.row_hash")
+                f"WHERE l.status = 'held'{where} ORDER BY l.updated_at, l.row_hash"
+            )
             names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     @staticmethod
     def _chosen(con: duckdb.DuckDBPyConnection, row_hashes: list[str] | None) -> str:
@@ -382,15 +417,18 @@ class StateStore:
             con.begin()
             where = self._chosen(con, row_hashes)
             count, earliest = con.execute(
-                f"SELECT count(*), min(updated_at) FROM ledger WHERE {where}").fetchone()
-            con.execute(f"DELETE FROM held_details WHERE row_hash IN "
-                        f"(SELECT row_hash FROM ledger WHERE {where})")
+                f"SELECT count(*), min(updated_at) FROM ledger WHERE {where}"
+            ).fetchone()
+            con.execute(
+                f"DELETE FROM held_details WHERE row_hash IN (SELECT row_hash FROM ledger WHERE {where})"
+            )
             con.execute(f"DELETE FROM ledger WHERE {where}")
             con.commit()
         watermark = self.read_watermark()
         if earliest is not None and watermark.value is not None and watermark.value >= earliest:
-            self.write_watermark(Watermark(earliest - dt.timedelta(microseconds=1),
-                                           updated_by_run="release_held"))
+            self.write_watermark(
+                Watermark(earliest - dt.timedelta(microseconds=1), updated_by_run="release_held")
+            )
         return int(count)
 
     def mark_held_delivered(self, messages: dict[str, str]) -> int:
@@ -406,20 +444,27 @@ class StateStore:
         if not messages:
             return 0
         with self.connect() as con:
-            con.register("decided", pa.table({
-                "row_hash": pa.array(list(messages), pa.string()),
-                "message": pa.array(list(messages.values()), pa.string())}))
+            con.register(
+                "decided",
+                pa.table(
+                    {
+                        "row_hash": pa.array(list(messages), pa.string()),
+                        "message": pa.array(list(messages.values()), pa.string()),
+                    }
+                ),
+            )
             con.begin()
             count = con.execute(
                 "SELECT count(*) FROM ledger WHERE status = 'held' AND row_hash IN "
-                "(SELECT row_hash FROM decided)").fetchone()[0]
+                "(SELECT row_hash FROM decided)"
+            ).fetchone()[0]
             con.execute(
                 "UPDATE ledger SET status = ?, message = d.message, changed_at = now() "
                 "FROM decided d WHERE ledger.row_hash = d.row_hash AND ledger.status = 'held'",
-                [status])
+                [status],
+            )
             if status != "held":
-                con.execute("DELETE FROM held_details WHERE row_hash IN "
-                            "(SELECT row_hash FROM decided)")
+                con.execute("DELETE FROM held_details WHERE row_hash IN (SELECT row_hash FROM decided)")
             con.commit()
             con.unregister("decided")
         return int(count)
@@ -432,8 +477,7 @@ class StateStore:
     def journal_done(self, handle, batch_id: str, rows: list[tuple[str, str | None, str | None]]):
         """The known outcome of a request: its rows that were not accepted, as (row_hash, status
         or None to resend, message); every other row of the request was accepted."""
-        handle.write("D " + json.dumps({"batch": batch_id, "rows": rows, "others": "accepted"})
-                     + "\n")
+        handle.write("D " + json.dumps({"batch": batch_id, "rows": rows, "others": "accepted"}) + "\n")
         handle.flush()
 
     def _read_journal(self) -> tuple[set[str], dict[str, list]]:
@@ -477,21 +521,34 @@ class StateStore:
             if answered:
                 # Listed rows take their status (None: send again); the others take the request's
                 # (journals written before "others" listed every row: the rest were not settled).
-                con.register("answered", pa.table({
-                    "batch_id": pa.array([a[0] for a in answered], pa.string()),
-                    "others": pa.array([a[1] for a in answered], pa.string())}))
-                con.register("listed", pa.table({
-                    "row_hash": pa.array([r[0] for r in listed], pa.string()),
-                    "batch_id": pa.array([r[1] for r in listed], pa.string()),
-                    "status": pa.array([r[2] for r in listed], pa.string()),
-                    "message": pa.array([r[3] for r in listed], pa.string())}))
+                con.register(
+                    "answered",
+                    pa.table(
+                        {
+                            "batch_id": pa.array([a[0] for a in answered], pa.string()),
+                            "others": pa.array([a[1] for a in answered], pa.string()),
+                        }
+                    ),
+                )
+                con.register(
+                    "listed",
+                    pa.table(
+                        {
+                            "row_hash": pa.array([r[0] for r in listed], pa.string()),
+                            "batch_id": pa.array([r[1] for r in listed], pa.string()),
+                            "status": pa.array([r[2] for r in listed], pa.string()),
+                            "message": pa.array([r[3] for r in listed], pa.string()),
+                        }
+                    ),
+                )
                 con.execute(
                     "INSERT INTO ledger SELECT p.row_hash, p.updated_at, "
                     "CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, p.batch_id, "
                     "p.identifier, k.message, p.run_id, now() FROM planned p "
                     "JOIN answered a USING (batch_id) "
                     "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
-                    "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL")
+                    "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL"
+                )
                 con.unregister("answered")
                 con.unregister("listed")
             if ambiguous_batches and policy == "hold":
@@ -501,12 +558,14 @@ class StateStore:
                     "'outcome unknown: the process stopped while this request was in flight', "
                     "run_id, now() FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)"
                 )
-                held = con.execute("SELECT row_hash, run_id FROM planned WHERE batch_id IN "
-                                   "(SELECT batch_id FROM amb)").fetchall()
+                held = con.execute(
+                    "SELECT row_hash, run_id FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)"
+                ).fetchall()
                 con.unregister("amb")
                 # `planned` keeps no objects: the crashed run's delta file has them
-                self._keep_held_details(con, self._objects_from_deltas(
-                    [h for h, _ in held], sorted({r for _, r in held if r})))
+                self._keep_held_details(
+                    con, self._objects_from_deltas([h for h, _ in held], sorted({r for _, r in held if r}))
+                )
             con.execute("DELETE FROM planned")
             con.commit()
         self.journal_path.write_text("")

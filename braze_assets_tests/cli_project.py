@@ -59,8 +59,9 @@ class CliProject:
         return [sys.executable, "-m", "braze_assets.cli", *args]
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(self.command(*args), env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            self.command(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def start_elsewhere(self) -> subprocess.Popen:
         """The first sync's job run by a plain script on the home's instance (initialised as
@@ -70,29 +71,40 @@ class CliProject:
 
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         initialise_local_instance(self.dagster_home, DAGSTER_YAML)
-        return subprocess.Popen([sys.executable, "-c", OTHER_LAUNCHER],
-                                env={**self.env, "DAGSTER_HOME": str(self.dagster_home)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", OTHER_LAUNCHER],
+            env={**self.env, "DAGSTER_HOME": str(self.dagster_home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True,
-                              check=False, timeout=timeout)
+        return subprocess.run(
+            self.command(*args), env=self.env, capture_output=True, text=True, check=False, timeout=timeout
+        )
 
     def instance(self) -> dg.DagsterInstance:
         return dg.DagsterInstance.from_config(str(self.dagster_home))
 
 
-def cli_project(tmp_path: Path, emulator: BrazeEmulator, syncs: list[dict],
-                endpoint: str | None = None) -> CliProject:
+def cli_project(
+    tmp_path: Path, emulator: BrazeEmulator, syncs: list[dict], endpoint: str | None = None
+) -> CliProject:
     harness = Harness(tmp_path, emulator)
     harness.syncs = syncs
     tmp_path.mkdir(parents=True, exist_ok=True)
     syncs_file = tmp_path / "syncs.yaml"
     syncs_file.write_text(yaml.safe_dump({"syncs": syncs}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "DAGSTER_"))}
-    env.update(BRAZE_ASSETS_HOME=str(tmp_path), BRAZE_ASSETS_SYNCS=str(syncs_file),
-               BRAZE_ASSETS_DUCKDB=str(harness.warehouse), BRAZE_API_KEY=API_KEY,
-               BRAZE_REST_ENDPOINT=endpoint or emulator.base_url, PYTHONPATH=str(ROOT))
+    env.update(
+        BRAZE_ASSETS_HOME=str(tmp_path),
+        BRAZE_ASSETS_SYNCS=str(syncs_file),
+        BRAZE_ASSETS_DUCKDB=str(harness.warehouse),
+        BRAZE_API_KEY=API_KEY,
+        BRAZE_REST_ENDPOINT=endpoint or emulator.base_url,
+        PYTHONPATH=str(ROOT),
+    )
     return CliProject(harness, env)
 
 
@@ -100,4 +112,4 @@ def summaries(proc: subprocess.CompletedProcess) -> list[dict]:
     """The `--json` summaries of `braze-assets run`."""
     out = proc.stdout
     assert "[" in out, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out[out.index("["):])
+    return json.loads(out[out.index("[") :])

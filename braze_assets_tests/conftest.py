@@ -14,17 +14,20 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from braze_assets.automation import incremental_range, range_tags
-from braze_assets.sources.factory import make_source, resource_key
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.config import parse_syncs
 from braze_assets.definitions import build_definitions
 from braze_assets.resources import (
-    BrazeResource, DeliveryStateResource, DeltaIOManager, WatermarkIOManager,
+    BrazeResource,
+    DeliveryStateResource,
+    DeltaIOManager,
+    WatermarkIOManager,
 )
 from braze_assets.seed import cdi_row, create_table, insert_rows
+from braze_assets.sources.factory import make_source, resource_key
 
 API_KEY = "test-key-7f3a9c"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def utc(*args) -> dt.datetime:
@@ -38,8 +41,13 @@ def emulator():
 
 
 def sync_config(name: str, data_type: str, table: str, **extra) -> dict:
-    return {"name": name, "data_type": data_type, "source": {"type": "duckdb", "table": table},
-            "partitions_start": "2024-01-01", **extra}
+    return {
+        "name": name,
+        "data_type": data_type,
+        "source": {"type": "duckdb", "table": table},
+        "partitions_start": "2024-01-01",
+        **extra,
+    }
 
 
 @dataclass
@@ -75,13 +83,19 @@ class Harness:
             insert_rows(con, name, rows, with_payload=payload)
 
     def resources(self) -> dict:
-        braze = {"rest_endpoint": self.emulator.base_url, "api_key": self.api_key,
-                 "backoff_initial_s": 0.01, "backoff_max_s": 0.2, "timeout_s": 5.0,
-                 **self.braze_overrides}
+        braze = {
+            "rest_endpoint": self.emulator.base_url,
+            "api_key": self.api_key,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.2,
+            "timeout_s": 5.0,
+            **self.braze_overrides,
+        }
         return {
             "braze": BrazeResource(**braze),
-            "duckdb": DuckDBResource(database=str(self.warehouse),
-                                     connection_config={"access_mode": "READ_ONLY"}),
+            "duckdb": DuckDBResource(
+                database=str(self.warehouse), connection_config={"access_mode": "READ_ONLY"}
+            ),
             **self.extra_resources,
             "delivery_state": DeliveryStateResource(state_dir=str(self.state_dir)),
             "delta_io_manager": DeltaIOManager(base_dir=str(self.tmp_path / "deltas")),
@@ -94,20 +108,24 @@ class Harness:
     def config(self, name: str):
         return next(s for s in parse_syncs({"syncs": self.syncs}) if s.name == name)
 
-    def run(self, name: str, keys: dg.PartitionKeyRange | None = None,
-            instance: dg.DagsterInstance | None = None) -> RunOutcome:
+    def run(
+        self, name: str, keys: dg.PartitionKeyRange | None = None, instance: dg.DagsterInstance | None = None
+    ) -> RunOutcome:
         """Run the sync's job like its schedule does (incremental range) or for `keys`."""
         resources = self.resources()
         sync = self.config(name)
         if keys is None:
-            keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(UTC),
-                                     make_source(sync, resources[resource_key(sync)]))
+            keys = incremental_range(
+                sync,
+                resources["delivery_state"],
+                dt.datetime.now(UTC),
+                make_source(sync, resources[resource_key(sync)]),
+            )
         job = self.definitions().resolve_job_def(f"{name}_job")
         result = job.execute_in_process(
-            instance=instance or dg.DagsterInstance.ephemeral(), tags=range_tags(keys),
-            raise_on_error=False)
-        return RunOutcome(result, _output(result, f"{name}_delta"),
-                          _output(result, f"{name}_sync_results"))
+            instance=instance or dg.DagsterInstance.ephemeral(), tags=range_tags(keys), raise_on_error=False
+        )
+        return RunOutcome(result, _output(result, f"{name}_delta"), _output(result, f"{name}_sync_results"))
 
     def ledger(self, name: str) -> dict[str, int]:
         return DeliveryStateResource(state_dir=str(self.state_dir)).store(name).status_counts()
@@ -130,9 +148,14 @@ def harness(tmp_path, emulator) -> Harness:
 
 def events_rows(n: int, ts: dt.datetime, start: int = 0, prefix: str = "user") -> list[dict]:
     """`n` distinct valid events at `ts` (naive UTC in the table), numbered by `seq`."""
-    return [cdi_row(ts.replace(tzinfo=None), json.dumps({"name": "app_open",
-                                                         "properties": {"seq": start + i}}),
-                    external_id=f"{prefix}-{(start + i) % 50}") for i in range(n)]
+    return [
+        cdi_row(
+            ts.replace(tzinfo=None),
+            json.dumps({"name": "app_open", "properties": {"seq": start + i}}),
+            external_id=f"{prefix}-{(start + i) % 50}",
+        )
+        for i in range(n)
+    ]
 
 
 def seqs(emulator: BrazeEmulator, kind: str = "events") -> list[int]:
@@ -140,8 +163,7 @@ def seqs(emulator: BrazeEmulator, kind: str = "events") -> list[int]:
     return sorted(item["properties"]["seq"] for item in items)
 
 
-__all__ = ["API_KEY", "FaultConfig", "Harness", "cdi_row", "events_rows", "seqs", "sync_config",
-           "utc"]
+__all__ = ["API_KEY", "FaultConfig", "Harness", "cdi_row", "events_rows", "seqs", "sync_config", "utc"]
 
 
 @pytest.fixture(scope="session")
@@ -171,16 +193,34 @@ def postgres():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "braze", "-A", "trust",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
-                    str(root / "log"), "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 "
-                    "-c fsync=off", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "braze", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield {"host": "127.0.0.1", "port": port, "user": "braze", "database": "postgres"}
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -198,8 +238,8 @@ def _with_nulls(to_struct):
     def convert(ts):
         ts = ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts
         struct = to_struct(ts)
-        return pa.StructArray.from_arrays(struct.flatten(), fields=list(struct.type),
-                                          mask=ts.is_null())
+        return pa.StructArray.from_arrays(struct.flatten(), fields=list(struct.type), mask=ts.is_null())
+
     return convert
 
 
@@ -209,18 +249,21 @@ def snowflake_server():
     import fakesnow.arrow
 
     with pytest.MonkeyPatch.context() as patch, _FAKESNOW_SERVER() as kwargs:
-        patch.setattr(fakesnow.arrow, "timestamp_to_sf_struct",
-                      _with_nulls(fakesnow.arrow.timestamp_to_sf_struct))
+        patch.setattr(
+            fakesnow.arrow, "timestamp_to_sf_struct", _with_nulls(fakesnow.arrow.timestamp_to_sf_struct)
+        )
         yield kwargs
 
 
 def snowflake_resource(server: dict, password: str = "snow"):
     from dagster_snowflake import SnowflakeResource
 
-    extra = {k: server[k] for k in ("host", "port", "protocol", "session_parameters",
-                                    "network_timeout")}
-    return SnowflakeResource(account=server["account"], user=server["user"], password=password,
-                             database="CDI_DB", schema="PUBLIC",
-                             additional_snowflake_connection_args=extra)
-
-
+    extra = {k: server[k] for k in ("host", "port", "protocol", "session_parameters", "network_timeout")}
+    return SnowflakeResource(
+        account=server["account"],
+        user=server["user"],
+        password=password,
+        database="CDI_DB",
+        schema="PUBLIC",
+        additional_snowflake_connection_args=extra,
+    )

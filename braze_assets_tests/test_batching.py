@@ -31,13 +31,18 @@ def track_object(data_type: str, i: int, blob_bytes: int = 0) -> dict:
     if data_type == "events":
         base |= {"name": "app_open", "time": "2024-05-01T12:00:00.000Z"}
     elif data_type == "purchases":
-        base |= {"product_id": "sku-tee", "currency": "USD", "price": 12.5,
-                 "time": "2024-05-01T12:00:00.000Z"}
+        base |= {
+            "product_id": "sku-tee",
+            "currency": "USD",
+            "price": 12.5,
+            "time": "2024-05-01T12:00:00.000Z",
+        }
     else:
         base |= {"plan": "gold", "_update_existing_only": False}
     if blob_bytes:
         base["properties" if data_type != "attributes" else "notes"] = (
-            {"blob": "x" * blob_bytes} if data_type != "attributes" else "x" * blob_bytes)
+            {"blob": "x" * blob_bytes} if data_type != "attributes" else "x" * blob_bytes
+        )
     return base
 
 
@@ -64,10 +69,11 @@ def check_track_plan(data_type: str, objects: list[dict]) -> list:
 
 def assert_filled_greedily(requests, objects_raw: list[bytes]) -> None:
     """No request was closed early: the next object would have broken a limit."""
-    for request, following in zip(requests, requests[1:]):
+    for request, following in zip(requests, requests[1:], strict=False):
         nxt = objects_raw[following.rows[0]]
-        assert (len(request.rows) == TRACK_MAX_OBJECTS
-                or len(request.body) + 1 + len(nxt) > MAX_BODY_BYTES), request.batch_id
+        assert len(request.rows) == TRACK_MAX_OBJECTS or len(request.body) + 1 + len(nxt) > MAX_BODY_BYTES, (
+            request.batch_id
+        )
 
 
 # ----------------------------------------------------------------------------- /users/track
@@ -113,9 +119,16 @@ def test_mixed_sizes_respect_both_limits_and_keep_order():
 
 def test_object_bytes_are_sent_unchanged():
     # Unicode, nested objects and explicit nulls survive planning byte for byte.
-    objects = [{"external_id": f"user-{i}", "name": "Zoë 🎉", "dob": None,
-                "pets": {"$add": [{"id": i, "kind": "cat"}]}, "_merge_objects": True}
-               for i in range(80)]
+    objects = [
+        {
+            "external_id": f"user-{i}",
+            "name": "Zoë 🎉",
+            "dob": None,
+            "pets": {"$add": [{"id": i, "kind": "cat"}]},
+            "_merge_objects": True,
+        }
+        for i in range(80)
+    ]
     raw = [orjson.dumps(o) for o in objects]
     requests = plan_requests(DATA_TYPES["attributes"], raw, "p")
     assert [len(r.rows) for r in requests] == [75, 5]
@@ -131,17 +144,23 @@ def deletion_objects(rng: random.Random, counts: dict[str, int]) -> list[list]:
     for kind in kinds:
         serial[kind] += 1
         n = serial[kind]
-        value = ({"alias_name": f"alias-{n}", "alias_label": "crm"} if kind == "user_aliases"
-                 else f"{kind[:-1]}-{n}")
+        value = (
+            {"alias_name": f"alias-{n}", "alias_label": "crm"}
+            if kind == "user_aliases"
+            else f"{kind[:-1]}-{n}"
+        )
         objects.append([kind, value])
     return objects
 
 
-@pytest.mark.parametrize("counts", [
-    {"external_ids": 130, "user_aliases": 60, "braze_ids": 55},
-    {"external_ids": 50, "user_aliases": 1, "braze_ids": 100},
-    {"external_ids": 3, "user_aliases": 2, "braze_ids": 1},
-])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"external_ids": 130, "user_aliases": 60, "braze_ids": 55},
+        {"external_ids": 50, "user_aliases": 1, "braze_ids": 100},
+        {"external_ids": 3, "user_aliases": 2, "braze_ids": 1},
+    ],
+)
 def test_deletions_hold_at_most_50_ids_of_one_type(counts):
     objects = deletion_objects(random.Random(7), counts)
     requests = plan_requests(DATA_TYPES["deletions"], [orjson.dumps(o) for o in objects], "run1-0")
@@ -151,7 +170,7 @@ def test_deletions_hold_at_most_50_ids_of_one_type(counts):
     for request in requests:
         body = orjson.loads(request.body)
         assert len(body) == 1, body.keys()  # one identifier type per request
-        (key, ids), = body.items()
+        ((key, ids),) = body.items()
         assert key in DELETE_KEYS and key == request.array
         assert 1 <= len(ids) <= DELETE_MAX_IDS
         # The body lists exactly the request's rows, in row order, all of this type.
@@ -162,7 +181,7 @@ def test_deletions_hold_at_most_50_ids_of_one_type(counts):
         seen.extend(request.rows)
 
     assert sorted(seen) == list(range(len(objects)))  # every deletion exactly once
-    for key, n in counts.items():  # and, per type, in the original order
+    for key in counts:  # and, per type, in the original order
         assert per_key[key] == [o[1] for o in objects if o[0] == key]
     assert len(requests) == sum(math.ceil(n / DELETE_MAX_IDS) for n in counts.values())
     ids = [r.batch_id for r in requests]

@@ -11,13 +11,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
-    ("raw ceiling", "attributes", 0.0), ("raw ceiling", "attributes", 50.0),
-    ("braze_assets e2e", "attributes", 0.0), ("braze_assets e2e", "events", 0.0),
-    ("braze_assets e2e", "purchases", 0.0), ("braze_assets e2e", "attributes", 50.0),
+    ("raw ceiling", "attributes", 0.0),
+    ("raw ceiling", "attributes", 50.0),
+    ("braze_assets e2e", "attributes", 0.0),
+    ("braze_assets e2e", "events", 0.0),
+    ("braze_assets e2e", "purchases", 0.0),
+    ("braze_assets e2e", "attributes", 50.0),
     ("naive sequential requests", "attributes", 0.0),
     ("naive sequential requests", "attributes", 50.0),
-    ("braze-client", "attributes", 0.0), ("braze-client", "attributes", 50.0),
-    ("rate-limited", "attributes", 50.0), ("pacing check", "attributes", 50.0),
+    ("braze-client", "attributes", 0.0),
+    ("braze-client", "attributes", 50.0),
+    ("rate-limited", "attributes", 50.0),
+    ("pacing check", "attributes", 50.0),
     ("validation + payload alone", "attributes", 0.0),
     ("validation + payload alone", "events", 0.0),
     ("validation + payload alone", "purchases", 0.0),
@@ -27,9 +32,26 @@ EXPECTED = {
 def test_quick_benchmark_run_reports_every_case(tmp_path):
     results, rows_json = tmp_path / "RESULTS.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--rows", "3000",
-         "--results", str(results), "--json", str(rows_json), "--workdir", str(tmp_path / "work")],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=280)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--quick",
+            "--rows",
+            "3000",
+            "--results",
+            str(results),
+            "--json",
+            str(rows_json),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(rows_json.read_text())
 
@@ -55,8 +77,7 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         assert rate["windows"] >= 1 and rate["share"] > 0, case
 
     text = results.read_text()
-    for heading in ("## Machine", "## Results", "## Ratios (same run)", "## Phase split",
-                    "## Targets"):
+    for heading in ("## Machine", "## Results", "## Ratios (same run)", "## Phase split", "## Targets"):
         assert heading in text
     assert "| raw ceiling |" in text and "| braze_assets e2e |" in text
     assert proc.stdout.strip().endswith(text.strip().splitlines()[-1])  # the table was printed

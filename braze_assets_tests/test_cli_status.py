@@ -17,17 +17,20 @@ HOUR_AGO = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=1)
 
 
 def _bad_rows(n: int) -> list[dict]:
-    return [cdi_row(HOUR_AGO.replace(tzinfo=None), "{not json", external_id=f"bad-{i}")
-            for i in range(n)]
+    return [cdi_row(HOUR_AGO.replace(tzinfo=None), "{not json", external_id=f"bad-{i}") for i in range(n)]
 
 
 def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path, emulator):
-    project = cli_project(tmp_path, emulator, [
-        sync_config("ok", "events", "main.ok"),
-        sync_config("partial", "events", "main.partial"),
-        sync_config("missing", "events", "main.nope"),
-        sync_config("blocked", "events", "main.blocked"),
-    ])
+    project = cli_project(
+        tmp_path,
+        emulator,
+        [
+            sync_config("ok", "events", "main.ok"),
+            sync_config("partial", "events", "main.partial"),
+            sync_config("missing", "events", "main.nope"),
+            sync_config("blocked", "events", "main.blocked"),
+        ],
+    )
     project.harness.table("ok", events_rows(5, HOUR_AGO))
     project.harness.table("partial", events_rows(10, HOUR_AGO, start=5) + _bad_rows(1))
     project.harness.table("blocked", events_rows(1, HOUR_AGO, start=15) + _bad_rows(3))
@@ -80,8 +83,9 @@ def test_unreachable_braze_is_an_error_not_a_success(tmp_path, emulator):
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    project = cli_project(tmp_path, emulator, [sync_config("events", "events", "main.events")],
-                          endpoint=closed)
+    project = cli_project(
+        tmp_path, emulator, [sync_config("events", "events", "main.events")], endpoint=closed
+    )
     project.harness.table("events", events_rows(10, HOUR_AGO))
     run = project.run("run", "--json")
     [summary] = summaries(run)
@@ -91,12 +95,27 @@ def test_unreachable_braze_is_an_error_not_a_success(tmp_path, emulator):
 
 
 def test_a_delta_already_delivered_by_another_run_says_so(capsys):
-    detail = ("nothing to send: all 40 rows of this delta were already delivered by another run")
-    cli.print_summaries([{"sync": "events", "partitions": "2024-01-01..2024-01-02",
-                          "run_id": "0123456789", "status": "success", "status_detail": detail,
-                          "sent": 0, "requests": 0, "accepted": 0, "failed": 0, "held": 0,
-                          "not_sent": 0, "failed_reasons": {}, "watermark_before": None,
-                          "watermark_after": None}])
+    detail = "nothing to send: all 40 rows of this delta were already delivered by another run"
+    cli.print_summaries(
+        [
+            {
+                "sync": "events",
+                "partitions": "2024-01-01..2024-01-02",
+                "run_id": "0123456789",
+                "status": "success",
+                "status_detail": detail,
+                "sent": 0,
+                "requests": 0,
+                "accepted": 0,
+                "failed": 0,
+                "held": 0,
+                "not_sent": 0,
+                "failed_reasons": {},
+                "watermark_before": None,
+                "watermark_after": None,
+            }
+        ]
+    )
     assert detail in capsys.readouterr().out
 
 

@@ -47,10 +47,11 @@ def server() -> Iterator[tuple[str, type[_Scripted]]]:
 
 def _post(url: str, retry_ambiguous: bool):
     async def go():
-        async with BrazeClient(url, "k", backoff_initial_s=0.01, backoff_max_s=0.02,
-                               max_attempts=3) as client:
-            return await client.post("/users/track", b'{"events": []}',
-                                     retry_ambiguous=retry_ambiguous)
+        async with BrazeClient(
+            url, "k", backoff_initial_s=0.01, backoff_max_s=0.02, max_attempts=3
+        ) as client:
+            return await client.post("/users/track", b'{"events": []}', retry_ambiguous=retry_ambiguous)
+
     return asyncio.run(go())
 
 

@@ -11,7 +11,11 @@ import pytest
 import yaml
 
 from braze_assets.config import (
-    DEFAULT_SYNCS_FILE, ConfigError, SyncConfig, load_syncs, parse_syncs,
+    DEFAULT_SYNCS_FILE,
+    ConfigError,
+    SyncConfig,
+    load_syncs,
+    parse_syncs,
 )
 
 DATA_TYPES = {"attributes", "events", "purchases", "deletions"}
@@ -59,8 +63,7 @@ def test_shipped_syncs_file_loads(monkeypatch):
 
 
 def test_syncs_file_can_be_chosen_by_environment(tmp_path, monkeypatch):
-    path = write(tmp_path, sync_entry("mine", data_type="deletions",
-                                      source={"table": "main.user_deletes"}))
+    path = write(tmp_path, sync_entry("mine", data_type="deletions", source={"table": "main.user_deletes"}))
     monkeypatch.setenv("BRAZE_ASSETS_SYNCS", str(path))
     [sync] = load_syncs()
     assert (sync.name, sync.data_type, sync.source.table) == ("mine", "deletions", "main.user_deletes")
@@ -75,8 +78,10 @@ def test_defaults_of_a_minimal_entry(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ambiguous policy
-@pytest.mark.parametrize("data_type, expected", [
-    ("attributes", "resend"), ("events", "hold"), ("purchases", "hold"), ("deletions", "resend")])
+@pytest.mark.parametrize(
+    "data_type, expected",
+    [("attributes", "resend"), ("events", "hold"), ("purchases", "hold"), ("deletions", "resend")],
+)
 def test_default_ambiguous_policy(data_type, expected):
     [sync] = parse_syncs({"syncs": [sync_entry(data_type=data_type)]})
     assert sync.effective_ambiguous_policy == expected
@@ -96,8 +101,12 @@ def test_unknown_ambiguous_policy_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- field errors
 def test_bad_data_type_names_sync_and_field(tmp_path):
     message = load_error(tmp_path, sync_entry("catalog_items", data_type="catalogs"))
-    assert_names(message, "catalog_items", "data_type",
-                 "Input should be 'attributes', 'events', 'purchases' or 'deletions'")
+    assert_names(
+        message,
+        "catalog_items",
+        "data_type",
+        "Input should be 'attributes', 'events', 'purchases' or 'deletions'",
+    )
 
 
 @pytest.mark.parametrize("cron", ["not a cron", "61 * * * *", "0 0 * *", "0 25 * * *"])
@@ -106,8 +115,9 @@ def test_invalid_cron_is_refused(tmp_path, cron):
     assert_names(message, "nightly", "schedule", f"cron {cron!r} is not a valid cron expression")
 
 
-@pytest.mark.parametrize("cron, every", [
-    ("* * * * *", "0:01:00"), ("*/10 * * * *", "0:10:00"), ("0,5 * * * *", "0:05:00")])
+@pytest.mark.parametrize(
+    "cron, every", [("* * * * *", "0:01:00"), ("*/10 * * * *", "0:10:00"), ("0,5 * * * *", "0:05:00")]
+)
 def test_cron_more_often_than_every_15_minutes_is_refused(tmp_path, cron, every):
     message = load_error(tmp_path, sync_entry("busy", schedule={"cron": cron}))
     assert_names(message, "busy", "schedule", f"cron {cron!r} runs every {every}")
@@ -121,9 +131,16 @@ def test_cron_less_often_than_monthly_is_refused(tmp_path, cron):
     assert "syncs may run from every 15 minutes to once a month" in message
 
 
-@pytest.mark.parametrize("cron, timezone", [
-    ("*/15 * * * *", "UTC"), ("0 * * * *", "Europe/Berlin"), ("30 1 * * *", "America/New_York"),
-    ("0 9 * * 1-5", "Asia/Tokyo"), ("0 0 1 * *", "UTC")])
+@pytest.mark.parametrize(
+    "cron, timezone",
+    [
+        ("*/15 * * * *", "UTC"),
+        ("0 * * * *", "Europe/Berlin"),
+        ("30 1 * * *", "America/New_York"),
+        ("0 9 * * 1-5", "Asia/Tokyo"),
+        ("0 0 1 * *", "UTC"),
+    ],
+)
 def test_crons_from_15_minutes_to_monthly_are_accepted(cron, timezone):
     [sync] = parse_syncs({"syncs": [sync_entry(schedule={"cron": cron, "timezone": timezone})]})
     assert (sync.schedule.cron, sync.schedule.timezone) == (cron, timezone)
@@ -135,8 +152,9 @@ def test_cron_that_goes_silent_for_months_is_refused(tmp_path):
 
 
 def test_unknown_timezone_is_refused(tmp_path):
-    message = load_error(tmp_path, sync_entry("tz", schedule={"cron": "0 * * * *",
-                                                              "timezone": "Mars/Olympus_Mons"}))
+    message = load_error(
+        tmp_path, sync_entry("tz", schedule={"cron": "0 * * * *", "timezone": "Mars/Olympus_Mons"})
+    )
     assert_names(message, "tz", "schedule.timezone", "unknown IANA time zone 'Mars/Olympus_Mons'")
 
 
@@ -147,30 +165,42 @@ def test_negative_lookback_is_refused(tmp_path, lookback):
 
 
 def test_zero_and_iso_lookbacks_are_accepted():
-    syncs = parse_syncs({"syncs": [sync_entry("a", lookback="PT0S"),
-                                   sync_entry("b", lookback="P2D", source={"table": "t2"})]})
+    syncs = parse_syncs(
+        {"syncs": [sync_entry("a", lookback="PT0S"), sync_entry("b", lookback="P2D", source={"table": "t2"})]}
+    )
     assert [s.lookback for s in syncs] == [dt.timedelta(0), dt.timedelta(days=2)]
 
 
-@pytest.mark.parametrize("table", [
-    "users; drop table x",
-    "users --",
-    "users where 1=1",
-    "x'); drop table y; --",
-    '"users"; drop table x; "',
-    "main.users;",
-    "a.b.c.d",
-    "1users",
-    "",
-])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "users; drop table x",
+        "users --",
+        "users where 1=1",
+        "x'); drop table y; --",
+        '"users"; drop table x; "',
+        "main.users;",
+        "a.b.c.d",
+        "1users",
+        "",
+    ],
+)
 def test_table_names_that_are_not_plain_identifiers_are_refused(tmp_path, table):
     message = load_error(tmp_path, sync_entry("crm", source={"type": "duckdb", "table": table}))
     assert_names(message, "crm", "source.table", f"{table!r} is not a plain table name")
 
 
-@pytest.mark.parametrize("table", [
-    "braze_events", "main.braze_events", "warehouse.main.braze_events", '"My Schema"."My Table"',
-    'main."Events 2024"', "_private$table"])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "braze_events",
+        "main.braze_events",
+        "warehouse.main.braze_events",
+        '"My Schema"."My Table"',
+        'main."Events 2024"',
+        "_private$table",
+    ],
+)
 def test_plain_quoted_and_dotted_table_names_are_accepted(table):
     [sync] = parse_syncs({"syncs": [sync_entry(source={"type": "duckdb", "table": table})]})
     assert sync.source.table == table
@@ -194,23 +224,25 @@ def test_entry_without_name_is_numbered(tmp_path):
 
 
 def test_every_error_in_the_file_is_reported(tmp_path):
-    message = load_error(tmp_path,
-                         sync_entry("one", data_type="catalogs", source={"table": "t1"}),
-                         sync_entry("two", lookback="-P1D", source={"table": "t2"}))
+    message = load_error(
+        tmp_path,
+        sync_entry("one", data_type="catalogs", source={"table": "t1"}),
+        sync_entry("two", lookback="-P1D", source={"table": "t2"}),
+    )
     assert_names(message, "one", "data_type", "Input should be")
     assert_names(message, "two", "lookback", "lookback must not be negative")
 
 
 def test_duplicate_sync_names_are_refused(tmp_path):
-    message = load_error(tmp_path, sync_entry("orders", source={"table": "t1"}),
-                         sync_entry("orders", source={"table": "t2"}))
+    message = load_error(
+        tmp_path, sync_entry("orders", source={"table": "t1"}), sync_entry("orders", source={"table": "t2"})
+    )
     assert "sync name 'orders' is used twice" in message
 
 
 @pytest.mark.parametrize("second", ["main.events", "MAIN.Events"])
 def test_two_syncs_on_one_table_are_refused(tmp_path, second):
-    message = load_error(tmp_path, sync_entry("first"),
-                         sync_entry("second", source={"table": second}))
+    message = load_error(tmp_path, sync_entry("first"), sync_entry("second", source={"table": second}))
     assert "table 'main.events' feeds two syncs; CDI allows one sync per table" in message
 
 
@@ -219,12 +251,15 @@ def test_two_syncs_on_one_table_error_names_the_syncs(tmp_path):
     assert "first" in message and "second" in message
 
 
-@pytest.mark.parametrize("entry, field", [
-    (sync_entry("extra", colour="red"), "colour"),
-    (sync_entry("extra", schedule={"cron": "0 * * * *", "every": "hour"}), "schedule.every"),
-    (sync_entry("extra", source={"table": "t", "password": "x"}), "source.password"),
-    (sync_entry("extra", sensor={"enabled": True, "interval": 5}), "sensor.interval"),
-])
+@pytest.mark.parametrize(
+    "entry, field",
+    [
+        (sync_entry("extra", colour="red"), "colour"),
+        (sync_entry("extra", schedule={"cron": "0 * * * *", "every": "hour"}), "schedule.every"),
+        (sync_entry("extra", source={"table": "t", "password": "x"}), "source.password"),
+        (sync_entry("extra", sensor={"enabled": True, "interval": 5}), "sensor.interval"),
+    ],
+)
 def test_unknown_fields_are_refused(tmp_path, entry, field):
     message = load_error(tmp_path, entry)
     assert_names(message, "extra", field, "Extra inputs are not permitted")
@@ -246,11 +281,13 @@ def test_missing_file(tmp_path):
 
 def test_invalid_yaml(tmp_path):
     path = tmp_path / "syncs.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         syncs:
           - name: app_events
             data_type: [events
-    """))
+    """)
+    )
     with pytest.raises(ConfigError) as caught:
         load_syncs(path)
     assert str(caught.value).startswith(f"{path} is not valid YAML: ")

@@ -29,8 +29,7 @@ ROWS = 6000  # 80 requests of 75 events; 4 in flight at 100 ms each: about 2 s o
 
 
 def _events_project(tmp_path, emu) -> CliProject:
-    project = cli_project(tmp_path, emu, [sync_config("events", "events", "main.events",
-                                                      max_in_flight=4)])
+    project = cli_project(tmp_path, emu, [sync_config("events", "events", "main.events", max_in_flight=4)])
     project.harness.table("events", events_rows(ROWS, NOW - dt.timedelta(hours=1)))
     return project
 
@@ -40,8 +39,9 @@ def _wait_for_journal(project: CliProject, proc: subprocess.Popen, lines: int) -
     journal = project.journal("events")
     while not journal.exists() or len(journal.read_text().splitlines()) < lines:
         if proc.poll() is not None:
-            pytest.fail("the run ended before the kill: " + proc.stdout.read()[-2000:]
-                        + proc.stderr.read()[-3000:])
+            pytest.fail(
+                "the run ended before the kill: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-3000:]
+            )
         assert time.monotonic() < deadline, "the sync never got going"
         time.sleep(0.02)
 
@@ -49,8 +49,9 @@ def _wait_for_journal(project: CliProject, proc: subprocess.Popen, lines: int) -
 def _kill_mid_delivery(project: CliProject, launcher: str = "cli") -> tuple[int, str]:
     """Start `braze-assets run --sync events` (or the job from another script), kill -9 it
     mid-delivery; its pid and run id."""
-    proc = (project.start("run", "--sync", "events", "--json") if launcher == "cli"
-            else project.start_elsewhere())
+    proc = (
+        project.start("run", "--sync", "events", "--json") if launcher == "cli" else project.start_elsewhere()
+    )
     _wait_for_journal(project, proc, 100)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -82,8 +83,7 @@ def _assert_one_copy(project: CliProject, emu: BrazeEmulator) -> int:
 
 
 def test_kill_9_mid_run_then_the_next_cli_run_reclaims_the_pool_slot_and_finishes(tmp_path):
-    with BrazeEmulator(EmulatorConfig(api_key=API_KEY,
-                                      faults=FaultConfig(latency_ms=100))) as emu:
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=FaultConfig(latency_ms=100))) as emu:
         project = _events_project(tmp_path, emu)
         dead_pid, dead_run = _kill_mid_delivery(project)
 
@@ -92,8 +92,9 @@ def test_kill_9_mid_run_then_the_next_cli_run_reclaims_the_pool_slot_and_finishe
         except subprocess.TimeoutExpired:
             pytest.fail("the run after a kill -9 never finished (blocked on the dead run's slot)")
         output = rerun.stdout + rerun.stderr
-        assert f"reclaimed the pool slot and locks of dead run {dead_run} (pid {dead_pid} gone)" \
-            in output, output[-3000:]
+        assert f"reclaimed the pool slot and locks of dead run {dead_run} (pid {dead_pid} gone)" in output, (
+            output[-3000:]
+        )
         _assert_reclaimed(project, dead_run)
         [summary] = summaries(rerun)
         held = _assert_one_copy(project, emu)
@@ -104,50 +105,52 @@ def test_kill_9_mid_run_then_the_next_cli_run_reclaims_the_pool_slot_and_finishe
         assert dead_run in summary["reclaimed"][0]
 
 
-@pytest.mark.parametrize("launcher,dead", [("schedule", "cli"), ("sensor", "script"),
-                                           ("reclaim_dead_runs", "cli")])
-def test_a_dead_runs_slot_is_reclaimed_before_a_schedule_or_sensor_requests_a_run(
-        tmp_path, launcher, dead):
+@pytest.mark.parametrize(
+    "launcher,dead", [("schedule", "cli"), ("sensor", "script"), ("reclaim_dead_runs", "cli")]
+)
+def test_a_dead_runs_slot_is_reclaimed_before_a_schedule_or_sensor_requests_a_run(tmp_path, launcher, dead):
     """The dead run was executed by `braze-assets run` (its pid in its tags) or by a script (its
     pid in Dagster's engine events, as for runs dagster dev launches)."""
-    with BrazeEmulator(EmulatorConfig(api_key=API_KEY,
-                                      faults=FaultConfig(latency_ms=100))) as emu:
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=FaultConfig(latency_ms=100))) as emu:
         project = _events_project(tmp_path, emu)
         dead_pid, dead_run = _kill_mid_delivery(project, dead)
         defs = project.harness.definitions()
         with project.instance() as instance:
             if launcher == "schedule":
-                with dg.build_schedule_context(instance=instance,
-                                               resources=project.harness.resources()) as context:
+                with dg.build_schedule_context(
+                    instance=instance, resources=project.harness.resources()
+                ) as context:
                     result = defs.resolve_schedule_def("events_schedule").evaluate_tick(context)
             elif launcher == "reclaim_dead_runs":  # the always-on sensor: Materialize, backfills
                 with dg.build_sensor_context(instance=instance) as context:
                     result = defs.resolve_sensor_def("reclaim_dead_runs").evaluate_tick(context)
                 assert f"reclaimed the pool slot and locks of dead run {dead_run}" in (
-                    result.skip_message or "")
+                    result.skip_message or ""
+                )
                 assert not result.run_requests  # it launches nothing itself
             else:
-                with dg.build_sensor_context(instance=instance,
-                                             resources=project.harness.resources()) as context:
+                with dg.build_sensor_context(
+                    instance=instance, resources=project.harness.resources()
+                ) as context:
                     result = defs.resolve_sensor_def("events_sensor").evaluate_tick(context)
             if launcher != "reclaim_dead_runs":
                 assert len(result.run_requests) == 1, result.skip_message
-            messages = [e.message for e in instance.all_logs(
-                dead_run, of_type=dg.DagsterEventType.RUN_FAILURE)]
+            messages = [
+                e.message for e in instance.all_logs(dead_run, of_type=dg.DagsterEventType.RUN_FAILURE)
+            ]
         assert any(f"pid {dead_pid}" in m for m in messages), messages
         _assert_reclaimed(project, dead_run)
 
 
 @pytest.mark.parametrize("holder", ["cli", "script"])
 def test_a_live_run_makes_the_cli_say_busy_instead_of_waiting_on_the_pool(tmp_path, holder):
-    with BrazeEmulator(EmulatorConfig(api_key=API_KEY,
-                                      faults=FaultConfig(latency_ms=600))) as emu:
-        project = cli_project(tmp_path, emu, [sync_config("events", "events", "main.events",
-                                                          max_in_flight=1)])
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=FaultConfig(latency_ms=600))) as emu:
+        project = cli_project(
+            tmp_path, emu, [sync_config("events", "events", "main.events", max_in_flight=1)]
+        )
         project.harness.table("events", events_rows(ROWS, NOW - dt.timedelta(hours=1)))
         # one request at a time: about 50 s of delivery (killed once the second run returns)
-        first = (project.start("run", "--sync", "events") if holder == "cli"
-                 else project.start_elsewhere())
+        first = project.start("run", "--sync", "events") if holder == "cli" else project.start_elsewhere()
         try:
             _wait_for_journal(project, first, 4)
             second = project.run("run", "--sync", "events", "--json", timeout=60)
@@ -214,14 +217,21 @@ def test_first_runs_started_together_initialise_the_local_storage_once(tmp_path)
     home, go = tmp_path / "home", tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "DAGSTER_"))}
     env["PYTHONPATH"] = str(ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", INIT_SCRIPT, str(home), str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", INIT_SCRIPT, str(home), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready", proc.communicate()[1][-3000:]
     go.touch()
     results = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, results):
+    for proc, (out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0 and out.strip() == "ok", err[-3000:]
     dagster_home = home / "dagster_home"
     for db in (dagster_home / "history" / "runs.db", dagster_home / "schedules" / "schedules.db"):
@@ -231,20 +241,17 @@ def test_first_runs_started_together_initialise_the_local_storage_once(tmp_path)
 def test_concurrent_first_cli_runs_of_different_syncs_all_succeed(tmp_path):
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY)) as emu:
         names = ["s0", "s1", "s2"]
-        project = cli_project(tmp_path, emu, [sync_config(n, "events", f"main.{n}")
-                                              for n in names])
+        project = cli_project(tmp_path, emu, [sync_config(n, "events", f"main.{n}") for n in names])
         for i, name in enumerate(names):
-            project.harness.table(name, events_rows(5, NOW - dt.timedelta(hours=1),
-                                                    start=i * 5))
+            project.harness.table(name, events_rows(5, NOW - dt.timedelta(hours=1), start=i * 5))
         procs = [project.start("run", "--sync", name, "--json") for name in names]
         results = [p.communicate(timeout=180) for p in procs]
-        for proc, (out, err) in zip(procs, results):
+        for proc, (out, err) in zip(procs, results, strict=True):
             assert proc.returncode == 0, out[-2000:] + err[-3000:]
         assert len(emu.store.events()) == 15
         again = project.run("run", "--json")
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
         assert [s["status"] for s in summaries(again)] == ["success"] * 3
         dagster_home = project.dagster_home
-        for db in (dagster_home / "history" / "runs.db",
-                   dagster_home / "schedules" / "schedules.db"):
+        for db in (dagster_home / "history" / "runs.db", dagster_home / "schedules" / "schedules.db"):
             assert len(_heads(db)) == 1

@@ -25,18 +25,21 @@ import pytest
 
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delta import (
-    DeltaManifest, DeltaWriter, batch_hashes, compute_delta, row_hash,
+    DeltaManifest,
+    DeltaWriter,
+    batch_hashes,
+    compute_delta,
+    row_hash,
 )
 from braze_assets.sources import DuckDBSource
 from braze_assets.state import StateStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 NOW = T0 + dt.timedelta(days=1)
-COLUMNS = ("UPDATED_AT", "EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE",
-           "PAYLOAD")
+COLUMNS = ("UPDATED_AT", "EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE", "PAYLOAD")
 ALL_KINDS = "EXTERNAL_ID, ALIAS_NAME+ALIAS_LABEL, BRAZE_ID, EMAIL, PHONE"
 MB = 1024 * 1024
 
@@ -48,8 +51,9 @@ LABEL_NO_NAME = "ALIAS_LABEL is set but ALIAS_NAME is empty (a user alias needs 
 ID_IN_PAYLOAD = "PAYLOAD contains identifier keys (identifiers belong in their own columns): "
 NULL_UPDATED_AT = "UPDATED_AT is null"
 NO_EVENT_NAME = "event PAYLOAD has no 'name' (a non-empty string)"
-DELETE_BY = ("deletions rows cannot use EMAIL or PHONE (Braze deletes by EXTERNAL_ID, alias or "
-             "BRAZE_ID only): ")
+DELETE_BY = (
+    "deletions rows cannot use EMAIL or PHONE (Braze deletes by EXTERNAL_ID, alias or BRAZE_ID only): "
+)
 TOO_LONG = "EXTERNAL_ID is longer than 987 bytes (EXTERNAL_USER_ID_TOO_LARGE): 988 bytes"
 QUANTITY = "purchase 'quantity' must be a whole number from 1 to 100: got "
 
@@ -106,8 +110,16 @@ def row(payload: Any = None, updated_at: dt.datetime | None = T0, **ids: str) ->
     return values
 
 
-def sync(warehouse, out: Path, data_type: str, rows: list[dict[str, Any]], *, full: bool,
-         update_existing_only: bool = False, updated_at_type: str = "TIMESTAMP") -> Synced:
+def sync(
+    warehouse,
+    out: Path,
+    data_type: str,
+    rows: list[dict[str, Any]],
+    *,
+    full: bool,
+    update_existing_only: bool = False,
+    updated_at_type: str = "TIMESTAMP",
+) -> Synced:
     """Load `rows` into a fresh DuckDB table, read them back with `DuckDBSource` and validate them.
 
     `full` runs `compute_delta` (ledger, window scan with null UPDATED_AT, future rows); otherwise
@@ -119,21 +131,35 @@ def sync(warehouse, out: Path, data_type: str, rows: list[dict[str, Any]], *, fu
     columns = [c for c in COLUMNS if c != "PAYLOAD" or spec.has_payload]
     ddl = ", ".join(f"{c} {updated_at_type if c == 'UPDATED_AT' else 'VARCHAR'}" for c in columns)
     con.execute(f"CREATE TABLE {table} ({ddl})")
-    con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
-                    [[r[c] for c in columns] for r in rows])
+    con.executemany(
+        f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
+        [[r[c] for c in columns] for r in rows],
+    )
     # As Dagster's DuckDBResource does: the source borrows connections from a factory.
     source = DuckDBSource(path, table, connect=lambda: contextlib.closing(con.cursor()))
     out.mkdir(parents=True)
     manifest = DeltaManifest(
-        sync="case", data_type=data_type, run_id="run-1", window_start=None,
-        window_end=NOW.isoformat(), reaches_now=True,
-        valid_path=str(out / "valid.parquet"), rejected_path=str(out / "rejected.parquet"),
+        sync="case",
+        data_type=data_type,
+        run_id="run-1",
+        window_start=None,
+        window_end=NOW.isoformat(),
+        reaches_now=True,
+        valid_path=str(out / "valid.parquet"),
+        rejected_path=str(out / "rejected.parquet"),
     )
     if full:
-        compute_delta(source=source, spec=spec, store=StateStore(out / "state", "case"),
-                      manifest=manifest, window_start=None, window_end=NOW, now=NOW,
-                      partitions_start=T0 - dt.timedelta(days=30),
-                      update_existing_only=update_existing_only)
+        compute_delta(
+            source=source,
+            spec=spec,
+            store=StateStore(out / "state", "case"),
+            manifest=manifest,
+            window_start=None,
+            window_end=NOW,
+            now=NOW,
+            partitions_start=T0 - dt.timedelta(days=30),
+            update_existing_only=update_existing_only,
+        )
     else:
         columns = source.check_shape(spec)
         hashed = [c for c in columns if c != "PAYLOAD" or spec.has_payload]
@@ -158,23 +184,27 @@ def sync(warehouse, out: Path, data_type: str, rows: list[dict[str, Any]], *, fu
 @pytest.fixture
 def run(warehouse):
     """Single rows through DuckDB + DeltaWriter."""
+
     def _run(data_type: str, *rows: dict[str, Any], **kwargs: Any) -> Synced:
         out = warehouse[0].parent / f"out_{next(_tables)}"
         return sync(warehouse, out, data_type, list(rows), full=False, **kwargs)
+
     return _run
 
 
 @pytest.fixture
 def run_full(warehouse):
     """Rows through DuckDB + `compute_delta` (the asset's whole delta path)."""
+
     def _run(data_type: str, *rows: dict[str, Any], **kwargs: Any) -> Synced:
         out = warehouse[0].parent / f"out_{next(_tables)}"
         return sync(warehouse, out, data_type, list(rows), full=True, **kwargs)
+
     return _run
 
 
 # ----------------------------------------------------------------------------- PAYLOAD shape [A2.1]
-@pytest.mark.parametrize("raw", ['{bad', '{"a": 1', ""])
+@pytest.mark.parametrize("raw", ["{bad", '{"a": 1', ""])
 def test_malformed_payload_json_is_rejected(run, raw):
     reasons = run("attributes", row(raw, external_id="user-1")).only_reasons()
     assert reasons.startswith("PAYLOAD is not valid JSON: ")
@@ -182,8 +212,10 @@ def test_malformed_payload_json_is_rejected(run, raw):
     assert explanation and ";" not in explanation  # the parser's reason, and no other reason
 
 
-@pytest.mark.parametrize("data_type, raw, kind", [
-    ("attributes", "[1, 2]", "list"), ("events", '"text"', "str"), ("purchases", "42", "int")])
+@pytest.mark.parametrize(
+    "data_type, raw, kind",
+    [("attributes", "[1, 2]", "list"), ("events", '"text"', "str"), ("purchases", "42", "int")],
+)
 def test_payload_that_is_not_an_object_is_rejected(run, data_type, raw, kind):
     reasons = run(data_type, row(raw, external_id="user-1")).only_reasons()
     assert reasons == f"PAYLOAD must be a JSON object: got {kind}"
@@ -227,15 +259,19 @@ def test_blank_identifiers_count_as_missing(run):
 
 def test_deletion_row_without_identifier_lists_only_delete_identifiers(run):
     reasons = run("deletions", row()).only_reasons()
-    assert reasons == ("row has no identifier (set exactly one of EXTERNAL_ID, "
-                       "ALIAS_NAME+ALIAS_LABEL, BRAZE_ID)")
+    assert reasons == (
+        "row has no identifier (set exactly one of EXTERNAL_ID, ALIAS_NAME+ALIAS_LABEL, BRAZE_ID)"
+    )
 
 
-@pytest.mark.parametrize("ids, listed", [
-    ({"external_id": "user-1", "email": "jane@example.com"}, "EXTERNAL_ID, EMAIL"),
-    ({"external_id": "user-1", "alias_name": "a-1", "alias_label": "crm"}, "EXTERNAL_ID, ALIAS"),
-    ({"braze_id": "5f0c1b2a", "phone": "+14155550123"}, "BRAZE_ID, PHONE"),
-])
+@pytest.mark.parametrize(
+    "ids, listed",
+    [
+        ({"external_id": "user-1", "email": "jane@example.com"}, "EXTERNAL_ID, EMAIL"),
+        ({"external_id": "user-1", "alias_name": "a-1", "alias_label": "crm"}, "EXTERNAL_ID, ALIAS"),
+        ({"braze_id": "5f0c1b2a", "phone": "+14155550123"}, "BRAZE_ID, PHONE"),
+    ],
+)
 def test_two_identifier_types_in_one_row_are_rejected(run, ids, listed):
     reasons = run("attributes", row({"plan": "gold"}, **ids)).only_reasons()
     assert reasons == SEVERAL + listed
@@ -295,11 +331,11 @@ def test_an_array_counts_as_one_attribute(run):
 
 
 # ----------------------------------------------------------------------------- identifiers in PAYLOAD
-@pytest.mark.parametrize("data_type, base", [
-    ("attributes", {"plan": "gold"}), ("events", EVENT), ("purchases", PURCHASE)])
+@pytest.mark.parametrize(
+    "data_type, base", [("attributes", {"plan": "gold"}), ("events", EVENT), ("purchases", PURCHASE)]
+)
 def test_external_id_inside_payload_is_always_rejected(run, data_type, base):
-    reasons = run(data_type, row({**base, "external_id": "other"},
-                                 external_id="user-1")).only_reasons()
+    reasons = run(data_type, row({**base, "external_id": "other"}, external_id="user-1")).only_reasons()
     assert reasons == ID_IN_PAYLOAD + "external_id"
 
 
@@ -313,33 +349,35 @@ def test_email_in_payload_is_an_attribute_next_to_external_id(run):
     # B1.3: with a primary identifier, email/phone are plain attributes set on the profile.
     payload = {"email": "jane@example.com", "phone": "+14155550123", "plan": "gold"}
     obj = run("attributes", row(payload, external_id="user-1")).only_object()
-    assert obj == {"external_id": "user-1", "email": "jane@example.com",
-                   "phone": "+14155550123", "plan": "gold", "_update_existing_only": False}
+    assert obj == {
+        "external_id": "user-1",
+        "email": "jane@example.com",
+        "phone": "+14155550123",
+        "plan": "gold",
+        "_update_existing_only": False,
+    }
 
 
 def test_email_in_payload_of_an_email_identified_row_is_rejected(run):
-    reasons = run("attributes", row({"email": "other@example.com"},
-                                    email="jane@example.com")).only_reasons()
+    reasons = run("attributes", row({"email": "other@example.com"}, email="jane@example.com")).only_reasons()
     assert reasons == ID_IN_PAYLOAD + "email"
 
 
-@pytest.mark.parametrize("data_type, base, key", [
-    ("events", EVENT, "email"), ("purchases", PURCHASE, "phone")])
+@pytest.mark.parametrize(
+    "data_type, base, key", [("events", EVENT, "email"), ("purchases", PURCHASE, "phone")]
+)
 def test_email_or_phone_in_event_or_purchase_payload_is_rejected(run, data_type, base, key):
-    reasons = run(data_type, row({**base, key: "jane@example.com"},
-                                 external_id="user-1")).only_reasons()
+    reasons = run(data_type, row({**base, key: "jane@example.com"}, external_id="user-1")).only_reasons()
     assert reasons == ID_IN_PAYLOAD + key
 
 
 # ----------------------------------------------------------------------------- events [A2.2][B1.1]
-@pytest.mark.parametrize("payload", [
-    {"properties": {"screen": "home"}}, {"name": "   "}, {"name": 7}])
+@pytest.mark.parametrize("payload", [{"properties": {"screen": "home"}}, {"name": "   "}, {"name": 7}])
 def test_event_without_a_name_is_rejected(run, payload):
     assert run("events", row(payload, external_id="user-1")).only_reasons() == NO_EVENT_NAME
 
 
-@pytest.mark.parametrize("time, shown", [("yesterday", "'yes***'"),
-                                         ("2024-13-45T00:00:00Z", "'202***'")])
+@pytest.mark.parametrize("time, shown", [("yesterday", "'yes***'"), ("2024-13-45T00:00:00Z", "'202***'")])
 def test_event_with_unparseable_time_is_rejected(run, time, shown):
     """The value is quoted masked, like an identifier: a wrong field may hold an email."""
     reasons = run("events", row({**EVENT, "time": time}, external_id="user-1")).only_reasons()
@@ -351,11 +389,14 @@ def test_event_time_that_is_not_a_string_is_rejected(run):
     assert reasons == "event 'time' is not ISO 8601: a number (***00)"
 
 
-@pytest.mark.parametrize("time", [
-    "2024-05-01T12:00:00:000Z",  # Braze's yyyy-MM-dd'T'HH:mm:ss:SSSZ [EVT]
-    "2024-05-01T12:00:00:123+0200",
-    "2024-05-01T12:00:00.250+02:00",
-])
+@pytest.mark.parametrize(
+    "time",
+    [
+        "2024-05-01T12:00:00:000Z",  # Braze's yyyy-MM-dd'T'HH:mm:ss:SSSZ [EVT]
+        "2024-05-01T12:00:00:123+0200",
+        "2024-05-01T12:00:00.250+02:00",
+    ],
+)
 def test_event_time_in_braze_or_iso_format_is_accepted_and_kept(run, time):
     obj = run("events", row({**EVENT, "time": time}, external_id="user-1")).only_object()
     assert obj["time"] == time
@@ -388,8 +429,7 @@ def test_purchase_missing_every_required_key_names_them_all(run):
 
 @pytest.mark.parametrize("currency", ["XYZ", "US$", "usd"])
 def test_currency_that_is_not_iso_4217_is_rejected(run, currency):
-    reasons = run("purchases", row({**PURCHASE, "currency": currency},
-                                   external_id="user-1")).only_reasons()
+    reasons = run("purchases", row({**PURCHASE, "currency": currency}, external_id="user-1")).only_reasons()
     assert reasons == "purchase 'currency' is not an ISO 4217 currency code: '***'"
 
 
@@ -399,11 +439,9 @@ def test_iso_4217_currencies_are_accepted(run, currency):
     assert obj["currency"] == currency
 
 
-@pytest.mark.parametrize("quantity, shown", [(0, "0"), (101, "101"), (2.5, "2.5"),
-                                             (True, "true")])
+@pytest.mark.parametrize("quantity, shown", [(0, "0"), (101, "101"), (2.5, "2.5"), (True, "true")])
 def test_purchase_quantity_outside_1_to_100_is_rejected(run, quantity, shown):
-    reasons = run("purchases", row({**PURCHASE, "quantity": quantity},
-                                   external_id="user-1")).only_reasons()
+    reasons = run("purchases", row({**PURCHASE, "quantity": quantity}, external_id="user-1")).only_reasons()
     assert reasons == QUANTITY + shown
 
 
@@ -413,8 +451,9 @@ def test_purchase_quantity_1_and_100_are_accepted(run, quantity):
     assert obj["quantity"] == quantity
 
 
-@pytest.mark.parametrize("price, shown", [("12.5", "'***'"), (True, "true"),
-                                          ({"amount": 12.5}, "a JSON object")])
+@pytest.mark.parametrize(
+    "price, shown", [("12.5", "'***'"), (True, "true"), ({"amount": 12.5}, "a JSON object")]
+)
 def test_non_numeric_price_is_rejected(run, price, shown):
     reasons = run("purchases", row({**PURCHASE, "price": price}, external_id="user-1")).only_reasons()
     assert reasons == f"purchase 'price' must be a number: got {shown}"
@@ -432,8 +471,10 @@ def test_purchase_with_unparseable_time_is_rejected(run):
 
 
 # ----------------------------------------------------------------------------- UPDATED_AT, deletions
-@pytest.mark.parametrize("data_type, payload", [
-    ("attributes", {"plan": "gold"}), ("events", EVENT), ("purchases", PURCHASE), ("deletions", None)])
+@pytest.mark.parametrize(
+    "data_type, payload",
+    [("attributes", {"plan": "gold"}), ("events", EVENT), ("purchases", PURCHASE), ("deletions", None)],
+)
 def test_null_updated_at_is_rejected(run_full, data_type, payload):
     synced = run_full(data_type, row(payload, updated_at=None, external_id="user-1"))
     assert synced.only_reasons() == NULL_UPDATED_AT
@@ -449,22 +490,27 @@ def test_email_or_phone_in_a_deletion_row_is_rejected(run, column, value):
 # ----------------------------------------------------------------------------- several problems
 def test_a_row_with_several_problems_gets_every_reason(run):
     synced = run("attributes", row("[1, 2]", updated_at=None))
-    assert_reasons(synced.only_reasons(),
-                   [NULL_UPDATED_AT, NO_ID, "PAYLOAD must be a JSON object: got list"])
+    assert_reasons(synced.only_reasons(), [NULL_UPDATED_AT, NO_ID, "PAYLOAD must be a JSON object: got list"])
     assert synced.manifest.rejected_reasons == {
-        NULL_UPDATED_AT: 1, NO_ID: 1, "PAYLOAD must be a JSON object": 1}
+        NULL_UPDATED_AT: 1,
+        NO_ID: 1,
+        "PAYLOAD must be a JSON object": 1,
+    }
 
 
 def test_identifier_size_alias_and_payload_problems_are_all_reported(run):
     payload = {**_attributes(251), "external_id": "other"}
     synced = run("attributes", row(payload, external_id="x" * 988, alias_name="a-1"))
-    assert_reasons(synced.only_reasons(), [
-        SEVERAL + "EXTERNAL_ID, ALIAS",
-        NAME_NO_LABEL,
-        TOO_LONG,
-        ID_IN_PAYLOAD + "external_id",
-        "PAYLOAD has more than 250 attributes: 252",  # every top-level key counts
-    ])
+    assert_reasons(
+        synced.only_reasons(),
+        [
+            SEVERAL + "EXTERNAL_ID, ALIAS",
+            NAME_NO_LABEL,
+            TOO_LONG,
+            ID_IN_PAYLOAD + "external_id",
+            "PAYLOAD has more than 250 attributes: 252",  # every top-level key counts
+        ],
+    )
     counted = synced.manifest.rejected_reasons
     assert counted["PAYLOAD has more than 250 attributes"] == 1
     assert counted["EXTERNAL_ID is longer than 987 bytes (EXTERNAL_USER_ID_TOO_LARGE)"] == 1
@@ -477,14 +523,19 @@ def test_a_purchase_with_several_field_problems_gets_every_reason(run):
 
 
 # ----------------------------------------------------------------------------- Braze objects
-@pytest.mark.parametrize("ids, fields", [
-    ({"external_id": "user-1"}, {"external_id": "user-1"}),
-    ({"alias_name": "a-1", "alias_label": "crm"},
-     {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}}),
-    ({"braze_id": "5f0c1b2a9d"}, {"braze_id": "5f0c1b2a9d"}),
-    ({"email": "jane@example.com"}, {"email": "jane@example.com"}),
-    ({"phone": "+14155550123"}, {"phone": "+14155550123"}),
-])
+@pytest.mark.parametrize(
+    "ids, fields",
+    [
+        ({"external_id": "user-1"}, {"external_id": "user-1"}),
+        (
+            {"alias_name": "a-1", "alias_label": "crm"},
+            {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}},
+        ),
+        ({"braze_id": "5f0c1b2a9d"}, {"braze_id": "5f0c1b2a9d"}),
+        ({"email": "jane@example.com"}, {"email": "jane@example.com"}),
+        ({"phone": "+14155550123"}, {"phone": "+14155550123"}),
+    ],
+)
 def test_attributes_object_carries_the_row_identifier(run, ids, fields):
     payload = {"plan": "gold", "score": {"inc": 2}, "dob": None}
     obj = run("attributes", row(payload, **ids)).only_object()
@@ -493,38 +544,55 @@ def test_attributes_object_carries_the_row_identifier(run, ids, fields):
 
 
 def test_attributes_object_follows_the_update_existing_only_toggle(run):
-    obj = run("attributes", row({"plan": "gold"}, alias_name="a-1", alias_label="crm"),
-              update_existing_only=True).only_object()
-    assert obj == {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}, "plan": "gold",
-                   "_update_existing_only": True}
+    obj = run(
+        "attributes", row({"plan": "gold"}, alias_name="a-1", alias_label="crm"), update_existing_only=True
+    ).only_object()
+    assert obj == {
+        "user_alias": {"alias_name": "a-1", "alias_label": "crm"},
+        "plan": "gold",
+        "_update_existing_only": True,
+    }
 
 
 def test_event_time_defaults_to_updated_at_in_utc_z_form(run_full):
     updated = dt.datetime(2024, 5, 1, 12, 34, 56, 789_123, tzinfo=UTC)
-    obj = run_full("events", row({**EVENT, "properties": {"screen": "home"}}, updated_at=updated,
-                            external_id="user-1")).only_object()
-    assert obj == {"external_id": "user-1", "name": "app_open", "properties": {"screen": "home"},
-                   "time": "2024-05-01T12:34:56.789Z"}
+    obj = run_full(
+        "events", row({**EVENT, "properties": {"screen": "home"}}, updated_at=updated, external_id="user-1")
+    ).only_object()
+    assert obj == {
+        "external_id": "user-1",
+        "name": "app_open",
+        "properties": {"screen": "home"},
+        "time": "2024-05-01T12:34:56.789Z",
+    }
 
 
 def test_event_time_from_a_timestamptz_column_is_converted_to_utc(run_full):
     updated = dt.datetime(2024, 5, 1, 14, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-    obj = run_full("events", row(EVENT, updated_at=updated, external_id="user-1"),
-              updated_at_type="TIMESTAMPTZ").only_object()
+    obj = run_full(
+        "events", row(EVENT, updated_at=updated, external_id="user-1"), updated_at_type="TIMESTAMPTZ"
+    ).only_object()
     assert obj["time"] == "2024-05-01T12:00:00.000Z"
 
 
 def test_event_object_with_update_existing_only(run):
     obj = run("events", row(EVENT, external_id="user-1"), update_existing_only=True).only_object()
-    assert obj == {"external_id": "user-1", "name": "app_open", "time": "2024-05-01T12:00:00.000Z",
-                   "_update_existing_only": True}
+    assert obj == {
+        "external_id": "user-1",
+        "name": "app_open",
+        "time": "2024-05-01T12:00:00.000Z",
+        "_update_existing_only": True,
+    }
 
 
 def test_purchase_object(run_full):
     payload = {**PURCHASE, "quantity": 2, "properties": {"size": "M"}}
     obj = run_full("purchases", row(payload, alias_name="a-1", alias_label="crm")).only_object()
-    assert obj == {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}, **payload,
-                   "time": "2024-05-01T12:00:00.000Z"}
+    assert obj == {
+        "user_alias": {"alias_name": "a-1", "alias_label": "crm"},
+        **payload,
+        "time": "2024-05-01T12:00:00.000Z",
+    }
 
 
 def test_purchase_object_keeps_its_own_time(run):
@@ -533,12 +601,17 @@ def test_purchase_object_keeps_its_own_time(run):
     assert obj == {"braze_id": "5f0c1b2a9d", **payload}
 
 
-@pytest.mark.parametrize("ids, expected", [
-    ({"external_id": "user-1"}, ["external_ids", "user-1"]),
-    ({"alias_name": "a-1", "alias_label": "crm"},
-     ["user_aliases", {"alias_name": "a-1", "alias_label": "crm"}]),
-    ({"braze_id": "5f0c1b2a9d"}, ["braze_ids", "5f0c1b2a9d"]),
-])
+@pytest.mark.parametrize(
+    "ids, expected",
+    [
+        ({"external_id": "user-1"}, ["external_ids", "user-1"]),
+        (
+            {"alias_name": "a-1", "alias_label": "crm"},
+            ["user_aliases", {"alias_name": "a-1", "alias_label": "crm"}],
+        ),
+        ({"braze_id": "5f0c1b2a9d"}, ["braze_ids", "5f0c1b2a9d"]),
+    ],
+)
 def test_deletion_object_is_key_and_id(run_full, ids, expected):
     synced = run_full("deletions", row(**ids))
     assert synced.only_object() == expected
@@ -553,18 +626,21 @@ def test_attribute_data_points_count_attributes_only(run):
 
 # ----------------------------------------------------------------------------- one bad row, nothing lost
 def test_bad_rows_do_not_affect_the_rest_of_the_batch(run_full):
-    good = [row({"plan": f"p{i}"}, updated_at=T0 + dt.timedelta(minutes=i), external_id=f"user-{i}")
-            for i in range(12)]
+    good = [
+        row({"plan": f"p{i}"}, updated_at=T0 + dt.timedelta(minutes=i), external_id=f"user-{i}")
+        for i in range(12)
+    ]
     bad = {  # minute offset (key) -> (row, expected reasons)
         100: (row("{bad", external_id="bad-json"), None),
         101: (row("[1]", external_id="not-object"), "PAYLOAD must be a JSON object: got list"),
         102: (row({"plan": "x"}), NO_ID),
-        103: (row({"plan": "x"}, external_id="u", email="jane.doe@example.com"),
-              SEVERAL + "EXTERNAL_ID, EMAIL"),
+        103: (
+            row({"plan": "x"}, external_id="u", email="jane.doe@example.com"),
+            SEVERAL + "EXTERNAL_ID, EMAIL",
+        ),
         104: (row({"plan": "x"}, alias_name="only-name"), NAME_NO_LABEL),
         105: (row({"plan": "x"}, external_id="y" * 988), TOO_LONG),
-        106: (row(_attributes(251), external_id="too-wide"),
-              "PAYLOAD has more than 250 attributes: 251"),
+        106: (row(_attributes(251), external_id="too-wide"), "PAYLOAD has more than 250 attributes: 251"),
         107: (row({"external_id": "x"}, external_id="id-in-payload"), ID_IN_PAYLOAD + "external_id"),
     }
     rows = []
@@ -581,11 +657,12 @@ def test_bad_rows_do_not_affect_the_rest_of_the_batch(run_full):
     assert synced.manifest.valid == 12 and synced.manifest.rejected == len(bad) + 1
     valid = sorted(synced.valid, key=lambda v: v["updated_at"])  # scan order is not promised
     assert [v["object"] for v in valid] == [
-        {"external_id": f"user-{i}", "plan": f"p{i}", "_update_existing_only": False}
-        for i in range(12)]
+        {"external_id": f"user-{i}", "plan": f"p{i}", "_update_existing_only": False} for i in range(12)
+    ]
     by_minute = {
         None if r["updated_at"] is None else int((r["updated_at"] - T0).total_seconds() // 60): r
-        for r in synced.rejected}
+        for r in synced.rejected
+    }
     assert by_minute[None]["reasons"] == NULL_UPDATED_AT
     assert by_minute[100]["reasons"].startswith("PAYLOAD is not valid JSON: ")
     for minute, (_, expected) in bad.items():
@@ -613,14 +690,14 @@ def test_bad_deletion_rows_do_not_affect_the_rest(run_full):
         ["user_aliases", {"alias_name": "a-1", "alias_label": "crm"}],
         ["braze_ids", "5f0c1b2a9d"],
     ]
-    assert sorted(r["reasons"] for r in synced.rejected) == [DELETE_BY + "EMAIL",
-                                                                DELETE_BY + "PHONE"]
+    assert sorted(r["reasons"] for r in synced.rejected) == [DELETE_BY + "EMAIL", DELETE_BY + "PHONE"]
 
 
 def test_email_and_phone_together_identify_by_email(run):
     """[A2.1] a row with both EMAIL and PHONE is identified by email; phone rides along [B1.3]."""
-    obj = run("attributes", row({"plan": "gold"}, email="jane@example.com",
-                                phone="+14155550123")).only_object()
+    obj = run(
+        "attributes", row({"plan": "gold"}, email="jane@example.com", phone="+14155550123")
+    ).only_object()
     assert obj["email"] == "jane@example.com" and obj["phone"] == "+14155550123"
     assert "external_id" not in obj
 
@@ -637,15 +714,19 @@ def test_batch_hashes_equal_row_hashes_for_every_column_type():
     """The column-wise hash is the row hash: typed identifiers, typed JSON, nulls, file lines."""
     import pyarrow as pa
 
-    table = pa.table({
-        "UPDATED_AT": pa.array([T0, T0.replace(microsecond=120), None], pa.timestamp("us", tz="UTC")),
-        "EXTERNAL_ID": pa.array([12345, None, 7], pa.int64()),
-        "EMAIL": pa.array(["a@b.co", "", None]),
-        "PAYLOAD": pa.array([{"b": 1.5, "a": True}, None, {"b": None, "a": False}],
-                            pa.struct([("b", pa.float64()), ("a", pa.bool_())])),
-        "_FILE": ["f.jsonl"] * 3,
-        "_LINE": pa.array([1, 2, 3], pa.int32()),
-    })
+    table = pa.table(
+        {
+            "UPDATED_AT": pa.array([T0, T0.replace(microsecond=120), None], pa.timestamp("us", tz="UTC")),
+            "EXTERNAL_ID": pa.array([12345, None, 7], pa.int64()),
+            "EMAIL": pa.array(["a@b.co", "", None]),
+            "PAYLOAD": pa.array(
+                [{"b": 1.5, "a": True}, None, {"b": None, "a": False}],
+                pa.struct([("b", pa.float64()), ("a", pa.bool_())]),
+            ),
+            "_FILE": ["f.jsonl"] * 3,
+            "_LINE": pa.array([1, 2, 3], pa.int32()),
+        }
+    )
     columns = table.schema.names
     assert batch_hashes(table, columns) == [row_hash(r, columns) for r in table.to_pylist()]
 
@@ -654,7 +735,16 @@ def test_braze_times_are_utc_milliseconds_truncated():
     import pyarrow as pa
 
     from braze_assets.datatypes import braze_times
-    stamps = [T0.replace(microsecond=123999), T0, dt.datetime(1999, 12, 31, 23, 59, 59, 999999,
-                                                             tzinfo=UTC), None]
+
+    stamps = [
+        T0.replace(microsecond=123999),
+        T0,
+        dt.datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        None,
+    ]
     assert braze_times(pa.array(stamps, pa.timestamp("us", tz="UTC"))) == [
-        "2024-05-01T12:00:00.123Z", "2024-05-01T12:00:00.000Z", "1999-12-31T23:59:59.999Z", None]
+        "2024-05-01T12:00:00.123Z",
+        "2024-05-01T12:00:00.000Z",
+        "1999-12-31T23:59:59.999Z",
+        None,
+    ]

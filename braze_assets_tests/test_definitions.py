@@ -13,7 +13,7 @@ from braze_assets.automation import incremental_range
 from braze_assets.sources.factory import make_source
 from braze_assets_tests.conftest import cdi_row, events_rows, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
@@ -22,8 +22,8 @@ def test_shipped_definitions_load_and_resolve_everything(monkeypatch, tmp_path):
     monkeypatch.setenv("BRAZE_ASSETS_HOME", str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        from braze_assets.definitions import build_definitions
         from braze_assets.config import load_syncs
+        from braze_assets.definitions import build_definitions
 
         defs = build_definitions(load_syncs())
         repo = defs.get_repository_def()
@@ -32,7 +32,9 @@ def test_shipped_definitions_load_and_resolve_everything(monkeypatch, tmp_path):
     for name in names:
         job = repo.get_job(f"{name}_job")
         assert {str(k.path[-1]) for k in job.asset_layer.executable_asset_keys} == {
-            f"{name}_delta", f"{name}_sync_results"}
+            f"{name}_delta",
+            f"{name}_sync_results",
+        }
         assert repo.get_schedule_def(f"{name}_schedule").execution_timezone
         assert repo.get_sensor_def(f"{name}_sensor").job_name == f"{name}_job"
     check_names = {key.name for key in repo.asset_checks_defs_by_key}
@@ -46,8 +48,15 @@ def test_shipped_definitions_load_and_resolve_everything(monkeypatch, tmp_path):
 def test_schedule_requests_the_range_from_watermark_minus_lookback(harness):
     now = dt.datetime.now(UTC)
     harness.table("ev", events_rows(3, now - dt.timedelta(days=5)))
-    harness.syncs = [sync_config("ev", "events", "main.ev", lookback="P1D",
-                                 schedule={"cron": "*/15 * * * *", "timezone": "Europe/Paris"})]
+    harness.syncs = [
+        sync_config(
+            "ev",
+            "events",
+            "main.ev",
+            lookback="P1D",
+            schedule={"cron": "*/15 * * * *", "timezone": "Europe/Paris"},
+        )
+    ]
     defs = harness.definitions()
     schedule = defs.resolve_schedule_def("ev_schedule")
     assert schedule.execution_timezone == "Europe/Paris"
@@ -67,10 +76,20 @@ def test_schedule_requests_the_range_from_watermark_minus_lookback(harness):
 def test_sensor_launches_only_its_sync_on_new_rows_with_deterministic_run_keys(harness):
     now = dt.datetime.now(UTC)
     harness.table("ev", events_rows(2, now - dt.timedelta(hours=2)))
-    harness.table("pu", [cdi_row((now - dt.timedelta(hours=1)).replace(tzinfo=None), json.dumps(
-        {"product_id": "p", "currency": "USD", "price": 1}), external_id="u")])
-    harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True}),
-                     sync_config("pu", "purchases", "main.pu")]
+    harness.table(
+        "pu",
+        [
+            cdi_row(
+                (now - dt.timedelta(hours=1)).replace(tzinfo=None),
+                json.dumps({"product_id": "p", "currency": "USD", "price": 1}),
+                external_id="u",
+            )
+        ],
+    )
+    harness.syncs = [
+        sync_config("ev", "events", "main.ev", sensor={"enabled": True}),
+        sync_config("pu", "purchases", "main.pu"),
+    ]
     sensor = harness.definitions().resolve_sensor_def("ev_sensor")
     instance = dg.DagsterInstance.ephemeral()
     with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
@@ -78,17 +97,18 @@ def test_sensor_launches_only_its_sync_on_new_rows_with_deterministic_run_keys(h
     assert len(first.run_requests) == 1
     request = first.run_requests[0]
     assert request.job_name in (None, "ev_job") and request.run_key.startswith("ev:")
-    assert first.asset_events and first.asset_events[0].asset_key == dg.AssetKey(
-        ["duckdb", "main", "ev"])
+    assert first.asset_events and first.asset_events[0].asset_key == dg.AssetKey(["duckdb", "main", "ev"])
 
-    with dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                 resources=harness.resources()) as context:
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
         idle = sensor.evaluate_tick(context)
     assert not idle.run_requests and "no new" in idle.skip_message
 
     harness.table("ev", events_rows(1, now - dt.timedelta(minutes=5), start=2))
-    with dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                 resources=harness.resources()) as context:
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
         again = sensor.evaluate_tick(context)
     assert len(again.run_requests) == 1
     assert again.run_requests[0].run_key != request.run_key
@@ -111,7 +131,8 @@ def test_release_held_rows_sends_them_on_the_next_run(harness, emulator):
     release = harness.definitions().resolve_job_def("release_held_job")
     result = release.execute_in_process(
         run_config={"ops": {"release_held_rows": {"config": {"sync": "ev"}}}},
-        resources={"delivery_state": harness.resources()["delivery_state"]})
+        resources={"delivery_state": harness.resources()["delivery_state"]},
+    )
     assert result.success
     assert harness.run("ev").outcome.accepted == 75
     assert len(emulator.store.events()) == 75
@@ -121,6 +142,7 @@ def test_incremental_range_survives_a_missing_table(harness):
     harness.syncs = [sync_config("ev", "events", "main.missing")]
     sync = harness.config("ev")
     resources = harness.resources()
-    keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(UTC),
-                             make_source(sync, resources["duckdb"]))
+    keys = incremental_range(
+        sync, resources["delivery_state"], dt.datetime.now(UTC), make_source(sync, resources["duckdb"])
+    )
     assert keys.start == keys.end == dt.datetime.now(UTC).strftime("%Y-%m-%d")

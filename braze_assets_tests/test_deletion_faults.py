@@ -15,7 +15,7 @@ import pytest
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 T = "2024-05-01T12:00:00Z"
@@ -37,8 +37,10 @@ def braze(server):
 
 
 def _seed_profile(braze: BrazeEmulator) -> None:
-    body = {"attributes": [{"external_id": "u1", "plan": "pro"}],
-            "events": [{"external_id": "u1", "name": "login", "time": T}]}
+    body = {
+        "attributes": [{"external_id": "u1", "plan": "pro"}],
+        "events": [{"external_id": "u1", "name": "login", "time": T}],
+    }
     assert httpx.post(f"{braze.base_url}/users/track", json=body, headers=AUTH).status_code == 201
 
 
@@ -79,8 +81,7 @@ def test_after_faults_process_then_lose_the_answer_on_every_endpoint(braze, path
     _seed_profile(braze)
     braze.set_faults(FaultConfig(timeout_s=2, **{rate: 1.0}))
     try:
-        response = httpx.post(f"{braze.base_url}{path}", json=ENDPOINTS[path], headers=AUTH,
-                              timeout=0.5)
+        response = httpx.post(f"{braze.base_url}{path}", json=ENDPOINTS[path], headers=AUTH, timeout=0.5)
     except httpx.ReadTimeout:
         assert rate == "rate_timeout_after"
         assert braze.store.stats()["by_status"].get("timeout") == 1
@@ -98,8 +99,7 @@ def test_after_faults_process_then_lose_the_answer_on_every_endpoint(braze, path
 # --- a deletions sync under faults --------------------------------------------------------------
 def _delete_rows() -> list[dict]:
     ts = (NOW - dt.timedelta(hours=1)).replace(tzinfo=None)
-    rows = [cdi_row(ts - dt.timedelta(seconds=i), external_id=f"del-{i:04d}")
-            for i in range(N_DELETES - 20)]
+    rows = [cdi_row(ts - dt.timedelta(seconds=i), external_id=f"del-{i:04d}") for i in range(N_DELETES - 20)]
     rows += [cdi_row(ts, alias_name=f"anon-{i}", alias_label="web") for i in range(20)]
     return rows
 
@@ -107,12 +107,14 @@ def _delete_rows() -> list[dict]:
 def _profiles_to_delete(emulator: BrazeEmulator) -> None:
     """Every user the deletions name exists first (created straight through the API)."""
     attributes = [{"external_id": f"del-{i:04d}", "plan": "pro"} for i in range(N_DELETES - 20)]
-    attributes += [{"user_alias": {"alias_name": f"anon-{i}", "alias_label": "web"},
-                    "_update_existing_only": False} for i in range(20)]
+    attributes += [
+        {"user_alias": {"alias_name": f"anon-{i}", "alias_label": "web"}, "_update_existing_only": False}
+        for i in range(20)
+    ]
     attributes.append({"external_id": "keeper", "plan": "free"})
     with httpx.Client(base_url=emulator.base_url, headers=AUTH) as http:
         for start in range(0, len(attributes), 75):
-            chunk = attributes[start:start + 75]
+            chunk = attributes[start : start + 75]
             assert http.post("/users/track", json={"attributes": chunk}).status_code == 201
 
 
@@ -124,8 +126,9 @@ def _deletions_harness(tmp_path, emulator, **overrides) -> Harness:
 
 
 def _deleted_ids(emulator: BrazeEmulator) -> Counter:
-    return Counter(d["id"] if d["type"] != "user_alias" else d["id"]["alias_name"]
-                   for d in emulator.store.deletions())
+    return Counter(
+        d["id"] if d["type"] != "user_alias" else d["id"]["alias_name"] for d in emulator.store.deletions()
+    )
 
 
 EXPECTED_IDS = {f"del-{i:04d}" for i in range(N_DELETES - 20)} | {f"anon-{i}" for i in range(20)}
@@ -141,9 +144,17 @@ def _run_until_settled(harness: Harness, runs: int = 4):
 
 
 def test_deletions_with_twenty_percent_transient_faults_end_in_the_clean_state(tmp_path):
-    faults = FaultConfig(rate_429=0.04, rate_5xx_before=0.04, rate_drop_before=0.02,
-                         rate_5xx_after=0.04, rate_drop_after=0.03, rate_timeout_after=0.03,
-                         timeout_s=2.0, retry_after_s=0, seed=3)
+    faults = FaultConfig(
+        rate_429=0.04,
+        rate_5xx_before=0.04,
+        rate_drop_before=0.02,
+        rate_5xx_after=0.04,
+        rate_drop_after=0.03,
+        rate_timeout_after=0.03,
+        timeout_s=2.0,
+        retry_after_s=0,
+        seed=3,
+    )
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY)) as emu:
         _profiles_to_delete(emu)
         emu.set_faults(faults)
@@ -158,8 +169,17 @@ def test_deletions_with_twenty_percent_transient_faults_end_in_the_clean_state(t
         assert harness.watermark("deletes") is not None
 
 
-@pytest.mark.parametrize("rate", ["rate_429", "rate_5xx_before", "rate_drop_before",
-                                  "rate_5xx_after", "rate_drop_after", "rate_timeout_after"])
+@pytest.mark.parametrize(
+    "rate",
+    [
+        "rate_429",
+        "rate_5xx_before",
+        "rate_drop_before",
+        "rate_5xx_after",
+        "rate_drop_after",
+        "rate_timeout_after",
+    ],
+)
 def test_every_fault_kind_on_deletions_loses_nothing(tmp_path, rate):
     """Every request of the first run meets the fault (retries too); the resend policy then
     sends each deletion again, so each reaches Braze, at least once, and nothing is held."""

@@ -9,7 +9,7 @@ import dagster as dg
 
 from braze_assets_tests.conftest import cdi_row, events_rows, seqs, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _now() -> dt.datetime:
@@ -59,9 +59,13 @@ def test_late_rows_inside_lookback_go_out_older_ones_are_counted_then_backfilled
 def test_future_rows_are_held_back_and_the_watermark_never_passes_now(harness, emulator):
     now = _now()
     rows = events_rows(2, now - dt.timedelta(minutes=30))
-    rows.append(cdi_row((now + dt.timedelta(hours=6)).replace(tzinfo=None),
-                        json.dumps({"name": "app_open", "properties": {"seq": 99}}),
-                        external_id="from-the-future"))
+    rows.append(
+        cdi_row(
+            (now + dt.timedelta(hours=6)).replace(tzinfo=None),
+            json.dumps({"name": "app_open", "properties": {"seq": 99}}),
+            external_id="from-the-future",
+        )
+    )
     harness.table("ev", rows)
     harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
     run = harness.run("ev_sync")
@@ -74,15 +78,18 @@ def test_future_rows_are_held_back_and_the_watermark_never_passes_now(harness, e
 
 def test_partial_success_fails_only_the_rows_braze_names(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
-    rows = [cdi_row(ts, json.dumps({"email": f"u{i}@example.com", "n": i}), external_id=f"u{i}")
-            for i in range(10)]
+    rows = [
+        cdi_row(ts, json.dumps({"email": f"u{i}@example.com", "n": i}), external_id=f"u{i}")
+        for i in range(10)
+    ]
     rows[3] = cdi_row(ts, json.dumps({"email": "not-an-email", "n": 3}), external_id="u3")
     harness.table("attrs", rows)
     harness.syncs = [sync_config("attr_sync", "attributes", "main.attrs")]
     run = harness.run("attr_sync")
     assert run.outcome.accepted == 9 and run.outcome.failed == 1
     assert run.outcome.failed_examples[0]["message"] == (
-        "The value provided for the 'email' field is not a valid email.")
+        "The value provided for the 'email' field is not a valid email."
+    )
     profiles = {p.get("external_id") for p in emulator.store.profiles()}
     assert "u3" not in profiles and {"u0", "u9"} <= profiles
     assert harness.ledger("attr_sync") == {"accepted": 9, "failed": 1}
@@ -92,11 +99,17 @@ def test_partial_success_fails_only_the_rows_braze_names(harness, emulator):
 def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
     good = json.dumps({"product_id": "sku", "currency": "EUR", "price": 3.5, "properties": {"seq": 1}})
-    rows = [cdi_row(ts, good, external_id="ok"),
-            cdi_row(ts, json.dumps({"product_id": "sku", "currency": "EURO", "price": 1}),
-                    external_id="bad-currency"),
-            cdi_row(ts, json.dumps({"product_id": "sku", "currency": "EUR", "price": 1,
-                                    "quantity": 101}), external_id="bad-qty")]
+    rows = [
+        cdi_row(ts, good, external_id="ok"),
+        cdi_row(
+            ts, json.dumps({"product_id": "sku", "currency": "EURO", "price": 1}), external_id="bad-currency"
+        ),
+        cdi_row(
+            ts,
+            json.dumps({"product_id": "sku", "currency": "EUR", "price": 1, "quantity": 101}),
+            external_id="bad-qty",
+        ),
+    ]
     harness.table("pur", rows)
     harness.syncs = [sync_config("pur_sync", "purchases", "main.pur", max_row_error_rate=0.9)]
     run = harness.run("pur_sync")
@@ -134,8 +147,7 @@ def test_mass_deletion_guard_blocks_then_passes_within_ceiling(harness, emulator
     harness.syncs = [sync_config("del_sync", "deletions", "main.del", max_deletions=8)]
     ok = harness.run("del_sync")
     assert ok.outcome.accepted == 8
-    assert sorted(d["id"] for d in emulator.store.deletions()) == sorted(
-        f"gone-{i}" for i in range(8))
+    assert sorted(d["id"] for d in emulator.store.deletions()) == sorted(f"gone-{i}" for i in range(8))
 
 
 def test_old_delta_files_are_pruned_but_outcomes_stay_in_the_ledger(harness, emulator):
@@ -155,22 +167,27 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
     import duckdb
 
     from braze_assets.state import StateStore
+
     store = StateStore(tmp_path, "old")
     with duckdb.connect(str(store.db_path)) as con:
-        con.execute("CREATE TABLE ledger (row_hash VARCHAR PRIMARY KEY, updated_at TIMESTAMPTZ, "
-                    "status VARCHAR NOT NULL, batch_id VARCHAR, identifier VARCHAR, message VARCHAR, "
-                    "run_id VARCHAR, changed_at TIMESTAMPTZ NOT NULL)")
-        con.execute("INSERT INTO ledger VALUES ('a', now(), 'accepted', 'r-0', 'x', NULL, 'r', now()),"
-                    " ('b', now(), 'planned', 'r-1', 'y', NULL, 'r', now()),"
-                    " ('c', now(), 'planned', 'r-2', 'z', NULL, 'r', now())")
-    store.journal_path.write_text('S r-1\nD {"batch": "r-1", "rows": [["b", "failed", "bad"]]}\n'
-                                  "S r-2\n")
+        con.execute(
+            "CREATE TABLE ledger (row_hash VARCHAR PRIMARY KEY, updated_at TIMESTAMPTZ, "
+            "status VARCHAR NOT NULL, batch_id VARCHAR, identifier VARCHAR, message VARCHAR, "
+            "run_id VARCHAR, changed_at TIMESTAMPTZ NOT NULL)"
+        )
+        con.execute(
+            "INSERT INTO ledger VALUES ('a', now(), 'accepted', 'r-0', 'x', NULL, 'r', now()),"
+            " ('b', now(), 'planned', 'r-1', 'y', NULL, 'r', now()),"
+            " ('c', now(), 'planned', 'r-2', 'z', NULL, 'r', now())"
+        )
+    store.journal_path.write_text('S r-1\nD {"batch": "r-1", "rows": [["b", "failed", "bad"]]}\nS r-2\n')
     with store.delivery_lock():
         counts = store.recover("hold")
     assert counts == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 0}
     assert store.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
     with store.connect() as con:
-        assert con.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
-                           "AND constraint_type = 'PRIMARY KEY'").fetchall() == [(0,)]
-        assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",),
-                                                                                 ("c",)]
+        assert con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
+            "AND constraint_type = 'PRIMARY KEY'"
+        ).fetchall() == [(0,)]
+        assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",), ("c",)]

@@ -10,12 +10,27 @@ import sys
 
 def _demo(home, *extra) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "braze_assets.cli", "demo", "--home", str(home), "--port", "0",
-         "--json", "--log-level", "WARNING", *extra],
-        capture_output=True, text=True, timeout=600,
-        env={k: v for k, v in os.environ.items() if not k.startswith("BRAZE_")})
+        [
+            sys.executable,
+            "-m",
+            "braze_assets.cli",
+            "demo",
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--json",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BRAZE_")},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout[proc.stdout.index("{"):])
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothing(tmp_path):
@@ -23,8 +38,12 @@ def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothin
     by_name = {s["sync"]: s for s in first["syncs"]}
     # the seed's bad rows are rejected on purpose: every sync ends partially successful
     assert [s["status"] for s in first["syncs"]] == ["partial_success"] * 4
-    expected_valid = {"user_attributes": 2500, "app_events": 4000, "store_purchases": 1500,
-                      "user_deletions": 150}
+    expected_valid = {
+        "user_attributes": 2500,
+        "app_events": 4000,
+        "store_purchases": 1500,
+        "user_deletions": 150,
+    }
     for name, valid in expected_valid.items():
         assert by_name[name]["accepted"] == valid, name
         assert by_name[name]["future_held_back"] == 1
@@ -32,19 +51,24 @@ def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothin
     assert (emulator["events"], emulator["purchases"], emulator["deletions"]) == (4000, 1500, 150)
     events_reasons = by_name["app_events"]["rejected_reasons"]
     assert set(events_reasons) >= {
-        "PAYLOAD is not valid JSON", "PAYLOAD must be a JSON object", "UPDATED_AT is null",
+        "PAYLOAD is not valid JSON",
+        "PAYLOAD must be a JSON object",
+        "UPDATED_AT is null",
         "row has several identifier types (CDI rows carry exactly one)",
         "ALIAS_NAME is set but ALIAS_LABEL is empty (a user alias needs both)",
         "EXTERNAL_ID is longer than 987 bytes (EXTERNAL_USER_ID_TOO_LARGE)",
         "Payload was greater than 1MB",
         "PAYLOAD contains identifier keys (identifiers belong in their own columns)",
-        "event PAYLOAD has no 'name' (a non-empty string)", "event 'time' is not ISO 8601"}
+        "event PAYLOAD has no 'name' (a non-empty string)",
+        "event 'time' is not ISO 8601",
+    }
     # The seed's bad event rows: 9 common kinds + 2 event kinds, one each, every one reported.
     assert by_name["app_events"]["rejected"] == 11 == sum(events_reasons.values())
     assert by_name["store_purchases"]["rejected"] == 15
     assert by_name["user_deletions"]["rejected"] == 6
 
     second = _demo(tmp_path / "home")
-    assert all(s["status"] == "success" and s["accepted"] == 0 and s["requests"] == 0
-               for s in second["syncs"])
+    assert all(
+        s["status"] == "success" and s["accepted"] == 0 and s["requests"] == 0 for s in second["syncs"]
+    )
     assert second["emulator"]["events"] == 4000, "the emulator's store persists across runs"

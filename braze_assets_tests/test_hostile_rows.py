@@ -30,54 +30,79 @@ from braze_assets.sources import DuckDBSource
 from braze_assets.state import StateStore
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 NOW = T0 + dt.timedelta(days=1)
-PAYLOADS = {"attributes": {"tier": "gold"}, "events": {"name": "app_open"},
-            "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 12.5}}
+PAYLOADS = {
+    "attributes": {"tier": "gold"},
+    "events": {"name": "app_open"},
+    "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 12.5},
+}
 ID_COLUMNS = ("EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE")
 _tables = itertools.count()
 _EXPLORE = os.environ.get("HYPOTHESIS_EXPLORE") == "1"
 
 
-def _table(path: Path, data_type: str, rows: list[dict[str, Any]],
-           types: dict[str, str] | None = None) -> str:
+def _table(
+    path: Path, data_type: str, rows: list[dict[str, Any]], types: dict[str, str] | None = None
+) -> str:
     """A DuckDB table of CDI rows; `types` overrides column types (BLOB, DOUBLE, ...)."""
     spec = DATA_TYPES[data_type]
     columns = ["UPDATED_AT", *ID_COLUMNS, *(["PAYLOAD"] if spec.has_payload else [])]
     types = {"UPDATED_AT": "TIMESTAMP", **(types or {})}
     name = f"t{next(_tables)}"
     with duckdb.connect(str(path)) as con:
-        con.execute(f"CREATE TABLE {name} ("
-                    + ", ".join(f"{c} {types.get(c, 'VARCHAR')}" for c in columns) + ")")
-        con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})",
-                        [[r.get(c) for c in columns] for r in rows])
+        con.execute(
+            f"CREATE TABLE {name} (" + ", ".join(f"{c} {types.get(c, 'VARCHAR')}" for c in columns) + ")"
+        )
+        con.executemany(
+            f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})",
+            [[r.get(c) for c in columns] for r in rows],
+        )
     return name
 
 
-def _delta(tmp_path: Path, data_type: str, rows: list[dict[str, Any]],
-           types: dict[str, str] | None = None,
-           partitions_start: dt.datetime = T0 - dt.timedelta(days=30)) -> DeltaManifest:
+def _delta(
+    tmp_path: Path,
+    data_type: str,
+    rows: list[dict[str, Any]],
+    types: dict[str, str] | None = None,
+    partitions_start: dt.datetime = T0 - dt.timedelta(days=30),
+) -> DeltaManifest:
     """`compute_delta` over the rows, as the `<sync>_delta` asset runs it."""
     warehouse = tmp_path / "warehouse.duckdb"
     table = _table(warehouse, data_type, rows, types)
     out = tmp_path / f"out_{table}"
     manifest = DeltaManifest(
-        sync="case", data_type=data_type, run_id=f"run-{table}", window_start=None,
-        window_end=NOW.isoformat(), reaches_now=True,
-        valid_path=str(out / "valid.parquet"), rejected_path=str(out / "rejected.parquet"))
+        sync="case",
+        data_type=data_type,
+        run_id=f"run-{table}",
+        window_start=None,
+        window_end=NOW.isoformat(),
+        reaches_now=True,
+        valid_path=str(out / "valid.parquet"),
+        rejected_path=str(out / "rejected.parquet"),
+    )
     source = DuckDBSource(warehouse, table)
-    return compute_delta(source=source, spec=DATA_TYPES[data_type],
-                         store=StateStore(tmp_path / "state", table), manifest=manifest,
-                         window_start=None, window_end=NOW, now=NOW,
-                         partitions_start=partitions_start, update_existing_only=False)
+    return compute_delta(
+        source=source,
+        spec=DATA_TYPES[data_type],
+        store=StateStore(tmp_path / "state", table),
+        manifest=manifest,
+        window_start=None,
+        window_end=NOW,
+        now=NOW,
+        partitions_start=partitions_start,
+        update_existing_only=False,
+    )
 
 
 def _row(payload: Any = None, updated_at: dt.datetime | None = T0, **ids: Any) -> dict[str, Any]:
     values: dict[str, Any] = {k.upper(): v for k, v in ids.items()}
     values["UPDATED_AT"] = updated_at.replace(tzinfo=None) if updated_at else None
-    values["PAYLOAD"] = (payload if payload is None or isinstance(payload, (str, bytes))
-                         else json.dumps(payload))
+    values["PAYLOAD"] = (
+        payload if payload is None or isinstance(payload, (str, bytes)) else json.dumps(payload)
+    )
     return values
 
 
@@ -97,13 +122,16 @@ def _rejected(manifest: DeltaManifest) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- item 2: crashes
 @pytest.mark.parametrize("blank", ["", "  ", "\t\n", "\u00a0", "\u2003", None])
 @pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
-def test_a_row_without_identifier_does_not_stop_the_valid_row_after_it(tmp_path, data_type,
-                                                                       blank):
+def test_a_row_without_identifier_does_not_stop_the_valid_row_after_it(tmp_path, data_type, blank):
     payload = PAYLOADS.get(data_type)
-    manifest = _delta(tmp_path, data_type, [
-        _row(payload, external_id=blank, email=blank),
-        _row(payload, external_id="user-1"),
-    ])
+    manifest = _delta(
+        tmp_path,
+        data_type,
+        [
+            _row(payload, external_id=blank, email=blank),
+            _row(payload, external_id="user-1"),
+        ],
+    )
     valid = _valid(manifest)
     assert len(valid) == 1
     if data_type == "deletions":
@@ -119,21 +147,32 @@ def test_a_row_without_identifier_does_not_stop_the_valid_row_after_it(tmp_path,
 @pytest.mark.parametrize("data_type", ["attributes", "events"])
 def test_a_payload_nested_too_deep_is_rejected_alone(tmp_path, data_type, depth):
     nested = '{"a":' * depth + "1" + "}" * depth
-    deep = (f'{{"deep": {nested}}}' if data_type == "attributes"
-            else f'{{"name": "x", "properties": {{"deep": {nested}}}}}')
-    manifest = _delta(tmp_path, data_type, [
-        _row(deep, external_id="user-deep"), _row(PAYLOADS[data_type], external_id="user-1")])
+    deep = (
+        f'{{"deep": {nested}}}'
+        if data_type == "attributes"
+        else f'{{"name": "x", "properties": {{"deep": {nested}}}}}'
+    )
+    manifest = _delta(
+        tmp_path,
+        data_type,
+        [_row(deep, external_id="user-deep"), _row(PAYLOADS[data_type], external_id="user-1")],
+    )
     assert [v["external_id"] for v in _valid(manifest)] == ["user-1"]
     [rejected] = _rejected(manifest)
     assert rejected["reasons"] == "PAYLOAD nests deeper than 254 levels (too deep to send)"
 
 
 def test_a_blob_payload_row_failing_validation_is_rejected_alone(tmp_path):
-    manifest = _delta(tmp_path, "events", [
-        _row(b'{"name": "x", "time": "never"}', external_id="user-bad"),
-        _row(b"\xff\xfe not utf-8", external_id="user-garbled"),
-        _row(b'{"name": "app_open"}', external_id="user-1"),
-    ], types={"PAYLOAD": "BLOB"})
+    manifest = _delta(
+        tmp_path,
+        "events",
+        [
+            _row(b'{"name": "x", "time": "never"}', external_id="user-bad"),
+            _row(b"\xff\xfe not utf-8", external_id="user-garbled"),
+            _row(b'{"name": "app_open"}', external_id="user-1"),
+        ],
+        types={"PAYLOAD": "BLOB"},
+    )
     assert [v["external_id"] for v in _valid(manifest)] == ["user-1"]
     reasons = sorted(r["reasons"] for r in _rejected(manifest))
     assert reasons[0].startswith("PAYLOAD is not valid JSON")
@@ -142,23 +181,35 @@ def test_a_blob_payload_row_failing_validation_is_rejected_alone(tmp_path):
 
 # ----------------------------------------------------------------------------- item 3: silent changes
 def test_a_blob_identifier_is_sent_as_its_text(tmp_path):
-    manifest = _delta(tmp_path, "events", [
-        _row(PAYLOADS["events"], external_id=b"user-42"),
-        _row(PAYLOADS["events"], external_id="user-\u00e9".encode()),
-    ], types={"EXTERNAL_ID": "BLOB"})
+    manifest = _delta(
+        tmp_path,
+        "events",
+        [
+            _row(PAYLOADS["events"], external_id=b"user-42"),
+            _row(PAYLOADS["events"], external_id="user-\u00e9".encode()),
+        ],
+        types={"EXTERNAL_ID": "BLOB"},
+    )
     assert sorted(v["external_id"] for v in _valid(manifest)) == ["user-42", "user-\u00e9"]
 
 
-@pytest.mark.parametrize("column_type, value, problem", [
-    ("BLOB", b"\xff\xfeuser", "EXTERNAL_ID is binary data that is not UTF-8 text"),
-    ("DOUBLE", 42.5, "EXTERNAL_ID must be text or a whole number, not float"),
-    ("BOOLEAN", True, "EXTERNAL_ID must be text or a whole number, not bool"),
-])
-def test_an_identifier_without_exact_text_is_rejected_with_a_reason(tmp_path, column_type, value,
-                                                                     problem):
-    manifest = _delta(tmp_path, "attributes", [
-        _row(PAYLOADS["attributes"], external_id=value),
-    ], types={"EXTERNAL_ID": column_type})
+@pytest.mark.parametrize(
+    "column_type, value, problem",
+    [
+        ("BLOB", b"\xff\xfeuser", "EXTERNAL_ID is binary data that is not UTF-8 text"),
+        ("DOUBLE", 42.5, "EXTERNAL_ID must be text or a whole number, not float"),
+        ("BOOLEAN", True, "EXTERNAL_ID must be text or a whole number, not bool"),
+    ],
+)
+def test_an_identifier_without_exact_text_is_rejected_with_a_reason(tmp_path, column_type, value, problem):
+    manifest = _delta(
+        tmp_path,
+        "attributes",
+        [
+            _row(PAYLOADS["attributes"], external_id=value),
+        ],
+        types={"EXTERNAL_ID": column_type},
+    )
     assert _valid(manifest) == []
     [rejected] = _rejected(manifest)
     assert problem in rejected["reasons"]
@@ -166,19 +217,26 @@ def test_an_identifier_without_exact_text_is_rejected_with_a_reason(tmp_path, co
 
 
 def test_a_whole_number_identifier_is_sent_as_its_digits(tmp_path):
-    manifest = _delta(tmp_path, "attributes", [_row(PAYLOADS["attributes"], external_id=42)],
-                      types={"EXTERNAL_ID": "BIGINT"})
+    manifest = _delta(
+        tmp_path,
+        "attributes",
+        [_row(PAYLOADS["attributes"], external_id=42)],
+        types={"EXTERNAL_ID": "BIGINT"},
+    )
     assert [v["external_id"] for v in _valid(manifest)] == ["42"]
 
 
-@pytest.mark.parametrize("number, sent", [
-    ("9223372036854775807", 9223372036854775807),
-    ("18446744073709551615", 18446744073709551615),
-    ("-9223372036854775808", -9223372036854775808),
-    ("123456789012345678901234567890", None),
-    ("-9223372036854775809", None),
-    ("1" * 5000, None),
-])
+@pytest.mark.parametrize(
+    "number, sent",
+    [
+        ("9223372036854775807", 9223372036854775807),
+        ("18446744073709551615", 18446744073709551615),
+        ("-9223372036854775808", -9223372036854775808),
+        ("123456789012345678901234567890", None),
+        ("-9223372036854775809", None),
+        ("1" * 5000, None),
+    ],
+)
 def test_whole_numbers_go_out_exactly_or_the_row_is_rejected(tmp_path, number, sent):
     manifest = _delta(tmp_path, "attributes", [_row(f'{{"big": {number}}}', external_id="u1")])
     if sent is None:
@@ -191,15 +249,19 @@ def test_whole_numbers_go_out_exactly_or_the_row_is_rejected(tmp_path, number, s
         assert obj["big"] == sent and isinstance(obj["big"], int)
 
 
-@pytest.mark.parametrize("raw, duplicated", [
-    ('{"tier": "gold", "tier": "silver"}', "'tier'"),
-    ('{"pet": {"name": "a", "name": "b"}}', "'name'"),
-])
+@pytest.mark.parametrize(
+    "raw, duplicated",
+    [
+        ('{"tier": "gold", "tier": "silver"}', "'tier'"),
+        ('{"pet": {"name": "a", "name": "b"}}', "'name'"),
+    ],
+)
 def test_duplicate_json_keys_are_rejected_with_a_reason(tmp_path, raw, duplicated):
     manifest = _delta(tmp_path, "attributes", [_row(raw, external_id="u1")])
     [rejected] = _rejected(manifest)
-    assert rejected["reasons"] == ("PAYLOAD has duplicate keys (JSON keeps only the last; send "
-                                   f"each key once): {duplicated}")
+    assert rejected["reasons"] == (
+        f"PAYLOAD has duplicate keys (JSON keeps only the last; send each key once): {duplicated}"
+    )
 
 
 def test_the_same_key_in_different_objects_is_fine(tmp_path):
@@ -213,16 +275,20 @@ def test_rows_before_partitions_start_are_counted_and_reported(tmp_path, emulato
     recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
     old = recent - dt.timedelta(days=60)
     start = (recent - dt.timedelta(days=3)).date().isoformat()
-    harness.table("events", [_table_row(PAYLOADS["events"], updated_at=old, external_id=f"old-{i}")
-                             for i in range(3)]
-                  + [_table_row(PAYLOADS["events"], updated_at=recent, external_id="new-1")])
+    harness.table(
+        "events",
+        [_table_row(PAYLOADS["events"], updated_at=old, external_id=f"old-{i}") for i in range(3)]
+        + [_table_row(PAYLOADS["events"], updated_at=recent, external_id="new-1")],
+    )
     harness.syncs = [sync_config("events", "events", "main.events", partitions_start=start)]
     run = harness.run("events")
     assert run.result.success
     assert run.delta.before_partitions_start == 3
     materialization = next(
-        e.event_specific_data.materialization for e in run.result.all_events
-        if e.is_step_materialization and e.step_key == "events_delta")
+        e.event_specific_data.materialization
+        for e in run.result.all_events
+        if e.is_step_materialization and e.step_key == "events_delta"
+    )
     assert materialization.metadata["rows_before_partitions_start"].value == 3
     assert run.outcome.accepted == 1
 
@@ -230,17 +296,31 @@ def test_rows_before_partitions_start_are_counted_and_reported(tmp_path, emulato
 # ----------------------------------------------------------------------------- item 7: PII
 def test_reasons_and_excerpts_mask_the_values_they_quote(tmp_path, emulator):
     harness = Harness(tmp_path, emulator)
-    recent = (dt.datetime.now(UTC) - dt.timedelta(hours=1))
-    harness.table("purchases", [
-        _table_row({"product_id": "sku", "currency": "+14155550123", "price": 1},
-             updated_at=recent, external_id="u-1"),
-        _table_row({"product_id": "sku", "currency": "USD", "price": "jane.doe@example.com",
-              "time": "john.roe@example.com"}, updated_at=recent, external_id="u-2"),
-        _table_row({"product_id": "sku", "currency": "USD", "price": 1}, updated_at=recent,
-             external_id="u-3"),
-    ])
-    harness.syncs = [sync_config("purchases", "purchases", "main.purchases",
-                                 max_row_error_rate=1.0)]
+    recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
+    harness.table(
+        "purchases",
+        [
+            _table_row(
+                {"product_id": "sku", "currency": "+14155550123", "price": 1},
+                updated_at=recent,
+                external_id="u-1",
+            ),
+            _table_row(
+                {
+                    "product_id": "sku",
+                    "currency": "USD",
+                    "price": "jane.doe@example.com",
+                    "time": "john.roe@example.com",
+                },
+                updated_at=recent,
+                external_id="u-2",
+            ),
+            _table_row(
+                {"product_id": "sku", "currency": "USD", "price": 1}, updated_at=recent, external_id="u-3"
+            ),
+        ],
+    )
+    harness.syncs = [sync_config("purchases", "purchases", "main.purchases", max_row_error_rate=1.0)]
     run = harness.run("purchases")
     assert run.outcome.accepted == 1
     secrets = ("14155550123", "jane.doe", "john.roe", "example.com")
@@ -263,8 +343,10 @@ def test_a_quoted_table_name_with_a_space_loads_and_syncs(tmp_path, emulator):
     harness = Harness(tmp_path, emulator)
     recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
     harness.table('"My Events"', [_table_row(PAYLOADS["events"], updated_at=recent, external_id="u1")])
-    harness.syncs = [sync_config("my_events", "events", 'main."My Events"'),
-                     sync_config("other", "events", "main.other")]
+    harness.syncs = [
+        sync_config("my_events", "events", 'main."My Events"'),
+        sync_config("other", "events", "main.other"),
+    ]
     defs = harness.definitions()
     assert defs.resolve_asset_graph().get_all_asset_keys()  # every sync loads
     run = harness.run("my_events")
@@ -275,19 +357,38 @@ def test_table_names_that_share_an_asset_key_are_refused_at_load():
     from braze_assets.config import parse_syncs
 
     with pytest.raises(ValueError, match="same asset key 'duckdb/main/my_events'"):
-        parse_syncs({"syncs": [sync_config("a", "events", 'main."My Events"'),
-                               sync_config("b", "events", "main.my_events")]})
+        parse_syncs(
+            {
+                "syncs": [
+                    sync_config("a", "events", 'main."My Events"'),
+                    sync_config("b", "events", "main.my_events"),
+                ]
+            }
+        )
 
 
 # ----------------------------------------------------------------------------- property-based
 _blank = st.sampled_from(["", " ", "\t\n", "\u00a0", None])
-_identifier = st.one_of(_blank, st.text(min_size=1, max_size=12), st.just("x" * 988),
-                        st.sampled_from(["user-1", "user-2", "a@b.co", "+14155550123"]))
-_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
-                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-_json = st.recursive(_json_leaf, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=12)
+_identifier = st.one_of(
+    _blank,
+    st.text(min_size=1, max_size=12),
+    st.just("x" * 988),
+    st.sampled_from(["user-1", "user-2", "a@b.co", "+14155550123"]),
+)
+_json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 def _payload_text(draw: st.DrawFn, data_type: str) -> str | None:
@@ -301,7 +402,7 @@ def _payload_text(draw: st.DrawFn, data_type: str) -> str | None:
             value = {**good, **value}
         return json.dumps(value)
     if kind == "garbage":
-        return draw(st.sampled_from(["{", "", "[1,", '{"a":}', "nul", "\"str\""]))
+        return draw(st.sampled_from(["{", "", "[1,", '{"a":}', "nul", '"str"']))
     if kind == "deep":
         depth = draw(st.integers(200, 1_500))
         return '{"name": "e", "d": ' + "[" * depth + "]" * depth + "}"
@@ -319,8 +420,7 @@ def _cdi_rows(draw: st.DrawFn, data_type: str) -> list[dict[str, Any]]:
         ids = {c: draw(_identifier) if draw(st.integers(0, 4)) == 0 else None for c in ID_COLUMNS}
         if draw(st.booleans()):
             ids["EXTERNAL_ID"] = f"user-{n}"
-        stamp = draw(st.sampled_from([T0, T0 - dt.timedelta(days=1), None,
-                                      NOW + dt.timedelta(days=1)]))
+        stamp = draw(st.sampled_from([T0, T0 - dt.timedelta(days=1), None, NOW + dt.timedelta(days=1)]))
         payload = _payload_text(draw, data_type) if DATA_TYPES[data_type].has_payload else None
         rows.append(_row(payload, updated_at=stamp, **ids))
     return rows
@@ -337,12 +437,16 @@ def shared_emulator():
 @pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
 # derandomize: CI explores the same examples every run (a random failure would block a landing
 # without saying what changed); explore more with HYPOTHESIS_EXPLORE=1 (random, 200 examples).
-@settings(max_examples=200 if _EXPLORE else 25, derandomize=not _EXPLORE, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200 if _EXPLORE else 25,
+    derandomize=not _EXPLORE,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_factory,
-                                                                  shared_emulator, data_type,
-                                                                  data):
+def test_hostile_rows_never_escape_and_every_row_is_accounted_for(
+    tmp_path_factory, shared_emulator, data_type, data
+):
     rows = data.draw(_cdi_rows(data_type))
     tmp_path = tmp_path_factory.mktemp("prop")
     manifest = _delta(tmp_path, data_type, rows)
@@ -354,11 +458,19 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_facto
     assert manifest.future_rows == future
     assert all(r["reasons"] for r in _rejected(manifest))
     store = StateStore(tmp_path / "state", "delivered")
-    client = BrazeClient(shared_emulator.base_url, API_KEY, max_connections=4,
-                         backoff_initial_s=0.01, backoff_max_s=0.05)
-    outcome = Delivery(spec=DATA_TYPES[data_type], store=store, manifest=manifest, client=client,
-                       policy="hold", max_in_flight=4, run_id="prop-run",
-                       log=lambda _: None).run()
+    client = BrazeClient(
+        shared_emulator.base_url, API_KEY, max_connections=4, backoff_initial_s=0.01, backoff_max_s=0.05
+    )
+    outcome = Delivery(
+        spec=DATA_TYPES[data_type],
+        store=store,
+        manifest=manifest,
+        client=client,
+        policy="hold",
+        max_in_flight=4,
+        run_id="prop-run",
+        log=lambda _: None,
+    ).run()
     # every valid row was answered by Braze: accepted, or failed with Braze's own message
     assert outcome.accepted + outcome.failed == manifest.valid
     assert outcome.not_sent == outcome.held == 0
@@ -368,15 +480,15 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(tmp_path_facto
     assert outcome.status in ("success", "partial_success")
 
 
-
 def test_exact_duplicate_rows_do_not_block_the_sync(tmp_path, emulator):
     """Two identical rows are one row (same identity): sent once, counted, never a blocked run."""
     harness = Harness(tmp_path, emulator)
     recent = dt.datetime.now(UTC) - dt.timedelta(hours=1)
-    same = _table_row({"name": "app_open", "properties": {"n": 1}}, updated_at=recent,
-                      external_id="u1")
-    harness.table("events", [same, dict(same), dict(same),
-                             _table_row(PAYLOADS["events"], updated_at=recent, external_id="u2")])
+    same = _table_row({"name": "app_open", "properties": {"n": 1}}, updated_at=recent, external_id="u1")
+    harness.table(
+        "events",
+        [same, dict(same), dict(same), _table_row(PAYLOADS["events"], updated_at=recent, external_id="u2")],
+    )
     harness.syncs = [sync_config("events", "events", "main.events")]
     run = harness.run("events")
     assert run.result.success

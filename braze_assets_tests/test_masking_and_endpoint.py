@@ -11,25 +11,35 @@ from braze_assets.braze.client import BrazeClient, BrazeEndpointError, check_end
 from braze_assets.masking import mask, mask_identifiers
 
 # ----------------------------------------------------------------------------- masking
-EMAILS = ["jane.doe@example.com", "j@example.com", "x@y.z", "first.last+tag@mail.example.co.uk",
-          "ÉLODIE@exemple.fr", "jane@localhost", "a@b"]
+EMAILS = [
+    "jane.doe@example.com",
+    "j@example.com",
+    "x@y.z",
+    "first.last+tag@mail.example.co.uk",
+    "ÉLODIE@exemple.fr",
+    "jane@localhost",
+    "a@b",
+]
 PHONES = ["+14155550123", "+1 (415) 555-0123", "0044 20 7946 0958", "4155550123", "+33.1.23.45.67.89"]
 IDS = ["user-12345", "abcdefg", "5f0c1b2a9d3e4f5a6b7c8d9e", "x" * 987, "ünïcödé-user", "u-42"]
 
 
-@pytest.mark.parametrize("value, shown", [
-    ("jane.doe@example.com", "j***@e***.com"),
-    ("first.last+tag@mail.example.co.uk", "f***@m***.uk"),
-    ("jane@localhost", "j***@l***"),
-    ("+14155550123", "***23"),
-    ("+1 (415) 555-0123", "***23"),
-    ("user-12345", "use***"),
-    ("abcdefg", "abc***"),
-    ("abcdef", "***"),
-    ("u1", "***"),
-    (12345678, "***78"),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("jane.doe@example.com", "j***@e***.com"),
+        ("first.last+tag@mail.example.co.uk", "f***@m***.uk"),
+        ("jane@localhost", "j***@l***"),
+        ("+14155550123", "***23"),
+        ("+1 (415) 555-0123", "***23"),
+        ("user-12345", "use***"),
+        ("abcdefg", "abc***"),
+        ("abcdef", "***"),
+        ("u1", "***"),
+        (12345678, "***78"),
+        (None, ""),
+    ],
+)
 def test_mask_examples(value, shown):
     assert mask(value) == shown
 
@@ -66,14 +76,25 @@ def test_id_shows_at_most_three_leading_characters(external_id):
 
 
 def test_mask_identifiers_masks_every_kind():
-    identifiers = {"EXTERNAL_ID": "user-12345", "EMAIL": "jane.doe@example.com",
-                   "PHONE": "+14155550123", "BRAZE_ID": "5f0c1b2a9d3e4f5a",
-                   "ALIAS": ("alias-98765", "crm")}
+    identifiers = {
+        "EXTERNAL_ID": "user-12345",
+        "EMAIL": "jane.doe@example.com",
+        "PHONE": "+14155550123",
+        "BRAZE_ID": "5f0c1b2a9d3e4f5a",
+        "ALIAS": ("alias-98765", "crm"),
+    }
     shown = mask_identifiers(identifiers)
-    assert shown == ("EXTERNAL_ID=use***, EMAIL=j***@e***.com, PHONE=***23, BRAZE_ID=5f0***, "
-                     "ALIAS=ali***/crm")
-    for value in ("user-12345", "jane.doe@example.com", "+14155550123", "4155550123",
-                  "5f0c1b2a9d3e4f5a", "alias-98765"):
+    assert shown == (
+        "EXTERNAL_ID=use***, EMAIL=j***@e***.com, PHONE=***23, BRAZE_ID=5f0***, ALIAS=ali***/crm"
+    )
+    for value in (
+        "user-12345",
+        "jane.doe@example.com",
+        "+14155550123",
+        "4155550123",
+        "5f0c1b2a9d3e4f5a",
+        "alias-98765",
+    ):
         assert value not in shown
 
 
@@ -83,67 +104,95 @@ def test_mask_identifiers_of_an_incomplete_alias_and_of_nothing():
     assert mask_identifiers({}) == "(none)"
 
 
-@pytest.mark.parametrize("values", [
-    EMAILS + PHONES + IDS + [None, "", "1234567\n", " 12 34 567 ", "ab@", "@b", "+", "a" * 7],
-    [None, "user-12345", None],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        EMAILS + PHONES + IDS + [None, "", "1234567\n", " 12 34 567 ", "ab@", "@b", "+", "a" * 7],
+        [None, "user-12345", None],
+    ],
+)
 def test_column_masking_gives_what_mask_gives(values):
     """`mask_column` (column-wise, for whole batches) agrees with `mask` value by value."""
     import pyarrow as pa
 
     from braze_assets.masking import mask_column
+
     shown = mask_column(pa.array(values, pa.string())).to_pylist()
     assert shown == [None if v is None else mask(v) for v in values]
 
 
-@pytest.mark.parametrize("columns", [
-    {"EXTERNAL_ID": ["user-12345", None, None]},
-    {"EXTERNAL_ID": ["user-12345", None, None], "EMAIL": [None, "jane.doe@example.com", None],
-     "PHONE": [None, "+14155550123", None], "BRAZE_ID": [None, None, "5f0c1b2a9d3e4f5a"]},
-    {"ALIAS_NAME": ["alias-98765", None, "alias-98765", None],
-     "ALIAS_LABEL": ["crm", "crm", None, None]},
-    {"EXTERNAL_ID": [None, "u-1"], "ALIAS_NAME": ["alias-98765", None]},
-])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"EXTERNAL_ID": ["user-12345", None, None]},
+        {
+            "EXTERNAL_ID": ["user-12345", None, None],
+            "EMAIL": [None, "jane.doe@example.com", None],
+            "PHONE": [None, "+14155550123", None],
+            "BRAZE_ID": [None, None, "5f0c1b2a9d3e4f5a"],
+        },
+        {"ALIAS_NAME": ["alias-98765", None, "alias-98765", None], "ALIAS_LABEL": ["crm", "crm", None, None]},
+        {"EXTERNAL_ID": [None, "u-1"], "ALIAS_NAME": ["alias-98765", None]},
+    ],
+)
 def test_identifier_columns_mask_as_rows_do(columns):
     """`mask_identifier_columns` gives each row what `mask_identifiers` gives its identifiers."""
     from braze_assets.datatypes import RowBatch
     from braze_assets.masking import mask_identifier_columns
+
     n = len(next(iter(columns.values())))
     rows = [{c: v[i] for c, v in columns.items()} | {"UPDATED_AT": None} for i in range(n)]
     batch = RowBatch.from_rows(rows)
     assert mask_identifier_columns(batch.columns, n) == [
-        mask_identifiers(batch.identifiers(i)) for i in range(n)]
+        mask_identifiers(batch.identifiers(i)) for i in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------- endpoint guard
 BRAZE_HOSTS = [  # [B4]
-    "rest.iad-01.braze.com", "rest.iad-02.braze.com", "rest.iad-03.braze.com",
-    "rest.iad-04.braze.com", "rest.iad-05.braze.com", "rest.iad-06.braze.com",
-    "rest.iad-07.braze.com", "rest.iad-08.braze.com", "rest.us-10.braze.com",
-    "rest.fra-01.braze.eu", "rest.fra-02.braze.eu", "rest.au-01.braze.com",
-    "rest.id-01.braze.com", "rest.jp-01.braze.com", "rest.kr-01.braze.com",
+    "rest.iad-01.braze.com",
+    "rest.iad-02.braze.com",
+    "rest.iad-03.braze.com",
+    "rest.iad-04.braze.com",
+    "rest.iad-05.braze.com",
+    "rest.iad-06.braze.com",
+    "rest.iad-07.braze.com",
+    "rest.iad-08.braze.com",
+    "rest.us-10.braze.com",
+    "rest.fra-01.braze.eu",
+    "rest.fra-02.braze.eu",
+    "rest.au-01.braze.com",
+    "rest.id-01.braze.com",
+    "rest.jp-01.braze.com",
+    "rest.kr-01.braze.com",
 ]
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("http://127.0.0.1:4010", "http://127.0.0.1:4010"),
-    ("http://localhost:4010/", "http://localhost:4010"),
-    ("http://[::1]:4010", "http://[::1]:4010"),
-    ("http://127.0.0.2", "http://127.0.0.2"),
-    ("https://127.0.0.1:8443/", "https://127.0.0.1:8443"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("http://127.0.0.1:4010", "http://127.0.0.1:4010"),
+        ("http://localhost:4010/", "http://localhost:4010"),
+        ("http://[::1]:4010", "http://[::1]:4010"),
+        ("http://127.0.0.2", "http://127.0.0.2"),
+        ("https://127.0.0.1:8443/", "https://127.0.0.1:8443"),
+    ],
+)
 def test_loopback_may_use_plain_http(url, expected):
     assert check_endpoint(url) == expected
 
 
-@pytest.mark.parametrize("url", [
-    "http://rest.iad-01.braze.com",
-    "http://rest.fra-02.braze.eu/",
-    "http://10.0.0.5:4010",
-    "http://0.0.0.0:4010",
-    "http://localhost.example.com",
-    "http://127.0.0.1.nip.io",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://rest.iad-01.braze.com",
+        "http://rest.fra-02.braze.eu/",
+        "http://10.0.0.5:4010",
+        "http://0.0.0.0:4010",
+        "http://localhost.example.com",
+        "http://127.0.0.1.nip.io",
+    ],
+)
 def test_plain_http_off_loopback_is_refused(url):
     with pytest.raises(BrazeEndpointError, match="must use https"):
         check_endpoint(url)
@@ -151,14 +200,17 @@ def test_plain_http_off_loopback_is_refused(url):
         check_endpoint(url, allow_custom_host=True)  # allowing a host never allows plain HTTP
 
 
-@pytest.mark.parametrize("url, host", [
-    ("https://braze.example.com", "braze.example.com"),
-    ("https://rest.iad-09.braze.com", "rest.iad-09.braze.com"),
-    ("https://rest.iad-01.braze.com.evil.example", "rest.iad-01.braze.com.evil.example"),
-    ("https://rest.iad-01.braze.com@evil.example/", "evil.example"),
-    ("https://evil.example/rest.iad-01.braze.com", "evil.example"),
-    ("https://braze.com", "braze.com"),
-])
+@pytest.mark.parametrize(
+    "url, host",
+    [
+        ("https://braze.example.com", "braze.example.com"),
+        ("https://rest.iad-09.braze.com", "rest.iad-09.braze.com"),
+        ("https://rest.iad-01.braze.com.evil.example", "rest.iad-01.braze.com.evil.example"),
+        ("https://rest.iad-01.braze.com@evil.example/", "evil.example"),
+        ("https://evil.example/rest.iad-01.braze.com", "evil.example"),
+        ("https://braze.com", "braze.com"),
+    ],
+)
 def test_https_to_an_unknown_host_is_refused_unless_allowed(url, host):
     with pytest.raises(BrazeEndpointError, match=re.escape(f"{host!r} is not a known Braze REST host")):
         check_endpoint(url)

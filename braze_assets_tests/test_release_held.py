@@ -23,7 +23,7 @@ from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConf
 from braze_assets.resources import DeliveryStateResource
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
 BASE = (NOW - dt.timedelta(hours=3)).replace(tzinfo=None)
 
@@ -35,8 +35,7 @@ def _event(seq: int, user: str, at: dt.datetime, name: str = "open", time: str |
     return cdi_row(at, json.dumps(payload), external_id=user)
 
 
-def _release(harness: Harness, sync: str, mode: str | None = None,
-             row_hashes: list[str] | None = None):
+def _release(harness: Harness, sync: str, mode: str | None = None, row_hashes: list[str] | None = None):
     """Run the release_held_job; returns (result, report, output metadata)."""
     config: dict = {"sync": sync}
     if mode:
@@ -45,7 +44,8 @@ def _release(harness: Harness, sync: str, mode: str | None = None,
         config["row_hashes"] = row_hashes
     job = harness.definitions().resolve_job_def("release_held_job")
     result = job.execute_in_process(
-        run_config={"ops": {"release_held_rows": {"config": config}}}, raise_on_error=False)
+        run_config={"ops": {"release_held_rows": {"config": config}}}, raise_on_error=False
+    )
     if not result.success:
         return result, None, None
     output = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT")
@@ -73,9 +73,15 @@ def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
     after the connection dropped before processing (Braze never saw them). Reconcile, with faults
     on the export requests too, must resend exactly B, settle what Braze shows, and keep the
     undecidable rows held with the reason; after the next run every event is in Braze once."""
-    a = [_event(i, f"solo-{i}", BASE + dt.timedelta(seconds=i),  # payload time: T is not UPDATED_AT
-                time=(BASE - dt.timedelta(minutes=30, seconds=-i)).strftime("%Y-%m-%dT%H:%M:%SZ"))
-         for i in range(10)]
+    a = [
+        _event(
+            i,
+            f"solo-{i}",
+            BASE + dt.timedelta(seconds=i),  # payload time: T is not UPDATED_AT
+            time=(BASE - dt.timedelta(minutes=30, seconds=-i)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        for i in range(10)
+    ]
     a += [_event(10 + k, "trio", BASE + dt.timedelta(seconds=100 * (k + 1))) for k in range(3)]
     a += [_event(13 + k, "twins", BASE + dt.timedelta(seconds=400)) for k in range(2)]
     harness.table("events", a)
@@ -95,16 +101,17 @@ def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
     assert held_b.outcome.held == 9 and len(emulator.store.events()) == 15, "B never reached Braze"
     assert harness.ledger("events") == {"held": 24}
 
-    emulator.set_faults(FaultConfig(rate_5xx_before=0.25, rate_drop_after=0.2,
-                                    rate_timeout_after=0.1, timeout_s=1.0, seed=4))
+    emulator.set_faults(
+        FaultConfig(rate_5xx_before=0.25, rate_drop_after=0.2, rate_timeout_after=0.1, timeout_s=1.0, seed=4)
+    )
     result, report, metadata = _release(harness, "events", "reconcile")
     assert result.success
     assert (report["resent"], report["marked_delivered"], report["still_held"]) == (9, 12, 3)
     assert report["still_held_reasons"] == {
         "several held rows share the user, name and second": 2,
-        "Braze shows a later occurrence; cannot tell": 1}
-    assert (metadata["resent_next_run"], metadata["marked_delivered"], metadata["still_held"]) \
-        == (9, 12, 3)
+        "Braze shows a later occurrence; cannot tell": 1,
+    }
+    assert (metadata["resent_next_run"], metadata["marked_delivered"], metadata["still_held"]) == (9, 12, 3)
     assert report["export_requests"] >= 1
     by_status = emulator.store.stats()["by_status"]
     assert set(by_status) - {"201"}, f"the export met faults too: {by_status}"
@@ -112,7 +119,8 @@ def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
     assert sorted(m.split(";")[0] for m in messages.values()) == [
         "2 held rows share this user, open and second, and Braze shows open at that second",
         "2 held rows share this user, open and second, and Braze shows open at that second",
-        "Braze shows a later open for this user"]
+        "Braze shows a later open for this user",
+    ]
 
     emulator.set_faults(FaultConfig())
     rerun = harness.run("events")
@@ -131,12 +139,12 @@ def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
 
 def test_reconcile_purchases_by_product_id(harness, emulator):
     def purchase(seq, user, at, product):
-        payload = {"product_id": product, "currency": "USD", "price": 3.5,
-                   "properties": {"seq": seq}}
+        payload = {"product_id": product, "currency": "USD", "price": 3.5, "properties": {"seq": seq}}
         return cdi_row(at, json.dumps(payload), external_id=user)
 
-    harness.table("buys", [purchase(i, f"buyer-{i % 3}", BASE + dt.timedelta(seconds=i), f"sku-{i}")
-                           for i in range(6)])
+    harness.table(
+        "buys", [purchase(i, f"buyer-{i % 3}", BASE + dt.timedelta(seconds=i), f"sku-{i}") for i in range(6)]
+    )
     harness.syncs = [sync_config("buys", "purchases", "main.buys")]
     emulator.set_faults(FaultConfig(rate_drop_after=1.0))  # processed, connection dropped
     assert harness.run("buys").outcome.held == 6
@@ -169,15 +177,18 @@ def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path):
     needs from the crashed run's delta file); reconcile settles what Braze stored and resends the
     rest; every event ends in Braze exactly once and nothing stays held."""
     n = 3000
-    rows = [_event(i, f"user-{i % 40}", BASE + dt.timedelta(seconds=i), name=f"step-{i}")
-            for i in range(n)]
+    rows = [_event(i, f"user-{i % 40}", BASE + dt.timedelta(seconds=i), name=f"step-{i}") for i in range(n)]
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=FaultConfig(latency_ms=60))) as emu:
         harness = Harness(tmp_path, emu)
         harness.table("events", rows)
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), emu.base_url],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_SCRIPT, str(tmp_path), emu.base_url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while len(emu.store.events()) < 600:
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -277,8 +288,7 @@ def test_mark_delivered_settles_with_a_message_and_never_sends(harness, emulator
     import duckdb
 
     with duckdb.connect(str(store.db_path), read_only=True) as con:
-        [(message,)] = con.execute(
-            "SELECT message FROM ledger WHERE status = 'accepted'").fetchall()
+        [(message,)] = con.execute("SELECT message FROM ledger WHERE status = 'accepted'").fetchall()
     assert message.startswith("marked delivered by a person (release_held_job run ")
     assert "mode mark_delivered" in message
     assert harness.run("events").outcome.requests == 0
@@ -293,8 +303,10 @@ def test_release_command_reconciles_from_a_terminal(harness, emulator, monkeypat
 
     harness.table("events", [_event(i, f"u{i}", BASE + dt.timedelta(seconds=i)) for i in range(4)])
     harness.table("deletes", [cdi_row(BASE, external_id="u9")], payload=False)
-    harness.syncs = [sync_config("events", "events", "main.events"),
-                     sync_config("deletes", "deletions", "main.deletes")]
+    harness.syncs = [
+        sync_config("events", "events", "main.events"),
+        sync_config("deletes", "deletions", "main.deletes"),
+    ]
     emulator.set_faults(FaultConfig(rate_5xx_after=1.0))
     assert harness.run("events").outcome.held == 4
     emulator.set_faults(FaultConfig())

@@ -17,7 +17,7 @@ from braze_assets.delta import DeltaManifest
 from braze_assets.state import StateStore
 from braze_assets_tests.conftest import API_KEY, Harness, events_rows, sync_config
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
 
 
@@ -43,8 +43,11 @@ def test_a_wrong_api_key_stops_delivery_at_the_first_refusal(tmp_path):
 
 
 def test_braze_unreachable_is_an_error_not_a_success(tmp_path, emulator):
-    harness = Harness(tmp_path, emulator, braze_overrides={
-        "rest_endpoint": "http://127.0.0.1:9", "max_attempts": 2, "timeout_s": 1.0})
+    harness = Harness(
+        tmp_path,
+        emulator,
+        braze_overrides={"rest_endpoint": "http://127.0.0.1:9", "max_attempts": 2, "timeout_s": 1.0},
+    )
     harness.table("events", events_rows(200, NOW - dt.timedelta(hours=1)))
     harness.syncs = [sync_config("events", "events", "main.events")]
     run = harness.run("events")
@@ -80,8 +83,7 @@ def test_partial_success_names_what_did_not_go(tmp_path, emulator):
     assert run.outcome.status == "partial_success"
     assert run.outcome.status_detail == "1 rejected by validation"
     # the UI shows it on the results asset: a WARN check with the reason
-    [check] = [e for e in run.result.get_asset_check_evaluations()
-               if e.check_name == "delivery_complete"]
+    [check] = [e for e in run.result.get_asset_check_evaluations() if e.check_name == "delivery_complete"]
     assert not check.passed and check.severity.value == "WARN"
     assert check.description == "1 rejected by validation"
 
@@ -94,13 +96,21 @@ def test_a_delta_already_delivered_by_another_run_says_so(tmp_path, emulator):
     first = harness.run("events")
     manifest = DeltaManifest(**first.delta.to_dict())  # the same delta, handed to a second run
     store = StateStore(harness.state_dir, "events")
-    late = Delivery(spec=DATA_TYPES["events"], store=store, manifest=manifest,
-                    client=BrazeClient(emulator.base_url, API_KEY), policy="hold",
-                    max_in_flight=4, run_id="late-run", log=lambda _: None).run()
+    late = Delivery(
+        spec=DATA_TYPES["events"],
+        store=store,
+        manifest=manifest,
+        client=BrazeClient(emulator.base_url, API_KEY),
+        policy="hold",
+        max_in_flight=4,
+        run_id="late-run",
+        log=lambda _: None,
+    ).run()
     assert late.accepted == 0 and late.settled_since_delta == 100
     assert late.status == "success"
-    assert late.status_detail == ("nothing to send: all 100 rows of this delta were already "
-                                  "delivered by another run")
+    assert late.status_detail == (
+        "nothing to send: all 100 rows of this delta were already delivered by another run"
+    )
     assert len(emulator.store.events()) == 100
 
 

@@ -22,9 +22,10 @@ import asyncio
 import ipaddress
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -134,8 +135,7 @@ class RateBudget:
                     self.remaining -= 1
                 self.in_flight += 1
                 return False  # within the budget (or no limit announced yet)
-            ends = self.reset_at if self.window_end is None else min(self.reset_at,
-                                                                     self.window_end)
+            ends = self.reset_at if self.window_end is None else min(self.reset_at, self.window_end)
             delay = ends - time.time()
             if delay <= 0:
                 self.remaining = None  # a new window: a probe finds out its budget
@@ -149,8 +149,7 @@ class RateBudget:
         if probe:
             self.probing = False
 
-    def observe(self, headers: httpx.Headers, sent_at: float | None = None,
-                status: int = 200) -> None:
+    def observe(self, headers: httpx.Headers, sent_at: float | None = None, status: int = 200) -> None:
         """Take in an answer's rate-limit headers (`sent_at`: when its request left)."""
         self.heard = True
         remaining, reset = headers.get("x-ratelimit-remaining"), headers.get("x-ratelimit-reset")
@@ -181,8 +180,9 @@ class RateBudget:
             self.window_low = max(self.window_low, reset_at - 1 - now)
             self.window_high = min(self.window_high, reset_at - sent_at)
             hint = self.window_hint_s
-            length = hint if hint is not None and self.window_low <= hint <= self.window_high \
-                else self.window_high
+            length = (
+                hint if hint is not None and self.window_low <= hint <= self.window_high else self.window_high
+            )
             self.window_end = now + length
 
     def pause_until(self, when: float) -> None:
@@ -221,10 +221,18 @@ def _transport_failure_is_ambiguous(exc: httpx.TransportError) -> bool:
     ConnectTimeout), so judge by the original aiohttp exception where there is one.
     """
     origin = exc.__cause__
-    if isinstance(origin, aiohttp.ClientError) or isinstance(origin, asyncio.TimeoutError):
+    if isinstance(origin, (aiohttp.ClientError, asyncio.TimeoutError)):
         return not isinstance(origin, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
-    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
-                                httpx.UnsupportedProtocol, httpx.ProxyError))
+    return not isinstance(
+        exc,
+        (
+            httpx.ConnectError,
+            httpx.ConnectTimeout,
+            httpx.PoolTimeout,
+            httpx.UnsupportedProtocol,
+            httpx.ProxyError,
+        ),
+    )
 
 
 class BrazeClient:
@@ -244,16 +252,22 @@ class BrazeClient:
         budget: RateBudget | None = None,
     ) -> None:
         self.base_url = check_endpoint(base_url, allow_custom_host)
-        self._headers = httpx.Headers({"Authorization": f"Bearer {api_key}",
-                                       "Content-Type": "application/json",
-                                       "User-Agent": "braze-assets"})
-        self._limits = httpx.Limits(max_connections=max_connections,
-                                    max_keepalive_connections=max_connections)
+        self._headers = httpx.Headers(
+            {
+                "Authorization": f"Bearer {api_key}",
+                "Content-Type": "application/json",
+                "User-Agent": "braze-assets",
+            }
+        )
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)).as_dict()
         self._urls: dict[str, httpx.URL] = {}
         self.max_attempts = max_attempts
         self._wait = tenacity.wait_exponential_jitter(
-            multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s)
+            multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
+        )
         self._budget = budget
         self._transport: AiohttpTransport | None = None
 
@@ -282,8 +296,9 @@ class BrazeClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self.base_url + path)
-        request = httpx.Request("POST", url, headers=self._headers, content=body,
-                                extensions={"timeout": self._timeout})
+        request = httpx.Request(
+            "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
+        )
         response = await self._transport.handle_async_request(request)
         try:
             content = await response.aread()
@@ -301,8 +316,9 @@ class BrazeClient:
         failure = state.outcome.exception() if state.outcome else None
         return self._retry_wait(failure, state.attempt_number + 1)
 
-    async def post(self, path: str, body: bytes, *, retry_ambiguous: bool,
-                   on_send: Callable[[], None] | None = None) -> RequestOutcome:
+    async def post(
+        self, path: str, body: bytes, *, retry_ambiguous: bool, on_send: Callable[[], None] | None = None
+    ) -> RequestOutcome:
         """POST `body` (JSON bytes) and classify the result; see the module docstring.
         `on_send` runs once, after any pacing wait, just before the request first goes out."""
         assert self._transport is not None, "use `async with BrazeClient(...)`"

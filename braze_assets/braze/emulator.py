@@ -441,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rate-window", type=float, default=3.0, help="window length in seconds")
     parser.add_argument(
-        "--export-rate-limit", type=int, default=None,
+        "--export-rate-limit",
+        type=int,
+        default=None,
         help="/users/export/ids requests per window (default unlimited; Braze's default is 250 per minute)",
     )
     parser.add_argument("--export-rate-window", type=float, default=60.0, help="its window in seconds")

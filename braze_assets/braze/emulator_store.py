@@ -106,8 +106,10 @@ class EmulatorStore:
                     **{name: getattr(self, f"_{name}") for name in ("events", "purchases", "deletions")},
                     "activity": {
                         braze_id: {
-                            field: {name: [format_time(first), format_time(last), n]
-                                    for name, (first, last, n) in named.items()}
+                            field: {
+                                name: [format_time(first), format_time(last), n]
+                                for name, (first, last, n) in named.items()
+                            }
                             for field, named in fields.items()
                         }
                         for braze_id, fields in self._activity.items()
@@ -133,8 +135,10 @@ class EmulatorStore:
             )
             self._activity = {  # absent from snapshots written before the export endpoint
                 braze_id: {
-                    field: {name: [parse_time(first), parse_time(last), n]
-                            for name, (first, last, n) in named.items()}
+                    field: {
+                        name: [parse_time(first), parse_time(last), n]
+                        for name, (first, last, n) in named.items()
+                    }
                     for field, named in fields.items()
                 }
                 for braze_id, fields in data.get("activity", {}).items()
@@ -222,6 +226,7 @@ class EmulatorStore:
                     if all(profile is not other for other in found):
                         found.append(profile)
             return [self._exported(profile, request.fields) for profile in found], invalid
+
     # --- internals (lock held) ---------------------------------------------------------------------
     def _record_activity(self, braze_id: str, array: str, obj: dict) -> None:
         field = "custom_events" if array == "events" else "purchases"
@@ -249,10 +254,14 @@ class EmulatorStore:
         activity = self._activity.get(profile["braze_id"], {})
         for field in _ACTIVITY:
             named = activity.get(field)
-            candidates[field] = [
-                {"name": name, "first": format_time(first), "last": format_time(last), "count": count}
-                for name, (first, last, count) in sorted(named.items())
-            ] if named else None
+            candidates[field] = (
+                [
+                    {"name": name, "first": format_time(first), "last": format_time(last), "count": count}
+                    for name, (first, last, count) in sorted(named.items())
+                ]
+                if named
+                else None
+            )
         for field, value in candidates.items():
             if value is not None and (fields is None or field in fields):
                 user[field] = value

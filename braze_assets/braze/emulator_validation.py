@@ -10,15 +10,23 @@ attribute-merge and profile-creation rules the emulator's store applies to valid
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from braze_assets.braze.contract import (  # one source for the limits the client obeys too
     DELETE_ID_KEYS as DELETE_KEYS,
+)
+from braze_assets.braze.contract import (
     DELETE_MAX_IDS as MAX_DELETE_IDS,
+)
+from braze_assets.braze.contract import (
     EXTERNAL_ID_MAX_BYTES,
-    ISO_4217_CURRENCIES as ISO_4217_CODES,
     MAX_NAME_CHARS,
+)
+from braze_assets.braze.contract import (
+    ISO_4217_CURRENCIES as ISO_4217_CODES,
+)
+from braze_assets.braze.contract import (
     TRACK_MAX_OBJECTS as MAX_TRACK_OBJECTS,
 )
 
@@ -127,13 +135,13 @@ def parse_time(value: str) -> datetime:
         value = f"{java[1]}.{java[2]}{java[3]}"
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def format_time(value: datetime) -> str:
     """Braze's export form of a time: ISO 8601 in UTC with milliseconds, ``2024-05-01T12:00:00.000Z``."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
 def identity_key(id_type: str, value: Any) -> str:
@@ -329,8 +337,20 @@ EXPORT_FIELDS = frozenset(
 )
 #: Standard attributes exported under their own name; every other attribute is a custom attribute.
 STANDARD_ATTRIBUTES = frozenset(
-    {"country", "dob", "email", "email_subscribe", "first_name", "gender", "home_city", "language",
-     "last_name", "phone", "push_subscribe", "time_zone"}
+    {
+        "country",
+        "dob",
+        "email",
+        "email_subscribe",
+        "first_name",
+        "gender",
+        "home_city",
+        "language",
+        "last_name",
+        "phone",
+        "push_subscribe",
+        "time_zone",
+    }
 )
 MAX_EXPORT_IDS = 50  # external_ids and user_aliases per request
 _EXPORT_SINGLE_KEYS = ("device_id", "email_address", "phone")  # one per request, alone
@@ -361,8 +381,9 @@ def export_request(body: Any) -> ExportRequest:
     if alone and (len(singles) > 1 or external_ids or aliases):
         raise RequestError(400, f"'{alone[0]}' must be the only identifier of the request")
     if not (external_ids or aliases or singles):
-        raise RequestError(400, "Provide 'external_ids', 'user_aliases', 'braze_id', 'device_id', "
-                                "'email_address' or 'phone'")
+        raise RequestError(
+            400, "Provide 'external_ids', 'user_aliases', 'braze_id', 'device_id', 'email_address' or 'phone'"
+        )
     fields = body.get("fields_to_export")
     if fields is not None:
         if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
@@ -372,9 +393,13 @@ def export_request(body: Any) -> ExportRequest:
             raise RequestError(400, f"'fields_to_export' has unknown fields: {', '.join(unknown)}")
         fields = frozenset(fields)
     return ExportRequest(
-        tuple(external_ids), tuple((a["alias_name"], a["alias_label"]) for a in aliases),
-        singles.get("braze_id"), singles.get("email_address"), singles.get("phone"),
-        singles.get("device_id"), fields,
+        tuple(external_ids),
+        tuple((a["alias_name"], a["alias_label"]) for a in aliases),
+        singles.get("braze_id"),
+        singles.get("email_address"),
+        singles.get("phone"),
+        singles.get("device_id"),
+        fields,
     )
 
 

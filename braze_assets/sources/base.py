@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -33,8 +33,12 @@ class CdiSource(abc.ABC):
 
     @abc.abstractmethod
     def scan(
-        self, start: dt.datetime | None, end: dt.datetime | None, include_null_updated_at: bool,
-        batch_rows: int, columns: list[str] | None = None,
+        self,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        include_null_updated_at: bool,
+        batch_rows: int,
+        columns: list[str] | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Rows with start <= UPDATED_AT < end (UTC; either bound optional), streamed in Arrow
         batches: `columns` (upper-case names, default all) with UPDATED_AT as timestamp[us, UTC],
@@ -82,8 +86,7 @@ class CdiSource(abc.ABC):
         missing = [c for c in spec.required_columns if c not in columns]
         if missing:
             raise SourceError(
-                f"{self.description} lacks required column(s) {', '.join(missing)} for a "
-                f"{spec.name} sync"
+                f"{self.description} lacks required column(s) {', '.join(missing)} for a {spec.name} sync"
             )
         if not spec.has_payload and "PAYLOAD" in columns:
             raise SourceError(

@@ -32,8 +32,7 @@ _DENIED = (api_exceptions.Forbidden, api_exceptions.Unauthorized, auth_exception
 class BigQuerySource(SqlSource):
     """A CDI table or view in BigQuery; `client` is a context-manager factory of clients."""
 
-    def __init__(self, table: str,
-                 client: Callable[[], contextlib.AbstractContextManager[bigquery.Client]]):
+    def __init__(self, table: str, client: Callable[[], contextlib.AbstractContextManager[bigquery.Client]]):
         super().__init__(table, f"bigquery table {table}")
         self._client_factory = client
 
@@ -61,8 +60,10 @@ class BigQuerySource(SqlSource):
         if isinstance(exc, api_exceptions.NotFound):
             return f"{self.description} does not exist ({detail})"
         if isinstance(exc, _DENIED):
-            return (f"{self.description}: access denied; the service account needs BigQuery Data "
-                    f"Viewer and Job User on it ({detail})")
+            return (
+                f"{self.description}: access denied; the service account needs BigQuery Data "
+                f"Viewer and Job User on it ({detail})"
+            )
         return f"{self.description}: BigQuery request failed ({detail})"
 
     # ----------------------------------------------------------------- dialect hooks
@@ -77,10 +78,12 @@ class BigQuerySource(SqlSource):
 
     @staticmethod
     def _job_config(params: list[dt.datetime]) -> bigquery.QueryJobConfig:
-        return bigquery.QueryJobConfig(query_parameters=[
-            bigquery.ScalarQueryParameter(f"p{i}", "TIMESTAMP" if v.tzinfo else "DATETIME", v)
-            for i, v in enumerate(params)
-        ])
+        return bigquery.QueryJobConfig(
+            query_parameters=[
+                bigquery.ScalarQueryParameter(f"p{i}", "TIMESTAMP" if v.tzinfo else "DATETIME", v)
+                for i, v in enumerate(params)
+            ]
+        )
 
     def _describe(self) -> list[tuple[str, str]]:
         with self._client() as client:
@@ -92,11 +95,9 @@ class BigQuerySource(SqlSource):
             return f"TO_JSON_STRING({super()._select_expression(column, kind)})"
         return super()._select_expression(column, kind)
 
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int
-                       ) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self._client() as client:
-            rows = client.query(sql, job_config=self._job_config(params)).result(
-                page_size=batch_rows)
+            rows = client.query(sql, job_config=self._job_config(params)).result(page_size=batch_rows)
             for batch in rows.to_arrow_iterable():
                 if batch.num_rows:
                     yield batch

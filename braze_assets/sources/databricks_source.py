@@ -31,8 +31,12 @@ class DatabricksSource(SqlSource):
 
     quote_char = "`"
 
-    def __init__(self, table: str, connect: Callable[[], contextlib.AbstractContextManager[Any]],
-                 host: str = "databricks"):
+    def __init__(
+        self,
+        table: str,
+        connect: Callable[[], contextlib.AbstractContextManager[Any]],
+        host: str = "databricks",
+    ):
         super().__init__(table, f"databricks table {table} on {host}")
         self._connect_factory = connect
 
@@ -62,8 +66,10 @@ class DatabricksSource(SqlSource):
     @staticmethod
     def _parameters(params: list[dt.datetime]) -> list[Any]:
         """`:pN` is the N-th value: TIMESTAMP when it is an instant, TIMESTAMP_NTZ when naive."""
-        return [(TimestampParameter if v.tzinfo else TimestampNTZParameter)(v, name=f"p{i}")
-                for i, v in enumerate(params)]
+        return [
+            (TimestampParameter if v.tzinfo else TimestampNTZParameter)(v, name=f"p{i}")
+            for i, v in enumerate(params)
+        ]
 
     # ----------------------------------------------------------------- dialect hooks
     def _placeholder(self, index: int) -> str:
@@ -92,8 +98,7 @@ class DatabricksSource(SqlSource):
             return f"to_json({super()._select_expression(column, kind)})"
         return super()._select_expression(column, kind)
 
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int
-                       ) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self._cursor() as cur:
             cur.execute(sql, self._parameters(params))
             while (table := cur.fetchmany_arrow(batch_rows)).num_rows:

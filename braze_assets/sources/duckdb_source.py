@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import duckdb
 from dagster_duckdb import DuckDBResource
@@ -16,8 +18,12 @@ from braze_assets.sources.sql import SqlSource
 class DuckDBSource(SqlSource):
     """A CDI table in a DuckDB database file, opened read-only so syncs can run side by side."""
 
-    def __init__(self, database: str | Path, table: str,
-                 connect: Callable[[], ContextManager[duckdb.DuckDBPyConnection]] | None = None):
+    def __init__(
+        self,
+        database: str | Path,
+        table: str,
+        connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]] | None = None,
+    ):
         """`connect` is a `DuckDBResource.get_connection` (configured read-only) when run by
         Dagster; without it the file is opened read-only directly."""
         super().__init__(table, f"duckdb table {table} in {Path(database).name}")
@@ -42,14 +48,13 @@ class DuckDBSource(SqlSource):
         finally:
             opener.__exit__(None, None, None)
 
-    def _open_read_only(self) -> ContextManager[duckdb.DuckDBPyConnection]:
+    def _open_read_only(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         return contextlib.closing(duckdb.connect(self.database, read_only=True))
 
     def _describe(self) -> list[tuple[str, str]]:
         with self._connect() as con:
             try:
-                return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {self.qualified_table}")
-                        .fetchall()]
+                return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {self.qualified_table}").fetchall()]
             except duckdb.CatalogException:
                 raise SourceError(f"{self.description} does not exist") from None
 

@@ -25,8 +25,7 @@ def make_source(sync: SyncConfig, resource: Any) -> CdiSource:
 
         # in a run, context.resources.s3 is the boto3 client S3Resource attaches
         client = resource.get_client() if hasattr(resource, "get_client") else resource
-        return S3Source(client, sync.source.bucket, sync.source.prefix,
-                        sample_key=sync.source.sample_key)
+        return S3Source(client, sync.source.bucket, sync.source.prefix, sample_key=sync.source.sample_key)
     if kind == "duckdb":
         from braze_assets.sources.duckdb_source import DuckDBSource
 
@@ -41,7 +40,8 @@ def make_source(sync: SyncConfig, resource: Any) -> CdiSource:
         from braze_assets.sources.snowflake_source import SnowflakeSource
 
         account = getattr(resource, "account", None) or getattr(
-            getattr(resource, "snowflake_connection_resource", None), "account", "snowflake")
+            getattr(resource, "snowflake_connection_resource", None), "account", "snowflake"
+        )
         return SnowflakeSource(table, resource.get_connection, account=account)
     if kind == "bigquery":
         from braze_assets.sources.bigquery_source import BigQuerySource

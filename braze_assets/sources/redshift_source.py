@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -39,9 +40,13 @@ class RedshiftSource(SqlSource):
     def from_resource(cls, resource, table: str) -> RedshiftSource:
         """From a dagster_aws.redshift.RedshiftClientResource (password never leaves it)."""
         settings = {
-            "host": resource.host, "port": resource.port, "user": resource.user,
-            "password": resource.password, "dbname": resource.database,
-            "connect_timeout": resource.connect_timeout, "sslmode": resource.sslmode,
+            "host": resource.host,
+            "port": resource.port,
+            "user": resource.user,
+            "password": resource.password,
+            "dbname": resource.database,
+            "connect_timeout": resource.connect_timeout,
+            "sslmode": resource.sslmode,
         }
         return cls(table, lambda: _psycopg2().connect(**settings), host=resource.host)
 
@@ -89,8 +94,7 @@ class RedshiftSource(SqlSource):
             raise SourceError(f"{self.description} does not exist (or is not visible to the user)")
         return columns
 
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int
-                       ) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self._connect() as con:
             with con.cursor(name=f"braze_assets_{uuid.uuid4().hex[:12]}") as cur:
                 cur.itersize = batch_rows
@@ -100,7 +104,7 @@ class RedshiftSource(SqlSource):
                     if not rows:
                         break
                     names = [d[0] for d in cur.description]
-                    yield pa.RecordBatch.from_pylist([dict(zip(names, r)) for r in rows])
+                    yield pa.RecordBatch.from_pylist([dict(zip(names, r, strict=True)) for r in rows])
             con.rollback()
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:
@@ -110,4 +114,3 @@ class RedshiftSource(SqlSource):
                 return cur.fetchone()[0]
 
         return self._run(scalar)
-

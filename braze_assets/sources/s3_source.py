@@ -27,8 +27,9 @@ import datetime as dt
 import hashlib
 import io
 import itertools
+from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -38,7 +39,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.sources.base import CdiSource, SourceError
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 S3_MAX_FILE_BYTES = 512 * 1024 * 1024  # [CDI-S3] larger files fail and are not synced
 S3_MAX_LINE_BYTES = 16 * 1024 * 1024  # a PAYLOAD may be 1 MB at most anyway [A2.2]
 FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -100,8 +101,9 @@ class _S3Reader(io.RawIOBase):
             return 0
         try:
             if self._body is None:
-                self._body = self.client.get_object(Bucket=self.bucket, Key=self.file.key,
-                                                    Range=f"bytes={self.pos}-")["Body"]
+                self._body = self.client.get_object(
+                    Bucket=self.bucket, Key=self.file.key, Range=f"bytes={self.pos}-"
+                )["Body"]
             data = self._body.read(len(buffer))
         except (BotoCoreError, ClientError) as exc:
             raise SourceError(f"cannot read s3://{self.bucket}/{self.file.key} ({exc})") from None
@@ -122,9 +124,17 @@ class _S3Reader(io.RawIOBase):
 class S3Source(CdiSource):
     """The supported files under `s3://bucket/prefix` as one CDI table (see the module doc)."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", *,
-                 skip_keys: set[str] | None = None, sample_key: str | None = None,
-                 sample_lines: int = 1000, buffer_bytes: int = 1 << 20):
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        skip_keys: set[str] | None = None,
+        sample_key: str | None = None,
+        sample_lines: int = 1000,
+        buffer_bytes: int = 1 << 20,
+    ):
         """`client`: a boto3 S3 client. `skip_keys`: files known to be fully settled, never read.
         `sample_key`: the file `columns()` reads (default: the newest readable one)."""
         self.client, self.bucket = client, bucket
@@ -149,14 +159,21 @@ class S3Source(CdiSource):
             files = []
             try:
                 for page in self.client.get_paginator("list_objects_v2").paginate(
-                        Bucket=self.bucket, Prefix=self.prefix):
-                    files += [S3File(o["Key"], o["Size"], o["LastModified"].astimezone(UTC))
-                              for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+                    Bucket=self.bucket, Prefix=self.prefix
+                ):
+                    files += [
+                        S3File(o["Key"], o["Size"], o["LastModified"].astimezone(UTC))
+                        for o in page.get("Contents", [])
+                        if not o["Key"].endswith("/")
+                    ]
             except (BotoCoreError, ClientError) as exc:
                 raise SourceError(f"{self.description}: cannot list files ({exc})") from None
             self._listing = sorted(files, key=lambda f: (f.last_modified, f.key))
-        return [f for f in self._listing
-                if (start is None or f.last_modified >= start) and (end is None or f.last_modified < end)]
+        return [
+            f
+            for f in self._listing
+            if (start is None or f.last_modified >= start) and (end is None or f.last_modified < end)
+        ]
 
     def oversized_files(self, start=None, end=None) -> list[S3File]:
         """Supported files over the 512 MB limit [CDI-S3], never read: see `oversize_reason`."""
@@ -167,8 +184,11 @@ class S3Source(CdiSource):
         return [f for f in self.list_files(start, end) if not file_format(f.key)]
 
     def _readable(self, start=None, end=None, skip: bool = True) -> list[S3File]:
-        return [f for f in self.list_files(start, end) if file_format(f.key)
-                and f.size <= S3_MAX_FILE_BYTES and not (skip and f.key in self.skip_keys)]
+        return [
+            f
+            for f in self.list_files(start, end)
+            if file_format(f.key) and f.size <= S3_MAX_FILE_BYTES and not (skip and f.key in self.skip_keys)
+        ]
 
     # ----------------------------------------------------------------- CdiSource
     def columns(self) -> dict[str, str]:
@@ -176,10 +196,16 @@ class S3Source(CdiSource):
         if self._types is None:
             files = [f for f in self._readable(skip=False) if f.key == (self.sample_key or f.key)]
             if not files:
-                raise SourceError(f"{self.description} has no readable JSON-lines, CSV or Parquet "
-                                  "file (of at most 512 MB) to read columns from")
-            self._types = {**self._file_columns(files[-1]), "UPDATED_AT": "TIMESTAMP WITH TIME "
-                           "ZONE (S3 LastModified)", "_FILE": "VARCHAR", "_LINE": "BIGINT"}
+                raise SourceError(
+                    f"{self.description} has no readable JSON-lines, CSV or Parquet "
+                    "file (of at most 512 MB) to read columns from"
+                )
+            self._types = {
+                **self._file_columns(files[-1]),
+                "UPDATED_AT": "TIMESTAMP WITH TIME ZONE (S3 LastModified)",
+                "_FILE": "VARCHAR",
+                "_LINE": "BIGINT",
+            }
         return self._types
 
     def check_shape(self, spec: DataTypeSpec) -> list[str]:
@@ -209,10 +235,14 @@ class S3Source(CdiSource):
     def fingerprint(self) -> dict:
         """From the listing alone (no file is read): newest LastModified and a digest of it."""
         files = self.list_files()
-        digest = hashlib.sha256("\n".join(f"{f.key}|{f.size}|{f.last_modified.isoformat()}"
-                                           for f in files).encode()).hexdigest()[:16]
-        return {"newest": files[-1].last_modified.isoformat() if files else None,
-                "files": len(files), "digest": digest}
+        digest = hashlib.sha256(
+            "\n".join(f"{f.key}|{f.size}|{f.last_modified.isoformat()}" for f in files).encode()
+        ).hexdigest()[:16]
+        return {
+            "newest": files[-1].last_modified.isoformat() if files else None,
+            "files": len(files),
+            "digest": digest,
+        }
 
     @staticmethod
     def _signature(file: S3File) -> str:
@@ -224,14 +254,14 @@ class S3Source(CdiSource):
     def skip_parts(self, settled: dict[str, str]) -> int:
         """Files whose every row was settled, unchanged since (an overwritten file is read again,
         as CDI re-processes a re-uploaded file)."""
-        self.skip_keys = {f.key for f in self.list_files()
-                          if settled.get(f.key) == self._signature(f)}
+        self.skip_keys = {f.key for f in self.list_files() if settled.get(f.key) == self._signature(f)}
         return len(self.skip_keys)
 
     def unreadable(self, start=None, end=None) -> list[str]:
         return [oversize_reason(f) for f in self.oversized_files(start, end)] + [
             f"file {f.key} is not JSON lines, CSV or Parquet (by its extension)"
-            for f in self.unsupported_files(start, end)]
+            for f in self.unsupported_files(start, end)
+        ]
 
     def count(self, start=None, end=None) -> int:
         """Rows `scan` gives for [start, end). Unlike a warehouse this READS the files in the window
@@ -287,8 +317,10 @@ class S3Source(CdiSource):
 
     def _refuse_payload(self, file: S3File, names, where: str = "") -> None:
         if self._forbid_payload and "PAYLOAD" in {n.upper() for n in names}:
-            raise SourceError(f"{self.description}: {file.key}{where} has a payload column; a "
-                              "deletion sync refuses it as a guard against deleting users by mistake")
+            raise SourceError(
+                f"{self.description}: {file.key}{where} has a payload column; a "
+                "deletion sync refuses it as a guard against deleting users by mistake"
+            )
 
     def _records(self, file: S3File, batch_rows: int, wanted=None) -> Iterator[Record]:
         """(number, row with upper-cased keys) per record, or (number, text) for a bad one."""
@@ -342,7 +374,7 @@ class S3Source(CdiSource):
             elif problem or (values and len(values) != len(header)):
                 yield start, ",".join(values) or problem
             elif values:  # a blank line is no record; an empty cell is NULL
-                yield start, {h: v or None for h, v in zip(header, values)}
+                yield start, {h: v or None for h, v in zip(header, values, strict=False)}
             start = seen["line"] + 1
 
     def _file_columns(self, file: S3File) -> dict[str, str]:
@@ -350,7 +382,7 @@ class S3Source(CdiSource):
         if kind == "parquet":
             with self._parquet(file) as parquet:
                 schema = parquet.schema_arrow
-                return {n.upper(): str(t) for n, t in zip(schema.names, schema.types)}
+                return {n.upper(): str(t) for n, t in zip(schema.names, schema.types, strict=True)}
         with contextlib.closing(self._lines(file)) as lines:
             if kind == "csv":
                 header = next(csv.reader(text for _, text, _ in lines), [])

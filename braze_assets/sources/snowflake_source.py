@@ -45,8 +45,12 @@ def _base_type(kind: str) -> str:
 class SnowflakeSource(SqlSource):
     """A CDI table or view in Snowflake; `connect` is a context-manager factory of connections."""
 
-    def __init__(self, table: str, connect: Callable[[], contextlib.AbstractContextManager[Any]],
-                 account: str | None = None):
+    def __init__(
+        self,
+        table: str,
+        connect: Callable[[], contextlib.AbstractContextManager[Any]],
+        account: str | None = None,
+    ):
         where = f" in account {account}" if account else ""
         super().__init__(snowflake_case(table), f"snowflake table {table}{where}")
         self._connect_factory = connect
@@ -71,7 +75,8 @@ class SnowflakeSource(SqlSource):
         if exc.errno == NOT_FOUND or state == "42S02":
             return f"{self.description} does not exist, or the role may not read it ({detail})"
         if state.startswith(("08", "28")) or isinstance(
-                exc, (sf_errors.OperationalError, sf_errors.InterfaceError)):
+            exc, (sf_errors.OperationalError, sf_errors.InterfaceError)
+        ):
             return f"{self.description}: cannot connect to or authenticate with Snowflake ({detail})"
         return f"{self.description}: query failed ({detail})"
 
@@ -98,8 +103,7 @@ class SnowflakeSource(SqlSource):
             return f"TO_JSON({super()._select_expression(column, kind)})"
         return super()._select_expression(column, kind)
 
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int
-                       ) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """The connector's Arrow result chunks, re-cut to at most `batch_rows` rows; a driver that
         cannot give Arrow (a JSON result format, fakesnow's in-process fake) is read with
         fetchmany(batch_rows)."""

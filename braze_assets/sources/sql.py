@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
 from braze_assets.sources.base import CdiSource, SourceError
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def split_table_name(table: str) -> list[str]:
@@ -52,8 +53,7 @@ class SqlSource(CdiSource):
         """(column name, type) of the table; raise SourceError if it is missing."""
 
     @abc.abstractmethod
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int
-                       ) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """Run a query and stream its result as Arrow record batches."""
 
     @abc.abstractmethod
@@ -108,12 +108,10 @@ class SqlSource(CdiSource):
             where = f"({where}) OR {col} IS NULL"
         return where, params
 
-    def scan_sql(self, start, end, include_null, columns: list[str] | None = None
-                 ) -> tuple[str, list[Any]]:
+    def scan_sql(self, start, end, include_null, columns: list[str] | None = None) -> tuple[str, list[Any]]:
         self.columns()
         wanted = columns or list(self._names)
-        select = ", ".join(f"{self._select_expression(c, self._types[c])} AS {self.quote(c)}"
-                           for c in wanted)
+        select = ", ".join(f"{self._select_expression(c, self._types[c])} AS {self.quote(c)}" for c in wanted)
         where, params = self._where(start, end, include_null)
         return f"SELECT {select} FROM {self.qualified_table} WHERE {where}", params
 
@@ -124,16 +122,13 @@ class SqlSource(CdiSource):
 
     def count(self, start=None, end=None) -> int:
         where, params = self._where(start, end)
-        return int(self._scalar(f"SELECT count(*) FROM {self.qualified_table} WHERE {where}",
-                                params))
+        return int(self._scalar(f"SELECT count(*) FROM {self.qualified_table} WHERE {where}", params))
 
     def max_updated_at(self):
-        return _as_utc(self._scalar(f"SELECT max({self._updated_at()}) FROM "
-                                    f"{self.qualified_table}", []))
+        return _as_utc(self._scalar(f"SELECT max({self._updated_at()}) FROM {self.qualified_table}", []))
 
     def min_updated_at(self):
-        return _as_utc(self._scalar(f"SELECT min({self._updated_at()}) FROM "
-                                    f"{self.qualified_table}", []))
+        return _as_utc(self._scalar(f"SELECT min({self._updated_at()}) FROM {self.qualified_table}", []))
 
 
 def _as_utc(value: Any) -> dt.datetime | None:
