@@ -17,7 +17,7 @@ from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.resources import BrazeResource, DeliveryStateResource
-from braze_assets.sources.base import SourceError
+from braze_assets.sources.base import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
 UTC = dt.UTC
@@ -38,6 +38,21 @@ def partitions_for(sync: SyncConfig) -> dg.DailyPartitionsDefinition:
 
 def partitions_start(sync: SyncConfig) -> dt.datetime:
     return dt.datetime.combine(sync.partitions_start, dt.time(), tzinfo=UTC)
+
+
+def pending_start(
+    sync: SyncConfig, watermark: dt.datetime | None, source: CdiSource, now: dt.datetime
+) -> dt.datetime:
+    """Where rows not yet delivered can be: the watermark minus the lookback, or on a first sync
+    the table's oldest row; never before partitions_start."""
+    if watermark is not None:
+        start = watermark - sync.lookback
+    else:
+        try:
+            start = source.min_updated_at() or now
+        except SourceError:
+            start = now  # the run itself reports the source error, changing nothing
+    return max(start, partitions_start(sync))
 
 
 @dataclass(frozen=True)
@@ -124,9 +139,21 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             rejected_path=str(run_dir / "rejected.parquet"),
         )
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
+        keys = context.partition_key_range
+        if window.end > now and keys.start == keys.end:
+            # "Sync now": Materialize on the latest partition (the UI's default) delivers
+            # everything pending, exactly like a scheduled tick; ranges stay as chosen.
+            start = min(window.start, pending_start(sync, watermark, source, now))
+            if start < window.start:
+                context.log.info(
+                    f"{sync.name}: sync now: the latest partition delivers everything pending "
+                    f"since {start:%Y-%m-%d %H:%M} UTC (watermark minus lookback)"
+                )
+                window = dg.TimeWindow(start, window.end)
+                manifest.window_start = start.isoformat()
         context.log.info(
             f"{sync.name}: computing the delta of {source.description} for "
-            f"[{window.start:%Y-%m-%d}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC"
+            f"[{window.start:%Y-%m-%d %H:%M}, {min(window.end, now):%Y-%m-%d %H:%M}) UTC"
         )
         try:
             compute_delta(

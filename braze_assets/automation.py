@@ -13,7 +13,7 @@ from dagster._core.storage.tags import (
 from braze_assets.assets import (
     SyncAssets,
     partitions_for,
-    partitions_start,
+    pending_start,
     source_key,
     utc_now,
 )
@@ -32,14 +32,7 @@ def incremental_range(
     carry empty days: Dagster records every partition of a run's range.
     """
     watermark = delivery_state.store(sync.name).read_watermark().value
-    if watermark is not None:
-        start = watermark - sync.lookback
-    else:
-        try:
-            start = source.min_updated_at() or now
-        except SourceError:
-            start = now  # the run itself reports the source error, changing nothing
-    start = max(start, partitions_start(sync))
+    start = pending_start(sync, watermark, source, now)
     keys = partitions_for(sync).get_partition_keys(current_time=now)
     first = start.strftime("%Y-%m-%d")
     return dg.PartitionKeyRange(max(first, keys[0]), keys[-1])

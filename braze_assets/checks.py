@@ -70,13 +70,20 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
     def row_error_rate(delta: DeltaManifest) -> dg.AssetCheckResult:
         evaluated = delta.valid + delta.rejected
         rate = delta.rejected / evaluated if evaluated else 0.0
+        judged = evaluated >= sync.min_rows_for_error_rate
+        description = (
+            f"{delta.rejected:,} of {evaluated:,} rows rejected ({rate:.1%}); "
+            f"threshold {sync.max_row_error_rate:.0%}"
+        )
+        if not judged:
+            description += (
+                f"; not judged below {sync.min_rows_for_error_rate:,} rows "
+                "(min_rows_for_error_rate): the rejected rows are listed, never sent"
+            )
         return dg.AssetCheckResult(
-            passed=rate <= sync.max_row_error_rate,
+            passed=not judged or rate <= sync.max_row_error_rate,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=(
-                f"{delta.rejected:,} of {evaluated:,} rows rejected ({rate:.1%}); "
-                f"threshold {sync.max_row_error_rate:.0%}"
-            ),
+            description=description,
             metadata={
                 "error_rate": round(rate, 4),
                 "threshold": sync.max_row_error_rate,

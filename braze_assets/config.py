@@ -192,6 +192,8 @@ class SyncConfig(_Strict):
     ambiguous_policy: Literal["resend", "hold"] | None = None
     #: The run's row-error-rate check blocks delivery above this fraction of rows read.
     max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    #: ... judged only when a run evaluates at least this many rows: 1 bad row of 3 is no trend.
+    min_rows_for_error_rate: int = Field(default=20, ge=0)
     #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
     max_deletions: int = Field(default=1_000, ge=1)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).

@@ -28,7 +28,7 @@ def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path,
             sync_config("ok", "events", "main.ok"),
             sync_config("partial", "events", "main.partial"),
             sync_config("missing", "events", "main.nope"),
-            sync_config("blocked", "events", "main.blocked"),
+            sync_config("blocked", "events", "main.blocked", min_rows_for_error_rate=0),
         ],
     )
     project.harness.table("ok", events_rows(5, HOUR_AGO))

@@ -126,15 +126,33 @@ def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
 
 def test_row_error_rate_check_blocks_delivery_and_changes_no_state(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
-    rows = events_rows(4, ts) + [cdi_row(ts, "{broken", external_id=f"b{i}") for i in range(4)]
+    rows = events_rows(20, ts) + [cdi_row(ts, "{broken", external_id=f"b{i}") for i in range(20)]
     harness.table("ev", rows)
     harness.syncs = [sync_config("ev_sync", "events", "main.ev", max_row_error_rate=0.2)]
     run = harness.run("ev_sync")
     assert not run.result.success and run.outcome is None
     failed = [e for e in run.result.get_asset_check_evaluations() if not e.passed]
     assert {e.check_name for e in failed} >= {"row_error_rate"}
+    [check] = [e for e in failed if e.check_name == "row_error_rate"]
+    assert check.description == "20 of 40 rows rejected (50.0%); threshold 20%"
     assert emulator.store.stats()["events"] == 0
     assert harness.ledger("ev_sync") == {} and harness.watermark("ev_sync") is None
+
+
+def test_row_error_rate_does_not_judge_a_tiny_sample(harness, emulator):
+    """1 bad row of 3 is 33%, but no trend: below min_rows_for_error_rate the check passes and
+    says why; the bad row is still rejected and listed, the good ones go out."""
+    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    harness.table("ev", events_rows(2, ts) + [cdi_row(ts, "{broken", external_id="b0")])
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev", max_row_error_rate=0.2)]
+    run = harness.run("ev_sync")
+    assert run.result.success and run.outcome.accepted == 2
+    [check] = [e for e in run.result.get_asset_check_evaluations() if e.check_name == "row_error_rate"]
+    assert check.passed
+    assert check.description == (
+        "1 of 3 rows rejected (33.3%); threshold 20%; not judged below 20 rows "
+        "(min_rows_for_error_rate): the rejected rows are listed, never sent"
+    )
 
 
 def test_mass_deletion_guard_blocks_then_passes_within_ceiling(harness, emulator):
@@ -191,3 +209,21 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
             "AND constraint_type = 'PRIMARY KEY'"
         ).fetchall() == [(0,)]
         assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",), ("c",)]
+
+
+def test_materializing_the_latest_partition_syncs_everything_pending(harness, emulator):
+    """The UI's default Materialize selects only the latest partition: like CDI's "Sync now" it
+    delivers every pending row (watermark minus lookback .. now), not only today's."""
+    now = _now()
+    older = [(now - dt.timedelta(days=d)).replace(tzinfo=None) for d in (5, 3, 1)]
+    harness.table("ev", [row for n, ts in enumerate(older) for row in events_rows(10, ts, start=10 * n)])
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
+    today = now.strftime("%Y-%m-%d")
+    run = harness.run("ev_sync", keys=dg.PartitionKeyRange(today, today))
+    assert run.result.success and run.outcome.accepted == 30
+    assert len(emulator.store.events()) == 30
+    # a date range picked on purpose (a backfill) still re-evaluates only those days
+    harness.table("ev", events_rows(5, older[0], start=100))  # late rows, 5 days back
+    day = (now - dt.timedelta(days=3)).strftime("%Y-%m-%d")
+    backfill = harness.run("ev_sync", keys=dg.PartitionKeyRange(day, today))
+    assert backfill.delta.rows_read == 20 and backfill.outcome.accepted == 0
