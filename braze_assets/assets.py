@@ -93,11 +93,13 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
 def build_sync_assets(sync: SyncConfig) -> SyncAssets:
     spec = DATA_TYPES[sync.data_type]
     partitions = partitions_for(sync)
+    # The sync's own description (syncs.yaml) leads every asset of its group in the UI.
+    intro = f"{sync.description}\n\n" if sync.description else ""
     src_key = source_key(sync)
     kinds = {sync.source.type}
     source = dg.AssetSpec(
         key=src_key,
-        description=f"CDI {sync.data_type} table `{sync.source.table}` (external; observed by the "
+        description=intro + f"CDI {sync.data_type} table `{sync.source.table}` (external; observed by the "
         f"`{sync.name}` sensor and runs: row count, newest UPDATED_AT).",
         group_name=sync.name,
         kinds=kinds,
@@ -115,7 +117,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         required_resource_keys={resource_key(sync), "delivery_state"},
         pool=f"braze_sync_{sync.name}",
         description=(
-            f"Rows of `{sync.source.table}` in the run's UPDATED_AT window that {sync.name} has not "
+            intro
+            + f"Rows of `{sync.source.table}` in the run's UPDATED_AT window that {sync.name} has not "
             "settled yet, validated with the {0} schema: valid rows as ready Braze objects, "
             "invalid rows with their reasons (never sent).".format(sync.data_type)
         ),
@@ -231,7 +234,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             )
         ],
         description=(
-            f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
+            intro + f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
             "ledger (accepted / failed with Braze's message / held when the outcome is unknown), "
             "counts, throughput and the watermark after the run."
         ),

@@ -146,3 +146,17 @@ def test_incremental_range_survives_a_missing_table(harness):
         sync, resources["delivery_state"], dt.datetime.now(UTC), make_source(sync, resources["duckdb"])
     )
     assert keys.start == keys.end == dt.datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def test_a_syncs_description_leads_its_assets_descriptions(tmp_path, emulator):
+    from braze_assets_tests.conftest import Harness
+
+    harness = Harness(tmp_path, emulator)
+    harness.syncs = [sync_config("ev", "events", "main.ev", description="App events for CRM.")]
+    graph = harness.definitions().resolve_asset_graph()
+    for key in (
+        dg.AssetKey("ev_delta"),
+        dg.AssetKey("ev_sync_results"),
+        dg.AssetKey(["duckdb", "main", "ev"]),
+    ):
+        assert graph.get(key).description.startswith("App events for CRM.\n\n")
