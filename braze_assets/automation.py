@@ -215,15 +215,6 @@ def release_held_job():
     release_held_rows()
 
 
-@dg.run_failure_sensor(description="Reports failed sync runs (hook your alerting in here).")
-def sync_failure_alert(context: dg.RunFailureSensorContext):
-    sync = context.dagster_run.tags.get("braze_assets/sync", "?")
-    context.log.error(
-        f"braze_assets sync {sync} failed in run {context.dagster_run.run_id}: "
-        f"{context.failure_event.message}"
-    )
-
-
 def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
     """`<sync>_test_connection`: connect, check the table, preview rows with their validation."""
     from braze_assets.connection import check_connection, preview_markdown

@@ -240,17 +240,9 @@ def _run_error(result) -> str | None:
     while executing op" wrapper), else the run failure's message."""
     failures = result.get_step_failure_events()
     if failures:
-        data = failures[0].step_failure_data
-        if data.user_failure_data is not None and data.user_failure_data.description:
-            return data.user_failure_data.description.strip()[:500]  # a dg.Failure's own words
-        error = data.error
-        while error.cause is not None:
-            error = error.cause
-        message = error.message.strip()
-        qualified, sep, rest = message.partition(": ")
-        if sep and qualified.rsplit(".", 1)[-1] == error.cls_name:
-            message = f"{error.cls_name}: {rest}"
-        return message[:500]
+        from braze_assets.alerts import step_failure_cause
+
+        return step_failure_cause(failures[0])
     if not result.success:
         return result.get_run_failure_event().message or "the run failed"
     return None

@@ -171,6 +171,42 @@ class SensorConfig(_Strict):
     minimum_interval_seconds: int = Field(default=60, ge=30, le=86_400)
 
 
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+class AlertsConfig(_Strict):
+    """Who hears about a sync's runs, like CDI's contact emails: global errors always, row errors
+    above a threshold, successes on request. Addresses are not secrets; the Slack webhook URL is,
+    so config names the environment variable that holds it."""
+
+    emails: list[str] = []
+    #: environment variable holding a Slack incoming-webhook URL (a secret: never in config)
+    slack_webhook_env: str | None = None
+    #: also alert when a run succeeds
+    on_success: bool = False
+    #: alert when more than this share of the run's rows failed (validation or at Braze)
+    row_error_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @field_validator("emails")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            local, at, domain = address.partition("@")
+            if not (local and at and "." in domain) or any(c.isspace() for c in address):
+                raise ValueError(f"{address!r} is not an email address")
+        return value
+
+    @field_validator("slack_webhook_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an environment variable name (upper-case letters, digits, _); "
+                "put the webhook URL in that variable, never in the config file"
+            )
+        return value
+
+
 class SyncConfig(_Strict):
     """One integration: a source table synced to Braze as one data type."""
 
@@ -194,6 +230,8 @@ class SyncConfig(_Strict):
     max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
     #: ... judged only when a run evaluates at least this many rows: 1 bad row of 3 is no trend.
     min_rows_for_error_rate: int = Field(default=20, ge=0)
+    #: who hears about this sync's runs (email, Slack); none by default
+    alerts: AlertsConfig = AlertsConfig()
     #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
     max_deletions: int = Field(default=1_000, ge=1)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).

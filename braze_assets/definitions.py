@@ -12,6 +12,7 @@ import os
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from braze_assets.alert_sensors import build_alert_sensors
 from braze_assets.assets import build_sync_assets
 from braze_assets.automation import (
     build_connection_job,
@@ -20,7 +21,6 @@ from braze_assets.automation import (
     build_schedule,
     build_sensor,
     release_held_job,
-    sync_failure_alert,
 )
 from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
@@ -113,7 +113,7 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
 
 def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) -> dg.Definitions:
     assets, checks, jobs, schedules = [], [], [release_held_job], []
-    sensors = [sync_failure_alert, build_reclaim_sensor(syncs)]
+    sensors = [*build_alert_sensors(syncs), build_reclaim_sensor(syncs)]
     for sync in syncs:
         built = build_sync_assets(sync)
         job = build_job(built)

@@ -1,0 +1,105 @@
+"""The sensors that turn sync runs into alerts (`alerts.py`), however the run was started.
+
+A run is tied to its syncs by the job's `braze_assets/sync` tag (schedules, sensors, the CLI) or by
+its asset selection (Materialize in the UI, backfills), so an alert always names its sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from braze_assets.alerts import Alert, AlertError, row_error_share, send, step_failure_cause
+from braze_assets.config import SyncConfig
+
+SYNC_TAG = "braze_assets/sync"
+_SUFFIXES = ("_sync_results", "_delta")
+
+
+def syncs_of_run(run: dg.DagsterRun, names: set[str]) -> list[str]:
+    """The syncs a run materialized (or tried to)."""
+    found = {run.tags[SYNC_TAG]} & names if SYNC_TAG in run.tags else set()
+    for key in run.asset_selection or ():
+        last = key.path[-1]
+        for suffix in _SUFFIXES:
+            if last.endswith(suffix) and last[: -len(suffix)] in names:
+                found.add(last[: -len(suffix)])
+    return sorted(found)
+
+
+def _results_metadata(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict[str, Any] | None:
+    """What the run's `<sync>_sync_results` materialization said (the same for every partition of
+    a ranged run)."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1000
+    ).records
+    key = dg.AssetKey(f"{sync}_sync_results")
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is not None and materialization.asset_key == key:
+            return {name: value.value for name, value in materialization.metadata.items()}
+    return None
+
+
+def _counts(metadata: dict[str, Any]) -> dict[str, int]:
+    return {k: int(v) for k, v in metadata.items() if k.startswith("rows_") and isinstance(v, int)}
+
+
+def _deliver(context: dg.RunStatusSensorContext, alert: Alert, sync: SyncConfig) -> None:
+    try:
+        sent = send(alert, sync.alerts)
+    except AlertError as exc:
+        context.log.error(str(exc))
+        return
+    context.log.info(f"{alert.subject} (run {alert.run_id}): sent by {', '.join(sent)}")
+
+
+def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
+    by_name = {s.name: s for s in syncs}
+    alerted = {s.name: s for s in syncs if s.alerts.emails or s.alerts.slack_webhook_env}
+
+    @dg.run_failure_sensor(
+        name="sync_failure_alert",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Alerts (email, Slack: each sync's `alerts`) when a sync's run fails: a global "
+        "error such as an unreachable warehouse, a refused API key or a blocking check.",
+    )
+    def sync_failure_alert(context: dg.RunFailureSensorContext) -> None:
+        run = context.dagster_run
+        failures = context.get_step_failure_events()
+        detail = step_failure_cause(failures[0]) if failures else (context.failure_event.message or "")
+        for name in syncs_of_run(run, set(by_name)):
+            context.log.error(f"braze_assets sync {name} failed in run {run.run_id}: {detail}")
+            if name in alerted:
+                counts = _counts(_results_metadata(context.instance, run.run_id, name) or {})
+                alert = Alert(name, run.run_id, "error", "error", detail, counts)
+                _deliver(context, alert, alerted[name])
+
+    @dg.run_status_sensor(
+        name="sync_result_alert",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Alerts when a sync's run rejected or failed more rows than its "
+        "`alerts.row_error_threshold`, and on every success when `alerts.on_success` is set.",
+    )
+    def sync_result_alert(context: dg.RunStatusSensorContext) -> None:
+        run = context.dagster_run
+        for name in syncs_of_run(run, set(alerted)):
+            sync = alerted[name]
+            metadata = _results_metadata(context.instance, run.run_id, name)
+            if metadata is None:
+                continue  # the run did not deliver this sync (a check blocked it: a failure)
+            counts = _counts(metadata)
+            status, detail = str(metadata.get("status", "")), str(metadata.get("status_detail", ""))
+            share = row_error_share(counts)
+            if share > sync.alerts.row_error_threshold:
+                detail = (
+                    f"{share:.1%} of the rows failed (threshold "
+                    f"{sync.alerts.row_error_threshold:.1%}); {detail}"
+                )
+                _deliver(context, Alert(name, run.run_id, "row_errors", status, detail, counts), sync)
+            elif sync.alerts.on_success:
+                _deliver(context, Alert(name, run.run_id, "success", status, detail, counts), sync)
+
+    return [sync_failure_alert, sync_result_alert]
