@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import warnings
@@ -314,6 +315,52 @@ def _seed_if_needed(home: Path) -> None:
         print(f"Using the existing warehouse {warehouse} (delete it, or pass --reset, to reseed)")
 
 
+#: how long the UI's processes get to stop after Ctrl-C before they are killed
+UI_STOP_GRACE_S = 15.0
+
+
+def run_ui(ui_port: int) -> int:
+    """`dagster dev` on the project until Ctrl-C, then every process it started stops within
+    seconds. It runs in its own process group: Ctrl-C reaches only this process, which asks the
+    whole group to stop (SIGINT), waits a little, then kills what is left. Killing only
+    `dagster dev` itself would leave its webserver, daemon and code servers running."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::dagster.BetaWarning"}  # 260 beta notices
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml"), "-p", str(ui_port)]
+    print(f"Starting the Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C to stop) ...", flush=True)
+    process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print("Stopping the Dagster UI ...", flush=True)
+        _stop_group(process)
+        return 0
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT to the UI's process group; SIGKILL to whatever of it is left after the grace."""
+    import time
+
+    group = process.pid  # the group's leader: started with start_new_session
+    try:
+        os.killpg(group, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + UI_STOP_GRACE_S
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, or its zombie keeps the group alive
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # every process of the group has stopped
+        time.sleep(0.2)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["release"]:  # its own options: see `braze-assets release --help`
@@ -334,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reset", action="store_true", help="demo/ui: start from a fresh warehouse, emulator and state"
     )
     parser.add_argument("--port", type=int, default=DEMO_PORT, help="demo/ui: emulator port")
+    parser.add_argument("--ui-port", type=int, default=3000, help="ui: the Dagster UI's port")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
     parser.add_argument("--log-level", default="INFO", help="Dagster console log level")
     args = parser.parse_args(argv)
@@ -360,11 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Local Braze emulator on {emulator.base_url}")
     try:
         if args.command == "ui":
-            print("Starting the Dagster UI (Ctrl-C to stop) ...")
-            root = Path(__file__).resolve().parent.parent
-            return subprocess.call(
-                [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml")], cwd=root
-            )
+            return run_ui(args.ui_port)
         summaries = run_syncs(args.sync, args.log_level)
         stats = emulator.store.stats()
         if args.json:

@@ -1,0 +1,100 @@
+"""Ctrl-C on `braze-assets ui` stops everything it started within seconds: the Dagster webserver,
+daemon and code servers (one process group) and the Braze emulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
+    emulator_port, ui_port = _free_port(), _free_port()
+    env = {**os.environ, "BRAZE_ASSETS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    env.pop("BRAZE_ASSETS_SYNCS", None)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "braze_assets.cli",
+            "ui",
+            "--port",
+            str(emulator_port),
+            "--ui-port",
+            str(ui_port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert cli.poll() is None, cli.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the UI never came up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/server_info", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        [dagster_dev] = _children(cli.pid)
+        started = _group(dagster_dev)
+        assert len(started) >= 2 and _listening(emulator_port)  # webserver, daemon, code server...
+
+        cli.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        cli.wait(timeout=30)
+        stopped_by = time.monotonic() + 5
+        while _group(dagster_dev) and time.monotonic() < stopped_by:
+            time.sleep(0.2)
+        assert _group(dagster_dev) == [], "processes of the UI are still running"
+        assert not _listening(emulator_port) and not _listening(ui_port)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        for pid in _group(cli.pid):
+            os.kill(pid, signal.SIGKILL)
