@@ -9,6 +9,7 @@ range, the ledger keeps a row Braze acknowledged from ever being sent again.
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -63,7 +64,7 @@ class SyncAssets:
     results: dg.AssetsDefinition
 
 
-def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
+def _delta_metadata(manifest: DeltaManifest, watermark: str | None, files: bool) -> dict[str, Any]:
     return {
         "dagster/row_count": manifest.valid,
         "window_start": manifest.window_start or "",
@@ -81,12 +82,26 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None) -> dict:
         "rows_before_partitions_start": manifest.before_partitions_start,
         "rows_unprocessable": manifest.rows_unprocessable,
         "rows_exact_duplicates_dropped": manifest.duplicate_rows,
-        "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
-        "parts_read": len(manifest.parts),
-        "parts_skipped_as_settled": manifest.parts_skipped,
         "estimated_data_points": manifest.estimated_data_points,
         "valid_rows_file": dg.MetadataValue.path(manifest.valid_path),
         "rejected_rows_file": dg.MetadataValue.path(manifest.rejected_path),
+        **(files_metadata(manifest) if files else {}),
+    }
+
+
+def _watermark_change(outcome: SyncOutcome) -> str:
+    before, after = outcome.watermark_before, outcome.watermark_after
+    if before == after:
+        return f"watermark unchanged ({before or 'none yet: set by the first run that reaches now'})"
+    return f"watermark {before or 'none'} -> {after}"
+
+
+def files_metadata(manifest: DeltaManifest) -> dict[str, Any]:
+    """What only a file source (S3) has to say: files read, skipped as settled, unreadable."""
+    return {
+        "unreadable_parts": dg.MetadataValue.json(manifest.unreadable),
+        "parts_read": len(manifest.parts),
+        "parts_skipped_as_settled": manifest.parts_skipped,
     }
 
 
@@ -212,7 +227,10 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 " are not delivered; backfill their days to deliver them"
             )
         return dg.Output(
-            manifest, metadata=_delta_metadata(manifest, watermark.isoformat() if watermark else None)
+            manifest,
+            metadata=_delta_metadata(
+                manifest, watermark.isoformat() if watermark else None, files=sync.source.type == "s3"
+            ),
         )
 
     @dg.asset(
@@ -268,7 +286,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
             f"{outcome.held_total:,}, ambiguous {outcome.ambiguous:,}, not sent "
             f"{outcome.not_sent:,} in {outcome.requests:,} requests ({outcome.seconds:.1f}s); "
-            f"watermark {outcome.watermark_before} -> {outcome.watermark_after}"
+            + _watermark_change(outcome)
         )
         context.log.info(f"{sync.name}: {outcome.status}: {outcome.status_detail}")
         if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed

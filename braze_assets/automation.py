@@ -2,7 +2,7 @@
 
 import datetime as dt
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -87,6 +87,16 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
     return _schedule
 
 
+def _unchanged(seen: dict[str, Any]) -> str:
+    """Why a sensor tick launched nothing, in the words of what it compared."""
+    if "newest" in seen:
+        return (
+            f"no new or changed rows since the last launch (newest UPDATED_AT "
+            f"{seen['newest'] or 'none'}, {seen.get('rows', 0):,} rows)"
+        )
+    return "no new or changed files since the last launch"
+
+
 def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if sync.sensor.enabled else dg.DefaultSensorStatus.STOPPED
 
@@ -114,7 +124,7 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
             },
         )
         if context.cursor and json.loads(context.cursor) == seen:
-            return dg.SensorResult(skip_reason="no new or changed rows", asset_events=[observation])
+            return dg.SensorResult(skip_reason=_unchanged(seen), asset_events=[observation])
         if busy:  # the cursor stays: the rows are requested once the live run has ended
             return dg.SensorResult(skip_reason=busy, asset_events=[observation])
         keys = incremental_range(sync, delivery_state, utc_now(), source)

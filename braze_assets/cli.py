@@ -22,6 +22,7 @@ run marked failed; rows it had in flight are recovered from the sync's journal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -354,10 +355,8 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             return  # every process of the group has stopped
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

@@ -103,7 +103,10 @@ def test_sensor_launches_only_its_sync_on_new_rows_with_deterministic_run_keys(h
         instance=instance, cursor=first.cursor, resources=harness.resources()
     ) as context:
         idle = sensor.evaluate_tick(context)
-    assert not idle.run_requests and "no new" in idle.skip_message
+    assert not idle.run_requests
+    # the tick says why it launched nothing, in the terms it compared
+    assert idle.skip_message.startswith("no new or changed rows since the last launch (newest UPDATED_AT ")
+    assert idle.skip_message.endswith(", 2 rows)")
 
     harness.table("ev", events_rows(1, now - dt.timedelta(minutes=5), start=2))
     with dg.build_sensor_context(
