@@ -1,4 +1,5 @@
-# braze_assets: `make demo` runs every sync on the embedded default; `make test` runs the tests.
+# braze_assets: `make demo` runs every sync on the embedded default; `make test` runs the tests;
+# `make lint` checks style, formatting and types.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
 
-.PHONY: setup lock demo ui emulator test clean
+.PHONY: setup lock demo ui emulator lint test clean
 
 # Exactly the locked versions (hash-checked), then the project itself, built with the locked setuptools.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -36,6 +37,12 @@ ui: setup  ## the same setup, then the Dagster UI on http://127.0.0.1:3000
 
 emulator: setup  ## a standalone Braze emulator on http://127.0.0.1:4545
 	$(VENV)/bin/braze-emulator
+
+LINTED := braze_assets braze_assets_tests benchmarks
+lint: setup  ## ruff (lint and format) and mypy (the engine strictly typed), as CI runs them
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 test: setup  ## the test suite (what CI runs); installs PostgreSQL for the Redshift tests if missing
 	scripts/ensure-postgres

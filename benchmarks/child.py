@@ -6,6 +6,7 @@ Progress goes to stderr; the last stdout line is the JSON result, with this proc
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -21,10 +22,8 @@ def peak_rss_mib() -> float:
 def main() -> None:
     params = json.loads(sys.argv[1])
     case = params.pop("case")
-    if case in ("raw_ceiling", "naive_requests", "braze_client"):
-        from benchmarks import senders as module
-    else:
-        from benchmarks import pipeline as module
+    senders = case in ("raw_ceiling", "naive_requests", "braze_client")
+    module = importlib.import_module("benchmarks.senders" if senders else "benchmarks.pipeline")
     result = getattr(module, case)(**params)
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result), flush=True)

@@ -55,7 +55,7 @@ def window_share(samples: list[tuple[float, int, int]], limit: int, window_s: fl
     seconds = t_end - t0
     windows = math.floor(seconds / window_s)
     if windows == 0:  # shorter than one window: the average rate against the nominal one
-        admitted = final - samples[-1][2]
+        admitted: float = final - samples[-1][2]
         return {"share": admitted / (limit / window_s * max(seconds, 1e-6)), "windows": 0, "seconds": seconds}
     admitted = _admitted_at(samples, t0 + windows * window_s)
     return {"share": admitted / (windows * limit), "windows": windows, "seconds": seconds}

@@ -44,6 +44,16 @@ class Row:
         return self.objects / self.seconds if self.seconds else 0.0
 
     @property
+    def admitted(self) -> int:
+        """Requests answered other than 429 (0 when no emulator counted them)."""
+        return (self.requests or 0) - (self.r429 or 0)
+
+    @property
+    def refused_share(self) -> float:
+        """The share of requests answered 429 (0 when no emulator counted them)."""
+        return (self.r429 or 0) / max(self.requests or 0, 1)
+
+    @property
     def requests_per_s(self) -> float | None:
         return self.requests / self.seconds if self.seconds and self.requests is not None else None
 

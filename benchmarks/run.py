@@ -203,7 +203,7 @@ class Bench:
             row.extra.update(share, limit_per_s=limit / window_s)
             row.note = (
                 f"{share['share']:.1%} of the allowed rate over {share['windows']} whole "
-                f"windows ({share['seconds']:.1f} s); {row.r429 / max(row.requests, 1):.2%}"
+                f"windows ({share['seconds']:.1f} s); {row.refused_share:.2%}"
                 " of requests answered 429"
             )
         return row

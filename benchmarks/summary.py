@@ -49,7 +49,7 @@ def summary(rows: list[Row], args) -> str:
             f"braze-client {_x(_ratio(e2e, _find(rows, 'braze-client', latency=latency)))}"
         )
     one, five = _find(rows, "braze_assets e2e"), _find(rows, "memory at 5x")
-    if one and five:
+    if one and five and one.peak_rss_mib and five.peak_rss_mib is not None:
         out.append(
             f"- peak RSS: {one.peak_rss_mib:,.0f} MiB at {one.rows:,} rows, "
             f"{five.peak_rss_mib:,.0f} MiB at {five.rows:,} rows "
@@ -60,7 +60,7 @@ def summary(rows: list[Row], args) -> str:
         e2e = _find(rows, "braze_assets e2e", latency=row.latency_ms)
         if e2e is not None:
             unlimited = e2e.objects / e2e.extra["delivery_s"] / 75
-            admitted = (row.requests - row.r429) / row.seconds
+            admitted = row.admitted / row.seconds
             out.append(
                 f"- {row.case}, {row.latency_ms:g} ms: {admitted:,.0f} requests/s admitted against "
                 f"{row.extra['limit_per_s']:,.0f} allowed; the same delivery without a limit did "
@@ -126,14 +126,14 @@ def _targets(rows: list[Row]):
     yield "e2e ≥ 50% of the raw ceiling (0 ms)", _pct(ratio), (ratio or 0) >= 0.5
     for row in rows:
         if "share" in row.extra:
-            share, refused = row.extra["share"], row.r429 / max(row.requests, 1)
+            share, refused = row.extra["share"], row.refused_share
             yield (
                 f"{row.case}, {row.latency_ms:g} ms: ≥ 95% of allowed rate, ≤ 1% 429s",
                 f"{share:.1%}, {refused:.2%}",
                 share >= 0.95 and refused <= 0.01,
             )
     five = _find(rows, "memory at 5x")
-    if five:
+    if five and five.peak_rss_mib is not None:
         yield (
             f"peak RSS ≤ 1 GiB at {five.rows:,} rows",
             f"{five.peak_rss_mib:,.0f} MiB",

@@ -94,6 +94,8 @@ def step_failure_cause(event: dg.DagsterEvent) -> str:
     if data.user_failure_data is not None and data.user_failure_data.description:
         return data.user_failure_data.description.strip()[:500]
     error = data.error
+    if error is None:
+        return "the step failed"
     while error.cause is not None:
         error = error.cause
     message = error.message.strip()

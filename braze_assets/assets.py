@@ -111,7 +111,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
     # The sync's own description (syncs.yaml) leads every asset of its group in the UI.
     intro = f"{sync.description}\n\n" if sync.description else ""
     src_key = source_key(sync)
-    kinds = {sync.source.type}
+    kinds: set[str] = {sync.source.type}
     source = dg.AssetSpec(
         key=src_key,
         description=intro + f"CDI {sync.data_type} table `{sync.source.table}` (external; observed by the "
@@ -320,7 +320,9 @@ def next_watermark(
     below it); never past a row still waiting to be sent, nor past now (future rows are not read)."""
     if not delta.reaches_now or not delta.max_updated_at:
         return before
-    covered = before is not None and dt.datetime.fromisoformat(delta.window_start) <= before
+    covered = before is not None and (
+        delta.window_start is None or dt.datetime.fromisoformat(delta.window_start) <= before
+    )
     if not covered and delta.late_outside_lookback:
         return before
     candidate = dt.datetime.fromisoformat(delta.max_updated_at)

@@ -5,6 +5,8 @@ import json
 from typing import Any, Literal
 
 import dagster as dg
+
+# private: Dagster 1.13 has no public RunRequest argument or constant for a partition-range run
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -236,7 +238,7 @@ def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
     )
     def _check(context: dg.OpExecutionContext) -> None:
         report = check_connection(sync, getattr(context.resources, resource_key(sync)))
-        metadata = {
+        metadata: dict[str, Any] = {
             "source": report.source,
             "result": report.message,
             "preview": dg.MetadataValue.md(preview_markdown(report)),

@@ -4,6 +4,8 @@ All three are blocking: when one fails with ERROR severity the run does not deli
 changes (the ledger and watermark only move in `<sync>_sync_results`).
 """
 
+from typing import Any
+
 import dagster as dg
 import pandera.pandas as pa
 import pyarrow.parquet as pq
@@ -47,7 +49,7 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
                 DELTA_OUTPUT_SCHEMA.validate(batch.to_pandas(), lazy=True)
             except pa.errors.SchemaErrors as err:
                 output_failures += len(err.failure_cases)
-        metadata = {
+        metadata: dict[str, Any] = {
             "rows_checked": delta.valid + delta.rejected,
             "rows_failing_source_schema": delta.rejected,
             "reasons": dg.MetadataValue.json(delta.rejected_reasons),

@@ -10,12 +10,15 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 DataType = Literal["attributes", "events", "purchases", "deletions"]
+#: What a sync does with rows whose outcome at Braze is unknown: send them again, or hold them.
+AmbiguousPolicy = Literal["resend", "hold"]
 
 DEFAULT_SYNCS_FILE = Path(__file__).with_name("syncs.yaml")
 SYNC_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -144,6 +147,7 @@ class ScheduleConfig(_Strict):
 
     @model_validator(mode="after")
     def _frequency_in_cdi_range(self) -> ScheduleConfig:
+        # private: Dagster has no public API to validate or iterate a cron string
         from dagster._utils.schedules import cron_string_iterator, is_valid_cron_string
 
         if not is_valid_cron_string(self.cron):
@@ -225,7 +229,7 @@ class SyncConfig(_Strict):
     #: What to do with rows whose outcome at Braze is unknown (timeout after sending, 500/504, drop).
     #: Defaults: resend where sending twice is harmless (attributes, deletions), hold where it
     #: would inflate counts and revenue (events, purchases).
-    ambiguous_policy: Literal["resend", "hold"] | None = None
+    ambiguous_policy: AmbiguousPolicy | None = None
     #: The run's row-error-rate check blocks delivery above this fraction of rows read.
     max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
     #: ... judged only when a run evaluates at least this many rows: 1 bad row of 3 is no trend.
@@ -259,7 +263,7 @@ class SyncConfig(_Strict):
         return value
 
     @property
-    def effective_ambiguous_policy(self) -> Literal["resend", "hold"]:
+    def effective_ambiguous_policy(self) -> AmbiguousPolicy:
         if self.ambiguous_policy:
             return self.ambiguous_policy
         return "hold" if self.data_type in ("events", "purchases") else "resend"
@@ -322,7 +326,7 @@ class SyncsFile(_Strict):
 SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks", "s3")
 
 
-def _describe(error: dict, raw: dict) -> str:
+def _describe(error: ErrorDetails, raw: dict[str, Any]) -> str:
     # pydantic names the union member in the location (source.duckdb.table): drop it
     loc = [
         part

@@ -396,7 +396,7 @@ def _lossy_json(raw: str | bytes) -> str | None:
     the last of duplicate keys and turns whole numbers beyond 64 bits into floats; both change
     the data, so such a row is rejected with the reason instead. A cheap look at the text
     (a 19-digit run, a key name seen twice) decides whether the exact, slower parse is needed."""
-    text = raw if type(raw) is str else raw.decode("utf-8")
+    text = raw if isinstance(raw, str) else raw.decode("utf-8")
     keys = _JSON_KEY.findall(text)
     if _LONG_DIGITS.search(text) is None and len(keys) == len(set(keys)):
         return None
@@ -545,7 +545,8 @@ def allowed_kind_codes(spec: DataTypeSpec) -> list[int]:
 def _schema_for(spec: DataTypeSpec) -> pa.DataFrameSchema:
     """The pandera schema over the facts of a batch; each column carries exactly one rule."""
     columns = {
-        "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),
+        # pandas-stubs allow only "ns"; pandas 2 takes "us"
+        "updated_at": pa.Column(pd.DatetimeTZDtype("us", "UTC"), nullable=False),  # type: ignore[arg-type]
         "identifier_kinds": pa.Column(int, pa.Check.isin(allowed_kind_codes(spec), name="one_identifier")),
         "identifier_problem": pa.Column(int, pa.Check.eq(0, name="identifier_text")),
         "alias_problem": pa.Column(int, pa.Check.eq(0, name="alias_pair")),
@@ -713,7 +714,8 @@ def build_objects(
     be serialized (nested deeper than the serializer goes) gets None here and its reason in
     `checked.failures`."""
     batch, payloads = checked.batch, checked.payloads
-    dumps, objects = orjson.dumps, []
+    dumps = orjson.dumps
+    objects: list[bytes | None] = []
     if spec.name == "deletions":
         for i in positions:
             kind, value = next(iter(batch.identifiers(i).items()))
@@ -730,11 +732,14 @@ def build_objects(
     codes = batch.codes.tolist()
     times = braze_times(batch.updated_at) if spec.name != "attributes" else None
     for i in positions:
+        payload = payloads[i]
+        if payload is None:  # validation rejects every row without a usable PAYLOAD
+            raise ValueError(f"row {i} has no valid PAYLOAD: only valid rows become objects")
         plain = single.get(codes[i])
         if plain is not None:  # one identifier column: the usual row
-            obj = {plain[0]: plain[1][i], **payloads[i]}
+            obj = {plain[0]: plain[1][i], **payload}
         else:
-            obj = {**identifier_fields(batch.identifiers(i)), **payloads[i]}
+            obj = {**identifier_fields(batch.identifiers(i)), **payload}
         if times is None:
             # An alias-only user is created only with an explicit false [ATTR]; CDI's toggle decides.
             obj.setdefault("_update_existing_only", update_existing_only)

@@ -48,18 +48,15 @@ def warehouse_resource(kind: str):
     if kind == "snowflake":
         from dagster_snowflake import SnowflakeResource
 
-        secret = (
-            {"private_key": dg.EnvVar("SNOWFLAKE_PRIVATE_KEY")}
-            if env("SNOWFLAKE_PRIVATE_KEY")
-            else {"password": dg.EnvVar("SNOWFLAKE_PASSWORD")}
-        )
+        key_pair = bool(env("SNOWFLAKE_PRIVATE_KEY"))  # else a password
         return SnowflakeResource(
             account=dg.EnvVar("SNOWFLAKE_ACCOUNT"),
             user=dg.EnvVar("SNOWFLAKE_USER"),
             warehouse=env("SNOWFLAKE_WAREHOUSE"),
             role=env("SNOWFLAKE_ROLE"),
             database=env("SNOWFLAKE_DATABASE"),
-            **secret,
+            private_key=dg.EnvVar("SNOWFLAKE_PRIVATE_KEY") if key_pair else None,
+            password=None if key_pair else dg.EnvVar("SNOWFLAKE_PASSWORD"),
         )
     if kind == "bigquery":
         from dagster_gcp import BigQueryResource
@@ -112,7 +109,8 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
 
 
 def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) -> dg.Definitions:
-    assets, checks, jobs, schedules = [], [], [release_held_job], []
+    assets: list[dg.AssetsDefinition | dg.AssetSpec] = []
+    checks, jobs, schedules = [], [release_held_job], []
     sensors = [*build_alert_sensors(syncs), build_reclaim_sensor(syncs)]
     for sync in syncs:
         built = build_sync_assets(sync)

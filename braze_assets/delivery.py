@@ -19,8 +19,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,11 +29,14 @@ import pyarrow.parquet as pq
 
 from braze_assets.braze import contract
 from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcome
+from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
 from braze_assets.state import StateStore
 
-LEDGER_COLUMNS = ("row_hash", "updated_at", "status", "batch_id", "identifier", "message", "run_id")
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 EXAMPLES_KEPT = 5
 
 
@@ -156,7 +160,7 @@ class _Chunk:
     hashes: list[str]
     batch_of: list[str]
     requests: list[_Request]
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     status: list[str | None] = field(default_factory=list)
     messages: list[str | None] = field(default_factory=list)
 
@@ -204,7 +208,7 @@ def _fill(positions: list[int], payloads: list[bytes], max_objects: int, overhea
     return groups
 
 
-def _progress_bar(total: int, sync: str):
+def _progress_bar(total: int, sync: str) -> tqdm[NoReturn] | None:
     """A terminal progress bar for `braze-assets run/demo` (BRAZE_ASSETS_PROGRESS_BAR=1 on a TTY);
     runs in the Dagster UI report progress through their log lines instead."""
     if not total or os.environ.get("BRAZE_ASSETS_PROGRESS_BAR") != "1":
@@ -230,7 +234,7 @@ class Delivery:
         store: StateStore,
         manifest: DeltaManifest,
         client: BrazeClient,
-        policy: str,
+        policy: AmbiguousPolicy,
         max_in_flight: int,
         run_id: str,
         chunk_rows: int = 20_000,
@@ -243,8 +247,10 @@ class Delivery:
         self._failed_reasons: Counter[str] = Counter()
         self._earliest_unsettled: dt.datetime | None = None
         self._auth_error: BrazeAuthError | None = None
-        self._live: set[asyncio.Task] = set()
+        self._live: set[asyncio.Task[None]] = set()
         self._done = 0
+        self._started = self._last_log = time.monotonic()
+        self._bar: tqdm[NoReturn] | None = None
 
     def run(self) -> SyncOutcome:
         started = time.monotonic()
@@ -269,7 +275,7 @@ class Delivery:
         computed = self.manifest.computed_at
         return dt.datetime.fromisoformat(computed) if computed else None
 
-    def _record_invalid(self, con) -> None:
+    def _record_invalid(self, con: duckdb.DuckDBPyConnection) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
         rejected = pq.read_table(self.manifest.rejected_path)
         if rejected.num_rows:
@@ -294,7 +300,7 @@ class Delivery:
             )
         self.outcome.invalid_recorded = rejected.num_rows
 
-    async def _send_all(self, con) -> None:
+    async def _send_all(self, con: duckdb.DuckDBPyConnection) -> None:
         """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
         requests are in flight the next chunk is planned and starts sending, and a chunk's
         outcomes are written once all its requests are answered. Ledger and Parquet work runs in a
@@ -346,7 +352,7 @@ class Delivery:
         if errors:
             raise errors[0]
 
-    def _prepare(self, con, chunk: pa.Table, prefix: str) -> _Chunk | None:
+    def _prepare(self, con: duckdb.DuckDBPyConnection, chunk: pa.Table, prefix: str) -> _Chunk | None:
         """Drop rows settled since the delta, plan the requests and record the rows as planned."""
         hashes = chunk["row_hash"].to_pylist()
         known = self.store.known_hashes(con, hashes, since=self._since())
@@ -376,7 +382,9 @@ class Delivery:
         )
         return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
-    async def _send(self, chunk: _Chunk, request: _Request, journal, window) -> None:
+    async def _send(
+        self, chunk: _Chunk, request: _Request, journal: TextIO, window: asyncio.Semaphore
+    ) -> None:
         async with window:
             try:
                 result = await self.client.post(
@@ -411,7 +419,9 @@ class Delivery:
                 if task is not asyncio.current_task():
                     task.cancel()
 
-    async def _finish(self, con, chunk: _Chunk | None, errors: list[BaseException]) -> None:
+    async def _finish(
+        self, con: duckdb.DuckDBPyConnection, chunk: _Chunk | None, errors: list[BaseException]
+    ) -> None:
         if chunk is None:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
@@ -434,15 +444,15 @@ class Delivery:
             )
             self._last_log = time.monotonic()
 
-    def _settle(self, con, chunk: _Chunk) -> None:
+    def _settle(self, con: duckdb.DuckDBPyConnection, chunk: _Chunk) -> None:
         """Write a chunk's outcomes: settled rows to the ledger, the rest sent again later."""
         status, messages, hashes = chunk.status, chunk.messages, chunk.hashes
         identifiers = None
         for i, state in enumerate(status):
             if state == "failed" and len(self.outcome.failed_examples) < EXAMPLES_KEPT:
                 identifiers = identifiers or chunk.table["identifier"].to_pylist()
-                self.outcome.failed_examples.append(
-                    {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i]}
+                self.outcome.failed_examples.append(  # a failed row always has its message
+                    {"row_hash": hashes[i], "identifier": identifiers[i], "message": messages[i] or ""}
                 )
         settled = [i for i, s in enumerate(status) if s is not None]
         # One transaction: a crash leaves either the chunk planned (recovered from the journal)
@@ -465,7 +475,13 @@ class Delivery:
             if self._earliest_unsettled is None or earliest < self._earliest_unsettled:
                 self._earliest_unsettled = earliest
 
-    def _apply(self, request: _Request, result: RequestOutcome, status: list, messages: list):
+    def _apply(
+        self,
+        request: _Request,
+        result: RequestOutcome,
+        status: list[str | None],
+        messages: list[str | None],
+    ) -> None:
         out = self.outcome
         out.requests += 1
         out.attempts += result.attempts
@@ -518,7 +534,13 @@ class Delivery:
                 status[i] = "accepted"
                 out.accepted += 1
 
-    def _ledger_rows(self, chunk: pa.Table, status, batch_ids, messages) -> pa.Table:
+    def _ledger_rows(
+        self,
+        chunk: pa.Table,
+        status: list[str | None],
+        batch_ids: list[str],
+        messages: list[str | None],
+    ) -> pa.Table:
         return pa.table(
             {
                 "row_hash": chunk["row_hash"],

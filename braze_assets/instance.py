@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+
+# private: Dagster 1.13 exports neither the SQLite run storage class nor the gRPC-info run tag
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster._core.storage.tags import GRPC_INFO_TAG
 

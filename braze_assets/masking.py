@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -25,7 +26,7 @@ def mask(value: object) -> str:
     return text[:3] + "***" if len(text) > 6 else "***"
 
 
-def mask_identifiers(identifiers: dict) -> str:
+def mask_identifiers(identifiers: dict[str, Any]) -> str:
     """A row's identifier for display: `EXTERNAL_ID=use***`."""
     parts = []
     for kind, value in identifiers.items():
@@ -96,13 +97,16 @@ def mask_payload(raw: object, limit: int = 200) -> str:
     Text that is not JSON cannot be masked and is not shown."""
     if raw is None:
         return ""
+    unreadable = f"(not shown: not valid JSON, {len(raw) if hasattr(raw, '__len__') else 0} bytes)"
     if isinstance(raw, (dict, list)):
         value = raw
-    else:
+    elif isinstance(raw, (str, bytes, bytearray, memoryview)):
         try:
             value = orjson.loads(bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw)
-        except (orjson.JSONDecodeError, TypeError):
-            return f"(not shown: not valid JSON, {len(raw) if hasattr(raw, '__len__') else 0} bytes)"
+        except orjson.JSONDecodeError:
+            return unreadable
+    else:
+        return unreadable
 
     def masked(node: object, depth: int = 0) -> object:
         if depth > 20:

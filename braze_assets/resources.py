@@ -132,7 +132,7 @@ class WatermarkIOManager(dg.ConfigurableIOManager):
             handle.write(json.dumps(obj.to_dict()) + "\n")
 
     def load_input(self, context: dg.InputContext) -> SyncOutcome:
-        sync = context.upstream_output.asset_key.path[-1].removesuffix("_sync_results")
+        sync = context.asset_key.path[-1].removesuffix("_sync_results")  # the upstream asset
         history = Path(self.state_dir, f"{sync}.runs.jsonl")
         last = history.read_text().strip().splitlines()[-1]
         return SyncOutcome(**json.loads(last))

@@ -49,11 +49,12 @@ def _identity(rng: random.Random, i: int) -> dict:
 
 def _common_bad_rows(ts: dt.datetime, kind: str) -> list[dict]:
     """Bad rows every payload-bearing data type must reject (one reason each)."""
-    good = {
+    payloads: dict[str, dict[str, object]] = {
         "attributes": {"tier": "gold"},
         "events": {"name": "app_open"},
         "purchases": {"product_id": "sku-tee", "currency": "USD", "price": 10.0},
-    }[kind]
+    }
+    good = payloads[kind]
     dump = json.dumps
     return [
         cdi_row(ts, "{not json", external_id="bad-json"),

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import duckdb
 import orjson
@@ -40,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-TERMINAL = ("accepted", "failed", "invalid", "held")
+from braze_assets.config import AmbiguousPolicy
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -151,6 +152,14 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DROP TABLE ledger")
     con.execute("ALTER TABLE ledger_v2 RENAME TO ledger")
     con.execute("COMMIT")
+
+
+def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The row of an aggregate query (which always has exactly one)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("an aggregate query returned no row")
+    return row
 
 
 class SyncBusyError(RuntimeError):
@@ -319,10 +328,8 @@ class StateStore:
         if not self.db_path.exists():
             return 0
         with self.connect(read_only=True) as con:
-            return con.execute(
-                "SELECT count(*) FROM ledger WHERE updated_at < ? AND (? IS NULL OR updated_at >= ?)",
-                [end, start, start],
-            ).fetchone()[0]
+            sql = "SELECT count(*) FROM ledger WHERE updated_at < ? AND (? IS NULL OR updated_at >= ?)"
+            return int(_one_row(con.execute(sql, [end, start, start]))[0])
 
     def status_counts(self) -> dict[str, int]:
         if not self.db_path.exists():
@@ -364,7 +371,8 @@ class StateStore:
             if root.exists()
             else []
         )
-        wanted, found = set(hashes), {}
+        wanted = set(hashes)
+        found: dict[str, bytes] = {}
         for path in own + others:
             if not wanted:
                 break
@@ -416,9 +424,9 @@ class StateStore:
         with self.connect() as con:
             con.begin()
             where = self._chosen(con, row_hashes)
-            count, earliest = con.execute(
-                f"SELECT count(*), min(updated_at) FROM ledger WHERE {where}"
-            ).fetchone()
+            count, earliest = _one_row(
+                con.execute(f"SELECT count(*), min(updated_at) FROM ledger WHERE {where}")
+            )
             con.execute(
                 f"DELETE FROM held_details WHERE row_hash IN (SELECT row_hash FROM ledger WHERE {where})"
             )
@@ -454,10 +462,12 @@ class StateStore:
                 ),
             )
             con.begin()
-            count = con.execute(
-                "SELECT count(*) FROM ledger WHERE status = 'held' AND row_hash IN "
-                "(SELECT row_hash FROM decided)"
-            ).fetchone()[0]
+            count = _one_row(
+                con.execute(
+                    "SELECT count(*) FROM ledger WHERE status = 'held' AND row_hash IN "
+                    "(SELECT row_hash FROM decided)"
+                )
+            )[0]
             con.execute(
                 "UPDATE ledger SET status = ?, message = d.message, changed_at = now() "
                 "FROM decided d WHERE ledger.row_hash = d.row_hash AND ledger.status = 'held'",
@@ -470,18 +480,22 @@ class StateStore:
         return int(count)
 
     # ------------------------------------------------------------------ journal and recovery
-    def journal_start(self, handle, batch_id: str) -> None:
+    def journal_start(self, handle: TextIO, batch_id: str) -> None:
         handle.write(f"S {batch_id}\n")
         handle.flush()  # in the OS before the request leaves: survives kill -9
 
-    def journal_done(self, handle, batch_id: str, rows: list[tuple[str, str | None, str | None]]):
+    def journal_done(
+        self, handle: TextIO, batch_id: str, rows: list[tuple[str, str | None, str | None]]
+    ) -> None:
         """The known outcome of a request: its rows that were not accepted, as (row_hash, status
         or None to resend, message); every other row of the request was accepted."""
         handle.write("D " + json.dumps({"batch": batch_id, "rows": rows, "others": "accepted"}) + "\n")
         handle.flush()
 
-    def _read_journal(self) -> tuple[set[str], dict[str, list]]:
-        started, done = set(), {}
+    def _read_journal(self) -> tuple[set[str], dict[str, dict[str, Any]]]:
+        """Requests that went on the wire (`S`), and the journaled answers (`D`) by request id."""
+        started: set[str] = set()
+        done: dict[str, dict[str, Any]] = {}
         if self.journal_path.exists():
             for line in self.journal_path.read_text().splitlines():
                 kind, _, rest = line.partition(" ")
@@ -495,7 +509,7 @@ class StateStore:
                     done[record["batch"]] = record
         return started, done
 
-    def recover(self, policy: str) -> dict[str, int]:
+    def recover(self, policy: AmbiguousPolicy) -> dict[str, int]:
         """Settle `planned` rows left by a run that died. Call with the delivery lock held.
 
         Requests whose answer was journaled get that outcome; those that never went on the wire

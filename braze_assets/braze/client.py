@@ -24,7 +24,6 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import aiohttp
@@ -235,6 +234,10 @@ def _transport_failure_is_ambiguous(exc: httpx.TransportError) -> bool:
     )
 
 
+#: The retry state `_retry_wait` hands tenacity's backoff belongs to no real retry loop.
+_BACKOFF_ONLY = tenacity.Retrying()
+
+
 class BrazeClient:
     """Async client for `/users/track` and `/users/delete`; use as `async with BrazeClient(...)`."""
 
@@ -296,6 +299,8 @@ class BrazeClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self.base_url + path)
+        if self._transport is None:
+            raise RuntimeError("use `async with BrazeClient(...)`")
         request = httpx.Request(
             "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
         )
@@ -309,7 +314,9 @@ class BrazeClient:
     def _retry_wait(self, failure: BaseException | None, failed_attempts: int) -> float:
         """Backoff after `failed_attempts` failures, never shorter than Braze asked."""
         hinted = failure.wait_s if isinstance(failure, _Retry) else 0.0
-        return max(hinted, self._wait(SimpleNamespace(attempt_number=failed_attempts)))
+        state = tenacity.RetryCallState(_BACKOFF_ONLY, None, (), {})
+        state.attempt_number = failed_attempts  # all that the backoff reads of the state
+        return max(hinted, self._wait(state))
 
     def _wait_for(self, state: tenacity.RetryCallState) -> float:
         """tenacity's wait for the retries, which begin with the second attempt."""

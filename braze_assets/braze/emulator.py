@@ -130,9 +130,12 @@ class _RateWindow:
         if now >= self.resets_at:
             self.resets_at, self.used = now + self.window_s, 0
         self.used += 1
-        return self.used <= self.limit
+        return self.limit is None or self.used <= self.limit
 
     def headers(self) -> dict[str, str]:
+        """The `X-RateLimit-*` headers of a limited window (none when unlimited)."""
+        if self.limit is None:
+            return {}
         return {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(max(0, self.limit - self.used)),

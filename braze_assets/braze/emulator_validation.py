@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from braze_assets.braze.contract import (  # one source for the limits the client obeys too
     DELETE_ID_KEYS as DELETE_KEYS,
@@ -96,7 +96,7 @@ class DeleteId(NamedTuple):
     prioritization: tuple[str, ...] = ()
 
 
-def _is_text(value: Any) -> bool:
+def _is_text(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and value != ""
 
 
@@ -186,9 +186,11 @@ def resolve_identity(obj: dict) -> Identity | str:
         ("email", valid_email, MSG_BAD_EMAIL),
         ("phone", valid_phone, MSG_BAD_PHONE),
     ):
-        value = obj.get(secondary)
-        if value is not None:
-            return Identity(secondary, value, identity_key(secondary, value)) if valid(value) else message
+        contact = obj.get(secondary)
+        if contact is not None:
+            return (
+                Identity(secondary, contact, identity_key(secondary, contact)) if valid(contact) else message
+            )
     return MSG_IDENTIFIER_REQUIRED
 
 

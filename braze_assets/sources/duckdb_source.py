@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from braze_assets.sources.base import SourceError
@@ -58,10 +59,13 @@ class DuckDBSource(SqlSource):
             except duckdb.CatalogException:
                 raise SourceError(f"{self.description} does not exist") from None
 
-    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int):
+    def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self._connect() as con:
             yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:
         with self._connect() as con:
-            return con.execute(sql, params).fetchone()[0]
+            row = con.execute(sql, params).fetchone()
+        if row is None:  # the adapter's scalars are aggregates: always one row
+            raise SourceError(f"{self.description}: the query returned no row")
+        return row[0]

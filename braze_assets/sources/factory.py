@@ -19,13 +19,14 @@ def resource_key(sync: SyncConfig) -> str:
 
 
 def make_source(sync: SyncConfig, resource: Any) -> CdiSource:
-    kind, table = sync.source.type, sync.source.table
-    if kind == "s3":
+    source = sync.source
+    kind, table = source.type, source.table
+    if source.type == "s3":
         from braze_assets.sources.s3_source import S3Source
 
         # in a run, context.resources.s3 is the boto3 client S3Resource attaches
         client = resource.get_client() if hasattr(resource, "get_client") else resource
-        return S3Source(client, sync.source.bucket, sync.source.prefix, sample_key=sync.source.sample_key)
+        return S3Source(client, source.bucket, source.prefix, sample_key=source.sample_key)
     if kind == "duckdb":
         from braze_assets.sources.duckdb_source import DuckDBSource
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position
 """
 
 
-def _psycopg2():
+def _psycopg2() -> ModuleType:
     import psycopg2
 
     return psycopg2
@@ -37,7 +38,7 @@ class RedshiftSource(SqlSource):
         self._connect_fn = connect
 
     @classmethod
-    def from_resource(cls, resource, table: str) -> RedshiftSource:
+    def from_resource(cls, resource: Any, table: str) -> RedshiftSource:
         """From a dagster_aws.redshift.RedshiftClientResource (password never leaves it)."""
         settings = {
             "host": resource.host,
@@ -80,7 +81,7 @@ class RedshiftSource(SqlSource):
         parts = self.table.replace('"', "").split(".")
         schema, table = (parts[-2] if len(parts) > 1 else "public"), parts[-1]
 
-        def describe(con) -> list[tuple[str, str]]:
+        def describe(con: Any) -> list[tuple[str, str]]:
             with con.cursor() as cur:
                 cur.execute(_INFORMATION_SCHEMA, (schema, table))
                 rows = cur.fetchall()
@@ -108,7 +109,7 @@ class RedshiftSource(SqlSource):
             con.rollback()
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:
-        def scalar(con):
+        def scalar(con: Any) -> Any:
             with con.cursor() as cur:
                 cur.execute(sql, params)
                 return cur.fetchone()[0]

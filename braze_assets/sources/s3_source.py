@@ -27,9 +27,9 @@ import datetime as dt
 import hashlib
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -38,6 +38,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.sources.base import CdiSource, SourceError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 UTC = dt.UTC
 S3_MAX_FILE_BYTES = 512 * 1024 * 1024  # [CDI-S3] larger files fail and are not synced
@@ -78,7 +81,8 @@ class _S3Reader(io.RawIOBase):
     next read opens a ranged GET there (Parquet reads its footer, then column chunks)."""
 
     def __init__(self, client: Any, bucket: str, file: S3File):
-        self.client, self.bucket, self.file, self.pos, self._body = client, bucket, file, 0, None
+        self.client, self.bucket, self.file, self.pos = client, bucket, file, 0
+        self._body: Any | None = None  # botocore's StreamingBody of the open GET
 
     def readable(self) -> bool:
         return True
@@ -96,18 +100,19 @@ class _S3Reader(io.RawIOBase):
             self.pos = target
         return self.pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         if self.pos >= self.file.size:
             return 0
-        try:
-            if self._body is None:
-                self._body = self.client.get_object(
-                    Bucket=self.bucket, Key=self.file.key, Range=f"bytes={self.pos}-"
-                )["Body"]
-            data = self._body.read(len(buffer))
-        except (BotoCoreError, ClientError) as exc:
-            raise SourceError(f"cannot read s3://{self.bucket}/{self.file.key} ({exc})") from None
-        buffer[: len(data)] = data
+        with memoryview(buffer) as view:  # BufferedReader hands a memoryview of bytes already
+            try:
+                if self._body is None:
+                    self._body = self.client.get_object(
+                        Bucket=self.bucket, Key=self.file.key, Range=f"bytes={self.pos}-"
+                    )["Body"]
+                data = self._body.read(len(view))
+            except (BotoCoreError, ClientError) as exc:
+                raise SourceError(f"cannot read s3://{self.bucket}/{self.file.key} ({exc})") from None
+            view[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
@@ -175,15 +180,21 @@ class S3Source(CdiSource):
             if (start is None or f.last_modified >= start) and (end is None or f.last_modified < end)
         ]
 
-    def oversized_files(self, start=None, end=None) -> list[S3File]:
+    def oversized_files(
+        self, start: dt.datetime | None = None, end: dt.datetime | None = None
+    ) -> list[S3File]:
         """Supported files over the 512 MB limit [CDI-S3], never read: see `oversize_reason`."""
         return [f for f in self.list_files(start, end) if file_format(f.key) and f.size > S3_MAX_FILE_BYTES]
 
-    def unsupported_files(self, start=None, end=None) -> list[S3File]:
+    def unsupported_files(
+        self, start: dt.datetime | None = None, end: dt.datetime | None = None
+    ) -> list[S3File]:
         """Files that are not JSON lines, CSV or Parquet by extension, never read."""
         return [f for f in self.list_files(start, end) if not file_format(f.key)]
 
-    def _readable(self, start=None, end=None, skip: bool = True) -> list[S3File]:
+    def _readable(
+        self, start: dt.datetime | None = None, end: dt.datetime | None = None, skip: bool = True
+    ) -> list[S3File]:
         return [
             f
             for f in self.list_files(start, end)
@@ -213,7 +224,14 @@ class S3Source(CdiSource):
         self._forbid_payload = not spec.has_payload
         return super().check_shape(spec)
 
-    def scan(self, start, end, include_null_updated_at, batch_rows, columns=None):
+    def scan(
+        self,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        include_null_updated_at: bool,
+        batch_rows: int,
+        columns: list[str] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
         """`columns` (default all) of the files modified in [start, end), plus `_FILE` and `_LINE`
         always: text, except UPDATED_AT (timestamp[us, UTC], never NULL) and _LINE (int64)."""
         wanted = [c for c in (columns or self.columns()) if c not in ("_FILE", "_LINE")]
@@ -248,7 +266,7 @@ class S3Source(CdiSource):
     def _signature(file: S3File) -> str:
         return f"{file.size}|{file.last_modified.isoformat()}"
 
-    def parts(self, start=None, end=None) -> dict[str, str]:
+    def parts(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> dict[str, str]:
         return {f.key: self._signature(f) for f in self._readable(start, end)}
 
     def skip_parts(self, settled: dict[str, str]) -> int:
@@ -257,13 +275,13 @@ class S3Source(CdiSource):
         self.skip_keys = {f.key for f in self.list_files() if settled.get(f.key) == self._signature(f)}
         return len(self.skip_keys)
 
-    def unreadable(self, start=None, end=None) -> list[str]:
+    def unreadable(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> list[str]:
         return [oversize_reason(f) for f in self.oversized_files(start, end)] + [
             f"file {f.key} is not JSON lines, CSV or Parquet (by its extension)"
             for f in self.unsupported_files(start, end)
         ]
 
-    def count(self, start=None, end=None) -> int:
+    def count(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> int:
         """Rows `scan` gives for [start, end). Unlike a warehouse this READS the files in the window
         (Parquet: its footer only), so keep the window narrow."""
         total = 0
@@ -297,7 +315,7 @@ class S3Source(CdiSource):
                 raise SourceError(f"{self.description}: {file.key} is not Parquet ({exc})") from None
             yield parquet
 
-    def _lines(self, file: S3File) -> Iterator[tuple[int, str, bool]]:
+    def _lines(self, file: S3File) -> Generator[tuple[int, str, bool]]:
         """(1-based number, text, ok); not ok: not UTF-8 (text has U+FFFD) or over
         S3_MAX_LINE_BYTES (text is a notice, the rest of the line is skipped)."""
         with self._open(file) as stream:
@@ -315,14 +333,14 @@ class S3Source(CdiSource):
                         text = line.decode("utf-8", "replace")
                 yield number, text, ok
 
-    def _refuse_payload(self, file: S3File, names, where: str = "") -> None:
+    def _refuse_payload(self, file: S3File, names: Iterable[str], where: str = "") -> None:
         if self._forbid_payload and "PAYLOAD" in {n.upper() for n in names}:
             raise SourceError(
                 f"{self.description}: {file.key}{where} has a payload column; a "
                 "deletion sync refuses it as a guard against deleting users by mistake"
             )
 
-    def _records(self, file: S3File, batch_rows: int, wanted=None) -> Iterator[Record]:
+    def _records(self, file: S3File, batch_rows: int, wanted: set[str] | None = None) -> Iterator[Record]:
         """(number, row with upper-cased keys) per record, or (number, text) for a bad one."""
         kind = file_format(file.key)
         if kind == "csv":
@@ -378,7 +396,8 @@ class S3Source(CdiSource):
             start = seen["line"] + 1
 
     def _file_columns(self, file: S3File) -> dict[str, str]:
-        kind, found = file_format(file.key), {}
+        kind = file_format(file.key)
+        found: dict[str, str] = {}
         if kind == "parquet":
             with self._parquet(file) as parquet:
                 schema = parquet.schema_arrow

@@ -97,8 +97,12 @@ class SqlSource(CdiSource):
         self.columns()
         return self.quote(self._names.get("UPDATED_AT", "UPDATED_AT"))
 
-    def _where(self, start, end, include_null=False) -> tuple[str, list[Any]]:
-        col, clauses, params = self._updated_at(), [], []
+    def _where(
+        self, start: dt.datetime | None, end: dt.datetime | None, include_null: bool = False
+    ) -> tuple[str, list[Any]]:
+        col = self._updated_at()
+        clauses: list[str] = []
+        params: list[Any] = []
         for bound, op in ((start, ">="), (end, "<")):
             if bound is not None:
                 clauses.append(f"{col} {op} {self._placeholder(len(params))}")
@@ -108,26 +112,39 @@ class SqlSource(CdiSource):
             where = f"({where}) OR {col} IS NULL"
         return where, params
 
-    def scan_sql(self, start, end, include_null, columns: list[str] | None = None) -> tuple[str, list[Any]]:
-        self.columns()
+    def scan_sql(
+        self,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        include_null: bool,
+        columns: list[str] | None = None,
+    ) -> tuple[str, list[Any]]:
+        types = self.columns()
         wanted = columns or list(self._names)
-        select = ", ".join(f"{self._select_expression(c, self._types[c])} AS {self.quote(c)}" for c in wanted)
+        select = ", ".join(f"{self._select_expression(c, types[c])} AS {self.quote(c)}" for c in wanted)
         where, params = self._where(start, end, include_null)
         return f"SELECT {select} FROM {self.qualified_table} WHERE {where}", params
 
-    def scan(self, start, end, include_null_updated_at, batch_rows, columns=None):
+    def scan(
+        self,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        include_null_updated_at: bool,
+        batch_rows: int,
+        columns: list[str] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
         sql, params = self.scan_sql(start, end, include_null_updated_at, columns)
         for batch in self._arrow_batches(sql, params, batch_rows):
             yield normalize_batch(batch)
 
-    def count(self, start=None, end=None) -> int:
+    def count(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> int:
         where, params = self._where(start, end)
         return int(self._scalar(f"SELECT count(*) FROM {self.qualified_table} WHERE {where}", params))
 
-    def max_updated_at(self):
+    def max_updated_at(self) -> dt.datetime | None:
         return _as_utc(self._scalar(f"SELECT max({self._updated_at()}) FROM {self.qualified_table}", []))
 
-    def min_updated_at(self):
+    def min_updated_at(self) -> dt.datetime | None:
         return _as_utc(self._scalar(f"SELECT min({self._updated_at()}) FROM {self.qualified_table}", []))
 
 
