@@ -14,7 +14,7 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
 * rate-limited - Braze's real limit (3,000 requests / 3 s): share of it used, share of 429s;
   and a pacing check at a limit below the sender's speed, so the share measures the pacing;
 * validation + payload building alone; memory at 1x and 5x rows.
-Each at 0 ms and at 50 ms of emulator latency where it makes sense (DESIGN.md §9).
+Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ class DeltaManifest:
 
 
 def row_hash(row: dict[str, Any], columns: list[str]) -> str:
-    """Stable identity of a CDI row: identifier columns, UPDATED_AT and PAYLOAD (DESIGN §3)."""
+    """Stable identity of a CDI row: identifier columns, UPDATED_AT and PAYLOAD
+    (docs/architecture.md, Delivery guarantees)."""
     parts = []
     for column in columns:
         value = row.get(column)

@@ -7,7 +7,8 @@ Layout under the state directory (one set per sync, so syncs never contend):
     - ``accepted``  Braze acknowledged it; never sent again (re-runs, retries, backfills);
     - ``failed``    Braze refused it for good (its message kept);
     - ``invalid``   failed validation, never sent (its reasons kept);
-    - ``held``      outcome unknown (see DESIGN §3), parked until a person releases it.
+    - ``held``      outcome unknown (docs/architecture.md, Delivery guarantees), parked until a
+                    person decides.
   The ledger is append-only (no index to maintain: appends stay fast and memory flat however large
   it grows); only the run holding the delivery lock appends, and only rows it found unsettled.
   Beside it, ``planned`` holds the rows of the chunk being sent right now, with their request ids,

@@ -4,7 +4,7 @@ Every case writes CDI-shaped rows into its own table of a real DuckDB file and r
 `DuckDBSource`. Single-row cases go through `DeltaWriter` (`validate_batch`: facts + the pandera schema,
 `build_objects`, Parquet output); batch, null-UPDATED_AT and object-shape cases run the whole
 `compute_delta` (window scan, hashing, ledger). The tests read the valid/rejected Parquet files back.
-Contract references are to `shared/braze-contract.md` (A2 = CDI tables, B1 = /users/track,
+Contract references are to `docs/braze-contract.md` (A2 = CDI tables, B1 = /users/track,
 B2 = /users/delete).
 """
 

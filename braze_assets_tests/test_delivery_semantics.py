@@ -1,4 +1,5 @@
-"""Delivery semantics (DESIGN §3), each against the emulator over real HTTP with a real DuckDB file."""
+"""Delivery semantics (docs/architecture.md, Delivery guarantees), each against the emulator over
+real HTTP with a real DuckDB file."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """The S3 file source (`braze_assets/sources/s3_source.py`) against moto's S3 in server mode.
 
 moto's `ThreadedMotoServer` listens on 127.0.0.1 (port 0: the OS picks a free one) and a boto3
-client talks to it over HTTP, as the adapter talks to S3 in production (DESIGN §6). The server runs
+client talks to it over HTTP, as the adapter talks to S3 in production (docs/architecture.md,
+Adding a source). The server runs
 in this process, so a test sets an object's LastModified by setting moto's clock for the upload.
 Rows go through the real `compute_delta` and `StateStore` on tmp_path, as in test_datatypes.py.
-Contract references are to `shared/braze-contract.md` §A3 [CDI-S3].
+Contract references are to `docs/braze-contract.md` §A3 [CDI-S3].
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Snowflake, BigQuery and Databricks adapters (`braze_assets/sources/*_source.py`), DESIGN §6.
+"""The Snowflake, BigQuery and Databricks adapters (`braze_assets/sources/*_source.py`).
 
 - Snowflake runs for real against fakesnow: its server mode behind the real connector (server-side
   bindings, Arrow result chunks) and `dagster_snowflake.SnowflakeResource`, and its in-process patch
@@ -8,7 +8,7 @@
   boundary and runs the issued GoogleSQL on DuckDB, refusing any value not bound as a parameter.
 - Databricks has no stand-in at all: contract tests on the SQL and parameters a recording
   connection receives, and on how its Arrow results are normalized.
-Contract references are to shared/braze-contract.md (§A2.1: column types per warehouse).
+Contract references are to docs/braze-contract.md (§A2.1: column types per warehouse).
 """
 
 from __future__ import annotations

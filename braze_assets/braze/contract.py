@@ -1,6 +1,6 @@
 """Braze's documented REST contract: the limits and vocabularies both the client and the emulator obey.
 
-Every number here comes from `shared/braze-contract.md` (section in brackets), so the sender and the
+Every number here comes from `docs/braze-contract.md` (section in brackets), so the sender and the
 local emulator can never disagree about them.
 """
 

@@ -1,9 +1,10 @@
 """A local emulator of Braze's user-data REST API (``/users/track``, ``/users/delete``,
 ``/users/export/ids``), like moto for AWS.
 
-A real ``aiohttp`` HTTP server on loopback that enforces the documented contract (``shared/braze-contract.md``
+A real ``aiohttp`` HTTP server on loopback that enforces the documented contract (``docs/braze-contract.md``
 B1-B3; object rules live in :mod:`braze_assets.braze.emulator_validation`), stores what it accepted so tests
-and the demo can query it, and injects faults both before and after processing a request (DESIGN.md §5, §3)
+and the demo can query it, and injects faults both before and after processing a request
+(docs/architecture.md, Delivery guarantees)
 on every API endpoint alike. ``/users/export/ids`` answers from what was stored (identifiers, attributes,
 and per event name and product_id the ``first``/``last`` time and ``count``); it has its own rate-limit
 window (``export_rate_limit``, Braze's default being 250 requests per minute), unlimited unless set.
@@ -70,7 +71,7 @@ class FaultConfig:
     """Fault injection rates (0..1), drawn for every API request (``/users/track``, ``/users/delete``,
     ``/users/export/ids``). "before" faults refuse a request unprocessed (429, 502/503, dropped connection);
     "after" faults process (store) it and then lose or spoil the answer (500/504, dropped connection,
-    a stall past the client's timeout), the ambiguous case of DESIGN.md §3."""
+    a stall past the client's timeout), the ambiguous case of docs/architecture.md."""
 
     rate_429: float = 0.0
     rate_5xx_before: float = 0.0
@@ -292,7 +293,8 @@ class BrazeEmulator:
         return 0 if request.headers.get("Authorization") == self._auth else 401
 
     async def _api(self, request: web.Request, process: _Processor) -> web.StreamResponse:
-        """Admission, "before" faults, processing, "after" faults, latency, answer (B1-B3, DESIGN §3)."""
+        """Admission, "before" faults, processing, "after" faults, latency, answer (B1-B3; the
+        ambiguous case: docs/architecture.md, Delivery guarantees)."""
         faults, rng = self._faults
         headers: dict[str, str] = {}
         body: dict = {}

@@ -1,7 +1,7 @@
 """Request and object validation for the local Braze emulator, and how accepted objects apply.
 
 Pure functions (no I/O, no state) that enforce the documented ``/users/track``, ``/users/delete`` and
-``/users/export/ids`` contract. Section numbers refer to ``shared/braze-contract.md``. Request-level
+``/users/export/ids`` contract. Section numbers refer to ``docs/braze-contract.md``. Request-level
 violations raise :class:`RequestError` (the whole request is refused); object-level violations return
 the error message that Braze puts in the ``errors`` array (B1.4, B1.5). The last section holds the
 attribute-merge and profile-creation rules the emulator's store applies to valid objects (B1.1, B1.3).

@@ -1,7 +1,7 @@
 """Google BigQuery, through a `google.cloud.bigquery.Client` (as `dagster_gcp.BigQueryResource`
 hands it out).
 
-Contract (shared/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP` (an instant; a DATETIME column is
+Contract (docs/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP` (an instant; a DATETIME column is
 read as UTC civil time) and a typed `JSON` PAYLOAD, read back as its JSON text with
 `TO_JSON_STRING` (a STRUCT/RECORD payload likewise; a STRING payload as is). Names are
 `project.dataset.table` (or `dataset.table` in the client's project), each part quoted with

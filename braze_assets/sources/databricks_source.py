@@ -1,6 +1,6 @@
 """Databricks SQL warehouses, through `databricks.sql` (databricks-sql-connector >= 3).
 
-Contract (shared/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP` (an instant; TIMESTAMP_NTZ is read
+Contract (docs/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP` (an instant; TIMESTAMP_NTZ is read
 as UTC civil time) and PAYLOAD as STRING, STRUCT or MAP; a STRUCT, MAP (or VARIANT) payload is read
 back as its JSON text with `to_json`. Names are `[catalog.]schema.table`, each part quoted with
 backticks; values are native named parameters (`:p0`, typed TIMESTAMP / TIMESTAMP_NTZ), never

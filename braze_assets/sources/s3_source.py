@@ -1,4 +1,4 @@
-"""Files in Amazon S3 as a CDI source (contract §A3 [CDI-S3], DESIGN §6).
+"""Files in Amazon S3 as a CDI source (contract §A3 [CDI-S3]).
 
 CDI reads JSON-lines, CSV and Parquet files under a folder (prefix): identifier columns plus a `payload`
 JSON string per row, no `UPDATED_AT` ("neither required nor supported"), 512 MB per file at most. So that

@@ -1,6 +1,6 @@
 """Snowflake, through `snowflake.connector` (as `dagster_snowflake.SnowflakeResource` opens it).
 
-Contract (shared/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP_NTZ(9)` holding UTC (TIMESTAMP_TZ and
+Contract (docs/braze-contract.md §A2.1): `UPDATED_AT TIMESTAMP_NTZ(9)` holding UTC (TIMESTAMP_TZ and
 TIMESTAMP_LTZ are read as the instants they are), `PAYLOAD VARCHAR` with JSON text, or a VARIANT /
 OBJECT that is read back as its JSON text with `TO_JSON` (which keeps explicit nulls, §A2.2).
 Snowflake stores unquoted identifiers upper-cased, so the unquoted parts of the configured name are
