@@ -56,10 +56,29 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
             "examples": dg.MetadataValue.json(delta.rejected_examples),
             "output_schema_failures": output_failures,
         }
+        checked = delta.valid + delta.rejected
         if output_failures:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata=metadata,
+                description=f"{output_failures:,} problems in the rows handed to Braze: a bug, "
+                "delivery is blocked",
+            )
+        if delta.rejected:
+            top = next(iter(delta.rejected_reasons), "")
+            description = (
+                f"{delta.rejected:,} of {checked:,} rows failed the cdi_{sync.data_type} schema and "
+                f"are rejected with their reasons, never sent (most common: {top}); the other rows "
+                "match it"
+            )
+        else:
+            description = f"all {checked:,} rows match the cdi_{sync.data_type} schema"
         return dg.AssetCheckResult(
-            passed=delta.rejected == 0, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
+            passed=delta.rejected == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=metadata,
+            description=description,
         )
 
     @dg.asset_check(

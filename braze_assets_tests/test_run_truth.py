@@ -86,6 +86,11 @@ def test_partial_success_names_what_did_not_go(tmp_path, emulator):
     [check] = [e for e in run.result.get_asset_check_evaluations() if e.check_name == "delivery_complete"]
     assert not check.passed and check.severity.value == "WARN"
     assert check.description == "1 rejected by validation"
+    [schema] = [e for e in run.result.get_asset_check_evaluations() if e.check_name == "pandera_schema"]
+    assert schema.description == (
+        "1 of 20 rows failed the cdi_events schema and are rejected with their reasons, never sent "
+        "(most common: PAYLOAD is not valid JSON); the other rows match it"
+    )
 
 
 def test_a_delta_already_delivered_by_another_run_says_so(tmp_path, emulator):
