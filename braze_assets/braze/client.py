@@ -13,7 +13,8 @@ Each POST ends in one `RequestOutcome` whose kind tells the caller exactly what 
 401/403 raise `BrazeAuthError` at once: a global error, the key or its permissions are wrong.
 Retries use tenacity with exponential backoff and jitter, and never wait less than Braze asked
 (`X-Ratelimit-Retry-After` / `X-RateLimit-Reset`). A shared `RateBudget` paces requests from the
-`X-RateLimit-*` headers before Braze has to say 429.
+`X-RateLimit-*` headers before Braze has to say 429; with a `budget_store`, a `SharedBudget`
+(budget.py) also keeps every process and pod sending with the same key within one budget.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import tenacity
 from httpx_aiohttp import AiohttpTransport
 
 from braze_assets.braze import contract
+from braze_assets.braze.budget import BudgetStore, SharedBudget, workspace_id
 from braze_assets.braze.pacing import RateBudget
 
 OutcomeKind = Literal["answered", "rejected", "refused", "ambiguous"]
@@ -142,8 +144,19 @@ class BrazeClient:
         backoff_max_s: float = 30.0,
         allow_custom_host: bool = False,
         budget: RateBudget | None = None,
+        budget_store: BudgetStore | None = None,
+        max_rate_share: float = 1.0,
     ) -> None:
+        """`budget_store`: where the budget shared with other processes lives (None: this
+        process paces alone); `max_rate_share`: the share of Braze's announced limit this client
+        may use through it (see `BrazeResource.max_rate_share`)."""
         self.base_url = check_endpoint(base_url, allow_custom_host)
+        if not 0 < max_rate_share <= 1:
+            raise ValueError(f"max_rate_share must be above 0 and at most 1, got {max_rate_share!r}")
+        if budget_store is None and max_rate_share < 1:
+            raise ValueError("max_rate_share below 1 needs a budget_store to share the budget through")
+        self.workspace = workspace_id(self.base_url, api_key)
+        self._budget_store, self.max_rate_share = budget_store, max_rate_share
         self._headers = httpx.Headers(
             {
                 "Authorization": f"Bearer {api_key}",
@@ -167,7 +180,13 @@ class BrazeClient:
         """The rate budget of `path` in this workspace (shared by every client in the process)."""
         if self._budget is not None:
             return self._budget
-        return RateBudget.for_workspace(self.base_url + path, contract.RATE_WINDOWS_S.get(path))
+        return RateBudget.for_workspace(self.workspace + path, contract.RATE_WINDOWS_S.get(path))
+
+    def shared_budget(self, path: str) -> SharedBudget | None:
+        """This process's lease on the budget of `path` shared across processes, if any."""
+        if self._budget_store is None:
+            return None
+        return SharedBudget.for_workspace(self._budget_store, self.workspace, path, self.max_rate_share)
 
     def __repr__(self) -> str:  # never show the key
         return f"BrazeClient({self.base_url!r})"
@@ -177,6 +196,10 @@ class BrazeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for path in self._urls if self._budget_store is not None else ():
+            shared = self.shared_budget(path)
+            if shared is not None:
+                await shared.give_back()  # the others may spend what this client leaves
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
@@ -218,18 +241,21 @@ class BrazeClient:
 
         async def attempt() -> RequestOutcome:
             outcome.attempts += 1
-            budget = self.budget(path)
+            budget, shared = self.budget(path), self.shared_budget(path)
             probe = await budget.acquire()
-            if on_send is not None and outcome.attempts == 1:
-                on_send()
-            sent_at = time.time()
             try:
-                status, headers, content = await self._send(path, body)
-            except httpx.TransportError as exc:
-                ambiguous = _transport_failure_is_ambiguous(exc)
-                outcome.ambiguous_attempts += ambiguous
-                kind = "no answer (request may have been processed)" if ambiguous else "not sent"
-                raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
+                if shared is not None and budget.paces:
+                    await shared.take(budget.limit, budget.window_length_s())
+                if on_send is not None and outcome.attempts == 1:
+                    on_send()
+                sent_at = time.time()
+                try:
+                    status, headers, content = await self._send(path, body)
+                except httpx.TransportError as exc:
+                    ambiguous = _transport_failure_is_ambiguous(exc)
+                    outcome.ambiguous_attempts += ambiguous
+                    kind = "no answer (request may have been processed)" if ambiguous else "not sent"
+                    raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
             finally:
                 budget.release(probe)
             budget.observe(headers, sent_at, status)
@@ -242,6 +268,8 @@ class BrazeClient:
                 outcome.rate_limited += 1
                 wait_s = _retry_after(headers)
                 budget.pause_until(time.time() + wait_s)
+                if shared is not None:
+                    await shared.pause(wait_s)  # every process sharing the budget waits
                 raise _Retry(False, "429 rate limited", status, wait_s)
             if status in _BEFORE_PROCESSING_STATUSES:
                 raise _Retry(False, f"{status} from Braze (not processed)", status)

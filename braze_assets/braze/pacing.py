@@ -50,6 +50,20 @@ class RateBudget:
     def for_workspace(cls, key: str, window_hint_s: float | None = None) -> RateBudget:
         return cls._shared.setdefault(key, cls(window_hint_s=window_hint_s))
 
+    def window_length_s(self) -> float | None:
+        """The window's length as best known: the documented one when the answers agree with it,
+        else the upper bound they prove; None when neither is known."""
+        hint = self.window_hint_s
+        if hint is not None and self.window_low <= hint <= self.window_high:
+            return hint
+        return self.window_high if self.window_high != float("inf") else hint
+
+    @property
+    def paces(self) -> bool:
+        """Whether requests are paced: before the first answer (which may announce a limit) or
+        under an announced limit; never once Braze answered without one."""
+        return self.limit is not None or not self.heard
+
     async def acquire(self) -> bool:
         """Wait for the right to send; True when this request probes a new window. Call
         `release` once the attempt is over (after `observe`)."""
