@@ -73,7 +73,7 @@ class BudgetState:
     paused_until: float = 0.0
     #: X-RateLimit-Limit as last announced to any process
     limit: int | None = None
-    #: the window's length as last reported by a process that knows it
+    #: the window's length as last measured by a process (from the answers to its requests)
     window_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -102,8 +102,10 @@ class LeaseRequest:
     share: float
     #: X-RateLimit-Limit as this process heard it; None before its first answer
     limit: int | None
-    #: this process's best estimate of the window's length (None: it does not know)
+    #: the window's length as this process measured it (None: it has not)
     window_s: float | None
+    #: the documented length, used while no process has measured it
+    window_hint_s: float | None = None
     lease_s: float = LEASE_S
     #: (grant id, tokens) the previous lease left unused
     returned: tuple[int, int] | None = None
@@ -129,7 +131,9 @@ def grant(state: BudgetState, request: LeaseRequest, now: float) -> Lease:
         state.window_s = request.window_s
     if request.limit:
         state.limit = request.limit
-    span = (state.window_s or DEFAULT_WINDOW_S) + request.lease_s + GUARD_S
+    # A measurement (any process's, the latest) beats the documentation, which beats a guess.
+    window_s = state.window_s or request.window_hint_s or DEFAULT_WINDOW_S
+    span = window_s + request.lease_s + GUARD_S
     state.grants = [entry for entry in state.grants if entry[0] > now - span]
     if request.sent_unmetered:
         _record(state, now, request.sent_unmetered)
@@ -240,9 +244,12 @@ class SharedBudget:
         key = (id(store), workspace, path, share)
         return cls._shared.setdefault(key, cls(store, workspace, path, share))
 
-    async def take(self, limit: int | None, window_s: float | None) -> None:
+    async def take(
+        self, limit: int | None, window_s: float | None, window_hint_s: float | None = None
+    ) -> None:
         """Wait for a token of the shared budget (`limit`: X-RateLimit-Limit as this process
-        heard it, None before its first answer; `window_s`: its estimate of the window)."""
+        heard it, None before its first answer; `window_s`: the window's length as it measured
+        it, if it did; `window_hint_s`: the documented length)."""
         self.waiting += 1
         try:
             while True:
@@ -257,7 +264,7 @@ class SharedBudget:
                 if now < self._next_look:  # the store said when to look again
                     await asyncio.sleep(self._next_look - now)
                     continue
-                lease = await self._renew(limit, window_s)
+                lease = await self._renew(limit, window_s, window_hint_s)
                 if not lease.metered:
                     self.unmetered += 1
                     return
@@ -268,7 +275,7 @@ class SharedBudget:
         finally:
             self.waiting -= 1
 
-    async def _renew(self, limit: int | None, window_s: float | None) -> Lease:
+    async def _renew(self, limit: int | None, window_s: float | None, window_hint_s: float | None) -> Lease:
         renewal = self._renewal = asyncio.get_running_loop().create_future()
         started = time.monotonic()
         returned = (self.grant_id, self.tokens) if self.tokens else None
@@ -277,6 +284,7 @@ class SharedBudget:
             share=self.share,
             limit=limit,
             window_s=window_s,
+            window_hint_s=window_hint_s,
             lease_s=self.lease_s,
             returned=returned,
             sent_unmetered=self.unmetered,

@@ -245,7 +245,7 @@ class BrazeClient:
             probe = await budget.acquire()
             try:
                 if shared is not None and budget.paces:
-                    await shared.take(budget.limit, budget.window_length_s())
+                    await shared.take(budget.limit, budget.measured_window_s(), budget.window_hint_s)
                 if on_send is not None and outcome.attempts == 1:
                     on_send()
                 sent_at = time.time()

@@ -50,13 +50,13 @@ class RateBudget:
     def for_workspace(cls, key: str, window_hint_s: float | None = None) -> RateBudget:
         return cls._shared.setdefault(key, cls(window_hint_s=window_hint_s))
 
-    def window_length_s(self) -> float | None:
-        """The window's length as best known: the documented one when the answers agree with it,
-        else the upper bound they prove; None when neither is known."""
+    def measured_window_s(self) -> float | None:
+        """The window's length as this process's answers prove it: the documented one when they
+        agree with it, else the upper bound they set; None until this process opened a window."""
+        if self.window_high == float("inf"):
+            return None
         hint = self.window_hint_s
-        if hint is not None and self.window_low <= hint <= self.window_high:
-            return hint
-        return self.window_high if self.window_high != float("inf") else hint
+        return hint if hint is not None and self.window_low <= hint <= self.window_high else self.window_high
 
     @property
     def paces(self) -> bool:
