@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import math
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ def workspace_id(rest_endpoint: str, api_key: str) -> str:
     one workspace that differ get separate budgets (Braze cannot be asked which workspace a key
     belongs to)."""
     digest = hashlib.blake2b(api_key.encode(), digest_size=8, person=b"braze-workspace").hexdigest()
-    return f"{rest_endpoint.rstrip('/')}#key-{digest}"
+    parsed = urllib.parse.urlsplit(rest_endpoint.rstrip("/"))
+    endpoint = parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()  # no user:password@
+    return f"{endpoint}#key-{digest}"
 
 
 @dataclass

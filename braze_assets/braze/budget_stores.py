@@ -132,7 +132,6 @@ class PostgresBudgetStore(BudgetStore):
         self.url = url
         self.description = f"the budget table in PostgreSQL at {masked_url(url)}"
         self._connection: Any = None
-        self._known: set[tuple[str, str]] = set()
         self._mutex = threading.Lock()
 
     def exchange(self, workspace: str, path: str, change: Callable[[BudgetState, float], T]) -> T:
@@ -154,19 +153,22 @@ class PostgresBudgetStore(BudgetStore):
     def _exchange(self, workspace: str, path: str, change: Callable[[BudgetState, float], T]) -> T:
         connection = self._connect()
         key = (workspace, path)
+        select = (
+            f"SELECT grants, next_grant_id, paused_until, rate_limit, window_s FROM {BUDGET_TABLE} "
+            "WHERE workspace = %s AND endpoint = %s FOR UPDATE"
+        )
         with connection.cursor() as cursor:
-            if key not in self._known:
+            cursor.execute(select, key)
+            row = cursor.fetchone()
+            if row is None:  # a new budget (or one an operator deleted)
                 cursor.execute(
                     f"INSERT INTO {BUDGET_TABLE} (workspace, endpoint) VALUES (%s, %s) "
                     "ON CONFLICT DO NOTHING",
                     key,
                 )
-            cursor.execute(
-                f"SELECT grants, next_grant_id, paused_until, rate_limit, window_s FROM {BUDGET_TABLE} "
-                "WHERE workspace = %s AND endpoint = %s FOR UPDATE",
-                key,
-            )
-            grants, next_grant_id, paused_until, limit, window_s = cursor.fetchone()
+                cursor.execute(select, key)
+                row = cursor.fetchone()
+            grants, next_grant_id, paused_until, limit, window_s = row
             # The time once the row is ours: a clock read before the lock wait would date the
             # grant too early, and it would leave the window too soon.
             cursor.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
@@ -194,7 +196,6 @@ class PostgresBudgetStore(BudgetStore):
                 ),
             )
         connection.commit()
-        self._known.add(key)
         return result
 
     def _connect(self) -> Any:
@@ -218,7 +219,6 @@ class PostgresBudgetStore(BudgetStore):
             with contextlib.suppress(Exception):  # already broken: it is being replaced
                 self._connection.close()
             self._connection = None
-        self._known.clear()
 
     def close(self) -> None:
         with self._mutex:

@@ -20,6 +20,7 @@ Retries use tenacity with exponential backoff and jitter, and never wait less th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 import urllib.parse
@@ -35,7 +36,7 @@ import tenacity
 from httpx_aiohttp import AiohttpTransport
 
 from braze_assets.braze import contract
-from braze_assets.braze.budget import BudgetStore, SharedBudget, workspace_id
+from braze_assets.braze.budget import BudgetStore, BudgetStoreError, SharedBudget, workspace_id
 from braze_assets.braze.pacing import RateBudget
 
 OutcomeKind = Literal["answered", "rejected", "refused", "ambiguous"]
@@ -199,7 +200,10 @@ class BrazeClient:
         for path in self._urls if self._budget_store is not None else ():
             shared = self.shared_budget(path)
             if shared is not None:
-                await shared.give_back()  # the others may spend what this client leaves
+                # The others may spend what this client leaves; if the store is gone they wait a
+                # window longer, which is no reason to fail a delivery that is over.
+                with contextlib.suppress(BudgetStoreError):
+                    await shared.give_back()
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
