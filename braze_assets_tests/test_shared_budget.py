@@ -34,7 +34,7 @@ from braze_assets.braze.budget_stores import (
     masked_url,
 )
 from braze_assets.braze.client import BrazeClient
-from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
+from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.resources import BrazeResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,7 @@ def test_the_key_never_reaches_the_store_or_its_messages(tmp_path, monkeypatch):
     workspace = workspace_id("http://127.0.0.1:4545/", KEY)
     assert KEY not in workspace and workspace.startswith("http://127.0.0.1:4545#key-")
     assert workspace != workspace_id("http://127.0.0.1:4545", KEY + "x")
+    assert "pw" not in workspace_id("https://user:pw@rest.iad-01.braze.com", KEY)
     store = FileBudgetStore(tmp_path)
     store.exchange(workspace, TRACK, lambda state, now: grant(state, lease(5), now))
     (budget_file,) = tmp_path.iterdir()
@@ -131,6 +132,25 @@ def test_a_429_pauses_the_other_processes_through_the_store(tmp_path):
         return time.monotonic() - started
 
     assert 0.9 <= asyncio.run(scenario()) <= 1.5
+
+
+def test_a_429_answered_to_one_client_reaches_the_store(tmp_path):
+    faults = FaultConfig(rate_429=1.0, retry_after_s=2)
+    config = EmulatorConfig(api_key=KEY, rate_limit=LIMIT, rate_window_s=WINDOW_S, faults=faults)
+    with BrazeEmulator(config) as emu:
+
+        async def refused() -> str:
+            client = BrazeClient(emu.base_url, KEY, max_attempts=1, budget_store=FileBudgetStore(tmp_path))
+            async with client:
+                outcome = await client.post(TRACK, b'{"attributes": []}', retry_ambiguous=True)
+            return outcome.kind
+
+        assert asyncio.run(refused()) == "refused"
+        state = FileBudgetStore(tmp_path).exchange(
+            workspace_id(emu.base_url, KEY), TRACK, lambda state, now: (state, now)
+        )
+    paused_for = state[0].paused_until - state[1]
+    assert 1.0 < paused_for <= 2.0  # Retry-After: every process sharing the budget waits it out
 
 
 def test_without_an_announced_limit_nothing_is_paced(tmp_path):
@@ -243,6 +263,12 @@ def test_processes_share_one_postgres_budget(tmp_path, limited_emulator, postgre
         rows = cursor.fetchall()
     assert (workspace_id(limited_emulator.base_url, KEY), TRACK, LIMIT) in rows
     assert not any(KEY in str(row) for row in rows)
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("DELETE FROM braze_assets_rate_budget")  # an operator starts over
+    store = PostgresBudgetStore(url)
+    workspace = workspace_id(limited_emulator.base_url, KEY)
+    assert store.exchange(workspace, TRACK, lambda state, now: grant(state, lease(5), now)).tokens == 5
+    store.close()
 
 
 def test_the_share_leaves_headroom_for_the_customers_own_calls(tmp_path, limited_emulator):
