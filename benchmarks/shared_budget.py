@@ -17,6 +17,7 @@ The budget lives in files under the case's directory, or in PostgreSQL when
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import time
@@ -160,6 +161,7 @@ def section(rows: list[Row], load_before: tuple, load_after: tuple, minutes: flo
         "## One Braze budget per workspace",
         "",
         (
+            f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "
             f"`python -m benchmarks.run --case shared-budget` — {minutes:.1f} min; the budget in "
             f"{backend}; each delivery (75 attributes per request) in a process of its own against "
             "an emulator of its own (0 ms); the share is measured over the emulator's whole windows; "
