@@ -124,11 +124,7 @@ class RateBudget:
             # Reset is that moment plus the window's length, rounded up to a whole second.
             self.window_low = max(self.window_low, reset_at - 1 - now)
             self.window_high = min(self.window_high, reset_at - sent_at)
-            hint = self.window_hint_s
-            length = (
-                hint if hint is not None and self.window_low <= hint <= self.window_high else self.window_high
-            )
-            self.window_end = now + length
+            self.window_end = now + (self.measured_window_s() or self.window_high)
 
     def pause_until(self, when: float) -> None:
         """After a 429: nobody sends before `when`."""
