@@ -1,14 +1,45 @@
 """One benchmark case in its own process: `python -m benchmarks.child '<json params>'`.
 
 Progress goes to stderr; the last stdout line is the JSON result, with this process's peak RSS
-(VmHWM) so every case's memory is its own.
+(VmHWM) so every case's memory is its own. `run_children` is the parent's side.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_children(params: list[dict]) -> list[dict]:
+    """Run cases in fresh interpreters, all at once; their progress goes to our stderr."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.child", json.dumps(one)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for one in params
+    ]
+    results = []
+    for proc in procs:
+        lines = proc.communicate()[0].strip().splitlines()
+        if proc.returncode or not lines:
+            results.append({"error": f"the case's process exited with {proc.returncode}"})
+        else:
+            results.append(json.loads(lines[-1]))
+    return results
 
 
 def peak_rss_mib() -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 
 from benchmarks.child import peak_rss_mib
+from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
 from braze_assets.datatypes import DATA_TYPES, RowBatch, build_objects, validate_batch
 from braze_assets.delivery import Delivery
@@ -117,12 +118,69 @@ def end_to_end(
     return result
 
 
-def deliver_only(manifest: str, base_url: str, api_key: str, workdir: str, in_flight: int) -> dict:
-    """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled)."""
+def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
+    """`compute_delta` alone (nothing is sent): the manifest later cases deliver."""
+    spec = DATA_TYPES[data_type]
+    now = dt.datetime.now(UTC)
+    run_id = uuid.uuid4().hex
+    run_dir = Path(workdir) / run_id
+    manifest = DeltaManifest(
+        sync=f"bench_{data_type}",
+        data_type=data_type,
+        run_id=run_id,
+        window_start=None,
+        window_end=(now + dt.timedelta(days=1)).isoformat(),
+        reaches_now=True,
+        valid_path=str(run_dir / "valid.parquet"),
+        rejected_path=str(run_dir / "rejected.parquet"),
+    )
+    started = time.perf_counter()
+    compute_delta(
+        source=DuckDBSource(db, table),
+        spec=spec,
+        store=StateStore(run_dir / "state", manifest.sync),
+        manifest=manifest,
+        window_start=None,
+        window_end=now + dt.timedelta(days=1),
+        now=now,
+        partitions_start=now - dt.timedelta(days=60),
+        update_existing_only=False,
+        progress=_Throttled(f"{data_type} delta"),
+    )
+    (run_dir / "manifest.json").write_bytes(orjson.dumps(manifest.to_dict()))
+    return {
+        "objects": 0,
+        "rows": manifest.rows_read,
+        "seconds": time.perf_counter() - started,
+        "manifest": str(run_dir / "manifest.json"),
+    }
+
+
+def deliver_only(
+    manifest: str,
+    base_url: str,
+    api_key: str,
+    workdir: str,
+    in_flight: int,
+    start_at: float | None = None,
+    max_rate_share: float | None = None,
+    state_dir: str | None = None,
+) -> dict:
+    """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled).
+    With `max_rate_share`, through the budget shared by processes (in `state_dir`, or PostgreSQL
+    when BRAZE_ASSETS_STATE_URL is set); `start_at` (epoch seconds) lines up several processes."""
     delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
     run_id = uuid.uuid4().hex
     store = StateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
-    client = BrazeClient(base_url, api_key, max_connections=in_flight)
+    client = BrazeClient(
+        base_url,
+        api_key,
+        max_connections=in_flight,
+        budget_store=(
+            None if max_rate_share is None else budget_store_from_environment(Path(state_dir or workdir))
+        ),
+        max_rate_share=max_rate_share or 1.0,
+    )
     delivery = Delivery(
         spec=DATA_TYPES[delta.data_type],
         store=store,
@@ -133,8 +191,11 @@ def deliver_only(manifest: str, base_url: str, api_key: str, workdir: str, in_fl
         run_id=run_id,
         log=_Throttled(f"{delta.data_type} delivery", every_s=0),
     )
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     started = time.perf_counter()
     outcome = delivery.run()
+    budget = client.shared_budget(DATA_TYPES[delta.data_type].endpoint)
     return {
         "objects": outcome.accepted,
         "rows": delta.valid,
@@ -143,6 +204,8 @@ def deliver_only(manifest: str, base_url: str, api_key: str, workdir: str, in_fl
         "r429": outcome.rate_limited,
         "attempts": outcome.attempts,
         "not_sent": outcome.not_sent,
+        "leases": budget.leases if budget else 0,
+        "lease_store_s": budget.store_s if budget else 0.0,
     }
 
 

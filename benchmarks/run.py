@@ -13,7 +13,10 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
   that row says so);
 * rate-limited - Braze's real limit (3,000 requests / 3 s): share of it used, share of 429s;
   and a pacing check at a limit below the sender's speed, so the share measures the pacing;
-* validation + payload building alone; memory at 1x and 5x rows.
+* validation + payload building alone; memory at 1x and 5x rows;
+* one Braze budget per workspace (shared_budget.py): one process with and without the budget
+  shared by processes, and three syncs in three processes sharing it (`--case shared-budget`
+  runs only this one).
 Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
@@ -24,14 +27,14 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import data, report
-from benchmarks.emulator import API_KEY, ROOT, EmulatorProcess
+from benchmarks import data, report, shared_budget
+from benchmarks.child import run_children
+from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
 from benchmarks.report import Row
 from benchmarks.summary import summary
@@ -44,22 +47,7 @@ SMALL_TABLE = f"{data.TABLES['attributes']}_small"  # min(rows, 200k): pacing ch
 
 def run_child(params: dict) -> dict:
     """Run one case in a fresh interpreter; its progress goes to our stderr."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.child", json.dumps(params)],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode or not lines:
-        return {"error": f"the case's process exited with {proc.returncode}"}
-    return json.loads(lines[-1])
+    return run_children([params])[0]
 
 
 class Bench:
@@ -69,6 +57,8 @@ class Bench:
         self.rows: list[Row] = []
         self.manifest: str | None = None  # the 0 ms attributes delta, re-delivered rate-limited
         self.profile = ""
+        self.budget_rows: list[Row] = []
+        self.budget_section = ""
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -225,6 +215,16 @@ class Bench:
                 note="validate_batch (pandera) + build_objects (orjson), Arrow batches in memory",
             )
 
+    def shared_budget(self) -> None:
+        """One budget per workspace: its own rows and section (see shared_budget.py)."""
+        before, started = os.getloadavg(), time.monotonic()
+        self.budget_rows = shared_budget.run(
+            self.db, self.workdir / "budget", self.args.quick, self.args.in_flight
+        )
+        self.budget_section = shared_budget.section(
+            self.budget_rows, before, os.getloadavg(), (time.monotonic() - started) / 60
+        )
+
     def run(self) -> None:
         args = self.args
         with EmulatorProcess(latency_ms=0) as emu:
@@ -273,6 +273,8 @@ class Bench:
             {"case": "end_to_end", "db": self.db, "table": SMALL_TABLE, "data_type": "attributes"},
         )
         self.validation()
+        if not args.quick:  # a minute and a half of waiting out windows: too slow for a smoke run
+            self.shared_budget()
         if args.profile:
             with EmulatorProcess(latency_ms=0) as emu:
                 self.e2e(emu, "attributes", table=SMALL_TABLE, name="profiled e2e (cProfile)", profile=True)
@@ -293,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also cProfile one e2e run (attributes, min(rows, 200k))"
     )
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--case",
+        choices=("all", "shared-budget"),
+        default="all",
+        help="run every case (default), or only one; a single case prints its section and "
+        "writes --results only when it is given",
+    )
+    parser.add_argument("--results", type=Path, help="where to write the results (benchmarks/RESULTS.md)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(
         "--workdir",
@@ -307,25 +316,37 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="braze-bench-"))
     load_before = os.getloadavg()
     started = time.monotonic()
+    only_budget = args.case == "shared-budget"
     try:
-        tables = {table: args.rows for table in data.TABLES.values()}
-        if not args.quick:
-            tables[f"{data.TABLES['attributes']}_5x"] = 5 * args.rows
-        tables[SMALL_TABLE] = min(args.rows, 200_000)
+        tables = shared_budget.tables(args.quick) if only_budget or not args.quick else {}
+        if not only_budget:
+            tables.update({table: args.rows for table in data.TABLES.values()})
+            if not args.quick:
+                tables[f"{data.TABLES['attributes']}_5x"] = 5 * args.rows
+            tables[SMALL_TABLE] = min(args.rows, 200_000)
         print(f"generating {sum(tables.values()):,} rows in DuckDB ...", file=sys.stderr)
         data.generate(workdir / "warehouse.duckdb", tables, dt.datetime.now(dt.UTC))
         bench = Bench(args, workdir)
-        bench.run()
+        if only_budget:
+            bench.shared_budget()
+        else:
+            bench.run()
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = render(bench, args, argv, load_before, os.getloadavg(), time.monotonic() - started)
+    rows = bench.budget_rows if only_budget else bench.rows + bench.budget_rows
+    if only_budget:
+        text = bench.budget_section
+    else:
+        text = render(bench, args, argv, load_before, os.getloadavg(), time.monotonic() - started)
     print(text)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text + "\n")
+    results = args.results or (None if only_budget else HERE / "RESULTS.md")
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(text + "\n")
     if args.json:
-        args.json.write_text(json.dumps([r.to_dict() for r in bench.rows], indent=1))
-    return 0 if all("error" not in r.extra for r in bench.rows) else 1
+        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+    return 0 if all("error" not in r.extra for r in rows) else 1
 
 
 def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds: float) -> str:
@@ -349,6 +370,7 @@ def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds
         report.table(bench.rows),
         "",
         summary(bench.rows, args),
+        bench.budget_section,
     ]
     if bench.profile:
         parts += [

@@ -1,8 +1,10 @@
 """Definitions for every sync in the sync configuration (`BRAZE_ASSETS_SYNCS`, default syncs.yaml).
 
 Environment: BRAZE_API_KEY (secret, never shown), BRAZE_REST_ENDPOINT (default: the local emulator
-on http://127.0.0.1:4545), BRAZE_ASSETS_HOME (state directory, default ./.braze_assets) and
-BRAZE_ASSETS_DUCKDB (the embedded warehouse, default $BRAZE_ASSETS_HOME/warehouse.duckdb).
+on http://127.0.0.1:4545), BRAZE_ASSETS_HOME (state directory, default ./.braze_assets),
+BRAZE_ASSETS_DUCKDB (the embedded warehouse, default $BRAZE_ASSETS_HOME/warehouse.duckdb),
+BRAZE_MAX_RATE_SHARE (share of Braze's rate limit the syncs may use, default 0.8) and
+BRAZE_ASSETS_STATE_URL (PostgreSQL for the shared rate budget, default files in the state directory).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from braze_assets.resources import (
     DeltaIOManager,
     WatermarkIOManager,
     home_dir,
+    rate_share_from_environment,
 )
 from braze_assets.sources.factory import resource_key
 
@@ -98,6 +101,8 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
         "braze": BrazeResource(
             rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
             api_key=dg.EnvVar("BRAZE_API_KEY"),
+            state_dir=state_dir,
+            **rate_share_from_environment(),
         ),
         "delivery_state": DeliveryStateResource(state_dir=state_dir),
         "delta_io_manager": DeltaIOManager(base_dir=str(home / "deltas")),

@@ -388,7 +388,12 @@ def release_command(argv: list[str] | None = None) -> int:
 
     from braze_assets.config import load_syncs
     from braze_assets.definitions import DEFAULT_ENDPOINT
-    from braze_assets.resources import BrazeResource, DeliveryStateResource, home_dir
+    from braze_assets.resources import (
+        BrazeResource,
+        DeliveryStateResource,
+        home_dir,
+        rate_share_from_environment,
+    )
 
     sync = next((s for s in load_syncs() if s.name == args.sync), None)
     if sync is None:
@@ -399,6 +404,7 @@ def release_command(argv: list[str] | None = None) -> int:
         return BrazeResource(
             rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
             api_key=os.environ.get("BRAZE_API_KEY", ""),
+            **rate_share_from_environment(),
         ).client(EXPORT_IN_FLIGHT)
 
     try:

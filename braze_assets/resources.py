@@ -6,10 +6,12 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
 from braze_assets.delivery import SyncOutcome
 from braze_assets.delta import DeltaManifest
@@ -21,9 +23,24 @@ def home_dir() -> Path:
     return Path(os.environ.get("BRAZE_ASSETS_HOME") or ".braze_assets").resolve()
 
 
+#: Sets `BrazeResource.max_rate_share` for the definitions and commands built from the environment.
+MAX_RATE_SHARE_ENV = "BRAZE_MAX_RATE_SHARE"
+
+
+def rate_share_from_environment() -> dict[str, Any]:
+    """`max_rate_share` from $BRAZE_MAX_RATE_SHARE when it is set (BrazeResource validates it)."""
+    value = os.environ.get(MAX_RATE_SHARE_ENV, "").strip()
+    return {"max_rate_share": value} if value else {}
+
+
 class BrazeResource(dg.ConfigurableResource):
     """The Braze REST API of one workspace. The key comes from an environment variable
-    (`dg.EnvVar("BRAZE_API_KEY")`) and is never logged or shown."""
+    (`dg.EnvVar("BRAZE_API_KEY")`) and is never logged or shown.
+
+    Every client shares one request budget per workspace and endpoint with every other process
+    and pod using the same endpoint and key (`braze/budget.py`), kept in files under `state_dir`
+    or, when `BRAZE_ASSETS_STATE_URL` is set, in PostgreSQL.
+    """
 
     rest_endpoint: str = Field(description="e.g. https://rest.iad-01.braze.com, or the emulator")
     api_key: str = Field(description="REST API key with users.track and users.delete")
@@ -32,6 +49,33 @@ class BrazeResource(dg.ConfigurableResource):
     max_attempts: int = Field(default=6, ge=1, le=20)
     backoff_initial_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=30.0, ge=0)
+    state_dir: str | None = Field(
+        default=None,
+        description="The shared rate budget's files go in <state_dir>/budgets (default "
+        "$BRAZE_ASSETS_HOME/state); unused when BRAZE_ASSETS_STATE_URL is set",
+    )
+    max_rate_share: float = Field(
+        default=0.8,
+        description=(
+            "Share of Braze's announced rate limit (X-RateLimit-Limit per window) that all syncs "
+            "together may use, 0 < share <= 1. The default 0.8 leaves a fifth of the workspace's "
+            "limit to your own backend's API calls; 1.0 when nothing else uses the key's workspace."
+        ),
+    )
+
+    @field_validator("max_rate_share")
+    @classmethod
+    def _share_of_the_limit(cls, share: float) -> float:
+        """The limit is shared with the customer's own backend, which Braze will not tell apart:
+        0.8 by default (not 1.0) because a sync is batch work that can wait a little, while the
+        customer's own calls are often live (a sign-up, a purchase) and a 429 there is a
+        user-facing failure. A workspace that only syncs use can set 1.0."""
+        if not 0 < share <= 1:
+            raise ValueError(
+                f"max_rate_share must be above 0 and at most 1 (the share of Braze's rate limit the "
+                f"syncs may use), got {share!r}"
+            )
+        return share
 
     def client(self, max_in_flight: int) -> BrazeClient:
         return BrazeClient(
@@ -43,6 +87,10 @@ class BrazeResource(dg.ConfigurableResource):
             backoff_initial_s=self.backoff_initial_s,
             backoff_max_s=self.backoff_max_s,
             allow_custom_host=self.allow_custom_host,
+            budget_store=budget_store_from_environment(
+                Path(self.state_dir) if self.state_dir else home_dir() / "state"
+            ),
+            max_rate_share=self.max_rate_share,
         )
 
 

@@ -89,6 +89,7 @@ class Harness:
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.2,
             "timeout_s": 5.0,
+            "state_dir": str(self.state_dir),
             **self.braze_overrides,
         }
         return {

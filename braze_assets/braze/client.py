@@ -13,12 +13,14 @@ Each POST ends in one `RequestOutcome` whose kind tells the caller exactly what 
 401/403 raise `BrazeAuthError` at once: a global error, the key or its permissions are wrong.
 Retries use tenacity with exponential backoff and jitter, and never wait less than Braze asked
 (`X-Ratelimit-Retry-After` / `X-RateLimit-Reset`). A shared `RateBudget` paces requests from the
-`X-RateLimit-*` headers before Braze has to say 429.
+`X-RateLimit-*` headers before Braze has to say 429; with a `budget_store`, a `SharedBudget`
+(budget.py) also keeps every process and pod sending with the same key within one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 import urllib.parse
@@ -33,6 +35,8 @@ import tenacity
 from httpx_aiohttp import AiohttpTransport
 
 from braze_assets.braze import contract
+from braze_assets.braze.budget import BudgetStore, BudgetStoreError, SharedBudget, workspace_id
+from braze_assets.braze.pacing import RateBudget
 
 OutcomeKind = Literal["answered", "rejected", "refused", "ambiguous"]
 #: Refused before processing: 408 (the body never arrived whole), 429, 502 and 503 [ERR].
@@ -80,115 +84,6 @@ def check_endpoint(url: str, allow_custom_host: bool = False) -> str:
             "set allow_custom_host to use it anyway"
         )
     return url.rstrip("/")
-
-
-class RateBudget:
-    """Paces requests from Braze's `X-RateLimit-*` headers; one per workspace and endpoint, shared
-    by all syncs in this process (Braze limits each endpoint per workspace).
-
-    Within a window it spends the `Remaining` Braze reported, less the requests still in flight.
-    When the window is used up it waits for the window's end, then lets one request through (a
-    probe) whose answer tells the new window's budget while the others wait: a new window never
-    starts with a burst of 429s. `Reset` comes in whole seconds, so the end is known only to
-    within a second. When this process sent the first request of a window (its answer says
-    `Remaining = Limit - 1`), that request reached Braze between its sending and its answer, which
-    bounds the window's length from both sides; the documented length (`window_hint_s`) is used
-    when it lies within those bounds, the upper bound otherwise. The window then ends no later than
-    that answer's arrival plus the length: never early, seldom long.
-    """
-
-    _shared: dict[str, RateBudget] = {}
-    #: how often requests waiting for a probe's answer look again
-    PROBE_POLL_S = 0.005
-
-    def __init__(self, safety_margin: int = 0, window_hint_s: float | None = None) -> None:
-        self.limit: int | None = None
-        self.heard = False  # no answer yet: the first request finds out whether there is a limit
-        self.remaining: int | None = None
-        self.reset_at: float = 0.0
-        self.safety_margin = safety_margin
-        self.window_hint_s = window_hint_s
-        self.waited_s = 0.0
-        self.in_flight = 0
-        self.probing = False
-        self.window_low, self.window_high = 0.0, float("inf")  # bounds on the window's length
-        self.window_end: float | None = None  # the current window ends no later than this
-
-    @classmethod
-    def for_workspace(cls, key: str, window_hint_s: float | None = None) -> RateBudget:
-        return cls._shared.setdefault(key, cls(window_hint_s=window_hint_s))
-
-    async def acquire(self) -> bool:
-        """Wait for the right to send; True when this request probes a new window. Call
-        `release` once the attempt is over (after `observe`)."""
-        while True:
-            if self.remaining is None and (self.limit is not None or not self.heard):
-                if self.probing:
-                    await asyncio.sleep(self.PROBE_POLL_S)
-                    continue
-                self.probing = True
-                self.in_flight += 1
-                return True
-            if self.remaining is None or self.remaining > self.safety_margin:
-                if self.remaining is not None:
-                    self.remaining -= 1
-                self.in_flight += 1
-                return False  # within the budget (or no limit announced yet)
-            ends = self.reset_at if self.window_end is None else min(self.reset_at, self.window_end)
-            delay = ends - time.time()
-            if delay <= 0:
-                self.remaining = None  # a new window: a probe finds out its budget
-                self.window_end = None
-                continue
-            self.waited_s += delay
-            await asyncio.sleep(delay)
-
-    def release(self, probe: bool) -> None:
-        self.in_flight -= 1
-        if probe:
-            self.probing = False
-
-    def observe(self, headers: httpx.Headers, sent_at: float | None = None, status: int = 200) -> None:
-        """Take in an answer's rate-limit headers (`sent_at`: when its request left)."""
-        self.heard = True
-        remaining, reset = headers.get("x-ratelimit-remaining"), headers.get("x-ratelimit-reset")
-        if remaining is None or reset is None:
-            if 200 <= status < 300 and self.remaining is None:
-                self.limit = None  # a success without a limit announced: nothing to pace
-            return
-        try:
-            reset_value = float(reset)
-            # The docs disagree: epoch seconds [LIMITS] or seconds remaining [TRACK-new].
-            now = time.time()
-            reset_at = reset_value if reset_value > 1e9 else now + reset_value
-            remaining_value = int(remaining)
-            limit = int(headers.get("x-ratelimit-limit") or 0) or None
-        except ValueError:
-            return
-        self.limit = limit or self.limit or remaining_value + 1
-        if reset_at > self.reset_at + 0.5 or self.remaining is None:
-            # A new window: what Braze reports, less what is still on its way.
-            self.reset_at = reset_at
-            self.remaining = max(0, remaining_value - self.in_flight)
-            self.window_end = None
-        else:
-            self.remaining = min(self.remaining, remaining_value)
-        if sent_at is not None and limit and remaining_value == limit - 1 and reset_value > 1e9:
-            # This request opened the window: it reached Braze between sent_at and now, and
-            # Reset is that moment plus the window's length, rounded up to a whole second.
-            self.window_low = max(self.window_low, reset_at - 1 - now)
-            self.window_high = min(self.window_high, reset_at - sent_at)
-            hint = self.window_hint_s
-            length = (
-                hint if hint is not None and self.window_low <= hint <= self.window_high else self.window_high
-            )
-            self.window_end = now + length
-
-    def pause_until(self, when: float) -> None:
-        """After a 429: nobody sends before `when`."""
-        self.reset_at = max(self.reset_at, when)
-        self.remaining = 0
-        self.window_end = None
 
 
 class _Retry(Exception):
@@ -253,8 +148,19 @@ class BrazeClient:
         backoff_max_s: float = 30.0,
         allow_custom_host: bool = False,
         budget: RateBudget | None = None,
+        budget_store: BudgetStore | None = None,
+        max_rate_share: float = 1.0,
     ) -> None:
+        """`budget_store`: where the budget shared with other processes lives (None: this
+        process paces alone); `max_rate_share`: the share of Braze's announced limit this client
+        may use through it (see `BrazeResource.max_rate_share`)."""
         self.base_url = check_endpoint(base_url, allow_custom_host)
+        if not 0 < max_rate_share <= 1:
+            raise ValueError(f"max_rate_share must be above 0 and at most 1, got {max_rate_share!r}")
+        if budget_store is None and max_rate_share < 1:
+            raise ValueError("max_rate_share below 1 needs a budget_store to share the budget through")
+        self.workspace = workspace_id(self.base_url, api_key)
+        self._budget_store, self.max_rate_share = budget_store, max_rate_share
         self._headers = httpx.Headers(
             {
                 "Authorization": f"Bearer {api_key}",
@@ -278,7 +184,13 @@ class BrazeClient:
         """The rate budget of `path` in this workspace (shared by every client in the process)."""
         if self._budget is not None:
             return self._budget
-        return RateBudget.for_workspace(self.base_url + path, contract.RATE_WINDOWS_S.get(path))
+        return RateBudget.for_workspace(self.workspace + path, contract.RATE_WINDOWS_S.get(path))
+
+    def shared_budget(self, path: str) -> SharedBudget | None:
+        """This process's lease on the budget of `path` shared across processes, if any."""
+        if self._budget_store is None:
+            return None
+        return SharedBudget.for_workspace(self._budget_store, self.workspace, path, self.max_rate_share)
 
     def __repr__(self) -> str:  # never show the key
         return f"BrazeClient({self.base_url!r})"
@@ -288,6 +200,13 @@ class BrazeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for path in self._urls if self._budget_store is not None else ():
+            shared = self.shared_budget(path)
+            if shared is not None:
+                # The others may spend what this client leaves; if the store is gone they wait a
+                # window longer, which is no reason to fail a delivery that is over.
+                with contextlib.suppress(BudgetStoreError):
+                    await shared.give_back()
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
@@ -333,18 +252,21 @@ class BrazeClient:
 
         async def attempt() -> RequestOutcome:
             outcome.attempts += 1
-            budget = self.budget(path)
+            budget, shared = self.budget(path), self.shared_budget(path)
             probe = await budget.acquire()
-            if on_send is not None and outcome.attempts == 1:
-                on_send()
-            sent_at = time.time()
             try:
-                status, headers, content = await self._send(path, body)
-            except httpx.TransportError as exc:
-                ambiguous = _transport_failure_is_ambiguous(exc)
-                outcome.ambiguous_attempts += ambiguous
-                kind = "no answer (request may have been processed)" if ambiguous else "not sent"
-                raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
+                if shared is not None and budget.paces:
+                    await shared.take(budget.limit, budget.measured_window_s(), budget.window_hint_s)
+                if on_send is not None and outcome.attempts == 1:
+                    on_send()
+                sent_at = time.time()
+                try:
+                    status, headers, content = await self._send(path, body)
+                except httpx.TransportError as exc:
+                    ambiguous = _transport_failure_is_ambiguous(exc)
+                    outcome.ambiguous_attempts += ambiguous
+                    kind = "no answer (request may have been processed)" if ambiguous else "not sent"
+                    raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
             finally:
                 budget.release(probe)
             budget.observe(headers, sent_at, status)
@@ -357,6 +279,8 @@ class BrazeClient:
                 outcome.rate_limited += 1
                 wait_s = _retry_after(headers)
                 budget.pause_until(time.time() + wait_s)
+                if shared is not None:
+                    await shared.pause(wait_s)  # every process sharing the budget waits
                 raise _Retry(False, "429 rate limited", status, wait_s)
             if status in _BEFORE_PROCESSING_STATUSES:
                 raise _Retry(False, f"{status} from Braze (not processed)", status)
