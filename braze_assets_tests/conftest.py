@@ -164,6 +164,44 @@ def seqs(emulator: BrazeEmulator, kind: str = "events") -> list[int]:
     return sorted(item["properties"]["seq"] for item in items)
 
 
+_KILL_SCRIPT = """
+import sys, pathlib
+from braze_assets_tests.conftest import Harness, sync_config
+
+class Remote:  # the emulator lives in the test process; only its URL crosses over
+    base_url = sys.argv[2]
+
+harness = Harness(pathlib.Path(sys.argv[1]), Remote())
+harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
+harness.run("events")
+"""
+
+
+def kill_9_mid_sync(tmp_path: Path, emulator: BrazeEmulator, events_before_kill: int) -> None:
+    """Run the `events` sync (main.events, 4 requests in flight) in another process and kill -9
+    it once the emulator holds `events_before_kill` events: the crash a recovery must survive."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), emulator.base_url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while len(emulator.store.events()) < events_before_kill:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
+        assert time.monotonic() < deadline, "the sync never got going"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 __all__ = ["API_KEY", "FaultConfig", "Harness", "cdi_row", "events_rows", "seqs", "sync_config", "utc"]
 
 

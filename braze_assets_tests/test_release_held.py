@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.resources import DeliveryStateResource
-from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, sync_config
+from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, kill_9_mid_sync, sync_config
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
@@ -159,19 +154,6 @@ def test_reconcile_purchases_by_product_id(harness, emulator):
     assert _seqs(emulator, "purchases") == Counter(range(7))
 
 
-KILL_SCRIPT = """
-import sys, pathlib
-from braze_assets_tests.conftest import Harness, sync_config
-
-class Remote:
-    base_url = sys.argv[2]
-
-harness = Harness(pathlib.Path(sys.argv[1]), Remote())
-harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-harness.run("events")
-"""
-
-
 def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path):
     """kill -9 mid-delivery; the next run holds what was in flight (recovery keeps what reconcile
     needs from the crashed run's delta file); reconcile settles what Braze stored and resends the
@@ -182,20 +164,7 @@ def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path):
         harness = Harness(tmp_path, emu)
         harness.table("events", rows)
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_SCRIPT, str(tmp_path), emu.base_url],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while len(emu.store.events()) < 600:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the sync never got going"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9_mid_sync(tmp_path, emu, events_before_kill=600)
         time.sleep(0.3)  # requests already on the wire finish on the server side
         emu.set_faults(FaultConfig())
 

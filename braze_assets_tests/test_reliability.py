@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.seed import sample_rows
-from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, events_rows, sync_config
+from braze_assets_tests.conftest import (
+    API_KEY,
+    Harness,
+    cdi_row,
+    events_rows,
+    kill_9_mid_sync,
+    sync_config,
+)
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
@@ -118,42 +120,13 @@ def test_mau_style_429_with_retry_after_only(tmp_path):
         assert sorted(Counter(e["properties"]["seq"] for e in emu.store.events()).values()) == [1] * 600
 
 
-KILL_SCRIPT = """
-import sys
-from braze_assets_tests.conftest import Harness, sync_config
-from braze_assets.braze.emulator import BrazeEmulator
-import pathlib
-
-class Remote:  # the emulator lives in the test process; only its URL crosses over
-    base_url = sys.argv[2]
-
-harness = Harness(pathlib.Path(sys.argv[1]), Remote())
-harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-print("starting", flush=True)
-harness.run("events")
-"""
-
-
 def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path):
     faults = FaultConfig(latency_ms=40)
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=faults)) as emu:
         harness = Harness(tmp_path, emu)
         harness.table("events", events_rows(6000, NOW - dt.timedelta(hours=1)))  # 80 requests
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_SCRIPT, str(tmp_path), emu.base_url],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while len(emu.store.events()) < 1500:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the sync never got going"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9_mid_sync(tmp_path, emu, events_before_kill=1500)
         delivered_at_kill = len(emu.store.events())
         assert delivered_at_kill < 6000, "killed mid-sync"
         time.sleep(0.3)  # requests already on the wire finish on the server side
