@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,24 @@ UTC = dt.UTC
 
 def utc(*args) -> dt.datetime:
     return dt.datetime(*args, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BrazeEmulator]:
+    """One emulator per test module over loopback HTTP (starting one per test is slow); take it
+    through `braze`, which hands each test a clean one."""
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def braze(server: BrazeEmulator) -> BrazeEmulator:
+    """The module's emulator, emptied, with no faults and no rate limits."""
+    server.store.reset()
+    server.set_faults(FaultConfig())
+    server.set_rate_limit(None)
+    server.set_export_rate_limit(None)
+    return server
 
 
 @pytest.fixture

@@ -23,19 +23,6 @@ N_DELETES = 230  # 5 external_id requests of up to 50, one alias request
 
 
 # --- the emulator: every fault kind on every endpoint -----------------------------------------
-@pytest.fixture(scope="module")
-def server():
-    with BrazeEmulator(EmulatorConfig(api_key=API_KEY)) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def braze(server):
-    server.store.reset()
-    server.set_faults(FaultConfig())
-    return server
-
-
 def _seed_profile(braze: BrazeEmulator) -> None:
     body = {
         "attributes": [{"external_id": "u1", "plan": "pro"}],

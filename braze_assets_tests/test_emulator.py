@@ -21,24 +21,11 @@ from braze_assets.braze.emulator_validation import (
     MSG_IDENTIFIER_REQUIRED,
     MSG_TWO_PRIMARIES,
 )
+from braze_assets_tests.conftest import API_KEY
 
-KEY = "test-key"
+KEY = API_KEY  # the key `server` (conftest) accepts
 AUTH = {"Authorization": f"Bearer {KEY}"}
 T = "2024-05-01T12:00:00Z"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with BrazeEmulator(EmulatorConfig(api_key=KEY)) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def braze(server):
-    server.store.reset()
-    server.set_faults(FaultConfig())
-    server.set_rate_limit(None)
-    return server
 
 
 @pytest.fixture

@@ -7,27 +7,13 @@ import time
 import httpx
 import pytest
 
-from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
+from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
 from braze_assets.braze.emulator_validation import MSG_MAX_IDS
+from braze_assets_tests.conftest import API_KEY
 
-KEY = "export-key"
+KEY = API_KEY  # the key `server` (conftest) accepts
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ALIAS = {"alias_name": "anon-1", "alias_label": "crm"}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with BrazeEmulator(EmulatorConfig(api_key=KEY)) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def braze(server):
-    server.store.reset()
-    server.set_faults(FaultConfig())
-    server.set_rate_limit(None)
-    server.set_export_rate_limit(None)
-    return server
 
 
 @pytest.fixture
