@@ -361,9 +361,11 @@ def compute_delta(
                 )
     finally:
         writer.close()
-    manifest.duplicate_rows = _drop_duplicates(manifest.valid_path) + _drop_duplicates(manifest.rejected_path)
-    manifest.valid -= _count_dropped(manifest.valid_path, manifest.valid)
-    manifest.rejected -= _count_dropped(manifest.rejected_path, manifest.rejected)
+    valid_copies = _drop_duplicates(manifest.valid_path)
+    rejected_copies = _drop_duplicates(manifest.rejected_path)
+    manifest.duplicate_rows = valid_copies + rejected_copies
+    manifest.valid -= valid_copies
+    manifest.rejected -= rejected_copies
     manifest.max_updated_at = newest.isoformat() if newest else None
     manifest.unreadable = source.unreadable(window_start, scan_end)
     if manifest.reaches_now:
@@ -399,10 +401,6 @@ def _drop_duplicates(path: str) -> int:
             ).to_arrow_table()
             pq.write_table(kept.cast(pq.read_schema(path)), path)
     return int(copies)
-
-
-def _count_dropped(path: str, counted: int) -> int:
-    return counted - pq.ParquetFile(path).metadata.num_rows
 
 
 def _report_future_rows(source: CdiSource, manifest: DeltaManifest, now: dt.datetime) -> None:
