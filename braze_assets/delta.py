@@ -365,6 +365,9 @@ def compute_delta(
     rejected_copies = _drop_duplicates(manifest.rejected_path)
     manifest.duplicate_rows = valid_copies + rejected_copies
     manifest.valid -= valid_copies
+    if valid_copies:  # the copies are not sent, so not billed either
+        points = pq.read_table(manifest.valid_path, columns=["data_points"])["data_points"]
+        manifest.estimated_data_points = int(pc.sum(points).as_py() or 0)
     manifest.rejected -= rejected_copies
     manifest.max_updated_at = newest.isoformat() if newest else None
     manifest.unreadable = source.unreadable(window_start, scan_end)

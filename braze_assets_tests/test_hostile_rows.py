@@ -493,6 +493,7 @@ def test_exact_duplicate_rows_do_not_block_the_sync(tmp_path, emulator):
     run = harness.run("events")
     assert run.result.success
     assert run.delta.duplicate_rows == 2 and run.delta.valid == 2
+    assert run.delta.estimated_data_points == 2  # one per event sent, copies not billed
     assert run.outcome.accepted == 2 and run.outcome.status == "success"
     assert sorted(e["external_id"] for e in emulator.store.events()) == ["u1", "u2"]
     assert harness.run("events").delta.valid == 0  # and settled for good
