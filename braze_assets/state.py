@@ -40,9 +40,9 @@ import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from braze_assets.config import AmbiguousPolicy
+from braze_assets.delta_files import DeltaFiles
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -198,6 +198,7 @@ class StateStore:
         self.lock_path = self.dir / f"{sync_name}.lock"
         self.watermark_path = self.dir / f"{sync_name}.watermark.json"
         self.lock_timeout_s = lock_timeout_s
+        self.deltas = DeltaFiles(self.dir / "deltas", sync_name)
 
     # ------------------------------------------------------------------ connections and locks
     @contextlib.contextmanager
@@ -356,37 +357,7 @@ class StateStore:
             )
 
     def _objects_from_deltas(self, hashes: list[str], run_ids: list[str]) -> dict[str, bytes]:
-        """The objects of these rows as their runs' delta files hold them (the runs' own files
-        first, then the other retained ones, newest first). Files being written or gone are
-        skipped: a row whose object is not found gets no details (reconcile leaves it held)."""
-        if not hashes:
-            return {}
-        root = self.dir / "deltas" / self.sync
-        own = [self.delta_dir(r) / "valid.parquet" for r in run_ids]
-        others = (
-            sorted(
-                (p for p in root.glob("*/valid.parquet") if p not in own),
-                key=lambda p: p.stat().st_mtime,
-                reverse=True,
-            )
-            if root.exists()
-            else []
-        )
-        wanted = set(hashes)
-        found: dict[str, bytes] = {}
-        for path in own + others:
-            if not wanted:
-                break
-            try:
-                table = pq.read_table(
-                    path, columns=["row_hash", "object"], filters=[("row_hash", "in", sorted(wanted))]
-                )
-            except (OSError, pa.ArrowException):
-                continue
-            for h, raw in zip(table["row_hash"].to_pylist(), table["object"].to_pylist(), strict=True):
-                found[h] = raw
-            wanted -= found.keys()
-        return found
+        return self.deltas.objects(hashes, run_ids)
 
     def held_rows(self, row_hashes: list[str] | None = None) -> list[dict]:
         """Held rows (all, or those of `row_hashes`) with their details where kept: row_hash,
@@ -588,17 +559,10 @@ class StateStore:
 
     # ------------------------------------------------------------------ delta files
     def delta_dir(self, run_id: str) -> Path:
-        return self.dir / "deltas" / self.sync / run_id
+        return self.deltas.run_dir(run_id)
 
     def prune_deltas(self, keep: int = 5) -> int:
-        """Delete all but the newest `keep` runs' delta files (the ledger keeps every outcome)."""
-        import shutil
-
-        root = self.dir / "deltas" / self.sync
-        runs = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.exists() else []
-        for old in runs[:-keep] if keep else runs:
-            shutil.rmtree(old, ignore_errors=True)
-        return max(0, len(runs) - keep)
+        return self.deltas.prune(keep)
 
     # ------------------------------------------------------------------ settled parts (files)
     @property
