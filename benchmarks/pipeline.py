@@ -21,7 +21,7 @@ from braze_assets.datatypes import DATA_TYPES, RowBatch, build_objects, validate
 from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.sources.duckdb_source import DuckDBSource
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 
 UTC = dt.UTC
 
@@ -52,7 +52,7 @@ def end_to_end(
     now = dt.datetime.now(UTC)
     run_id = uuid.uuid4().hex
     run_dir = Path(workdir) / run_id
-    store = StateStore(run_dir / "state", f"bench_{data_type}")
+    store = EmbeddedStateStore(run_dir / "state", f"bench_{data_type}")
     manifest = DeltaManifest(
         sync=store.sync,
         data_type=data_type,
@@ -138,7 +138,7 @@ def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
     compute_delta(
         source=DuckDBSource(db, table),
         spec=spec,
-        store=StateStore(run_dir / "state", manifest.sync),
+        store=EmbeddedStateStore(run_dir / "state", manifest.sync),
         manifest=manifest,
         window_start=None,
         window_end=now + dt.timedelta(days=1),
@@ -171,7 +171,7 @@ def deliver_only(
     when BRAZE_ASSETS_STATE_URL is set); `start_at` (epoch seconds) lines up several processes."""
     delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
     run_id = uuid.uuid4().hex
-    store = StateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
+    store = EmbeddedStateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
     client = BrazeClient(
         base_url,
         api_key,

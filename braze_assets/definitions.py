@@ -4,7 +4,8 @@ Environment: BRAZE_API_KEY (secret, never shown), BRAZE_REST_ENDPOINT (default: 
 on http://127.0.0.1:4545), BRAZE_ASSETS_HOME (state directory, default ./.braze_assets),
 BRAZE_ASSETS_DUCKDB (the embedded warehouse, default $BRAZE_ASSETS_HOME/warehouse.duckdb),
 BRAZE_MAX_RATE_SHARE (share of Braze's rate limit the syncs may use, default 0.8) and
-BRAZE_ASSETS_STATE_URL (PostgreSQL for the shared rate budget, default files in the state directory).
+BRAZE_ASSETS_STATE_URL (PostgreSQL for the delivery state and the shared rate budget, default
+DuckDB and files in the state directory).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from braze_assets.checks import build_checks
 from braze_assets.config import SyncConfig, load_syncs
 from braze_assets.resources import (
     BrazeResource,
-    DeliveryStateResource,
     DeltaIOManager,
     WatermarkIOManager,
+    delivery_state_from_environment,
     home_dir,
     rate_share_from_environment,
 )
@@ -97,6 +98,7 @@ def warehouse_resource(kind: str):
 def default_resources(syncs: list[SyncConfig]) -> dict:
     home = home_dir()
     state_dir = str(home / "state")
+    delivery_state = delivery_state_from_environment(state_dir)
     resources = {
         "braze": BrazeResource(
             rest_endpoint=os.environ.get("BRAZE_REST_ENDPOINT", DEFAULT_ENDPOINT),
@@ -104,9 +106,9 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
             state_dir=state_dir,
             **rate_share_from_environment(),
         ),
-        "delivery_state": DeliveryStateResource(state_dir=state_dir),
+        "delivery_state": delivery_state,
         "delta_io_manager": DeltaIOManager(base_dir=str(home / "deltas")),
-        "watermark_io_manager": WatermarkIOManager(state_dir=state_dir),
+        "watermark_io_manager": WatermarkIOManager(state_dir=state_dir, state_url=delivery_state.state_url),
     }
     for kind in sorted({resource_key(sync) for sync in syncs}):
         resources[kind] = warehouse_resource(kind)

@@ -19,9 +19,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +31,8 @@ from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcom
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
-from braze_assets.state import StateStore
+from braze_assets.state import LedgerSession, StateStore
+from braze_assets.state.base import Journal
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -261,9 +261,9 @@ class Delivery:
             self.outcome.recovered_unsent = recovered["recovered_unsent"]
             if self.policy == "hold":
                 self.outcome.recovered_held = recovered["recovered_ambiguous"]
-            with self.store.connect() as con:
-                self._record_invalid(con)
-                asyncio.run(self._send_all(con))
+            with self.store.session() as ledger:
+                self._record_invalid(ledger)
+                asyncio.run(self._send_all(ledger))
         self.outcome.seconds = round(time.monotonic() - started, 3)
         self.outcome.failed_reasons = dict(self._failed_reasons.most_common())
         if self._earliest_unsettled is not None:
@@ -275,17 +275,16 @@ class Delivery:
         computed = self.manifest.computed_at
         return dt.datetime.fromisoformat(computed) if computed else None
 
-    def _record_invalid(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _record_invalid(self, ledger: LedgerSession) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
         rejected = pq.read_table(self.manifest.rejected_path)
         if rejected.num_rows:
-            known = self.store.known_hashes(con, rejected["row_hash"].to_pylist(), since=self._since())
+            known = ledger.known_hashes(rejected["row_hash"].to_pylist(), since=self._since())
             if known:  # recorded by another run since this delta was computed
                 rejected = rejected.filter(
                     pc.invert(pc.is_in(rejected["row_hash"], pa.array(list(known), pa.string())))
                 )
-            self.store.append(
-                con,
+            ledger.append(
                 pa.table(
                     {
                         "row_hash": rejected["row_hash"],
@@ -300,7 +299,7 @@ class Delivery:
             )
         self.outcome.invalid_recorded = rejected.num_rows
 
-    async def _send_all(self, con: duckdb.DuckDBPyConnection) -> None:
+    async def _send_all(self, ledger: LedgerSession) -> None:
         """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
         requests are in flight the next chunk is planned and starts sending, and a chunk's
         outcomes are written once all its requests are answered. Ledger and Parquet work runs in a
@@ -313,30 +312,28 @@ class Delivery:
         window = asyncio.Semaphore(self.max_in_flight)
         errors: list[BaseException] = []
         previous: _Chunk | None = None
-        with open(self.store.journal_path, "a") as journal:
-            async with self.client:
-                for n in itertools.count():
-                    batch = await asyncio.to_thread(next, batches, None)
-                    if batch is None or errors or self._auth_error is not None:
-                        break
-                    chunk = await asyncio.to_thread(
-                        self._prepare, con, pa.Table.from_batches([batch]), f"{self.run_id[:8]}-{n}"
-                    )
-                    if chunk is not None:
-                        chunk.tasks = [
-                            asyncio.create_task(self._send(chunk, r, journal, window)) for r in chunk.requests
-                        ]
-                        self._live.update(chunk.tasks)
-                        if self._auth_error is not None:
-                            self._stop_all(self._auth_error)  # planned while the key failed
-                            for task in chunk.tasks:
-                                task.cancel()
-                    if previous is not None:
-                        await self._finish(con, previous, errors)
-                    previous = chunk
+        async with self.store.journal() as journal, self.client:
+            for n in itertools.count():
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None or errors or self._auth_error is not None:
+                    break
+                chunk = await asyncio.to_thread(
+                    self._prepare, ledger, pa.Table.from_batches([batch]), f"{self.run_id[:8]}-{n}"
+                )
+                if chunk is not None:
+                    chunk.tasks = [
+                        asyncio.create_task(self._send(chunk, r, journal, window)) for r in chunk.requests
+                    ]
+                    self._live.update(chunk.tasks)
+                    if self._auth_error is not None:
+                        self._stop_all(self._auth_error)  # planned while the key failed
+                        for task in chunk.tasks:
+                            task.cancel()
                 if previous is not None:
-                    await self._finish(con, previous, errors)
-            journal.truncate(0)  # every chunk's outcomes are in the ledger
+                    await self._finish(ledger, previous, errors)
+                previous = chunk
+            if previous is not None:
+                await self._finish(ledger, previous, errors)
         if self._bar is not None:
             self._bar.close()
             self._bar.fp.close()
@@ -352,10 +349,10 @@ class Delivery:
         if errors:
             raise errors[0]
 
-    def _prepare(self, con: duckdb.DuckDBPyConnection, chunk: pa.Table, prefix: str) -> _Chunk | None:
+    def _prepare(self, ledger: LedgerSession, chunk: pa.Table, prefix: str) -> _Chunk | None:
         """Drop rows settled since the delta, plan the requests and record the rows as planned."""
         hashes = chunk["row_hash"].to_pylist()
-        known = self.store.known_hashes(con, hashes, since=self._since())
+        known = ledger.known_hashes(hashes, since=self._since())
         if known:  # settled by another run after this delta was computed: never send twice
             self.outcome.settled_since_delta += len(known)
             chunk = chunk.filter(pa.array([h not in known for h in hashes]))
@@ -368,8 +365,7 @@ class Delivery:
         for request in requests:
             for i in request.rows:
                 batch_of[i] = request.batch_id
-        self.store.plan(
-            con,
+        ledger.plan(
             pa.table(
                 {
                     "row_hash": chunk["row_hash"],
@@ -383,7 +379,7 @@ class Delivery:
         return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
     async def _send(
-        self, chunk: _Chunk, request: _Request, journal: TextIO, window: asyncio.Semaphore
+        self, chunk: _Chunk, request: _Request, journal: Journal, window: asyncio.Semaphore
     ) -> None:
         async with window:
             try:
@@ -391,7 +387,7 @@ class Delivery:
                     self.spec.endpoint,
                     request.body,
                     retry_ambiguous=self.policy == "resend",
-                    on_send=lambda: self.store.journal_start(journal, request.batch_id),
+                    on_send=lambda: journal.started(request.batch_id),
                 )
             except BrazeAuthError as exc:
                 self._stop_all(exc)
@@ -399,8 +395,7 @@ class Delivery:
         self._apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.
-        self.store.journal_done(
-            journal,
+        await journal.done(
             request.batch_id,
             [
                 (chunk.hashes[i], chunk.status[i], chunk.messages[i])
@@ -419,9 +414,7 @@ class Delivery:
                 if task is not asyncio.current_task():
                     task.cancel()
 
-    async def _finish(
-        self, con: duckdb.DuckDBPyConnection, chunk: _Chunk | None, errors: list[BaseException]
-    ) -> None:
+    async def _finish(self, ledger: LedgerSession, chunk: _Chunk | None, errors: list[BaseException]) -> None:
         if chunk is None:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
@@ -429,7 +422,7 @@ class Delivery:
         errors += [
             r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
         ]
-        await asyncio.to_thread(self._settle, con, chunk)
+        await asyncio.to_thread(self._settle, ledger, chunk)
         self._done += chunk.table.num_rows
         if self._bar is not None:
             self._bar.update(chunk.table.num_rows)
@@ -444,7 +437,7 @@ class Delivery:
             )
             self._last_log = time.monotonic()
 
-    def _settle(self, con: duckdb.DuckDBPyConnection, chunk: _Chunk) -> None:
+    def _settle(self, ledger: LedgerSession, chunk: _Chunk) -> None:
         """Write a chunk's outcomes: settled rows to the ledger, the rest sent again later."""
         status, messages, hashes = chunk.status, chunk.messages, chunk.hashes
         identifiers = None
@@ -457,18 +450,16 @@ class Delivery:
         settled = [i for i, s in enumerate(status) if s is not None]
         # One transaction: a crash leaves either the chunk planned (recovered from the journal)
         # or its outcomes in the ledger, never both.
-        con.begin()
-        self.store.append(
-            con,
-            self._ledger_rows(
-                chunk.table.take(pa.array(settled, pa.int64())),
-                [status[i] for i in settled],
-                [chunk.batch_of[i] for i in settled],
-                [messages[i] for i in settled],
-            ),
-        )
-        self.store.clear_planned(con, chunk.prefix)  # the rest is sent again by a later run
-        con.commit()
+        with ledger.transaction():
+            ledger.append(
+                self._ledger_rows(
+                    chunk.table.take(pa.array(settled, pa.int64())),
+                    [status[i] for i in settled],
+                    [chunk.batch_of[i] for i in settled],
+                    [messages[i] for i in settled],
+                ),
+            )
+            ledger.clear_planned(chunk.prefix)  # the rest is sent again by a later run
         if len(settled) < chunk.table.num_rows:
             updated = chunk.table["updated_at"].to_pylist()
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)

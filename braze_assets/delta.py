@@ -333,7 +333,7 @@ def compute_delta(
     writer = DeltaWriter(manifest, spec, update_existing_only)
     newest: dt.datetime | None = None
     try:
-        with store.connect() as ledger:
+        with store.session() as ledger:
             for batch in source.scan(
                 window_start, scan_end, manifest.reaches_now, batch_rows, columns=columns
             ):
@@ -344,7 +344,7 @@ def compute_delta(
                 oldest, stamp = span["min"].as_py(), span["max"].as_py()
                 # With no NULL UPDATED_AT in the batch, only ledger rows in its span can match.
                 between = (oldest, stamp) if stamps.null_count == 0 and oldest else None
-                known = store.known_hashes(ledger, hashes, between=between)
+                known = ledger.known_hashes(hashes, between=between)
                 manifest.rows_read += batch.num_rows
                 if stamp is not None and (newest is None or stamp > newest):
                     newest = stamp

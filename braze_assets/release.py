@@ -123,18 +123,9 @@ class ReleaseReport:
 
 
 def last_data_type(store: StateStore) -> str | None:
-    """The sync's data type as its last recorded run had it (`<sync>.runs.jsonl`)."""
-    history = store.dir / f"{store.sync}.runs.jsonl"
-    try:
-        lines = history.read_text().strip().splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line).get("data_type")
-        except json.JSONDecodeError:
-            continue
-    return None
+    """The sync's data type as its last recorded run had it."""
+    last = store.last_run()
+    return last.get("data_type") if last else None
 
 
 def release(
@@ -390,7 +381,7 @@ def release_command(argv: list[str] | None = None) -> int:
     from braze_assets.definitions import DEFAULT_ENDPOINT
     from braze_assets.resources import (
         BrazeResource,
-        DeliveryStateResource,
+        delivery_state_from_environment,
         home_dir,
         rate_share_from_environment,
     )
@@ -398,7 +389,7 @@ def release_command(argv: list[str] | None = None) -> int:
     sync = next((s for s in load_syncs() if s.name == args.sync), None)
     if sync is None:
         parser.error(f"no sync named {args.sync!r}")
-    store = DeliveryStateResource(state_dir=str(home_dir() / "state")).store(sync.name)
+    store = delivery_state_from_environment(str(home_dir() / "state"), in_definitions=False).store(sync.name)
 
     def client() -> BrazeClient:
         return BrazeResource(

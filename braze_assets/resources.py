@@ -15,7 +15,7 @@ from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
 from braze_assets.delivery import SyncOutcome
 from braze_assets.delta import DeltaManifest
-from braze_assets.state import StateStore, Watermark
+from braze_assets.state import STATE_URL_ENV, StateStore, open_state_store, state_url_from_environment
 
 
 def home_dir() -> Path:
@@ -110,12 +110,28 @@ class DatabricksResource(dg.ConfigurableResource):
 
 
 class DeliveryStateResource(dg.ConfigurableResource):
-    """The durable store of ledgers, journals and watermarks (a directory of DuckDB files)."""
+    """Where each sync's delivery state lives: ledger, journal, watermark, locks, held rows and run
+    history (`state/`). In PostgreSQL when `state_url` is set (production: runs in fresh pods),
+    else in DuckDB files under `state_dir` (the embedded default)."""
 
-    state_dir: str
+    state_dir: str = Field(description="The embedded backend's directory (and local delta files)")
+    state_url: str | None = Field(
+        default=None,
+        description="postgresql://user@host:port/db[?schema=name]; from BRAZE_ASSETS_STATE_URL",
+    )
 
     def store(self, sync_name: str) -> StateStore:
-        return StateStore(self.state_dir, sync_name)
+        return open_state_store(self.state_dir, sync_name, state_url=self.state_url)
+
+
+def delivery_state_from_environment(state_dir: str, *, in_definitions: bool = True) -> DeliveryStateResource:
+    """The delivery state as the environment chooses it (`BRAZE_ASSETS_STATE_URL`). In
+    Definitions the URL stays a `dg.EnvVar`, resolved when a run starts and never shown in the UI
+    (it may hold a password); a command using the resource directly gets the value."""
+    url = state_url_from_environment()
+    if url and in_definitions:
+        return DeliveryStateResource(state_dir=state_dir, state_url=dg.EnvVar(STATE_URL_ENV))
+    return DeliveryStateResource(state_dir=state_dir, state_url=url)
 
 
 def _partition_suffix(context: dg.OutputContext | dg.InputContext) -> str:
@@ -165,22 +181,28 @@ class WatermarkIOManager(dg.ConfigurableIOManager):
     The watermark moves only after Braze accepted or definitively rejected the rows it covers
     (the delivery already wrote each row's outcome to the ledger); a run that dies before this
     point leaves the old watermark, and the ledger keeps the rerun from sending anything twice.
+    The commit itself is `StateStore.commit_watermark`, the one place a run moves it.
     """
 
     state_dir: str
+    state_url: str | None = None
+
+    def _store(self, sync: str) -> StateStore:
+        return open_state_store(self.state_dir, sync, state_url=self.state_url)
 
     def handle_output(self, context: dg.OutputContext, obj: SyncOutcome) -> None:
-        store = StateStore(self.state_dir, obj.sync)
-        if obj.watermark_after and obj.watermark_after != obj.watermark_before:
-            store.write_watermark(
-                Watermark(dt.datetime.fromisoformat(obj.watermark_after), updated_by_run=obj.run_id)
-            )
-        history = Path(self.state_dir, f"{obj.sync}.runs.jsonl")
-        with history.open("a") as handle:
-            handle.write(json.dumps(obj.to_dict()) + "\n")
+        store = self._store(obj.sync)
+        before = dt.datetime.fromisoformat(obj.watermark_before) if obj.watermark_before else None
+        after = dt.datetime.fromisoformat(obj.watermark_after) if obj.watermark_after else None
+        committed, why = store.commit_watermark(before, after, obj.run_id)
+        if why:
+            context.log.warning(f"{obj.sync}: watermark {why}")
+            obj.watermark_after = committed.value.isoformat() if committed.value else None
+        store.record_run(obj.to_dict())
 
     def load_input(self, context: dg.InputContext) -> SyncOutcome:
         sync = context.asset_key.path[-1].removesuffix("_sync_results")  # the upstream asset
-        history = Path(self.state_dir, f"{sync}.runs.jsonl")
-        last = history.read_text().strip().splitlines()[-1]
-        return SyncOutcome(**json.loads(last))
+        last = self._store(sync).last_run()
+        if last is None:
+            raise FileNotFoundError(f"{sync} has no recorded run yet; materialize its results first")
+        return SyncOutcome(**last)

@@ -86,6 +86,8 @@ class Harness:
     api_key: str = API_KEY
     braze_overrides: dict = field(default_factory=dict)
     extra_resources: dict = field(default_factory=dict)
+    #: The PostgreSQL state backend's URL; None: the embedded backend under `state_dir`.
+    state_url: str | None = None
 
     @property
     def warehouse(self) -> Path:
@@ -117,9 +119,11 @@ class Harness:
                 database=str(self.warehouse), connection_config={"access_mode": "READ_ONLY"}
             ),
             **self.extra_resources,
-            "delivery_state": DeliveryStateResource(state_dir=str(self.state_dir)),
+            "delivery_state": self.delivery_state(),
             "delta_io_manager": DeltaIOManager(base_dir=str(self.tmp_path / "deltas")),
-            "watermark_io_manager": WatermarkIOManager(state_dir=str(self.state_dir)),
+            "watermark_io_manager": WatermarkIOManager(
+                state_dir=str(self.state_dir), state_url=self.state_url
+            ),
         }
 
     def definitions(self) -> dg.Definitions:
@@ -148,10 +152,13 @@ class Harness:
         return RunOutcome(result, _output(result, f"{name}_delta"), _output(result, f"{name}_sync_results"))
 
     def ledger(self, name: str) -> dict[str, int]:
-        return DeliveryStateResource(state_dir=str(self.state_dir)).store(name).status_counts()
+        return self.delivery_state().store(name).status_counts()
 
     def watermark(self, name: str):
-        return DeliveryStateResource(state_dir=str(self.state_dir)).store(name).read_watermark().value
+        return self.delivery_state().store(name).read_watermark().value
+
+    def delivery_state(self) -> DeliveryStateResource:
+        return DeliveryStateResource(state_dir=str(self.state_dir), state_url=self.state_url)
 
 
 def _output(result, node):

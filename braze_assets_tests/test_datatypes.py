@@ -32,7 +32,7 @@ from braze_assets.delta import (
     row_hash,
 )
 from braze_assets.sources import DuckDBSource
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")
 
@@ -152,7 +152,7 @@ def sync(
         compute_delta(
             source=source,
             spec=spec,
-            store=StateStore(out / "state", "case"),
+            store=EmbeddedStateStore(out / "state", "case"),
             manifest=manifest,
             window_start=None,
             window_end=NOW,

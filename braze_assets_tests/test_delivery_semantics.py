@@ -185,9 +185,9 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
     append-only layout, and recovery still settles what the journal knows."""
     import duckdb
 
-    from braze_assets.state import StateStore
+    from braze_assets.state import EmbeddedStateStore
 
-    store = StateStore(tmp_path, "old")
+    store = EmbeddedStateStore(tmp_path, "old")
     with duckdb.connect(str(store.db_path)) as con:
         con.execute(
             "CREATE TABLE ledger (row_hash VARCHAR PRIMARY KEY, updated_at TIMESTAMPTZ, "

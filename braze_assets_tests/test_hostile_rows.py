@@ -27,7 +27,7 @@ from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.sources import DuckDBSource
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, sync_config
 
 UTC = dt.UTC
@@ -87,7 +87,7 @@ def _delta(
     return compute_delta(
         source=source,
         spec=DATA_TYPES[data_type],
-        store=StateStore(tmp_path / "state", table),
+        store=EmbeddedStateStore(tmp_path / "state", table),
         manifest=manifest,
         window_start=None,
         window_end=NOW,
@@ -457,7 +457,7 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(
     assert manifest.rows_read == manifest.valid + manifest.rejected + manifest.duplicate_rows
     assert manifest.future_rows == future
     assert all(r["reasons"] for r in _rejected(manifest))
-    store = StateStore(tmp_path / "state", "delivered")
+    store = EmbeddedStateStore(tmp_path / "state", "delivered")
     client = BrazeClient(
         shared_emulator.base_url, API_KEY, max_connections=4, backoff_initial_s=0.01, backoff_max_s=0.05
     )

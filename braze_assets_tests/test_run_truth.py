@@ -14,7 +14,7 @@ from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConf
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import EXIT_CODES, Delivery, worst_status
 from braze_assets.delta import DeltaManifest
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 from braze_assets_tests.conftest import API_KEY, Harness, events_rows, sync_config
 
 UTC = dt.UTC
@@ -100,7 +100,7 @@ def test_a_delta_already_delivered_by_another_run_says_so(tmp_path, emulator):
     harness.syncs = [sync_config("events", "events", "main.events")]
     first = harness.run("events")
     manifest = DeltaManifest(**first.delta.to_dict())  # the same delta, handed to a second run
-    store = StateStore(harness.state_dir, "events")
+    store = EmbeddedStateStore(harness.state_dir, "events")
     late = Delivery(
         spec=DATA_TYPES["events"],
         store=store,

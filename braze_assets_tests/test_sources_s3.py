@@ -32,7 +32,7 @@ from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.sources import SourceError, s3_source
 from braze_assets.sources.s3_source import S3File, S3Source, oversize_reason
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 
 UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -144,7 +144,7 @@ def delta(source: S3Source, data_type: str, out, window_start=None, window_end=N
     compute_delta(
         source=source,
         spec=DATA_TYPES[data_type],
-        store=StateStore(out / "state", "s3"),
+        store=EmbeddedStateStore(out / "state", "s3"),
         manifest=manifest,
         window_start=window_start,
         window_end=window_end,

@@ -41,7 +41,7 @@ from braze_assets.sources import DuckDBSource, SourceError
 from braze_assets.sources.bigquery_source import BigQuerySource
 from braze_assets.sources.databricks_source import DatabricksSource
 from braze_assets.sources.snowflake_source import SnowflakeSource
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore
 from braze_assets_tests.conftest import snowflake_resource
 
 # fakesnow reads its DuckDB results through the DB-API Arrow path, which DuckDB warns about
@@ -102,7 +102,7 @@ def run_delta(source, out: Path, data_type: str = "attributes") -> dict[str, Any
     compute_delta(
         source=source,
         spec=DATA_TYPES[data_type],
-        store=StateStore(out / "state", "c"),
+        store=EmbeddedStateStore(out / "state", "c"),
         manifest=manifest,
         window_start=WINDOW_START,
         window_end=NOW,

@@ -24,7 +24,7 @@ import contextlib
 import ipaddress
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -243,10 +243,16 @@ class BrazeClient:
         return self._retry_wait(failure, state.attempt_number + 1)
 
     async def post(
-        self, path: str, body: bytes, *, retry_ambiguous: bool, on_send: Callable[[], None] | None = None
+        self,
+        path: str,
+        body: bytes,
+        *,
+        retry_ambiguous: bool,
+        on_send: Callable[[], Awaitable[None] | None] | None = None,
     ) -> RequestOutcome:
         """POST `body` (JSON bytes) and classify the result; see the module docstring.
-        `on_send` runs once, after any pacing wait, just before the request first goes out."""
+        `on_send` runs once, after any pacing wait, just before the request first goes out (and is
+        awaited when it returns an awaitable: the request waits until it is done)."""
         assert self._transport is not None, "use `async with BrazeClient(...)`"
         outcome = RequestOutcome(kind="refused")
 
@@ -258,7 +264,9 @@ class BrazeClient:
                 if shared is not None and budget.paces:
                     await shared.take(budget.limit, budget.measured_window_s(), budget.window_hint_s)
                 if on_send is not None and outcome.attempts == 1:
-                    on_send()
+                    written = on_send()
+                    if written is not None:
+                        await written
                 sent_at = time.time()
                 try:
                     status, headers, content = await self._send(path, body)

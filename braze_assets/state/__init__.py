@@ -1,0 +1,46 @@
+"""Delivery state: one interface (`StateStore`, base.py), an embedded backend (DuckDB and files,
+the default) and a PostgreSQL backend (`BRAZE_ASSETS_STATE_URL`), chosen by `open_state_store`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from braze_assets.delta_files import DeltaFiles
+from braze_assets.state.base import LedgerSession, StateStore, SyncBusyError, Watermark
+from braze_assets.state.embedded import EmbeddedStateStore
+from braze_assets.state.held import alias_key, held_detail
+
+#: `postgresql://user[:password]@host:port/db[?schema=name]`: keep the delivery state (and the
+#: shared rate budget) in PostgreSQL instead of files under the state directory.
+STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
+
+__all__ = [
+    "STATE_URL_ENV",
+    "EmbeddedStateStore",
+    "LedgerSession",
+    "StateStore",
+    "SyncBusyError",
+    "Watermark",
+    "alias_key",
+    "held_detail",
+    "open_state_store",
+    "state_url_from_environment",
+]
+
+
+def state_url_from_environment() -> str | None:
+    return os.environ.get(STATE_URL_ENV, "").strip() or None
+
+
+def open_state_store(
+    state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles | None = None
+) -> StateStore:
+    """The state of `sync`: in PostgreSQL when a state URL is given, else under `state_dir`."""
+    if state_url:
+        from braze_assets.state.postgres import PostgresStateStore
+
+        return PostgresStateStore(
+            state_url, sync, deltas=deltas or DeltaFiles(Path(state_dir) / "deltas", sync)
+        )
+    return EmbeddedStateStore(state_dir, sync, deltas=deltas)

@@ -1,0 +1,297 @@
+"""The delivery state of one sync, as one interface with two backends.
+
+What must outlive a run, per sync (docs/architecture.md, Delivery state):
+
+* the **ledger**: one row per CDI row the sync has settled, with the row's stable hash and status:
+    - ``accepted``  Braze acknowledged it; never sent again (re-runs, retries, backfills);
+    - ``failed``    Braze refused it for good (its message kept);
+    - ``invalid``   failed validation, never sent (its reasons kept);
+    - ``held``      outcome unknown, parked until a person decides (``release.py``);
+  beside it ``planned`` (the rows of the chunk being sent right now, with their request ids) and
+  ``held_details`` (what reconcile needs to ask Braze about a held event or purchase);
+* the **journal**: a record per request just before it goes on the wire and one with its known
+  outcome after, so recovery can tell requests that never left from those that may have arrived;
+* the **delivery lock**: one run at a time sends for a sync, and recovery never races a sender;
+  it dies with its holder (process or database session);
+* the **watermark**: every row with UPDATED_AT at or before it is settled;
+* the settled source files (S3) and the run history.
+
+`EmbeddedStateStore` keeps them in DuckDB and small files under a directory (nothing to start);
+`PostgresStateStore` in PostgreSQL, for runs in fresh pods with empty disks. Delivery sees only
+this interface: it never opens a transaction, a file or a connection itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from braze_assets.config import AmbiguousPolicy
+from braze_assets.delta_files import DeltaFiles
+from braze_assets.state.held import held_details_table
+from braze_assets.state.recovery import JournalRecords, RecoveryPlan, plan_recovery
+
+#: Columns of a ledger row as `LedgerSession.append` takes them (`changed_at` and `object` optional).
+LEDGER_COLUMNS = ("row_hash", "updated_at", "status", "batch_id", "identifier", "message", "run_id")
+#: Columns of a planned row.
+PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "run_id")
+
+
+class SyncBusyError(RuntimeError):
+    """Another run is delivering this sync right now."""
+
+
+@dataclass
+class Watermark:
+    """Every row with UPDATED_AT <= `value` is settled (accepted, failed, invalid or held).
+    Scheduled runs rescan from `value - lookback`, so late rows inside the window still go out."""
+
+    value: dt.datetime | None = None
+    updated_by_run: str | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["value"] = self.value.isoformat() if self.value else None
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Watermark:
+        data = json.loads(text)
+        data["value"] = dt.datetime.fromisoformat(data["value"]) if data.get("value") else None
+        return cls(**data)
+
+
+class LedgerSession(ABC):
+    """One connection to a sync's ledger, used by one thread at a time. Each call commits on its
+    own unless made inside `transaction()`."""
+
+    def __init__(self, deltas: DeltaFiles):
+        self._deltas = deltas
+
+    @abstractmethod
+    def known_hashes(
+        self,
+        hashes: list[str],
+        *,
+        since: dt.datetime | None = None,
+        between: tuple[dt.datetime, dt.datetime] | None = None,
+    ) -> set[str]:
+        """Which of these rows the ledger has settled. `since`: only rows settled from then on;
+        `between`: the rows' UPDATED_AT range (a row's hash includes its UPDATED_AT, so settled
+        rows outside it cannot match). Both narrow what the backend reads."""
+
+    @abstractmethod
+    def _insert(self, table: str, rows: pa.Table) -> None:
+        """Insert Arrow rows into `ledger`, `planned` or `held_details` (columns by name)."""
+
+    @abstractmethod
+    def clear_planned(self, prefix: str) -> None:
+        """A planned chunk (request ids `<prefix>-<n>`) is settled, or to be sent again later."""
+
+    @abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Everything inside commits together, or not at all."""
+
+    def append(self, rows: pa.Table) -> None:
+        """Record settled rows (`LEDGER_COLUMNS`; `changed_at` added). Callers hold the delivery
+        lock and append only rows the ledger does not have.
+
+        An optional `object` column (the objects as sent) keeps `held_details` of the rows held;
+        without it, a held row's object is looked up in its run's delta file."""
+        if not rows.num_rows:
+            return
+        objects = None
+        if "object" in rows.column_names:
+            objects = rows["object"]
+            rows = rows.drop_columns(["object"])
+        if "changed_at" not in rows.column_names:
+            now = dt.datetime.now(dt.UTC)
+            rows = rows.append_column(
+                "changed_at", pa.array([now] * rows.num_rows, pa.timestamp("us", tz="UTC"))
+            )
+        self._insert("ledger", rows)
+        is_held = pc.equal(rows["status"], "held")
+        if pc.any(is_held).as_py():
+            held = pc.indices_nonzero(is_held)
+            hashes = rows["row_hash"].take(held).to_pylist()
+            if objects is not None:
+                found = dict(zip(hashes, objects.take(held).to_pylist(), strict=True))
+            else:
+                run_ids = sorted({r for r in rows["run_id"].to_pylist() if r})
+                found = dict(self._deltas.objects(hashes, run_ids))
+            self._insert("held_details", held_details_table(found))
+
+    def plan(self, rows: pa.Table) -> None:
+        """Rows about to be sent (`PLANNED_COLUMNS`)."""
+        self._insert("planned", rows)
+
+
+class Journal(ABC):
+    """The request journal of one delivery, open while it sends."""
+
+    @abstractmethod
+    async def started(self, batch_id: str) -> None:
+        """Durable before it returns: the request may go on the wire once this is written."""
+
+    @abstractmethod
+    async def done(self, batch_id: str, rows: list[tuple[str, str | None, str | None]]) -> None:
+        """The known outcome of a request: its rows not accepted, as (row_hash, status or None to
+        send again, message); every other row of the request was accepted. Best effort: a lost
+        record only leaves the request ambiguous after a crash."""
+
+
+class StateStore(ABC):
+    """The durable state of one sync (see the module docstring)."""
+
+    #: How long `commit_watermark` and the held-row commands wait for a delivering run to end.
+    lock_timeout_s: float = 600.0
+
+    def __init__(self, sync: str, deltas: DeltaFiles):
+        self.sync = sync
+        self.deltas = deltas
+
+    # ------------------------------------------------------------------ locks
+    @abstractmethod
+    def delivery_lock(self, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """Exclusive right to send for this sync, released when its holder dies. Raises
+        `SyncBusyError` when another holder keeps it longer than `wait_s`."""
+
+    # ------------------------------------------------------------------ ledger
+    @abstractmethod
+    def session(self) -> contextlib.AbstractContextManager[LedgerSession]:
+        """A ledger session for one thread."""
+
+    @abstractmethod
+    def settled_count(self, start: dt.datetime | None, end: dt.datetime) -> int:
+        """Settled rows with start <= UPDATED_AT < end (to find rows older than the scan window)."""
+
+    @abstractmethod
+    def status_counts(self) -> dict[str, int]:
+        """Ledger rows by status."""
+
+    # ------------------------------------------------------------------ journal and recovery
+    @abstractmethod
+    def journal(self) -> contextlib.AbstractAsyncContextManager[Journal]:
+        """The journal of one delivery; emptied when it ends without an error (every chunk's
+        outcomes are in the ledger by then). Use with the delivery lock held."""
+
+    @abstractmethod
+    def _journal_records(self) -> JournalRecords: ...
+
+    @abstractmethod
+    def _planned_batches(self) -> list[tuple[str, int]]: ...
+
+    @abstractmethod
+    def _apply_recovery(self, plan: RecoveryPlan, policy: AmbiguousPolicy) -> None:
+        """Settle the planned rows by `plan`, forget the others, and empty the journal: at once."""
+
+    def recover(self, policy: AmbiguousPolicy) -> dict[str, int]:
+        """Settle `planned` rows left by a run that died. Call with the delivery lock held.
+
+        Requests whose answer was journaled get that outcome; those that never went on the wire
+        are forgotten (sent again); those sent without a journaled answer are ambiguous: held, or
+        forgotten so they are resent, by the sync's policy (`recovery.py`)."""
+        plan = plan_recovery(self._planned_batches(), self._journal_records())
+        self._apply_recovery(plan, policy)
+        return plan.counts
+
+    # ------------------------------------------------------------------ held rows: a person decides
+    @abstractmethod
+    def held_rows(self, row_hashes: list[str] | None = None) -> list[dict[str, Any]]:
+        """Held rows (all, or those of `row_hashes`) with their details where kept: row_hash,
+        updated_at, batch_id, identifier (masked), message, run_id, id_type, id_value, kind,
+        name, sent_time (None when no details were kept)."""
+
+    @abstractmethod
+    def _forget_held(self, row_hashes: list[str] | None) -> tuple[int, dt.datetime | None]:
+        """Delete held rows (all, or those listed) and their details: (count, earliest UPDATED_AT)."""
+
+    @abstractmethod
+    def _settle_held(self, messages: dict[str, str], status: str) -> int:
+        """Give held rows `status` and their message; returns how many were held."""
+
+    def release_held(self, row_hashes: list[str] | None = None) -> int:
+        """A person decided held rows should be sent again: forget them so the next run does.
+
+        The watermark says every row at or before it is settled, so it moves back to just before
+        the earliest row forgotten: the next scheduled run reads those rows again, however far
+        behind its lookback they lie. Call with the delivery lock held (see `release.py`)."""
+        count, earliest = self._forget_held(row_hashes)
+        watermark = self.read_watermark()
+        if earliest is not None and watermark.value is not None and watermark.value >= earliest:
+            self._write_watermark(
+                Watermark(earliest - dt.timedelta(microseconds=1), updated_by_run="release_held")
+            )
+        return count
+
+    def mark_held_delivered(self, messages: dict[str, str]) -> int:
+        """A person (or a reconcile with Braze's evidence) settled held rows as accepted: never
+        sent again; `messages` gives each row's reason, kept in the ledger."""
+        return self._settle_held(messages, "accepted") if messages else 0
+
+    def note_held(self, messages: dict[str, str]) -> int:
+        """Rows that stay held, with why (kept in the ledger's message)."""
+        return self._settle_held(messages, "held") if messages else 0
+
+    # ------------------------------------------------------------------ watermark
+    @abstractmethod
+    def read_watermark(self) -> Watermark: ...
+
+    @abstractmethod
+    def _write_watermark(self, watermark: Watermark) -> None: ...
+
+    def commit_watermark(
+        self, before: dt.datetime | None, after: dt.datetime | None, run_id: str
+    ) -> tuple[Watermark, str | None]:
+        """The one place a run moves the watermark: to `after`, computed from the `before` it
+        started with. Returns the watermark now in force, and why it differs from `after`.
+
+        Taken under the delivery lock, so it never interleaves with a release of held rows; if
+        the watermark changed since the run read it (a release moved it back to resend rows), the
+        lower of the two wins: a watermark past rows that are not settled would skip them."""
+        with self.delivery_lock(wait_s=self.lock_timeout_s):
+            current = self.read_watermark()
+            if after is None or after == before:
+                return current, None
+            why = None
+            if current.value != before:
+                if current.value is None or current.value <= after:
+                    return current, (
+                        f"kept {current.value.isoformat() if current.value else 'none'}: it changed "
+                        f"while the run delivered (by {current.updated_by_run})"
+                    )
+                why = f"moved to {after.isoformat()}, below the {current.value.isoformat()} it changed to"
+            committed = Watermark(after, updated_by_run=run_id)
+            self._write_watermark(committed)
+            return committed, why
+
+    # ------------------------------------------------------------------ source files and run history
+    @abstractmethod
+    def settled_parts(self) -> dict[str, str]:
+        """Source files (S3 parts) whose every row is settled, with their fingerprints."""
+
+    @abstractmethod
+    def add_settled_parts(self, parts: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def record_run(self, outcome: dict[str, Any]) -> None:
+        """Keep a finished run's outcome (`SyncOutcome.to_dict()`)."""
+
+    @abstractmethod
+    def last_run(self) -> dict[str, Any] | None:
+        """The outcome of the sync's last recorded run."""
+
+    # ------------------------------------------------------------------ delta files
+    def delta_dir(self, run_id: str) -> Path:
+        return self.deltas.run_dir(run_id)
+
+    def prune_deltas(self, keep: int = 5) -> int:
+        return self.deltas.prune(keep)
