@@ -168,9 +168,35 @@ def _output(result, node):
         return None
 
 
+#: Runs a test once per state backend (it must take `harness`, `state_url` or `state_backend`).
+both_backends = pytest.mark.parametrize("state_backend", ["embedded", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def harness(tmp_path, emulator) -> Harness:
-    return Harness(tmp_path, emulator)
+def state_backend(request) -> str:
+    """Which state backend a test runs on: "embedded" unless parametrized (indirect=True)."""
+    return getattr(request, "param", "embedded")
+
+
+@pytest.fixture
+def state_url(request, state_backend) -> str | None:
+    """None for the embedded backend; for PostgreSQL, a URL with a schema of this test's own."""
+    if state_backend == "embedded":
+        return None
+    pg = request.getfixturevalue("postgres")
+    return pg_state_url(pg)
+
+
+def pg_state_url(pg: dict, schema: str | None = None) -> str:
+    import uuid
+
+    schema = schema or f"t_{uuid.uuid4().hex[:12]}"
+    return f"postgresql://{pg['user']}@{pg['host']}:{pg['port']}/{pg['database']}?schema={schema}"
+
+
+@pytest.fixture
+def harness(tmp_path, emulator, state_url) -> Harness:
+    return Harness(tmp_path, emulator, state_url=state_url)
 
 
 def events_rows(n: int, ts: dt.datetime, start: int = 0, prefix: str = "user") -> list[dict]:
@@ -197,13 +223,15 @@ from braze_assets_tests.conftest import Harness, sync_config
 class Remote:  # the emulator lives in the test process; only its URL crosses over
     base_url = sys.argv[2]
 
-harness = Harness(pathlib.Path(sys.argv[1]), Remote())
+harness = Harness(pathlib.Path(sys.argv[1]), Remote(), state_url=sys.argv[3] or None)
 harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
 harness.run("events")
 """
 
 
-def kill_9_mid_sync(tmp_path: Path, emulator: BrazeEmulator, events_before_kill: int) -> None:
+def kill_9_mid_sync(
+    tmp_path: Path, emulator: BrazeEmulator, events_before_kill: int, state_url: str | None = None
+) -> None:
     """Run the `events` sync (main.events, 4 requests in flight) in another process and kill -9
     it once the emulator holds `events_before_kill` events: the crash a recovery must survive."""
     import os
@@ -214,7 +242,7 @@ def kill_9_mid_sync(tmp_path: Path, emulator: BrazeEmulator, events_before_kill:
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), emulator.base_url],
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), emulator.base_url, state_url or ""],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -228,7 +256,17 @@ def kill_9_mid_sync(tmp_path: Path, emulator: BrazeEmulator, events_before_kill:
     proc.wait()
 
 
-__all__ = ["API_KEY", "FaultConfig", "Harness", "cdi_row", "events_rows", "seqs", "sync_config", "utc"]
+__all__ = [
+    "API_KEY",
+    "FaultConfig",
+    "Harness",
+    "both_backends",
+    "cdi_row",
+    "events_rows",
+    "seqs",
+    "sync_config",
+    "utc",
+]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from braze_assets_tests.conftest import cdi_row, events_rows, seqs, sync_config
+from braze_assets_tests.conftest import both_backends, cdi_row, events_rows, seqs, sync_config
 
 UTC = dt.UTC
 
@@ -17,6 +17,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(UTC).replace(microsecond=0)
 
 
+@both_backends
 def test_same_updated_at_rows_added_later_are_delivered_once(harness, emulator):
     ts = _now() - dt.timedelta(hours=3)
     harness.table("ev", events_rows(5, ts))
@@ -35,6 +36,7 @@ def test_same_updated_at_rows_added_later_are_delivered_once(harness, emulator):
     assert third.outcome.accepted == 0 and seqs(emulator) == [0, 1, 2, 3, 4, 5]
 
 
+@both_backends
 def test_late_rows_inside_lookback_go_out_older_ones_are_counted_then_backfilled(harness, emulator):
     now = _now()
     harness.table("ev", events_rows(3, now - dt.timedelta(hours=1)))
@@ -77,6 +79,7 @@ def test_future_rows_are_held_back_and_the_watermark_never_passes_now(harness, e
     assert harness.watermark("ev_sync") <= dt.datetime.now(UTC)
 
 
+@both_backends
 def test_partial_success_fails_only_the_rows_braze_names(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
     rows = [
@@ -97,6 +100,7 @@ def test_partial_success_fails_only_the_rows_braze_names(harness, emulator):
     assert harness.run("attr_sync").outcome.requests == 0, "a definitive failure is not resent"
 
 
+@both_backends
 def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
     good = json.dumps({"product_id": "sku", "currency": "EUR", "price": 3.5, "properties": {"seq": 1}})
@@ -125,6 +129,7 @@ def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
     assert again.delta.rejected == 0, "a rejected row is reported once, not on every run"
 
 
+@both_backends
 def test_row_error_rate_check_blocks_delivery_and_changes_no_state(harness, emulator):
     ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
     rows = events_rows(20, ts) + [cdi_row(ts, "{broken", external_id=f"b{i}") for i in range(20)]
@@ -212,6 +217,7 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
         assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",), ("c",)]
 
 
+@both_backends
 def test_materializing_the_latest_partition_syncs_everything_pending(harness, emulator):
     """The UI's default Materialize selects only the latest partition: like CDI's "Sync now" it
     delivers every pending row (watermark minus lookback .. now), not only today's."""

@@ -15,8 +15,14 @@ import dagster as dg
 import pytest
 
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
-from braze_assets.resources import DeliveryStateResource
-from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, kill_9_mid_sync, sync_config
+from braze_assets_tests.conftest import (
+    API_KEY,
+    Harness,
+    both_backends,
+    cdi_row,
+    kill_9_mid_sync,
+    sync_config,
+)
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
@@ -49,7 +55,7 @@ def _release(harness: Harness, sync: str, mode: str | None = None, row_hashes: l
 
 
 def _store(harness: Harness, sync: str):
-    return DeliveryStateResource(state_dir=str(harness.state_dir)).store(sync)
+    return harness.delivery_state().store(sync)
 
 
 def _seqs(emulator: BrazeEmulator, kind: str = "events") -> Counter:
@@ -63,6 +69,7 @@ def _failure_text(result) -> str:
     return data.error.to_string() + str(data.user_failure_data)
 
 
+@both_backends
 def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
     """A: 15 events held after Braze stored them (500/504 after processing). B: 9 events held
     after the connection dropped before processing (Braze never saw them). Reconcile, with faults
@@ -132,6 +139,7 @@ def test_reconcile_resends_only_what_braze_lacks(harness, emulator):
     assert _seqs(emulator) == Counter(range(24))
 
 
+@both_backends
 def test_reconcile_purchases_by_product_id(harness, emulator):
     def purchase(seq, user, at, product):
         payload = {"product_id": product, "currency": "USD", "price": 3.5, "properties": {"seq": seq}}
@@ -154,17 +162,18 @@ def test_reconcile_purchases_by_product_id(harness, emulator):
     assert _seqs(emulator, "purchases") == Counter(range(7))
 
 
-def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path):
+@both_backends
+def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path, state_url):
     """kill -9 mid-delivery; the next run holds what was in flight (recovery keeps what reconcile
     needs from the crashed run's delta file); reconcile settles what Braze stored and resends the
     rest; every event ends in Braze exactly once and nothing stays held."""
     n = 3000
     rows = [_event(i, f"user-{i % 40}", BASE + dt.timedelta(seconds=i), name=f"step-{i}") for i in range(n)]
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=FaultConfig(latency_ms=60))) as emu:
-        harness = Harness(tmp_path, emu)
+        harness = Harness(tmp_path, emu, state_url=state_url)
         harness.table("events", rows)
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-        kill_9_mid_sync(tmp_path, emu, events_before_kill=600)
+        kill_9_mid_sync(tmp_path, emu, events_before_kill=600, state_url=state_url)
         time.sleep(0.3)  # requests already on the wire finish on the server side
         emu.set_faults(FaultConfig())
 
@@ -219,6 +228,7 @@ def test_reconcile_with_a_key_lacking_export_says_so_and_changes_nothing(harness
     assert harness.ledger("events") == {"held": 1}
 
 
+@both_backends
 def test_resent_rows_older_than_the_lookback_are_read_again(harness, emulator):
     """Releasing held rows must bring the watermark back before them: the watermark says every
     row up to it is settled, and the next run reads only from it minus the lookback."""
@@ -242,6 +252,7 @@ def test_resent_rows_older_than_the_lookback_are_read_again(harness, emulator):
     assert harness.ledger("events") == {"accepted": 2}
 
 
+@both_backends
 def test_mark_delivered_settles_with_a_message_and_never_sends(harness, emulator):
     harness.table("events", [_event(i, "u1", BASE + dt.timedelta(seconds=i)) for i in range(3)])
     harness.syncs = [sync_config("events", "events", "main.events")]
@@ -254,10 +265,7 @@ def test_mark_delivered_settles_with_a_message_and_never_sends(harness, emulator
     result, report, metadata = _release(harness, "events", "mark_delivered", [first])
     assert result.success and report["held"] == 1 and metadata["marked_delivered"] == 1
     assert harness.ledger("events") == {"accepted": 1, "held": 2}
-    import duckdb
-
-    with duckdb.connect(str(store.db_path), read_only=True) as con:
-        [(message,)] = con.execute("SELECT message FROM ledger WHERE status = 'accepted'").fetchall()
+    [message] = [row["message"] for row in store.ledger_rows("accepted")]
     assert message.startswith("marked delivered by a person (release_held_job run ")
     assert "mode mark_delivered" in message
     assert harness.run("events").outcome.requests == 0

@@ -14,6 +14,7 @@ from braze_assets.seed import sample_rows
 from braze_assets_tests.conftest import (
     API_KEY,
     Harness,
+    both_backends,
     cdi_row,
     events_rows,
     kill_9_mid_sync,
@@ -120,13 +121,14 @@ def test_mau_style_429_with_retry_after_only(tmp_path):
         assert sorted(Counter(e["properties"]["seq"] for e in emu.store.events()).values()) == [1] * 600
 
 
-def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path):
+@both_backends
+def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path, state_url):
     faults = FaultConfig(latency_ms=40)
     with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=faults)) as emu:
-        harness = Harness(tmp_path, emu)
+        harness = Harness(tmp_path, emu, state_url=state_url)
         harness.table("events", events_rows(6000, NOW - dt.timedelta(hours=1)))  # 80 requests
         harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
-        kill_9_mid_sync(tmp_path, emu, events_before_kill=1500)
+        kill_9_mid_sync(tmp_path, emu, events_before_kill=1500, state_url=state_url)
         delivered_at_kill = len(emu.store.events())
         assert delivered_at_kill < 6000, "killed mid-sync"
         time.sleep(0.3)  # requests already on the wire finish on the server side

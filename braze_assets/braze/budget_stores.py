@@ -16,34 +16,17 @@ import os
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from braze_assets.braze.budget import BudgetState, BudgetStore, BudgetStoreError
+from braze_assets.state.postgres_schema import StateDatabase, StateUrlError, masked_url
 
 #: `postgresql://user@host:port/db`: keep the budgets in PostgreSQL instead of files.
 STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
-BUDGET_TABLE = "braze_assets_rate_budget"
-#: The budget table, created on first use. The only DDL of the budget: a migration framework
-#: would take it over from here.
-BUDGET_TABLE_DDL = f"""
-CREATE TABLE IF NOT EXISTS {BUDGET_TABLE} (
-    workspace     text             NOT NULL,  -- REST endpoint + hash of the API key
-    endpoint      text             NOT NULL,  -- the REST path, e.g. /users/track
-    grants        jsonb            NOT NULL DEFAULT '[]',  -- [[granted_at, tokens, grant_id], ...]
-    next_grant_id bigint           NOT NULL DEFAULT 1,
-    paused_until  double precision NOT NULL DEFAULT 0,     -- epoch seconds, set by a 429
-    rate_limit    integer,                                 -- X-RateLimit-Limit last announced
-    window_s      double precision,                        -- the window's length, as known
-    updated_at    timestamptz      NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace, endpoint)
-)
-"""
-#: Serialises the first `CREATE TABLE IF NOT EXISTS` of several processes, which can otherwise
-#: collide on the catalog.
-_DDL_LOCK_ID = 0x62_72_61_7A_65_62  # "brazeb"
+#: In the state schema, created by its migrations (state/migrations/).
+BUDGET_TABLE = "rate_budget"
 
 T = TypeVar("T")
 
@@ -200,16 +183,10 @@ class PostgresBudgetStore(BudgetStore):
 
     def _connect(self) -> Any:
         if self._connection is None:
-            import psycopg2
-
-            connection = psycopg2.connect(
-                self.url, application_name="braze_assets rate budget", connect_timeout=10
-            )
+            connection = StateDatabase.from_url(self.url).connect("rate budget")
             with connection.cursor() as cursor:
                 cursor.execute("SET synchronous_commit = off")
                 cursor.execute("SET statement_timeout = '10s'")
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_ID,))
-                cursor.execute(BUDGET_TABLE_DDL)
             connection.commit()
             self._connection = connection
         return self._connection
@@ -225,17 +202,6 @@ class PostgresBudgetStore(BudgetStore):
             self._drop_connection()
 
 
-def masked_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.netloc.rsplit("@", 1)[-1]
-    user = f"{parsed.username}@" if parsed.username else ""
-    query = "&".join(
-        part for part in parsed.query.split("&") if part and not part.lower().startswith("password")
-    )
-    return urllib.parse.urlunsplit(parsed._replace(netloc=user + host, query=query))
-
-
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -245,11 +211,10 @@ def budget_store_from_environment(state_dir: Path) -> BudgetStore:
     One store per place in a process, so its clients share the lock handles and the connection."""
     url = os.environ.get(STATE_URL_ENV, "").strip()
     if url:
-        if urllib.parse.urlsplit(url).scheme not in ("postgresql", "postgres"):
-            raise BudgetStoreError(
-                f"{STATE_URL_ENV} must be a postgresql:// URL (postgresql://user@host:port/db), "
-                f"got {masked_url(url)!r}"
-            )
+        try:
+            StateDatabase.from_url(url)
+        except StateUrlError as exc:
+            raise BudgetStoreError(str(exc)) from None
         return _postgres_store(url)
     return _file_store(str(state_dir / "budgets"))
 

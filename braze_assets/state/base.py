@@ -177,6 +177,11 @@ class StateStore(ABC):
     def status_counts(self) -> dict[str, int]:
         """Ledger rows by status."""
 
+    @abstractmethod
+    def ledger_rows(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The latest settled rows (all, or of one status), newest first: row_hash, updated_at,
+        status, batch_id, identifier (masked), message, run_id, changed_at."""
+
     # ------------------------------------------------------------------ journal and recovery
     @abstractmethod
     def journal(self) -> contextlib.AbstractAsyncContextManager[Journal]:

@@ -254,6 +254,18 @@ class EmbeddedStateStore(StateStore):
         with self.connect(read_only=True) as con:
             return dict(con.execute("SELECT status, count(*) FROM ledger GROUP BY 1").fetchall())
 
+    def ledger_rows(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        if not self.db_path.exists():
+            return []
+        with self.connect(read_only=True) as con:
+            cursor = con.execute(
+                "SELECT row_hash, updated_at, status, batch_id, identifier, message, run_id, changed_at "
+                "FROM ledger WHERE ? IS NULL OR status = ? ORDER BY changed_at DESC, row_hash LIMIT ?",
+                [status, status, limit],
+            )
+            names = [c[0] for c in cursor.description or []]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     # ------------------------------------------------------------------ journal and recovery
     @contextlib.asynccontextmanager
     async def journal(self) -> AsyncIterator[Journal]:

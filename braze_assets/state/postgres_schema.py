@@ -1,0 +1,115 @@
+"""Connections to the PostgreSQL state backend, and its schema, migrated on first use.
+
+The URL is `postgresql://user[:password]@host[:port]/db[?schema=name]` (default schema
+`braze_assets`): the state may share a server and database with Dagster's own storage, in its own
+schema. Versioned migrations (alembic, `migrations/`) run once per process, under an advisory lock
+so pods starting together migrate once; each later connection only sets its search_path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SCHEMA = "braze_assets"
+#: Serialises migrations of several processes starting at once.
+_MIGRATION_LOCK_ID = 0x62_72_61_7A_65_6D  # "brazem"
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class StateUrlError(ValueError):
+    """BRAZE_ASSETS_STATE_URL is not a usable PostgreSQL URL."""
+
+
+@dataclass(frozen=True)
+class StateDatabase:
+    """Where the state lives: a libpq URL (without `schema`) and the schema."""
+
+    dsn: str
+    schema: str
+
+    @classmethod
+    def from_url(cls, url: str) -> StateDatabase:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("postgresql", "postgres"):
+            raise StateUrlError(
+                "BRAZE_ASSETS_STATE_URL must be a postgresql:// URL "
+                f"(postgresql://user@host:port/db), got {masked_url(url)!r}"
+            )
+        query = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+        schemas = [v for k, v in query if k == "schema"]
+        schema = schemas[-1] if schemas else DEFAULT_SCHEMA
+        if not _SCHEMA_NAME.match(schema):
+            raise StateUrlError(
+                f"BRAZE_ASSETS_STATE_URL: schema {schema!r} must be a lower-case SQL name "
+                "(letters, digits, underscores)"
+            )
+        rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+        return cls(urllib.parse.urlunsplit(parsed._replace(query=rest)), schema)
+
+    @property
+    def shown(self) -> str:
+        return f"PostgreSQL at {masked_url(self.dsn)} (schema {self.schema})"
+
+    def connect(self, purpose: str, *, autocommit: bool = False) -> Any:
+        """A psycopg2 connection in UTC with the state schema first on its search_path."""
+        ensure_schema(self)
+        return _connect(self, purpose, autocommit=autocommit)
+
+
+def _connect(db: StateDatabase, purpose: str, *, autocommit: bool) -> Any:
+    import psycopg2
+
+    connection = psycopg2.connect(
+        db.dsn,
+        application_name=f"braze_assets {purpose}",
+        connect_timeout=10,
+        options=f"-c search_path={db.schema} -c timezone=UTC",
+        # a pod that vanishes without closing its socket: the client notices a dead server...
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
+    connection.autocommit = autocommit
+    return connection
+
+
+def masked_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    user = f"{parsed.username}@" if parsed.username else ""
+    query = "&".join(
+        part for part in parsed.query.split("&") if part and not part.lower().startswith("password")
+    )
+    return urllib.parse.urlunsplit(parsed._replace(netloc=user + host, query=query))
+
+
+@functools.cache
+def ensure_schema(db: StateDatabase) -> None:
+    """Create the schema and apply every pending migration (once per process and database)."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    engine = sa.create_engine(
+        "postgresql+psycopg2://",
+        creator=lambda: _connect(db, "migrations", autocommit=False),
+        poolclass=sa.pool.NullPool,
+    )
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            connection.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"'))
+            config = Config()
+            config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            connection.commit()
+    finally:
+        engine.dispose()
