@@ -259,12 +259,12 @@ def test_processes_share_one_postgres_budget(tmp_path, limited_emulator, postgre
     import psycopg2
 
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT workspace, endpoint, rate_limit FROM braze_assets_rate_budget")
+        cursor.execute("SELECT workspace, endpoint, rate_limit FROM braze_assets.rate_budget")
         rows = cursor.fetchall()
     assert (workspace_id(limited_emulator.base_url, KEY), TRACK, LIMIT) in rows
     assert not any(KEY in str(row) for row in rows)
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("DELETE FROM braze_assets_rate_budget")  # an operator starts over
+        cursor.execute("DELETE FROM braze_assets.rate_budget")  # an operator starts over
     store = PostgresBudgetStore(url)
     workspace = workspace_id(limited_emulator.base_url, KEY)
     assert store.exchange(workspace, TRACK, lambda state, now: grant(state, lease(5), now)).tokens == 5
