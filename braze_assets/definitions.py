@@ -32,6 +32,7 @@ from braze_assets.resources import (
     DeltaIOManager,
     WatermarkIOManager,
     home_dir,
+    manifest_root,
     rate_share_from_environment,
 )
 from braze_assets.sources.factory import resource_key
@@ -105,7 +106,7 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
             **rate_share_from_environment(),
         ),
         "delivery_state": DeliveryStateResource(state_dir=state_dir),
-        "delta_io_manager": DeltaIOManager(base_dir=str(home / "deltas")),
+        "delta_io_manager": DeltaIOManager(base_dir=manifest_root(home)),
         "watermark_io_manager": WatermarkIOManager(state_dir=state_dir),
     }
     for kind in sorted({resource_key(sync) for sync in syncs}):
