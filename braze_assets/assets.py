@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from braze_assets import delta_store
 from braze_assets.config import SyncConfig, source_key_path
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
@@ -145,7 +146,9 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         window = context.partition_time_window
         store = delivery_state.store(sync.name)
         watermark = store.read_watermark().value
-        run_dir = store.delta_dir(context.run.run_id)
+        files = store.deltas  # shared storage when BRAZE_ASSETS_DELTA_URL is set
+        files.check()  # an unreachable delta store fails the run before the warehouse is read
+        run_dir = files.run_dir(context.run.run_id)
         manifest = DeltaManifest(
             sync=sync.name,
             data_type=sync.data_type,
@@ -153,8 +156,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             window_start=window.start.isoformat(),
             window_end=window.end.isoformat(),
             reaches_now=window.end > now,
-            valid_path=str(run_dir / "valid.parquet"),
-            rejected_path=str(run_dir / "rejected.parquet"),
+            valid_path=delta_store.join(run_dir, "valid.parquet"),
+            rejected_path=delta_store.join(run_dir, "rejected.parquet"),
         )
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         keys = context.partition_key_range
@@ -278,7 +281,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         outcome = delivery.run()
         if not outcome.not_sent and not outcome.earliest_unsettled:
             store.add_settled_parts(delta.parts)  # every row of these files is settled
-        store.prune_deltas(keep=5)  # older runs' Parquet files; their outcomes stay in the ledger
+        # older runs' Parquet files; their outcomes stay in the ledger
+        store.deltas.prune(keep=5)
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)
         outcome.watermark_after = after.isoformat() if after else None

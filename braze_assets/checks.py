@@ -10,6 +10,7 @@ import dagster as dg
 import pandera.pandas as pa
 import pyarrow.parquet as pq
 
+from braze_assets import delta_store
 from braze_assets.assets import SyncAssets
 from braze_assets.delta import DeltaManifest
 
@@ -43,12 +44,12 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
     )
     def pandera_schema(delta: DeltaManifest) -> dg.AssetCheckResult:
         output_failures = 0
-        parquet = pq.ParquetFile(delta.valid_path)
-        for batch in parquet.iter_batches(batch_size=50_000):
-            try:
-                DELTA_OUTPUT_SCHEMA.validate(batch.to_pandas(), lazy=True)
-            except pa.errors.SchemaErrors as err:
-                output_failures += len(err.failure_cases)
+        with delta_store.open_input(delta.valid_path) as source:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=50_000):
+                try:
+                    DELTA_OUTPUT_SCHEMA.validate(batch.to_pandas(), lazy=True)
+                except pa.errors.SchemaErrors as err:
+                    output_failures += len(err.failure_cases)
         metadata: dict[str, Any] = {
             "rows_checked": delta.valid + delta.rejected,
             "rows_failing_source_schema": delta.rejected,

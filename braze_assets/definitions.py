@@ -33,6 +33,7 @@ from braze_assets.resources import (
     WatermarkIOManager,
     delivery_state_from_environment,
     home_dir,
+    manifest_root,
     rate_share_from_environment,
 )
 from braze_assets.sources.factory import resource_key
@@ -107,7 +108,7 @@ def default_resources(syncs: list[SyncConfig]) -> dict:
             **rate_share_from_environment(),
         ),
         "delivery_state": delivery_state,
-        "delta_io_manager": DeltaIOManager(base_dir=str(home / "deltas")),
+        "delta_io_manager": DeltaIOManager(base_dir=manifest_root(home)),
         "watermark_io_manager": WatermarkIOManager(state_dir=state_dir, state_url=delivery_state.state_url),
     }
     for kind in sorted({resource_key(sync) for sync in syncs}):

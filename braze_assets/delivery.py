@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from braze_assets import delta_store
 from braze_assets.braze import contract
 from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcome
 from braze_assets.config import AmbiguousPolicy
@@ -277,63 +278,67 @@ class Delivery:
 
     def _record_invalid(self, ledger: LedgerSession) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
-        rejected = pq.read_table(self.manifest.rejected_path)
-        if rejected.num_rows:
-            known = ledger.known_hashes(rejected["row_hash"].to_pylist(), since=self._since())
-            if known:  # recorded by another run since this delta was computed
-                rejected = rejected.filter(
-                    pc.invert(pc.is_in(rejected["row_hash"], pa.array(list(known), pa.string())))
+        recorded = 0
+        with delta_store.open_input(self.manifest.rejected_path) as source:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows):
+                rejected = pa.Table.from_batches([batch])
+                known = ledger.known_hashes(rejected["row_hash"].to_pylist(), since=self._since())
+                if known:  # recorded by another run since this delta was computed
+                    rejected = rejected.filter(
+                        pc.invert(pc.is_in(rejected["row_hash"], pa.array(list(known), pa.string())))
+                    )
+                ledger.append(
+                    pa.table(
+                        {
+                            "row_hash": rejected["row_hash"],
+                            "updated_at": rejected["updated_at"],
+                            "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
+                            "batch_id": pa.nulls(rejected.num_rows, pa.string()),
+                            "identifier": rejected["identifier"],
+                            "message": rejected["reasons"],
+                            "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
+                        }
+                    ),
                 )
-            ledger.append(
-                pa.table(
-                    {
-                        "row_hash": rejected["row_hash"],
-                        "updated_at": rejected["updated_at"],
-                        "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
-                        "batch_id": pa.nulls(rejected.num_rows, pa.string()),
-                        "identifier": rejected["identifier"],
-                        "message": rejected["reasons"],
-                        "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
-                    }
-                ),
-            )
-        self.outcome.invalid_recorded = rejected.num_rows
+                recorded += rejected.num_rows
+        self.outcome.invalid_recorded = recorded
 
     async def _send_all(self, ledger: LedgerSession) -> None:
         """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
         requests are in flight the next chunk is planned and starts sending, and a chunk's
         outcomes are written once all its requests are answered. Ledger and Parquet work runs in a
         worker thread so the event loop keeps the window full."""
-        parquet = pq.ParquetFile(self.manifest.valid_path)
-        batches = parquet.iter_batches(batch_size=self.chunk_rows)
         total, self._done, self._last_log = self.manifest.valid, 0, time.monotonic()
         self._started = time.monotonic()
         self._bar = _progress_bar(total, self.manifest.sync)
         window = asyncio.Semaphore(self.max_in_flight)
         errors: list[BaseException] = []
         previous: _Chunk | None = None
-        async with self.store.journal() as journal, self.client:
-            for n in itertools.count():
-                batch = await asyncio.to_thread(next, batches, None)
-                if batch is None or errors or self._auth_error is not None:
-                    break
-                chunk = await asyncio.to_thread(
-                    self._prepare, ledger, pa.Table.from_batches([batch]), f"{self.run_id[:8]}-{n}"
-                )
-                if chunk is not None:
-                    chunk.tasks = [
-                        asyncio.create_task(self._send(chunk, r, journal, window)) for r in chunk.requests
-                    ]
-                    self._live.update(chunk.tasks)
-                    if self._auth_error is not None:
-                        self._stop_all(self._auth_error)  # planned while the key failed
-                        for task in chunk.tasks:
-                            task.cancel()
+        with delta_store.open_input(self.manifest.valid_path) as source:
+            # One record batch at a time: a large delta on an object store is never read whole.
+            batches = pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows)
+            async with self.store.journal() as journal, self.client:
+                for n in itertools.count():
+                    batch = await asyncio.to_thread(next, batches, None)
+                    if batch is None or errors or self._auth_error is not None:
+                        break
+                    chunk = await asyncio.to_thread(
+                        self._prepare, ledger, pa.Table.from_batches([batch]), f"{self.run_id[:8]}-{n}"
+                    )
+                    if chunk is not None:
+                        chunk.tasks = [
+                            asyncio.create_task(self._send(chunk, r, journal, window)) for r in chunk.requests
+                        ]
+                        self._live.update(chunk.tasks)
+                        if self._auth_error is not None:
+                            self._stop_all(self._auth_error)  # planned while the key failed
+                            for task in chunk.tasks:
+                                task.cancel()
+                    if previous is not None:
+                        await self._finish(ledger, previous, errors)
+                    previous = chunk
                 if previous is not None:
                     await self._finish(ledger, previous, errors)
-                previous = chunk
-            if previous is not None:
-                await self._finish(ledger, previous, errors)
         if self._bar is not None:
             self._bar.close()
             self._bar.fp.close()

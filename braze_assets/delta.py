@@ -13,7 +13,6 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -31,6 +30,7 @@ from braze_assets.datatypes import (
     row_identifiers,
     validate_batch,
 )
+from braze_assets.delta_files import staged
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
@@ -176,11 +176,19 @@ class DeltaWriter:
     naming the failure (counted in `rows_unprocessable`), so every row read ends valid or rejected.
     """
 
-    def __init__(self, manifest: DeltaManifest, spec: DataTypeSpec, update_existing_only: bool):
+    def __init__(
+        self,
+        manifest: DeltaManifest,
+        spec: DataTypeSpec,
+        update_existing_only: bool,
+        paths: tuple[str, str] | None = None,
+    ):
+        """`paths`: the local (valid, rejected) files to write, when not the manifest's own."""
         self.manifest, self.spec = manifest, spec
         self.update_existing_only = update_existing_only
-        self._valid = pq.ParquetWriter(manifest.valid_path, VALID_SCHEMA)
-        self._rejected = pq.ParquetWriter(manifest.rejected_path, REJECTED_SCHEMA)
+        valid_path, rejected_path = paths or (manifest.valid_path, manifest.rejected_path)
+        self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
+        self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
         self._reasons: Counter[str] = Counter()
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
@@ -322,15 +330,64 @@ def compute_delta(
     batch_rows: int = 20_000,
     progress: Callable[[str], None] = lambda _: None,
 ) -> DeltaManifest:
-    """Fill `manifest` (and its Parquet files) with the delta of [window_start, min(end, now))."""
+    """Fill `manifest` (and its Parquet files) with the delta of [window_start, min(end, now)).
+
+    The files are written on local disk, and copied whole to an object store when the manifest's
+    paths are URIs there (`delta_files.staged`)."""
     columns = source.check_shape(spec)
-    hash_columns = [c for c in columns if c in IDENTIFIER_COLUMNS or c in ("UPDATED_AT", "PAYLOAD")]
-    Path(manifest.valid_path).parent.mkdir(parents=True, exist_ok=True)
     scan_end = min(window_end, now)
+    with staged(manifest.valid_path, manifest.rejected_path) as paths:
+        newest = _write_delta(
+            source=source,
+            spec=spec,
+            store=store,
+            manifest=manifest,
+            paths=paths,
+            columns=columns,
+            window_start=window_start,
+            scan_end=scan_end,
+            update_existing_only=update_existing_only,
+            batch_rows=batch_rows,
+            progress=progress,
+        )
+    manifest.max_updated_at = newest.isoformat() if newest else None
+    manifest.unreadable = source.unreadable(window_start, scan_end)
+    if manifest.reaches_now:
+        _report_future_rows(source, manifest, now)
+        if window_start is not None and window_start > partitions_start and source.cheap_counts:
+            # Rows below the window that the ledger never settled arrived too late to be seen.
+            unsettled = source.count(partitions_start, window_start) - store.settled_count(
+                partitions_start, window_start
+            )
+            manifest.late_outside_lookback = max(0, unsettled)
+        if source.cheap_counts and (window_start is None or window_start >= partitions_start):
+            # Older than any partition: no run or backfill reads them, so say how many there are.
+            manifest.before_partitions_start = max(
+                0, source.count(None, partitions_start) - store.settled_count(None, partitions_start)
+            )
+    return manifest
+
+
+def _write_delta(
+    *,
+    source: CdiSource,
+    spec: DataTypeSpec,
+    store: StateStore,
+    manifest: DeltaManifest,
+    paths: tuple[str, str],
+    columns: list[str],
+    window_start: dt.datetime | None,
+    scan_end: dt.datetime,
+    update_existing_only: bool,
+    batch_rows: int,
+    progress: Callable[[str], None],
+) -> dt.datetime | None:
+    """Scan the window into the local files `paths` (valid, rejected); the newest UPDATED_AT read."""
+    hash_columns = [c for c in columns if c in IDENTIFIER_COLUMNS or c in ("UPDATED_AT", "PAYLOAD")]
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
     manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()
-    writer = DeltaWriter(manifest, spec, update_existing_only)
+    writer = DeltaWriter(manifest, spec, update_existing_only, paths)
     newest: dt.datetime | None = None
     try:
         with store.session() as ledger:
@@ -361,30 +418,16 @@ def compute_delta(
                 )
     finally:
         writer.close()
-    valid_copies = _drop_duplicates(manifest.valid_path)
-    rejected_copies = _drop_duplicates(manifest.rejected_path)
+    valid_path, rejected_path = paths
+    valid_copies = _drop_duplicates(valid_path)
+    rejected_copies = _drop_duplicates(rejected_path)
     manifest.duplicate_rows = valid_copies + rejected_copies
     manifest.valid -= valid_copies
     if valid_copies:  # the copies are not sent, so not billed either
-        points = pq.read_table(manifest.valid_path, columns=["data_points"])["data_points"]
+        points = pq.read_table(valid_path, columns=["data_points"])["data_points"]
         manifest.estimated_data_points = int(pc.sum(points).as_py() or 0)
     manifest.rejected -= rejected_copies
-    manifest.max_updated_at = newest.isoformat() if newest else None
-    manifest.unreadable = source.unreadable(window_start, scan_end)
-    if manifest.reaches_now:
-        _report_future_rows(source, manifest, now)
-        if window_start is not None and window_start > partitions_start and source.cheap_counts:
-            # Rows below the window that the ledger never settled arrived too late to be seen.
-            unsettled = source.count(partitions_start, window_start) - store.settled_count(
-                partitions_start, window_start
-            )
-            manifest.late_outside_lookback = max(0, unsettled)
-        if source.cheap_counts and (window_start is None or window_start >= partitions_start):
-            # Older than any partition: no run or backfill reads them, so say how many there are.
-            manifest.before_partitions_start = max(
-                0, source.count(None, partitions_start) - store.settled_count(None, partitions_start)
-            )
-    return manifest
+    return newest
 
 
 def _drop_duplicates(path: str) -> int:

@@ -1,41 +1,98 @@
 """Where a sync's delta Parquet files live, run by run, and what is read back from them later.
 
 Each run writes `<root>/<sync>/<run_id>/valid.parquet` and `rejected.parquet` (see `delta.py`).
+The root is `<state dir>/deltas` on local disk, or `<BRAZE_ASSETS_DELTA_URL>/files` on shared
+storage (`delta_root`, `delta_store.py`), where every step of every run finds the same files.
 Only the newest few runs' files are kept: every row's outcome is in the ledger, and the files are
 needed only by the run that wrote them, by a later run delivering the same delta, and by recovery,
 which looks up the objects of rows it holds (what a person's reconcile needs to ask Braze about).
+
+On an object store a run's files are written whole once the delta is complete (`staged`), then a
+small `sealed` object records when: object stores have no directories, so no directory time to
+order runs by, and object times are only to the second.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from braze_assets import delta_store
 
-class DeltaFiles:
-    """The delta files of one sync under `root`."""
+#: A run's completion time on an object store (ISO 8601, UTC), written after its files.
+SEALED = "sealed"
 
-    def __init__(self, root: str | Path, sync: str):
-        self.root = Path(root)
+#: A root given as a `Path` is local and gives `Path`s back; one given as a string may be a URI.
+R = TypeVar("R", str, Path)
+
+
+def delta_root(state_dir: str | Path) -> str:
+    """Where delta files live: `<BRAZE_ASSETS_DELTA_URL>/files` when the setting is set, else
+    `<state_dir>/deltas` (the local layout)."""
+    url = delta_store.delta_url()
+    return delta_store.join(url, "files") if url else str(Path(state_dir) / "deltas")
+
+
+class DeltaFiles(Generic[R]):
+    """The delta files of one sync under `root` (a local directory, or a URI)."""
+
+    def __init__(self, root: R, sync: str):
+        self.root: R = root
         self.sync = sync
 
     @property
-    def sync_dir(self) -> Path:
-        return self.root / self.sync
+    def sync_dir(self) -> R:
+        return self._below(self.sync)
 
-    def run_dir(self, run_id: str) -> Path:
-        return self.sync_dir / run_id
+    def run_dir(self, run_id: str) -> R:
+        return self._below(self.sync, run_id)
+
+    def _below(self, *parts: str) -> R:
+        if isinstance(self.root, Path):
+            return self.root.joinpath(*parts)
+        return delta_store.join(self.root, *parts)
+
+    def check(self) -> None:
+        """Fail now, naming the setting, when the store the files go to cannot be reached."""
+        delta_store.check(str(self.root))
 
     def prune(self, keep: int = 5) -> int:
         """Delete all but the newest `keep` runs' delta files (the ledger keeps every outcome)."""
-        root = self.sync_dir
-        runs = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.exists() else []
+        runs = self._runs()
         for old in runs[:-keep] if keep else runs:
-            shutil.rmtree(old, ignore_errors=True)
+            delta_store.delete_dir(delta_store.join(str(self.sync_dir), old))
         return max(0, len(runs) - keep)
+
+    def _runs(self) -> list[str]:
+        """This sync's runs, oldest first. A run's time is when it was sealed on an object store,
+        else its directory's time (local disk), else its newest file's."""
+        sync_dir = str(self.sync_dir)
+        own: dict[str, dt.datetime] = {}  # a directory's own time (local disk only)
+        newest: dict[str, dt.datetime] = {}  # its newest file's
+        sealed: dict[str, dt.datetime] = {}
+        for info in delta_store.listing(sync_dir):
+            run, _, rest = delta_store.relative(info, sync_dir).partition("/")
+            if not run or "/" in rest or info.mtime is None:
+                continue
+            if not rest:
+                own[run] = info.mtime
+            elif run not in newest or info.mtime > newest[run]:
+                newest[run] = info.mtime
+            if rest == SEALED:
+                with contextlib.suppress(OSError, ValueError):
+                    sealed[run] = dt.datetime.fromisoformat(
+                        delta_store.read_text(delta_store.join(sync_dir, run, SEALED)) or ""
+                    )
+        when = {**newest, **own, **sealed}
+        return sorted(when, key=lambda run: (when[run], run))
 
     def objects(self, hashes: list[str], run_ids: list[str]) -> dict[str, bytes]:
         """The objects of these rows as their runs' delta files hold them (the runs' own files
@@ -43,29 +100,43 @@ class DeltaFiles:
         skipped: a row whose object is not found gets no details (reconcile leaves it held)."""
         if not hashes:
             return {}
-        root = self.sync_dir
-        own = [self.run_dir(r) / "valid.parquet" for r in run_ids]
-        others = (
-            sorted(
-                (p for p in root.glob("*/valid.parquet") if p not in own),
-                key=lambda p: p.stat().st_mtime,
-                reverse=True,
-            )
-            if root.exists()
-            else []
-        )
+        others: list[str] = [r for r in reversed(self._runs()) if r not in run_ids]
         wanted = set(hashes)
         found: dict[str, bytes] = {}
-        for path in own + others:
+        for run in [*run_ids, *others]:
             if not wanted:
                 break
             try:
-                table = pq.read_table(
-                    path, columns=["row_hash", "object"], filters=[("row_hash", "in", sorted(wanted))]
-                )
+                with delta_store.open_input(delta_store.join(str(self.run_dir(run)), "valid.parquet")) as f:
+                    table = pq.read_table(
+                        f, columns=["row_hash", "object"], filters=[("row_hash", "in", sorted(wanted))]
+                    )
             except (OSError, pa.ArrowException):
                 continue
             for h, raw in zip(table["row_hash"].to_pylist(), table["object"].to_pylist(), strict=True):
                 found[h] = raw
             wanted -= found.keys()
         return found
+
+
+@contextlib.contextmanager
+def staged(valid_uri: str, rejected_uri: str) -> Iterator[tuple[str, str]]:
+    """Local paths to write a run's two delta files at, then (on an object store) uploaded whole
+    once the block ends without error, and the run sealed.
+
+    Written locally first because the delta is rewritten after writing (exact copies dropped, with
+    DuckDB, which reads only local files without an extension download), and because an object
+    appears only once uploaded whole: no reader ever sees a file half written. A failed delta
+    uploads nothing. On local disk the files are written in place, as they always were."""
+    if not delta_store.is_remote(valid_uri):
+        for uri in (valid_uri, rejected_uri):
+            Path(delta_store.locate(uri)[1]).parent.mkdir(parents=True, exist_ok=True)
+        yield valid_uri, rejected_uri
+        return
+    with tempfile.TemporaryDirectory(prefix="braze-assets-delta-") as scratch:
+        local = (os.path.join(scratch, "valid.parquet"), os.path.join(scratch, "rejected.parquet"))
+        yield local
+        for path, uri in zip(local, (valid_uri, rejected_uri), strict=True):
+            delta_store.upload(path, uri)
+        sealed_at = dt.datetime.now(dt.UTC).isoformat()
+        delta_store.write_text(delta_store.join(delta_store.parent(valid_uri), SEALED), sealed_at)

@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, field_validator
 
+from braze_assets import delta_store
 from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
 from braze_assets.delivery import SyncOutcome
@@ -21,6 +22,13 @@ from braze_assets.state import STATE_URL_ENV, StateStore, open_state_store, stat
 def home_dir() -> Path:
     """Where local state lives: $BRAZE_ASSETS_HOME, else ./.braze_assets."""
     return Path(os.environ.get("BRAZE_ASSETS_HOME") or ".braze_assets").resolve()
+
+
+def manifest_root(home: str | Path) -> str:
+    """Where delta manifests live: `<BRAZE_ASSETS_DELTA_URL>/manifests` when the setting is set,
+    beside the delta files, else `<home>/deltas` (the local layout)."""
+    url = delta_store.delta_url()
+    return delta_store.join(url, "manifests") if url else str(Path(home) / "deltas")
 
 
 #: Sets `BrazeResource.max_rate_share` for the definitions and commands built from the environment.
@@ -142,33 +150,35 @@ def _partition_suffix(context: dg.OutputContext | dg.InputContext) -> str:
 
 
 class DeltaIOManager(dg.ConfigurableIOManager):
-    """Stores each `<sync>_delta` manifest as JSON beside its Parquet files.
+    """Stores each `<sync>_delta` manifest as JSON beside its Parquet files, under `base_dir` (a
+    local directory, or a URI on an object store: see `manifest_root`).
 
     Kept per producing run (what the same run's checks and `<sync>_sync_results` load) and per
-    partition range (what a later run materializing only the results loads).
+    partition range (what a later run materializing only the results loads, in whichever pod).
+    Each is written whole, so a reader finds a complete manifest or none.
     """
 
     base_dir: str
 
-    def _dir(self, context) -> Path:
-        return Path(self.base_dir, *context.asset_key.path)
+    def _dir(self, context: dg.OutputContext | dg.InputContext) -> str:
+        return delta_store.join(self.base_dir, *context.asset_key.path)
 
     def handle_output(self, context: dg.OutputContext, obj: DeltaManifest) -> None:
         text = json.dumps(obj.to_dict())
-        for path in (
-            self._dir(context) / "runs" / f"{context.run_id}.json",
-            self._dir(context) / f"{_partition_suffix(context)}.json",
+        for uri in (
+            delta_store.join(self._dir(context), "runs", f"{context.run_id}.json"),
+            delta_store.join(self._dir(context), f"{_partition_suffix(context)}.json"),
         ):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            delta_store.write_text(uri, text)
 
     def load_input(self, context: dg.InputContext) -> DeltaManifest:
-        candidates = [self._dir(context) / "runs" / f"{context.step_context.run_id}.json"]
+        candidates = [delta_store.join(self._dir(context), "runs", f"{context.step_context.run_id}.json")]
         if context.has_asset_partitions:
-            candidates.append(self._dir(context) / f"{_partition_suffix(context)}.json")
-        for path in candidates:
-            if path.exists():
-                return DeltaManifest(**json.loads(path.read_text()))
+            candidates.append(delta_store.join(self._dir(context), f"{_partition_suffix(context)}.json"))
+        for uri in candidates:
+            text = delta_store.read_text(uri)
+            if text is not None:
+                return DeltaManifest(**json.loads(text))
         raise FileNotFoundError(
             f"no delta materialized for {context.asset_key.to_user_string()} in this run or for "
             "these partitions; materialize the delta first"

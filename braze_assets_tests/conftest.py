@@ -23,6 +23,7 @@ from braze_assets.resources import (
     DeliveryStateResource,
     DeltaIOManager,
     WatermarkIOManager,
+    manifest_root,
 )
 from braze_assets.seed import cdi_row, create_table, insert_rows
 from braze_assets.sources.factory import make_source, resource_key
@@ -120,7 +121,7 @@ class Harness:
             ),
             **self.extra_resources,
             "delivery_state": self.delivery_state(),
-            "delta_io_manager": DeltaIOManager(base_dir=str(self.tmp_path / "deltas")),
+            "delta_io_manager": DeltaIOManager(base_dir=manifest_root(self.tmp_path)),
             "watermark_io_manager": WatermarkIOManager(
                 state_dir=str(self.state_dir), state_url=self.state_url
             ),

@@ -25,6 +25,7 @@ from braze_assets_tests.conftest import both_backends, pg_state_url
 UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, tzinfo=UTC)
 
+
 @pytest.fixture
 def store(tmp_path, state_url) -> StateStore:
     return open_state_store(tmp_path / "state", "s1", state_url=state_url)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from braze_assets.delta_files import DeltaFiles
+from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import LedgerSession, StateStore, SyncBusyError, Watermark
 from braze_assets.state.embedded import EmbeddedStateStore
 from braze_assets.state.held import alias_key, held_detail
@@ -34,13 +35,11 @@ def state_url_from_environment() -> str | None:
 
 
 def open_state_store(
-    state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles | None = None
+    state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles[Any] | None = None
 ) -> StateStore:
     """The state of `sync`: in PostgreSQL when a state URL is given, else under `state_dir`."""
     if state_url:
         from braze_assets.state.postgres import PostgresStateStore
 
-        return PostgresStateStore(
-            state_url, sync, deltas=deltas or DeltaFiles(Path(state_dir) / "deltas", sync)
-        )
+        return PostgresStateStore(state_url, sync, deltas=deltas or DeltaFiles(delta_root(state_dir), sync))
     return EmbeddedStateStore(state_dir, sync, deltas=deltas)

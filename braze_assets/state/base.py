@@ -73,7 +73,7 @@ class LedgerSession(ABC):
     """One connection to a sync's ledger, used by one thread at a time. Each call commits on its
     own unless made inside `transaction()`."""
 
-    def __init__(self, deltas: DeltaFiles):
+    def __init__(self, deltas: DeltaFiles[Any]):
         self._deltas = deltas
 
     @abstractmethod
@@ -154,8 +154,9 @@ class StateStore(ABC):
     #: How long `commit_watermark` and the held-row commands wait for a delivering run to end.
     lock_timeout_s: float = 600.0
 
-    def __init__(self, sync: str, deltas: DeltaFiles):
+    def __init__(self, sync: str, deltas: DeltaFiles[Any]):
         self.sync = sync
+        #: The sync's delta files: recovery reads held rows' objects from them.
         self.deltas = deltas
 
     # ------------------------------------------------------------------ locks
@@ -295,7 +296,7 @@ class StateStore(ABC):
         """The outcome of the sync's last recorded run."""
 
     # ------------------------------------------------------------------ delta files
-    def delta_dir(self, run_id: str) -> Path:
+    def delta_dir(self, run_id: str) -> str | Path:
         return self.deltas.run_dir(run_id)
 
     def prune_deltas(self, keep: int = 5) -> int:

@@ -31,7 +31,7 @@ import duckdb
 import pyarrow as pa
 
 from braze_assets.config import AmbiguousPolicy
-from braze_assets.delta_files import DeltaFiles
+from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import Journal, LedgerSession, StateStore, SyncBusyError, Watermark
 from braze_assets.state.held import held_details_table
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
@@ -97,7 +97,7 @@ def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
 class DuckDBLedgerSession(LedgerSession):
     """A ledger session on one DuckDB connection."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, deltas: DeltaFiles):
+    def __init__(self, con: duckdb.DuckDBPyConnection, deltas: DeltaFiles[Any]):
         super().__init__(deltas)
         self.con = con
 
@@ -175,10 +175,10 @@ class EmbeddedStateStore(StateStore):
         state_dir: str | Path,
         sync_name: str,
         lock_timeout_s: float = 600.0,
-        deltas: DeltaFiles | None = None,
+        deltas: DeltaFiles[Any] | None = None,
     ):
         self.dir = Path(state_dir)
-        super().__init__(sync_name, deltas or DeltaFiles(self.dir / "deltas", sync_name))
+        super().__init__(sync_name, deltas or DeltaFiles(delta_root(self.dir), sync_name))
         self.db_path = self.dir / f"{sync_name}.duckdb"
         self.journal_path = self.dir / f"{sync_name}.journal"
         self.lock_path = self.dir / f"{sync_name}.lock"
