@@ -5,7 +5,7 @@ Per chunk of the delta: drop rows the ledger settled since the delta was compute
 rows as `planned`, then send through one window of at most `max_in_flight` requests shared by all
 chunks (the next chunk starts while the last requests of the previous one are in flight), journaling
 each request just before it leaves. A chunk's outcomes are written to the ledger once all its
-requests are answered; see `state.py` for what each status means and how a crashed run is
+requests are answered; see `state/base.py` for what each status means and how a crashed run is
 recovered.
 """
 
