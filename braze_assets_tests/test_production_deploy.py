@@ -131,7 +131,6 @@ class Deployment:
     killed_run: str = ""
     killed_at_events: int = 0
     sensor_status: str = ""
-    elapsed: float = 0.0  # seconds from an empty database to every run finished
 
     def record(self, run_id: str) -> dg.RunRecord:
         records = self.instance.get_run_records(filters=dg.RunsFilter(run_ids=[run_id]))
@@ -228,12 +227,10 @@ def deployment(postgres, tmp_path_factory):
     stack.write_config(postgres_url)
     instance = dg.DagsterInstance.from_config(str(stack.dagster_home))
     deployment = Deployment(stack, emulator, instance, s3)
-    started = time.monotonic()
     try:
         with running(stack):
             stack.wait_until_loaded()
             _scenario(deployment, warehouse, now)
-        deployment.elapsed = time.monotonic() - started
         yield deployment
     finally:
         for record in instance.get_run_records():  # no run worker outlives the test
@@ -389,16 +386,16 @@ def test_syncs_run_at_once(deployment):
 def test_killed_run_is_failed_by_run_monitoring_and_frees_its_slot(deployment):
     killed = deployment.instance.get_run_by_id(deployment.killed_run)
     assert killed.status == dg.DagsterRunStatus.FAILURE
+    failures = deployment.instance.get_records_for_run(
+        deployment.killed_run, of_type=dg.DagsterEventType.RUN_FAILURE
+    ).records
+    said = " ".join(r.event_log_entry.dagster_event.message or "" for r in failures)
+    assert "Detected run worker status" in said, f"not failed by run monitoring: {said}"
     assert deployment.killed_at_events < EVENTS, "the kill came after delivery had finished"
     second = deployment.runs["prod_events"][1]
     assert deployment.run_dir(second) != deployment.run_dir(deployment.killed_run)
     assert deployment.instance.get_run_by_id(second).status == dg.DagsterRunStatus.SUCCESS
     assert not _claimed_slots(deployment.instance)
-
-
-def test_file_takes_under_four_minutes(deployment):
-    """The whole deployment, from an empty database to every run finished, fits a test suite."""
-    assert deployment.elapsed < 240, f"{deployment.elapsed:.0f} s"
 
 
 # ---------------------------------------------------------------------------------- the outcome
