@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# The lock: every runtime, test and dev dependency pinned with hashes, for Python 3.11 on Linux x86_64.
+# The lock: every runtime, test, dev and deploy dependency pinned with hashes, for Python 3.11 on Linux x86_64.
 LOCK := requirements.lock
 LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
 
@@ -19,12 +19,12 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 setup: $(VENV)/.installed
 
-# Regenerate the lock from pyproject.toml (runtime deps + the test and dev extras), then install it.
+# Regenerate the lock from pyproject.toml (runtime deps + the test, dev and deploy extras), then install it.
 # Pins already in the lock are kept where pyproject.toml still allows them; to upgrade, pass uv's
 # flags: `make lock UPGRADE=--upgrade` (everything) or `make lock UPGRADE="--upgrade-package dagster"`.
 UPGRADE ?=
 lock: $(VENV)/.installed  ## regenerate requirements.lock from pyproject.toml, then install it
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra dev --generate-hashes \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra dev --extra deploy --generate-hashes \
 		--custom-compile-command "make lock" \
 		$(LOCK_PLATFORM) --quiet $(UPGRADE) -o $(LOCK)
 	$(MAKE) setup
