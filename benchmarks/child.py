@@ -53,8 +53,9 @@ def peak_rss_mib() -> float:
 def main() -> None:
     params = json.loads(sys.argv[1])
     case = params.pop("case")
-    senders = case in ("raw_ceiling", "naive_requests", "braze_client")
-    module = importlib.import_module("benchmarks.senders" if senders else "benchmarks.pipeline")
+    modules = {"raw_ceiling": "senders", "naive_requests": "senders", "braze_client": "senders"}
+    modules["ledger_probe"] = "state_backends"
+    module = importlib.import_module(f"benchmarks.{modules.get(case, 'pipeline')}")
     result = getattr(module, case)(**params)
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result), flush=True)

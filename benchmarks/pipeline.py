@@ -21,9 +21,14 @@ from braze_assets.datatypes import DATA_TYPES, RowBatch, build_objects, validate
 from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.sources.duckdb_source import DuckDBSource
-from braze_assets.state import EmbeddedStateStore
+from braze_assets.state import EmbeddedStateStore, open_state_store
 
 UTC = dt.UTC
+
+
+def _own_schema(state_url: str | None, run_id: str) -> str | None:
+    """The URL with a schema of this case's own, so every case starts with an empty ledger."""
+    return f"{state_url}{'&' if '?' in state_url else '?'}schema=bench_{run_id[:12]}" if state_url else None
 
 
 class _Throttled:
@@ -47,12 +52,17 @@ def end_to_end(
     workdir: str,
     in_flight: int,
     profile: bool = False,
+    state_url: str | None = None,
 ) -> dict:
+    """Delta then delivery of `table`, with a fresh state (embedded, or PostgreSQL at `state_url`
+    in a schema of its own)."""
     spec = DATA_TYPES[data_type]
     now = dt.datetime.now(UTC)
     run_id = uuid.uuid4().hex
     run_dir = Path(workdir) / run_id
-    store = EmbeddedStateStore(run_dir / "state", f"bench_{data_type}")
+    store = open_state_store(
+        run_dir / "state", f"bench_{data_type}", state_url=_own_schema(state_url, run_id)
+    )
     manifest = DeltaManifest(
         sync=store.sync,
         data_type=data_type,
@@ -165,13 +175,16 @@ def deliver_only(
     start_at: float | None = None,
     max_rate_share: float | None = None,
     state_dir: str | None = None,
+    state_url: str | None = None,
 ) -> dict:
     """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled).
     With `max_rate_share`, through the budget shared by processes (in `state_dir`, or PostgreSQL
     when BRAZE_ASSETS_STATE_URL is set); `start_at` (epoch seconds) lines up several processes."""
     delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
     run_id = uuid.uuid4().hex
-    store = EmbeddedStateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
+    store = open_state_store(
+        Path(workdir) / run_id / "state", f"bench_{delta.data_type}", state_url=_own_schema(state_url, run_id)
+    )
     client = BrazeClient(
         base_url,
         api_key,

@@ -16,7 +16,9 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
 * validation + payload building alone; memory at 1x and 5x rows;
 * one Braze budget per workspace (shared_budget.py): one process with and without the budget
   shared by processes, and three syncs in three processes sharing it (`--case shared-budget`
-  runs only this one).
+  runs only this one);
+* the state backends (state_backends.py, `--case state-backends` only): embedded against
+  PostgreSQL, delivery throughput and the ledger probe at 10M rows.
 Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import data, report, shared_budget
+from benchmarks import data, report, shared_budget, state_backends
 from benchmarks.child import run_children
 from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
@@ -58,6 +60,8 @@ class Bench:
         self.manifest: str | None = None  # the 0 ms attributes delta, re-delivered rate-limited
         self.profile = ""
         self.budget_rows: list[Row] = []
+        self.state_rows: list[Row] = []
+        self.state_section = ""
         self.budget_section = ""
 
     def add(self, row: Row) -> Row:
@@ -225,6 +229,16 @@ class Bench:
             self.budget_rows, before, os.getloadavg(), (time.monotonic() - started) / 60
         )
 
+    def state_backends(self) -> None:
+        """Embedded against PostgreSQL: its own rows and section (see state_backends.py)."""
+        before, started = os.getloadavg(), time.monotonic()
+        self.state_rows = state_backends.run(
+            self.db, data.TABLES["events"], self.workdir / "states", self.args.quick, self.args.in_flight
+        )
+        self.state_section = state_backends.section(
+            self.state_rows, before, os.getloadavg(), (time.monotonic() - started) / 60
+        )
+
     def run(self) -> None:
         args = self.args
         with EmulatorProcess(latency_ms=0) as emu:
@@ -297,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--case",
-        choices=("all", "shared-budget"),
+        choices=("all", "shared-budget", "state-backends"),
         default="all",
         help="run every case (default), or only one; a single case prints its section and "
         "writes --results only when it is given",
@@ -317,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.monotonic()
     only_budget = args.case == "shared-budget"
+    only_states = args.case == "state-backends"
     try:
-        tables = shared_budget.tables(args.quick) if only_budget or not args.quick else {}
-        if not only_budget:
+        tables = shared_budget.tables(args.quick) if only_budget or not (args.quick or only_states) else {}
+        if only_states:
+            tables[data.TABLES["events"]] = args.rows
+        elif not only_budget:
             tables.update({table: args.rows for table in data.TABLES.values()})
             if not args.quick:
                 tables[f"{data.TABLES['attributes']}_5x"] = 5 * args.rows
@@ -329,18 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, workdir)
         if only_budget:
             bench.shared_budget()
+        elif only_states:
+            bench.state_backends()
         else:
             bench.run()
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    rows = bench.budget_rows if only_budget else bench.rows + bench.budget_rows
+    rows = bench.budget_rows if only_budget else bench.rows + bench.budget_rows + bench.state_rows
     if only_budget:
         text = bench.budget_section
+    elif only_states:
+        text = bench.state_section
     else:
         text = render(bench, args, argv, load_before, os.getloadavg(), time.monotonic() - started)
     print(text)
-    results = args.results or (None if only_budget else HERE / "RESULTS.md")
+    results = args.results or (None if only_budget or only_states else HERE / "RESULTS.md")
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(text + "\n")

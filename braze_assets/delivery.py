@@ -252,6 +252,7 @@ class Delivery:
         self._done = 0
         self._started = self._last_log = time.monotonic()
         self._bar: tqdm[NoReturn] | None = None
+        self._settling: asyncio.Task[None] | None = None
 
     def run(self) -> SyncOutcome:
         started = time.monotonic()
@@ -262,9 +263,10 @@ class Delivery:
             self.outcome.recovered_unsent = recovered["recovered_unsent"]
             if self.policy == "hold":
                 self.outcome.recovered_held = recovered["recovered_ambiguous"]
-            with self.store.session() as ledger:
+            # Two sessions: chunks are planned on one while the previous chunk settles on the other
+            with self.store.session() as ledger, self.store.session() as settler:
                 self._record_invalid(ledger)
-                asyncio.run(self._send_all(ledger))
+                asyncio.run(self._send_all(ledger, settler))
         self.outcome.seconds = round(time.monotonic() - started, 3)
         self.outcome.failed_reasons = dict(self._failed_reasons.most_common())
         if self._earliest_unsettled is not None:
@@ -303,11 +305,12 @@ class Delivery:
                 recorded += rejected.num_rows
         self.outcome.invalid_recorded = recorded
 
-    async def _send_all(self, ledger: LedgerSession) -> None:
+    async def _send_all(self, ledger: LedgerSession, settler: LedgerSession) -> None:
         """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
         requests are in flight the next chunk is planned and starts sending, and a chunk's
-        outcomes are written once all its requests are answered. Ledger and Parquet work runs in a
-        worker thread so the event loop keeps the window full."""
+        outcomes are written once all its requests are answered, in the background while the
+        next chunk is planned (one settle at a time, in chunk order). Ledger and Parquet work runs
+        in worker threads so the event loop keeps the window full."""
         total, self._done, self._last_log = self.manifest.valid, 0, time.monotonic()
         self._started = time.monotonic()
         self._bar = _progress_bar(total, self.manifest.sync)
@@ -335,10 +338,12 @@ class Delivery:
                             for task in chunk.tasks:
                                 task.cancel()
                     if previous is not None:
-                        await self._finish(ledger, previous, errors)
+                        await self._finish(settler, previous, errors)
                     previous = chunk
                 if previous is not None:
-                    await self._finish(ledger, previous, errors)
+                    await self._finish(settler, previous, errors)
+                if self._settling is not None:
+                    await self._settling
         if self._bar is not None:
             self._bar.close()
             self._bar.fp.close()
@@ -419,7 +424,11 @@ class Delivery:
                 if task is not asyncio.current_task():
                     task.cancel()
 
-    async def _finish(self, ledger: LedgerSession, chunk: _Chunk | None, errors: list[BaseException]) -> None:
+    async def _finish(
+        self, settler: LedgerSession, chunk: _Chunk | None, errors: list[BaseException]
+    ) -> None:
+        """Once a chunk's requests are all answered, settle it in the background: the loop goes
+        on planning the next chunk meanwhile. The previous chunk's settle ends first."""
         if chunk is None:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
@@ -427,7 +436,12 @@ class Delivery:
         errors += [
             r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
         ]
-        await asyncio.to_thread(self._settle, ledger, chunk)
+        if self._settling is not None:
+            await self._settling
+        self._settling = asyncio.create_task(self._settle_in_background(settler, chunk))
+
+    async def _settle_in_background(self, settler: LedgerSession, chunk: _Chunk) -> None:
+        await asyncio.to_thread(self._settle, settler, chunk)
         self._done += chunk.table.num_rows
         if self._bar is not None:
             self._bar.update(chunk.table.num_rows)

@@ -27,6 +27,7 @@ from braze_assets.resources import (
 )
 from braze_assets.seed import cdi_row, create_table, insert_rows
 from braze_assets.sources.factory import make_source, resource_key
+from braze_assets_tests.postgres_server import PostgresMissing, throwaway_postgres
 
 API_KEY = "test-key-7f3a9c"
 UTC = dt.UTC
@@ -272,60 +273,13 @@ __all__ = [
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A throw-away PostgreSQL server on loopback (the Redshift stand-in); `make test` installs
-    the binaries (scripts/ensure-postgres)."""
-    import glob
-    import os
-    import shutil
-    import socket
-    import subprocess
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
-    if not found or not found[-1]:
-        pytest.fail("PostgreSQL server binaries are missing: run scripts/ensure-postgres")
-    bindir = Path(found[-1]).parent
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="braze-assets-pg-"))  # reachable by the postgres user
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "braze", "-A", "trust", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_user,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(root / "log"),
-            "-o",
-            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    """A throw-away PostgreSQL server on loopback (the Redshift stand-in and the state backend);
+    `make test` installs the binaries (scripts/ensure-postgres)."""
     try:
-        yield {"host": "127.0.0.1", "port": port, "user": "braze", "database": "postgres"}
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        with throwaway_postgres() as server:
+            yield server
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
 
 
 # ------------------------------------------------------------------ Snowflake stand-in (fakesnow)

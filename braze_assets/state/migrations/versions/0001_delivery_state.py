@@ -15,18 +15,24 @@ branch_labels = None
 depends_on = None
 
 
+#: Keys compare byte by byte: hex digests and request ids need no linguistic collation, which
+#: would cost a strcoll per comparison on every index insert and probe, and `LIKE 'prefix%'` on
+#: request ids can then use the index.
+KEY = 'text COLLATE "C"'
+
+
 def upgrade() -> None:
     # One row per settled CDI row. The primary key is the delivery probe (`row_hash = ANY(...)`
     # per batch: index lookups, proportional to the batch, not the ledger) and makes a second
     # settlement of the same row impossible.
     op.execute(
-        """
+        f"""
         CREATE TABLE ledger (
-            sync       text        NOT NULL,
-            row_hash   text        NOT NULL,
+            sync       {KEY}       NOT NULL,
+            row_hash   {KEY}       NOT NULL,
             updated_at timestamptz,
             status     text        NOT NULL,
-            batch_id   text,
+            batch_id   {KEY},
             identifier text,
             message    text,
             run_id     text,
@@ -35,26 +41,30 @@ def upgrade() -> None:
         )
         """
     )
+    # The delta's probe narrows by the batch's UPDATED_AT span, delivery's by the time the delta
+    # was computed (rows settled since): each a range scan of about the batch, not the ledger.
     op.execute("CREATE INDEX ledger_updated_at ON ledger (sync, updated_at)")
+    op.execute("CREATE INDEX ledger_changed_at ON ledger (sync, changed_at)")
     op.execute("CREATE INDEX ledger_held ON ledger (sync, updated_at) WHERE status = 'held'")
+    # One row per chunk being sent (its rows as an Arrow IPC stream: row_hash, updated_at,
+    # batch_id, identifier, run_id): planning and clearing a 20,000-row chunk is one row written
+    # or deleted, not 20,000 index entries. At most two chunks of a sync are ever planned.
     op.execute(
-        """
+        f"""
         CREATE TABLE planned (
-            sync       text NOT NULL,
-            row_hash   text NOT NULL,
-            updated_at timestamptz,
-            batch_id   text NOT NULL,
-            identifier text,
-            run_id     text
+            sync       {KEY}       NOT NULL,
+            prefix     {KEY}       NOT NULL,
+            rows       bytea       NOT NULL,
+            planned_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (sync, prefix)
         )
         """
     )
-    op.execute("CREATE INDEX planned_batch ON planned (sync, batch_id)")
     op.execute(
-        """
+        f"""
         CREATE TABLE held_details (
-            sync      text        NOT NULL,
-            row_hash  text        NOT NULL,
+            sync      {KEY}       NOT NULL,
+            row_hash  {KEY}       NOT NULL,
             id_type   text        NOT NULL,
             id_value  text        NOT NULL,
             kind      text        NOT NULL,
@@ -66,11 +76,11 @@ def upgrade() -> None:
     op.execute("CREATE INDEX held_details_row ON held_details (sync, row_hash)")
     # `S`: the request may be on the wire; `D`: its known outcome (record).
     op.execute(
-        """
+        f"""
         CREATE TABLE journal (
             id         bigserial   PRIMARY KEY,
-            sync       text        NOT NULL,
-            batch_id   text        NOT NULL,
+            sync       {KEY}       NOT NULL,
+            batch_id   {KEY}       NOT NULL,
             kind       char(1)     NOT NULL CHECK (kind IN ('S', 'D')),
             record     jsonb,
             written_at timestamptz NOT NULL DEFAULT now()
