@@ -265,6 +265,15 @@ def test_migrations_run_once_when_processes_start_together(postgres):
         )
         tables = [r[0] for r in cursor.fetchall()]
     connection.close()
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from braze_assets.state import postgres_schema
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(postgres_schema.__file__).parent / "migrations"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head == postgres_schema.HEAD_REVISION, "HEAD_REVISION names the newest migration"
     assert tables == [
         "alembic_version",
         "held_details",

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_SCHEMA = "braze_assets"
+#: The newest migration (migrations/versions/). A database already there needs no alembic at all:
+#: one query, so a process (a pod) that starts while others run pays no migration lock or import.
+HEAD_REVISION = "0001"
 #: Serialises migrations of several processes starting at once.
 _MIGRATION_LOCK_ID = 0x62_72_61_7A_65_6D  # "brazem"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -79,6 +82,20 @@ def _connect(db: StateDatabase, purpose: str, *, autocommit: bool) -> Any:
     return connection
 
 
+def _at_head(db: StateDatabase) -> bool:
+    import psycopg2
+
+    connection = _connect(db, "schema check", autocommit=True)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT version_num FROM alembic_version")
+            return [r[0] for r in cursor.fetchall()] == [HEAD_REVISION]
+    except psycopg2.errors.UndefinedTable:
+        return False
+    finally:
+        connection.close()
+
+
 def masked_url(url: str) -> str:
     """The URL without its password, for messages."""
     parsed = urllib.parse.urlsplit(url)
@@ -93,6 +110,8 @@ def masked_url(url: str) -> str:
 @functools.cache
 def ensure_schema(db: StateDatabase) -> None:
     """Create the schema and apply every pending migration (once per process and database)."""
+    if _at_head(db):
+        return
     import sqlalchemy as sa
     from alembic import command
     from alembic.config import Config
@@ -111,5 +130,9 @@ def ensure_schema(db: StateDatabase) -> None:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
             connection.commit()
+    except sa.exc.DBAPIError as exc:  # the driver's own error, as every other connection raises it
+        if isinstance(exc.orig, BaseException):
+            raise exc.orig from None
+        raise
     finally:
         engine.dispose()
