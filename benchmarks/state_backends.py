@@ -100,6 +100,21 @@ def _fill(store, sync: str, n: int) -> None:
         cursor.execute("ANALYZE ledger")
 
 
+def server_cpu_s() -> float:
+    """CPU seconds used so far by every PostgreSQL server process on this machine (the benchmark's
+    server is the only one): what the state backend costs the machine beside the sync itself."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"postgres" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run(db: str, table_name: str, workdir: Path, quick: bool, in_flight: int) -> list[Row]:
     """Both cases, both backends, one server and one emulator."""
     from braze_assets_tests.postgres_server import throwaway_postgres
@@ -118,7 +133,9 @@ def run(db: str, table_name: str, workdir: Path, quick: bool, in_flight: int) ->
         for n in range(rounds):  # alternated, so a load change hits both backends alike
             for backend, state_url in (("embedded", None), ("postgresql", url)):
                 params = {"case": "end_to_end", "db": db, "table": table_name, "data_type": "events"}
+                cpu = server_cpu_s()
                 result = run_children([{**params, **common, "state_url": state_url}])[0]
+                result["server_cpu_s"] = server_cpu_s() - cpu
                 rows.append(_row(f"e2e events, state {backend} #{n + 1}", result, backend))
                 emu.reset()
         for backend, state_url in (("embedded", None), ("postgresql", url)):
@@ -156,7 +173,9 @@ def _row(name: str, result: dict, backend: str) -> Row:
         requests=result.get("requests"),
         peak_rss_mib=result.get("peak_rss_mib"),
         note=result.get(
-            "error", f"delta {result.get('delta_s', 0):.1f} s, delivery {result.get('delivery_s', 0):.1f} s"
+            "error",
+            f"delta {result.get('delta_s', 0):.1f} s, delivery {result.get('delivery_s', 0):.1f} s; "
+            f"PostgreSQL server CPU {result.get('server_cpu_s', 0):.1f} s",
         ),
         extra={**result, "backend": backend},
     )
