@@ -143,6 +143,15 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         # Resources by key: which warehouse resource depends on the sync's source type.
         delivery_state: DeliveryStateResource = context.resources.delivery_state
         now = utc_now()
+        if not (context.has_partition_key or context.has_partition_key_range):
+            raise dg.Failure(
+                description=(
+                    f"sync {sync.name}: its assets are partitioned by UPDATED_AT day, and this run "
+                    "names no partition. Use Materialize (the latest partition syncs everything "
+                    "pending), choose a partition or a range in the Launchpad, or run "
+                    f"`braze-assets run --sync {sync.name}`."
+                )
+            )
         window = context.partition_time_window
         store = delivery_state.store(sync.name)
         watermark = store.read_watermark().value

@@ -234,3 +234,18 @@ def test_materializing_the_latest_partition_syncs_everything_pending(harness, em
     day = (now - dt.timedelta(days=3)).strftime("%Y-%m-%d")
     backfill = harness.run("ev_sync", keys=dg.PartitionKeyRange(day, today))
     assert backfill.delta.rows_read == 20 and backfill.outcome.accepted == 0
+
+
+def test_a_run_without_a_partition_fails_with_what_to_do(harness, emulator):
+    """Launched from the Launchpad without choosing a partition: a clear message saying how to
+    launch it, not an internal check error, and nothing sent."""
+    harness.table("events", events_rows(3, dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)))
+    harness.syncs = [sync_config("ev_sync", "events", "main.events")]
+    job = harness.definitions().resolve_job_def("ev_sync_job")
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.step_failure_data.error.message
+    assert "ev_sync" in message and "partition" in message and "CheckError" not in message
+    assert "Materialize" in message
+    assert emulator.store.events() == [] and harness.ledger("ev_sync") == {}
