@@ -340,6 +340,10 @@ class PostgresStateStore(StateStore):
             with connection.cursor() as cursor:
                 cursor.execute("DELETE FROM journal WHERE sync = %s", (self.sync,))
         finally:
+            # records still being written finish before their connection closes (a delivery that
+            # stopped on an error keeps its journal for the next run's recovery)
+            with contextlib.suppress(Exception):
+                await journal.drain()
             connection.close()
 
     def _journal_records(self) -> JournalRecords:
