@@ -6,8 +6,9 @@ pool (`braze_sync_<name>`, limit 1), so every later run of the sync would wait f
 runs of a sync that hold or wait for its pool, or are in progress, decides from the process that ran
 them whether they are still alive, marks the dead ones failed and frees their slots. The sync's
 state lock (`StateStore.delivery_lock`: an flock, or a PostgreSQL advisory lock) needs nothing:
-the OS or the database server released it when the process died. Runs it cannot judge from here (another host, a Kubernetes pod) count as alive and are
-left to Dagster's run monitoring (`run_monitoring` in dagster.yaml).
+the OS or the database server released it when the process died. Runs it cannot judge from here
+(another host, a Kubernetes pod) count as alive and are left to Dagster's run monitoring
+(`run_monitoring` in dagster.yaml).
 """
 
 from __future__ import annotations
