@@ -21,7 +21,7 @@ from braze_assets.datatypes import DATA_TYPES, RowBatch, build_objects, validate
 from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.sources.duckdb_source import DuckDBSource
-from braze_assets.state import EmbeddedStateStore, open_state_store
+from braze_assets.state import EmbeddedStateStore, StateStore, open_state_store
 
 UTC = dt.UTC
 
@@ -57,38 +57,16 @@ def end_to_end(
     """Delta then delivery of `table`, with a fresh state (embedded, or PostgreSQL at `state_url`
     in a schema of its own)."""
     spec = DATA_TYPES[data_type]
-    now = dt.datetime.now(UTC)
     run_id = uuid.uuid4().hex
     run_dir = Path(workdir) / run_id
     store = open_state_store(
         run_dir / "state", f"bench_{data_type}", state_url=_own_schema(state_url, run_id)
     )
-    manifest = DeltaManifest(
-        sync=store.sync,
-        data_type=data_type,
-        run_id=run_id,
-        window_start=None,
-        window_end=(now + dt.timedelta(days=1)).isoformat(),
-        reaches_now=True,
-        valid_path=str(run_dir / "valid.parquet"),
-        rejected_path=str(run_dir / "rejected.parquet"),
-    )
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     started = time.perf_counter()
-    compute_delta(
-        source=DuckDBSource(db, table),
-        spec=spec,
-        store=store,
-        manifest=manifest,
-        window_start=None,
-        window_end=now + dt.timedelta(days=1),
-        now=now,
-        partitions_start=now - dt.timedelta(days=60),
-        update_existing_only=False,
-        progress=_Throttled(f"{data_type} delta"),
-    )
+    manifest = _compute_delta(db, table, data_type, run_dir, run_id, store)
     delta_s = time.perf_counter() - started
     rss_after_delta = peak_rss_mib()
     client = BrazeClient(base_url, api_key, max_connections=in_flight)
@@ -128,14 +106,13 @@ def end_to_end(
     return result
 
 
-def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
-    """`compute_delta` alone (nothing is sent): the manifest later cases deliver."""
-    spec = DATA_TYPES[data_type]
+def _compute_delta(
+    db: str, table: str, data_type: str, run_dir: Path, run_id: str, store: StateStore
+) -> DeltaManifest:
+    """`compute_delta` of the whole table (the last 60 days, up to a day ahead) into `run_dir`."""
     now = dt.datetime.now(UTC)
-    run_id = uuid.uuid4().hex
-    run_dir = Path(workdir) / run_id
     manifest = DeltaManifest(
-        sync=f"bench_{data_type}",
+        sync=store.sync,
         data_type=data_type,
         run_id=run_id,
         window_start=None,
@@ -144,11 +121,10 @@ def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
         valid_path=str(run_dir / "valid.parquet"),
         rejected_path=str(run_dir / "rejected.parquet"),
     )
-    started = time.perf_counter()
     compute_delta(
         source=DuckDBSource(db, table),
-        spec=spec,
-        store=EmbeddedStateStore(run_dir / "state", manifest.sync),
+        spec=DATA_TYPES[data_type],
+        store=store,
         manifest=manifest,
         window_start=None,
         window_end=now + dt.timedelta(days=1),
@@ -157,6 +133,16 @@ def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
         update_existing_only=False,
         progress=_Throttled(f"{data_type} delta"),
     )
+    return manifest
+
+
+def delta_only(db: str, table: str, data_type: str, workdir: str) -> dict:
+    """`compute_delta` alone (nothing is sent): the manifest later cases deliver."""
+    run_id = uuid.uuid4().hex
+    run_dir = Path(workdir) / run_id
+    started = time.perf_counter()
+    store = EmbeddedStateStore(run_dir / "state", f"bench_{data_type}")
+    manifest = _compute_delta(db, table, data_type, run_dir, run_id, store)
     (run_dir / "manifest.json").write_bytes(orjson.dumps(manifest.to_dict()))
     return {
         "objects": 0,
@@ -175,16 +161,13 @@ def deliver_only(
     start_at: float | None = None,
     max_rate_share: float | None = None,
     state_dir: str | None = None,
-    state_url: str | None = None,
 ) -> dict:
     """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled).
     With `max_rate_share`, through the budget shared by processes (in `state_dir`, or PostgreSQL
     when BRAZE_ASSETS_STATE_URL is set); `start_at` (epoch seconds) lines up several processes."""
     delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
     run_id = uuid.uuid4().hex
-    store = open_state_store(
-        Path(workdir) / run_id / "state", f"bench_{delta.data_type}", state_url=_own_schema(state_url, run_id)
-    )
+    store = EmbeddedStateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
     client = BrazeClient(
         base_url,
         api_key,

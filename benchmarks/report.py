@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -86,6 +87,28 @@ def table(rows: list[Row]) -> str:
             f"{_n(r.peak_rss_mib)} | {_n(r.extra.get('load_1min'), 1)} | {r.note} |"
         )
     return "\n".join(lines)
+
+
+def section(title: str, setup: str, rows: list[Row], targets: Iterable[tuple[str, str, bool]]) -> str:
+    """A case's RESULTS.md section: its title, when and on what (`setup` follows the date and the
+    cores), the rows' table, then its targets as (target, measured, met)."""
+    lines = [
+        f"## {title}",
+        "",
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; {setup}",
+        "",
+        table(rows),
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {target} | {value} | {'yes' if met else 'no'} |" for target, value, met in targets]
+    return "\n".join(lines) + "\n"
+
+
+def loads(before: tuple, after: tuple) -> str:
+    """Load averages (1/5/15 min) before and after a case, as its section says them."""
+    return f"before: {'/'.join(f'{x:.2f}' for x in before)}, after: {'/'.join(f'{x:.2f}' for x in after)}"
 
 
 def _sh(*command: str) -> str:

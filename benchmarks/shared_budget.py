@@ -17,7 +17,6 @@ The budget lives in files under the case's directory, or in PostgreSQL when
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 from benchmarks.child import run_children
 from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
-from benchmarks.report import Row, table
+from benchmarks.report import Row, loads
+from benchmarks.report import section as section_text
 from braze_assets.braze.budget_stores import STATE_URL_ENV
 
 PACED_LIMIT, BRAZE_LIMIT, WINDOW_S = 300, 3000, 3.0
@@ -157,27 +157,13 @@ def measure(plan: Plan, workdir: Path, in_flight: int) -> Row:
 def section(rows: list[Row], load_before: tuple, load_after: tuple, minutes: float) -> str:
     """The RESULTS.md section: the table, then the targets of the shared budget."""
     backend = "PostgreSQL" if os.environ.get(STATE_URL_ENV) else "a locked file"
-    lines = [
-        "## One Braze budget per workspace",
-        "",
-        (
-            f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "
-            f"`python -m benchmarks.run --case shared-budget` — {minutes:.1f} min; the budget in "
-            f"{backend}; each delivery (75 attributes per request) in a process of its own against "
-            "an emulator of its own (0 ms); the share is measured over the emulator's whole windows; "
-            "load average (1/5/15 min) before: "
-            f"{'/'.join(f'{x:.2f}' for x in load_before)}, after: "
-            f"{'/'.join(f'{x:.2f}' for x in load_after)}."
-        ),
-        "",
-        table(rows),
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    for target, value, met in targets(rows):
-        lines.append(f"| {target} | {value} | {'yes' if met else 'no'} |")
-    return "\n".join(lines) + "\n"
+    setup = (
+        f"`python -m benchmarks.run --case shared-budget` — {minutes:.1f} min; the budget in "
+        f"{backend}; each delivery (75 attributes per request) in a process of its own against "
+        "an emulator of its own (0 ms); the share is measured over the emulator's whole windows; "
+        f"load average (1/5/15 min) {loads(load_before, load_after)}."
+    )
+    return section_text("One Braze budget per workspace", setup, rows, targets(rows))
 
 
 def targets(rows: list[Row]):

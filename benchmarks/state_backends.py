@@ -24,7 +24,8 @@ from pathlib import Path
 
 from benchmarks.child import run_children
 from benchmarks.emulator import API_KEY, EmulatorProcess
-from benchmarks.report import Row, table
+from benchmarks.report import Row, loads
+from benchmarks.report import section as section_text
 from braze_assets.state import open_state_store
 
 UTC = dt.UTC
@@ -182,26 +183,13 @@ def _row(name: str, result: dict, backend: str) -> Row:
 
 
 def section(rows: list[Row], load_before: tuple, load_after: tuple, minutes: float) -> str:
-    lines = [
-        "## State backends: embedded and PostgreSQL",
-        "",
-        (
-            f"{dt.datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "
-            f"`python -m benchmarks.run --case state-backends` — {minutes:.1f} min; PostgreSQL: a local "
-            "server with fsync on; emulator at 0 ms, no rate limit; each case in a process of its own; "
-            f"load average before: {'/'.join(f'{x:.2f}' for x in load_before)}, after: "
-            f"{'/'.join(f'{x:.2f}' for x in load_after)}. The ledger probe is the median of 7 batches of "
-            f"{PROBE_BATCH:,} hashes, half of them settled; the fill is the row's seconds."
-        ),
-        "",
-        table(rows),
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    for target, value, met in targets(rows):
-        lines.append(f"| {target} | {value} | {'yes' if met else 'no'} |")
-    return "\n".join(lines) + "\n"
+    setup = (
+        f"`python -m benchmarks.run --case state-backends` — {minutes:.1f} min; PostgreSQL: a local "
+        "server with fsync on; emulator at 0 ms, no rate limit; each case in a process of its own; "
+        f"load average {loads(load_before, load_after)}. The ledger probe is the median of 7 batches "
+        f"of {PROBE_BATCH:,} hashes, half of them settled; the fill is the row's seconds."
+    )
+    return section_text("State backends: embedded and PostgreSQL", setup, rows, targets(rows))
 
 
 def targets(rows: list[Row]):
