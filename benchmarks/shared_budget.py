@@ -28,7 +28,7 @@ from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
 from benchmarks.report import Row, loads
 from benchmarks.report import section as section_text
-from braze_assets.braze.budget_stores import STATE_URL_ENV
+from braze_assets.state import STATE_URL_ENV
 
 PACED_LIMIT, BRAZE_LIMIT, WINDOW_S = 300, 3000, 3.0
 #: --quick: small limits over one-second windows, so a few thousand rows span several windows

@@ -26,16 +26,16 @@ from braze_assets.braze.budget import (
     workspace_id,
 )
 from braze_assets.braze.budget_stores import (
-    STATE_URL_ENV,
     BudgetStoreError,
     FileBudgetStore,
     PostgresBudgetStore,
     budget_store_from_environment,
-    masked_url,
 )
 from braze_assets.braze.client import BrazeClient
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.resources import BrazeResource
+from braze_assets.state import STATE_URL_ENV
+from braze_assets.state.postgres_schema import masked_url
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "budget-test-key-4b1d"

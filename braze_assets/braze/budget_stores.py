@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from braze_assets.braze.budget import BudgetState, BudgetStore, BudgetStoreError
-from braze_assets.state.postgres_schema import StateDatabase, StateUrlError, masked_url
+from braze_assets.state.postgres_schema import (
+    StateDatabase,
+    StateUrlError,
+    masked_url,
+    state_url_from_environment,
+)
 
-#: `postgresql://user@host:port/db`: keep the budgets in PostgreSQL instead of files.
-STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
 #: In the state schema, created by its migrations (state/migrations/).
 BUDGET_TABLE = "rate_budget"
 
@@ -209,7 +212,7 @@ def _first_line(exc: Exception) -> str:
 def budget_store_from_environment(state_dir: Path) -> BudgetStore:
     """PostgreSQL when `BRAZE_ASSETS_STATE_URL` is set, else files under `<state_dir>/budgets`.
     One store per place in a process, so its clients share the lock handles and the connection."""
-    url = os.environ.get(STATE_URL_ENV, "").strip()
+    url = state_url_from_environment()
     if url:
         try:
             StateDatabase.from_url(url)

@@ -3,7 +3,6 @@ the default) and a PostgreSQL backend (`BRAZE_ASSETS_STATE_URL`), chosen by `ope
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,7 @@ from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import LedgerSession, StateStore, SyncBusyError, Watermark
 from braze_assets.state.embedded import EmbeddedStateStore
 from braze_assets.state.held import alias_key, held_detail
-
-#: `postgresql://user[:password]@host:port/db[?schema=name]`: keep the delivery state (and the
-#: shared rate budget) in PostgreSQL instead of files under the state directory.
-STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
+from braze_assets.state.postgres_schema import STATE_URL_ENV, state_url_from_environment
 
 __all__ = [
     "STATE_URL_ENV",
@@ -30,16 +26,14 @@ __all__ = [
 ]
 
 
-def state_url_from_environment() -> str | None:
-    return os.environ.get(STATE_URL_ENV, "").strip() or None
-
-
 def open_state_store(
     state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles[Any] | None = None
 ) -> StateStore:
-    """The state of `sync`: in PostgreSQL when a state URL is given, else under `state_dir`."""
+    """The state of `sync`: in PostgreSQL when a state URL is given, else under `state_dir`. Its
+    delta files are on shared storage when BRAZE_ASSETS_DELTA_URL is set, else beside the state."""
+    deltas = deltas or DeltaFiles(delta_root(state_dir), sync)
     if state_url:
         from braze_assets.state.postgres import PostgresStateStore
 
-        return PostgresStateStore(state_url, sync, deltas=deltas or DeltaFiles(delta_root(state_dir), sync))
+        return PostgresStateStore(state_url, sync, deltas=deltas)
     return EmbeddedStateStore(state_dir, sync, deltas=deltas)

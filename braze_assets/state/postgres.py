@@ -178,12 +178,15 @@ def _to_ipc(rows: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+_NOTHING_PLANNED = pa.schema(
+    [(c, pa.timestamp("us", tz="UTC") if c == "updated_at" else pa.string()) for c in PLANNED_COLUMNS]
+)
+
+
 def _from_ipc(blobs: list[bytes]) -> pa.Table:
     tables = [pa.ipc.open_stream(pa.py_buffer(blob)).read_all() for blob in blobs]
     if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in PLANNED_COLUMNS}).set_column(
-            1, "updated_at", pa.array([], pa.timestamp("us", tz="UTC"))
-        )
+        return _NOTHING_PLANNED.empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
 
 

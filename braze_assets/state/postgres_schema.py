@@ -9,12 +9,16 @@ so pods starting together migrate once; each later connection only sets its sear
 from __future__ import annotations
 
 import functools
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: `postgresql://user[:password]@host:port/db[?schema=name]`: keep the delivery state (and the
+#: shared rate budget) in PostgreSQL instead of files under the state directory.
+STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
 DEFAULT_SCHEMA = "braze_assets"
 #: The newest migration (migrations/versions/). A database already there needs no alembic at all:
 #: one query, so a process (a pod) that starts while others run pays no migration lock or import.
@@ -22,6 +26,11 @@ HEAD_REVISION = "0001"
 #: Serialises migrations of several processes starting at once.
 _MIGRATION_LOCK_ID = 0x62_72_61_7A_65_6D  # "brazem"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def state_url_from_environment() -> str | None:
+    """$BRAZE_ASSETS_STATE_URL, or None when unset or blank (the embedded backend)."""
+    return os.environ.get(STATE_URL_ENV, "").strip() or None
 
 
 class StateUrlError(ValueError):
