@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import shutil
 import uuid
 
@@ -23,7 +22,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 
 from braze_assets import delta_store
 from braze_assets.automation import incremental_range, range_tags
@@ -36,16 +34,6 @@ from braze_assets_tests.conftest import Harness, cdi_row, events_rows, seqs, syn
 
 UTC = dt.UTC
 PREFIX = "team/deltas"
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 class Bucket:
@@ -76,8 +64,8 @@ class Bucket:
 
 
 @pytest.fixture
-def bucket(endpoint, monkeypatch) -> Bucket:
-    return Bucket(endpoint, monkeypatch)
+def bucket(s3_endpoint, monkeypatch) -> Bucket:
+    return Bucket(s3_endpoint, monkeypatch)
 
 
 def _ts() -> dt.datetime:
@@ -94,6 +82,17 @@ def _events_with_bad_rows(harness: Harness, n: int) -> None:
     ]
     harness.table("ev", [*rows, dict(rows[0]), *no_id])
     harness.syncs = [sync_config("ev_sync", "events", "main.ev")]
+
+
+def _materialize(harness: Harness, keys: dg.PartitionKeyRange, asset: str) -> dg.ExecuteInProcessResult:
+    """One asset of the `ev_sync` job, in a run of its own, as a pod would run that step."""
+    job = harness.definitions().resolve_job_def("ev_sync_job")
+    return job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        tags=range_tags(keys),
+        asset_selection=[dg.AssetKey(asset)],
+        raise_on_error=False,
+    )
 
 
 def _failure_text(result: dg.ExecuteInProcessResult) -> str:
@@ -142,32 +141,14 @@ def test_the_results_step_delivers_in_a_pod_that_never_saw_the_delta_step(tmp_pa
         dt.datetime.now(UTC),
         make_source(sync, resources[resource_key(sync)]),
     )
-    delta = (
-        first.definitions()
-        .resolve_job_def("ev_sync_job")
-        .execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(),
-            tags=range_tags(keys),
-            asset_selection=[dg.AssetKey("ev_sync_delta")],
-            raise_on_error=False,
-        )
-    )
+    delta = _materialize(first, keys, "ev_sync_delta")
     assert delta.success, _failure_text(delta)
     assert braze.store.events() == []
     shutil.rmtree(first.tmp_path)  # the delta step's pod is gone, with its disk
 
     second = Harness(tmp_path / "results-pod", braze)
     second.syncs = first.syncs
-    results = (
-        second.definitions()
-        .resolve_job_def("ev_sync_job")
-        .execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(),
-            tags=range_tags(keys),
-            asset_selection=[dg.AssetKey("ev_sync_sync_results")],
-            raise_on_error=False,
-        )
-    )
+    results = _materialize(second, keys, "ev_sync_sync_results")
 
     assert results.success, _failure_text(results)
     assert delta.run_id != results.run_id

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -37,7 +36,6 @@ import psycopg2
 import pytest
 import yaml
 from dagster_duckdb import DuckDBResource
-from moto.server import ThreadedMotoServer
 
 from braze_assets.automation import incremental_range, range_tags
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
@@ -169,7 +167,7 @@ def _sync_runs(instance: dg.DagsterInstance, sync: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def deployment(postgres, tmp_path_factory):
+def deployment(postgres, s3_endpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("production")
     now = dt.datetime.now(UTC)
 
@@ -190,11 +188,6 @@ def deployment(postgres, tmp_path_factory):
     _seed(warehouse, now)
     syncs_file = root / "syncs.yaml"
     syncs_file.write_text(yaml.safe_dump(_syncs_yaml()))
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    s3_endpoint = f"http://{host}:{port}"
     s3 = boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
@@ -239,7 +232,6 @@ def deployment(postgres, tmp_path_factory):
                 kill_group(int(pid))
         instance.dispose()
         emulator.stop()
-        moto.stop()
 
 
 def _ranges(warehouse: Path, now: dt.datetime, scratch: Path) -> dict[str, dict[str, str]]:

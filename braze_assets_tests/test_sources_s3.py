@@ -14,7 +14,6 @@ import csv
 import datetime as dt
 import io
 import json
-import logging
 import random
 import uuid
 from typing import Any
@@ -26,7 +25,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dagster_aws.s3 import S3Resource
-from moto.server import ThreadedMotoServer
 
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delta import DeltaManifest, compute_delta
@@ -53,16 +51,6 @@ ROWS: list[dict[str, Any]] = [
 
 
 # ----------------------------------------------------------------------------- harness
-@pytest.fixture(scope="module")
-def endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 class Bucket:
     """A fresh bucket; `put` uploads with moto's clock set to `at` (the object's LastModified)."""
 
@@ -90,8 +78,8 @@ class Bucket:
 
 
 @pytest.fixture
-def bucket(endpoint, monkeypatch) -> Bucket:
-    return Bucket(endpoint, monkeypatch)
+def bucket(s3_endpoint, monkeypatch) -> Bucket:
+    return Bucket(s3_endpoint, monkeypatch)
 
 
 def jsonl(rows: list[dict], payload_as_text: bool = True) -> str:
@@ -508,14 +496,14 @@ def test_from_a_dagster_s3_resource(bucket):
 
 
 # ----------------------------------------------------------------------------- the whole sync
-def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(endpoint, monkeypatch, tmp_path):
+def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(s3_endpoint, monkeypatch, tmp_path):
     """syncs.yaml `source: {type: s3, bucket, prefix}` with dagster-aws's S3Resource: the events of
     every file reach the emulator once, a bad line is rejected with its file and line, a rerun
     sends nothing, and the sensor launches a run only when a new file lands."""
     from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
     from braze_assets_tests.conftest import API_KEY, Harness, sync_config
 
-    bucket = Bucket(endpoint, monkeypatch)
+    bucket = Bucket(s3_endpoint, monkeypatch)
     now = dt.datetime.now(UTC).replace(microsecond=0)
     lines = [
         json.dumps(
@@ -536,7 +524,7 @@ def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(endpoint, m
             sync_config("s3_events", "events", "x", max_row_error_rate=0.5, sensor={"enabled": True})
         ]
         harness.syncs[0]["source"] = {"type": "s3", "bucket": bucket.name, "prefix": "cdi/events"}
-        harness.extra_resources["s3"] = S3Resource(endpoint_url=endpoint, region_name="us-east-1")
+        harness.extra_resources["s3"] = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
         first = harness.run("s3_events")
         assert first.result.success and first.outcome.accepted == 5
         assert sorted(e["properties"]["seq"] for e in emulator.store.events()) == list(range(5))
