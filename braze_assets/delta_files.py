@@ -20,7 +20,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,9 +29,6 @@ from braze_assets import delta_store
 #: A run's completion time on an object store (ISO 8601, UTC), written after its files.
 SEALED = "sealed"
 
-#: A root given as a `Path` is local and gives `Path`s back; one given as a string may be a URI.
-R = TypeVar("R", str, Path)
-
 
 def delta_root(state_dir: str | Path) -> str:
     """Where delta files live: `<BRAZE_ASSETS_DELTA_URL>/files` when the setting is set, else
@@ -41,40 +37,35 @@ def delta_root(state_dir: str | Path) -> str:
     return delta_store.join(url, "files") if url else str(Path(state_dir) / "deltas")
 
 
-class DeltaFiles(Generic[R]):
+class DeltaFiles:
     """The delta files of one sync under `root` (a local directory, or a URI)."""
 
-    def __init__(self, root: R, sync: str):
-        self.root: R = root
+    def __init__(self, root: str, sync: str):
+        self.root = root
         self.sync = sync
 
     @property
-    def sync_dir(self) -> R:
-        return self._below(self.sync)
+    def sync_dir(self) -> str:
+        return delta_store.join(self.root, self.sync)
 
-    def run_dir(self, run_id: str) -> R:
-        return self._below(self.sync, run_id)
-
-    def _below(self, *parts: str) -> R:
-        if isinstance(self.root, Path):
-            return self.root.joinpath(*parts)
-        return delta_store.join(self.root, *parts)
+    def run_dir(self, run_id: str) -> str:
+        return delta_store.join(self.root, self.sync, run_id)
 
     def check(self) -> None:
         """Fail now, naming the setting, when the store the files go to cannot be reached."""
-        delta_store.check(str(self.root))
+        delta_store.check(self.root)
 
     def prune(self, keep: int = 5) -> int:
         """Delete all but the newest `keep` runs' delta files (the ledger keeps every outcome)."""
         runs = self._runs()
         for old in runs[:-keep] if keep else runs:
-            delta_store.delete_dir(delta_store.join(str(self.sync_dir), old))
+            delta_store.delete_dir(delta_store.join(self.sync_dir, old))
         return max(0, len(runs) - keep)
 
     def _runs(self) -> list[str]:
         """This sync's runs, oldest first. A run's time is when it was sealed on an object store,
         else its directory's time (local disk), else its newest file's."""
-        sync_dir = str(self.sync_dir)
+        sync_dir = self.sync_dir
         own: dict[str, dt.datetime] = {}  # a directory's own time (local disk only)
         newest: dict[str, dt.datetime] = {}  # its newest file's
         sealed: dict[str, dt.datetime] = {}
@@ -107,7 +98,7 @@ class DeltaFiles(Generic[R]):
             if not wanted:
                 break
             try:
-                with delta_store.open_input(delta_store.join(str(self.run_dir(run)), "valid.parquet")) as f:
+                with delta_store.open_input(delta_store.join(self.run_dir(run), "valid.parquet")) as f:
                     table = pq.read_table(
                         f, columns=["row_hash", "object"], filters=[("row_hash", "in", sorted(wanted))]
                     )

@@ -4,7 +4,6 @@ the default) and a PostgreSQL backend (`BRAZE_ASSETS_STATE_URL`), chosen by `ope
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import LedgerSession, StateStore, SyncBusyError, Watermark
@@ -27,7 +26,7 @@ __all__ = [
 
 
 def open_state_store(
-    state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles[Any] | None = None
+    state_dir: str | Path, sync: str, *, state_url: str | None = None, deltas: DeltaFiles | None = None
 ) -> StateStore:
     """The state of `sync`: in PostgreSQL when a state URL is given, else under `state_dir`. Its
     delta files are on shared storage when BRAZE_ASSETS_DELTA_URL is set, else beside the state."""

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -73,7 +72,7 @@ class LedgerSession(ABC):
     """One connection to a sync's ledger, used by one thread at a time. Each call commits on its
     own unless made inside `transaction()`."""
 
-    def __init__(self, deltas: DeltaFiles[Any]):
+    def __init__(self, deltas: DeltaFiles):
         self._deltas = deltas
 
     @abstractmethod
@@ -154,7 +153,7 @@ class StateStore(ABC):
     #: How long `commit_watermark` and the held-row commands wait for a delivering run to end.
     lock_timeout_s: float = 600.0
 
-    def __init__(self, sync: str, deltas: DeltaFiles[Any]):
+    def __init__(self, sync: str, deltas: DeltaFiles):
         self.sync = sync
         #: The sync's delta files: recovery reads held rows' objects from them.
         self.deltas = deltas
@@ -294,10 +293,3 @@ class StateStore(ABC):
     @abstractmethod
     def last_run(self) -> dict[str, Any] | None:
         """The outcome of the sync's last recorded run."""
-
-    # ------------------------------------------------------------------ delta files
-    def delta_dir(self, run_id: str) -> str | Path:
-        return self.deltas.run_dir(run_id)
-
-    def prune_deltas(self, keep: int = 5) -> int:
-        return self.deltas.prune(keep)

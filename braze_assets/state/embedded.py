@@ -97,7 +97,7 @@ def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
 class DuckDBLedgerSession(LedgerSession):
     """A ledger session on one DuckDB connection."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, deltas: DeltaFiles[Any]):
+    def __init__(self, con: duckdb.DuckDBPyConnection, deltas: DeltaFiles):
         super().__init__(deltas)
         self.con = con
 
@@ -175,7 +175,7 @@ class EmbeddedStateStore(StateStore):
         state_dir: str | Path,
         sync_name: str,
         lock_timeout_s: float = 600.0,
-        deltas: DeltaFiles[Any] | None = None,
+        deltas: DeltaFiles | None = None,
     ):
         self.dir = Path(state_dir)
         super().__init__(sync_name, deltas or DeltaFiles(delta_root(self.dir), sync_name))

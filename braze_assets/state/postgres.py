@@ -76,7 +76,7 @@ def _lock_key(schema: str, sync: str) -> int:
 class PostgresLedgerSession(LedgerSession):
     """A ledger session on one connection; each call commits unless inside `transaction()`."""
 
-    def __init__(self, connection: Any, sync: str, deltas: DeltaFiles[Any]):
+    def __init__(self, connection: Any, sync: str, deltas: DeltaFiles):
         super().__init__(deltas)
         self.connection, self.sync = connection, sync
         self._depth = 0
@@ -244,7 +244,7 @@ class PostgresJournal(Journal):
 class PostgresStateStore(StateStore):
     """The state of one sync in PostgreSQL (see the module docstring)."""
 
-    def __init__(self, url: str, sync: str, *, deltas: DeltaFiles[Any], lock_timeout_s: float = 600.0):
+    def __init__(self, url: str, sync: str, *, deltas: DeltaFiles, lock_timeout_s: float = 600.0):
         super().__init__(sync, deltas)
         self.db = StateDatabase.from_url(url)
         self.lock_timeout_s = lock_timeout_s
