@@ -29,16 +29,22 @@ def syncs_of_run(run: dg.DagsterRun, names: set[str]) -> list[str]:
 
 
 def _results_metadata(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict[str, Any] | None:
-    """What the run's `<sync>_sync_results` materialization said (the same for every partition of
-    a ranged run)."""
+    """The run's totals: its `delivery_complete` check result on `<sync>_sync_results`, recorded
+    once per run however many days it covered (`partition_reports.py`)."""
     records = instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1000
+        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=10_000
     ).records
     key = dg.AssetKey(f"{sync}_sync_results")
     for record in records:
-        materialization = record.event_log_entry.asset_materialization
-        if materialization is not None and materialization.asset_key == key:
-            return {name: value.value for name, value in materialization.metadata.items()}
+        event = record.event_log_entry.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if (
+            isinstance(evaluation, dg.AssetCheckEvaluation)
+            and evaluation.asset_key == key
+            and evaluation.check_name == "delivery_complete"
+            and evaluation.partition is None
+        ):
+            return {name: value.value for name, value in evaluation.metadata.items()}
     return None
 
 

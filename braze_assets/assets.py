@@ -18,9 +18,18 @@ from braze_assets.config import SyncConfig, source_key_path
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
 from braze_assets.delta import DeltaManifest, compute_delta
+from braze_assets.log_view import sync_log_markdown
+from braze_assets.partition_reports import (
+    check_for_each_partition,
+    daily_observations,
+    is_ranged,
+    partition_keys,
+    rows_per_day,
+)
 from braze_assets.resources import BrazeResource, DeliveryStateResource
 from braze_assets.sources.base import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
+from braze_assets.state import StateStore
 
 UTC = dt.UTC
 
@@ -63,6 +72,39 @@ class SyncAssets:
     source: dg.AssetSpec
     delta: dg.AssetsDefinition
     results: dg.AssetsDefinition
+
+
+#: What a ranged run's output keeps (Dagster copies it into every partition of the range): what
+#: holds for the run as a whole, no counts (those go to each day's observation).
+RUN_LEVEL_METADATA = frozenset(
+    {
+        "status",
+        "status_detail",
+        "window_start",
+        "window_end",
+        "watermark_before",
+        "watermark_after",
+        "valid_rows_file",
+        "rejected_rows_file",
+    }
+)
+#: The run's totals, kept once per run on its `delivery_complete` check result.
+RUN_TOTALS = (
+    "status",
+    "status_detail",
+    "rows_read",
+    "rows_valid",
+    "rows_rejected_by_validation",
+    "rows_accepted",
+    "rows_failed_at_braze",
+    "rows_held_ambiguous",
+    "rows_not_sent_retry_next_run",
+)
+RANGED_COUNTS_NOTE = (
+    "This run covered several days: each day's counts are in that partition's observation (rows whose "
+    "UPDATED_AT falls on the day); the run's totals and the sync log are on its delivery_complete "
+    "check, and in `braze-assets log runs`."
+)
 
 
 def _delta_metadata(manifest: DeltaManifest, watermark: str | None, files: bool) -> dict[str, Any]:
@@ -199,7 +241,13 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 progress=context.log.debug,
             )
         except SourceError as exc:  # a global error: nothing was delivered, no state changed
-            raise SourceError(f"sync {sync.name}: {exc}") from None
+            detail = f"sync {sync.name}: {exc}"
+            store.log.record_run(
+                SyncOutcome.failed_before_delivery(
+                    sync.name, sync.data_type, context.run.run_id, detail, manifest
+                ).to_dict()
+            )
+            raise SourceError(detail) from None
         context.log_event(
             dg.AssetObservation(
                 asset_key=src_key,
@@ -238,12 +286,21 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 f"{sync.name}: {manifest.late_outside_lookback:,} rows older than the scanned window"
                 " are not delivered; backfill their days to deliver them"
             )
-        return dg.Output(
-            manifest,
-            metadata=_delta_metadata(
-                manifest, watermark.isoformat() if watermark else None, files=sync.source.type == "s3"
-            ),
+        metadata = _delta_metadata(
+            manifest, watermark.isoformat() if watermark else None, files=sync.source.type == "s3"
         )
+        if is_ranged(context):  # counts per day, not the run's copied into every day
+            days: dict[str, dict[str, int]] = {}
+            for name, uri in (("rows_valid", manifest.valid_path), ("rows_rejected", manifest.rejected_path)):
+                for day, n in rows_per_day(uri).items():
+                    days.setdefault(day, {})[name] = n
+            for observation in daily_observations(
+                context.asset_key, partition_keys(context), days, "rows_valid"
+            ):
+                context.log_event(observation)
+            metadata = {key: value for key, value in metadata.items() if key in RUN_LEVEL_METADATA}
+            metadata["counts"] = RANGED_COUNTS_NOTE
+        return dg.Output(manifest, metadata=metadata)
 
     @dg.asset(
         name=f"{sync.name}_sync_results",
@@ -274,7 +331,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         delta: DeltaManifest,
         braze: BrazeResource,
         delivery_state: DeliveryStateResource,
-    ) -> Iterator[dg.Output[SyncOutcome] | dg.AssetCheckResult]:
+    ) -> Iterator[dg.Output[SyncOutcome] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
         store = delivery_state.store(sync.name)
         before = store.read_watermark().value
         delivery = Delivery(
@@ -295,6 +352,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)
         outcome.watermark_after = after.isoformat() if after else None
+        outcome.rows_read, outcome.rows_rejected = delta.rows_read, delta.rejected
+        outcome.started_at, outcome.finished_at = delta.computed_at, utc_now().isoformat()
         context.log.info(
             f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
             f"{outcome.held_total:,}, ambiguous {outcome.ambiguous:,}, not sent "
@@ -302,27 +361,59 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             + _watermark_change(outcome)
         )
         context.log.info(f"{sync.name}: {outcome.status}: {outcome.status_detail}")
-        if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
-            raise dg.Failure(
-                description=f"sync {sync.name}: {outcome.status_detail}",
-                metadata=results_metadata(outcome, delta),
+        _apply_retention(context, sync, store)
+        sync_log = dg.MetadataValue.md(
+            sync_log_markdown(
+                sync.name,
+                [outcome.to_dict(), *store.log.runs(limit=9)],
+                store.log.top_messages(outcome.run_id),
             )
-        yield dg.Output(outcome, metadata=results_metadata(outcome, delta))
-        yield dg.AssetCheckResult(
+        )
+        metadata = {**results_metadata(outcome, delta), "sync_log": sync_log}
+        if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
+            store.log.record_run(outcome.to_dict())
+            raise dg.Failure(description=f"sync {sync.name}: {outcome.status_detail}", metadata=metadata)
+        if is_ranged(context):  # counts per day, not the run's copied into every day
+            days = {
+                day: {f"rows_{status}": n for status, n in statuses.items()}
+                for day, statuses in store.log.daily_counts(outcome.run_id).items()
+            }
+            for observation in daily_observations(
+                context.asset_key, partition_keys(context), days, "rows_accepted"
+            ):
+                context.log_event(observation)
+            metadata = {key: value for key, value in metadata.items() if key in RUN_LEVEL_METADATA}
+            metadata["counts"] = RANGED_COUNTS_NOTE
+        yield dg.Output(outcome, metadata=metadata)
+        # The check is recorded once per run: the run's totals and the sync log, in one place
+        # (what alerts read, whatever the run covered).
+        totals = results_metadata(outcome, delta)
+        check = dg.AssetCheckResult(
             check_name="delivery_complete",
             passed=outcome.status == "success",
             severity=dg.AssetCheckSeverity.WARN,
             description=outcome.status_detail,
             metadata={
-                "status": outcome.status,
+                **{key: totals[key] for key in RUN_TOTALS},
                 "rows_held": outcome.held_total,
-                "rows_not_sent": outcome.not_sent,
-                "rows_failed_at_braze": outcome.failed,
-                "rows_rejected_by_validation": delta.rejected,
+                "sync_log": sync_log,
             },
         )
+        yield from check_for_each_partition(context, context.asset_key, "delivery_complete", check)
+        yield check
 
     return SyncAssets(sync, source, delta_asset, results_asset)
+
+
+def _apply_retention(context: dg.AssetExecutionContext, sync: SyncConfig, store: StateStore) -> None:
+    """The sync log's retention, after every run: cheap when nothing is due (an indexed range)."""
+    rows, runs = store.log.apply_retention(sync.sync_log.row_retention_days, sync.sync_log.run_retention_days)
+    if rows or runs:
+        context.log.info(
+            f"{sync.name}: sync log retention: cleared the details of {rows:,} rows settled more than "
+            f"{sync.sync_log.row_retention_days} days ago, deleted {runs:,} run records older than "
+            f"{sync.sync_log.run_retention_days} days"
+        )
 
 
 def next_watermark(
@@ -348,7 +439,8 @@ def next_watermark(
 def results_metadata(outcome: SyncOutcome, delta: DeltaManifest) -> dict:
     sent = outcome.accepted + outcome.failed
     return {
-        "dagster/row_count": outcome.accepted,
+        # the headline count, when the run had rows to send ("0" would read as a failure)
+        **({"dagster/row_count": outcome.accepted} if outcome.rows_in_delta else {}),
         "status": outcome.status,
         "status_detail": outcome.status_detail,
         "rows_read": delta.rows_read,

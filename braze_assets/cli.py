@@ -4,6 +4,8 @@
     braze-assets ui              the same setup, then the Dagster UI (dagster dev) on it
     braze-assets run [--sync X]  run syncs against the configured Braze (BRAZE_REST_ENDPOINT)
     braze-assets test-connection [--sync X]   check each source and preview rows; sends nothing
+    braze-assets release --sync X --mode M    decide what becomes of held rows
+    braze-assets log runs|rows|export|purge|forget   the sync log (see `braze-assets log --help`)
 
 Each sync of a run ends with a CDI-style status, printed with the reason. Exit status of `run`,
 the worst status of its syncs:
@@ -366,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         from braze_assets.release import release_command
 
         return release_command(argv[1:])
+    if argv[:1] == ["log"]:  # its own subcommands: see `braze-assets log --help`
+        from braze_assets.log_cli import log_command
+
+        return log_command(argv[1:])
     parser = argparse.ArgumentParser(
         prog="braze-assets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -211,6 +211,16 @@ class AlertsConfig(_Strict):
         return value
 
 
+class SyncLogConfig(_Strict):
+    """How long the sync log keeps what it records (as CDI: rows 30 days, runs 12 months)."""
+
+    #: After this many days a row's details (masked identifier, lookup hashes, reason or Braze's
+    #: message) are cleared; its identity and status stay, as exactly-once delivery needs them.
+    row_retention_days: int = Field(default=30, ge=1, le=3_650)
+    #: After this many days a run's record is deleted.
+    run_retention_days: int = Field(default=365, ge=1, le=3_650)
+
+
 class SyncConfig(_Strict):
     """One integration: a source table synced to Braze as one data type."""
 
@@ -240,6 +250,8 @@ class SyncConfig(_Strict):
     max_deletions: int = Field(default=1_000, ge=1)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).
     max_in_flight: int = Field(default=32, ge=1, le=256)
+    #: Retention of the sync log (runs and rows), applied after every run
+    sync_log: SyncLogConfig = SyncLogConfig()
 
     @field_validator("source", mode="before")
     @classmethod

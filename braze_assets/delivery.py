@@ -79,6 +79,12 @@ class SyncOutcome:
     #: CDI-style run status (`RUN_STATUSES`) and one sentence saying why
     status: str = ""
     status_detail: str = ""
+    #: the delta's own counts, so the run's record in the sync log is whole
+    rows_read: int = 0
+    rows_rejected: int = 0
+    #: when the run's delta scan began and when its results were in (ISO 8601, UTC)
+    started_at: str | None = None
+    finished_at: str | None = None
 
     @property
     def held_total(self) -> int:
@@ -91,6 +97,24 @@ class SyncOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def failed_before_delivery(
+        cls, sync: str, data_type: str, run_id: str, detail: str, delta: DeltaManifest | None = None
+    ) -> SyncOutcome:
+        """A run that ended in `error` before sending anything (source unreachable, a blocking
+        check failed), as the sync log records it."""
+        return cls(
+            sync=sync,
+            data_type=data_type,
+            run_id=run_id,
+            status="error",
+            status_detail=detail,
+            rows_read=delta.rows_read if delta else 0,
+            rows_rejected=delta.rejected if delta else 0,
+            started_at=delta.computed_at if delta else None,
+            finished_at=dt.datetime.now(dt.UTC).isoformat(),
+        )
 
 
 #: CDI-style run statuses, worst last, and the `braze-assets run` exit code of each (2 is argparse's
@@ -209,6 +233,13 @@ def _fill(positions: list[int], payloads: list[bytes], max_objects: int, overhea
     return groups
 
 
+def lookup_column(rows: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """The rows' lookup hashes (`lookup.py`); null for a delta written before they were kept."""
+    if "identifier_hash" in rows.column_names:
+        return rows["identifier_hash"]
+    return pa.nulls(rows.num_rows, pa.string())
+
+
 def _progress_bar(total: int, sync: str) -> tqdm[NoReturn] | None:
     """A terminal progress bar for `braze-assets run/demo` (BRAZE_ASSETS_PROGRESS_BAR=1 on a TTY);
     runs in the Dagster UI report progress through their log lines instead."""
@@ -297,6 +328,7 @@ class Delivery:
                             "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
                             "batch_id": pa.nulls(rejected.num_rows, pa.string()),
                             "identifier": rejected["identifier"],
+                            "identifier_hash": lookup_column(rejected),
                             "message": rejected["reasons"],
                             "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
                         }
@@ -382,6 +414,7 @@ class Delivery:
                     "updated_at": chunk["updated_at"],
                     "batch_id": pa.array(batch_of, pa.string()),
                     "identifier": chunk["identifier"],
+                    "identifier_hash": lookup_column(chunk),
                     "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
                 }
             ),
@@ -558,6 +591,7 @@ class Delivery:
                 "status": pa.array(status, pa.string()),
                 "batch_id": pa.array(batch_ids, pa.string()),
                 "identifier": chunk["identifier"],
+                "identifier_hash": lookup_column(chunk),
                 "message": pa.array(messages, pa.string()),
                 "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
                 "object": chunk["object"],  # StateStore.append keeps held rows' details from it

@@ -31,6 +31,7 @@ from braze_assets.datatypes import (
     validate_batch,
 )
 from braze_assets.delta_files import staged
+from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
@@ -40,6 +41,7 @@ VALID_SCHEMA = pa.schema(
         ("row_hash", pa.string()),
         ("updated_at", pa.timestamp("us", tz="UTC")),
         ("identifier", pa.string()),  # masked, for display
+        ("identifier_hash", pa.string()),  # lookup hashes, to find a user's rows (lookup.py)
         ("object", pa.binary()),  # the Braze object (or [key, id] for deletions), JSON
         ("data_points", pa.int32()),
     ]
@@ -49,6 +51,7 @@ REJECTED_SCHEMA = pa.schema(
         ("row_hash", pa.string()),
         ("updated_at", pa.timestamp("us", tz="UTC")),
         ("identifier", pa.string()),
+        ("identifier_hash", pa.string()),
         ("reasons", pa.string()),
         ("location", pa.string()),  # file:line for file sources
         ("payload_excerpt", pa.string()),
@@ -214,12 +217,14 @@ class DeltaWriter:
                 objects = [o for o in objects if o is not None]
                 valid = [i for i in valid if i not in checked.failures]
             shown = mask_identifier_columns(batch.columns, batch.num_rows)
+            hashed = column_lookup_hashes(batch.columns, batch.num_rows)
             points = checked.data_points[valid]
             prepared.valid = pa.table(
                 {
                     "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
                     "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
                     "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                    "identifier_hash": pa.array([hashed[i] for i in valid], pa.string()),
                     "object": pa.array(objects, pa.binary()),
                     "data_points": pa.array(points, pa.int32()),
                 },
@@ -253,6 +258,7 @@ class DeltaWriter:
                     hashes[i],
                     column["UPDATED_AT"][n],
                     shown,
+                    row_lookup_hashes(identifiers),
                     reasons,
                     location,
                     excerpt,
@@ -287,6 +293,7 @@ class DeltaWriter:
                     "row_hash": [hashes[0]],
                     "updated_at": [stamp],
                     "identifier": ["(not shown)"],
+                    "identifier_hash": [None],
                     "reasons": [reason],
                     "location": [location],
                     "payload_excerpt": [""],

@@ -109,6 +109,34 @@ class DeltaFiles:
             wanted -= found.keys()
         return found
 
+    def forget(self, lookup: list[str]) -> int:
+        """Drop the rows carrying any of these lookup hashes (`lookup.py`) from every retained
+        delta file, each rewritten whole; returns how many rows were dropped. Call with the
+        sync's delivery lock held: no run reads the files meanwhile."""
+        wanted = set(lookup)
+        dropped = 0
+        for run in self._runs():
+            for name in ("valid.parquet", "rejected.parquet"):
+                uri = delta_store.join(self.run_dir(run), name)
+                try:
+                    with delta_store.open_input(uri) as f:
+                        if "identifier_hash" not in pq.read_schema(f).names:
+                            continue  # written before lookup hashes were kept: nothing to match
+                        hashes = pq.read_table(f, columns=["identifier_hash"])["identifier_hash"].to_pylist()
+                except FileNotFoundError:
+                    continue
+                keep = [not (h and wanted.intersection(h.split(" "))) for h in hashes]
+                if all(keep):  # the usual case: only the hash column was read
+                    continue
+                with delta_store.open_input(uri) as f:
+                    table = pq.read_table(f)
+                dropped += keep.count(False)
+                with tempfile.TemporaryDirectory(prefix="braze-assets-forget-") as scratch:
+                    local = os.path.join(scratch, name)
+                    pq.write_table(table.filter(pa.array(keep)), local)
+                    delta_store.upload(local, uri)
+        return dropped
+
 
 @contextlib.contextmanager
 def staged(valid_uri: str, rejected_uri: str) -> Iterator[tuple[str, str]]:

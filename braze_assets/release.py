@@ -124,7 +124,7 @@ class ReleaseReport:
 
 def last_data_type(store: StateStore) -> str | None:
     """The sync's data type as its last recorded run had it."""
-    last = store.last_run()
+    last = store.log.last_run()
     return last.get("data_type") if last else None
 
 

@@ -208,11 +208,11 @@ class WatermarkIOManager(dg.ConfigurableIOManager):
         if why:
             context.log.warning(f"{obj.sync}: watermark {why}")
             obj.watermark_after = committed.value.isoformat() if committed.value else None
-        store.record_run(obj.to_dict())
+        store.log.record_run(obj.to_dict())
 
     def load_input(self, context: dg.InputContext) -> SyncOutcome:
         sync = context.asset_key.path[-1].removesuffix("_sync_results")  # the upstream asset
-        last = self._store(sync).last_run()
+        last = self._store(sync).log.last_run()
         if last is None:
             raise FileNotFoundError(f"{sync} has no recorded run yet; materialize its results first")
         return SyncOutcome(**last)

@@ -154,7 +154,7 @@ class Harness:
         return RunOutcome(result, _output(result, f"{name}_delta"), _output(result, f"{name}_sync_results"))
 
     def ledger(self, name: str) -> dict[str, int]:
-        return self.delivery_state().store(name).status_counts()
+        return self.delivery_state().store(name).log.status_counts()
 
     def watermark(self, name: str):
         return self.delivery_state().store(name).read_watermark().value

@@ -167,6 +167,22 @@ def test_row_errors_above_the_threshold_alert_with_counts_and_no_pii(harness, in
     assert "jane" not in text and "jane" not in inbox.slack[0]["text"]
 
 
+def test_a_run_over_several_days_alerts_with_the_runs_own_totals(harness, inbox):
+    """A scheduled run covers the watermark's day and today; its materializations carry per-day
+    counts only, and the alert still gives the run's totals, once."""
+    two_days_ago = HOUR_AGO - dt.timedelta(days=2)
+    bad = cdi_row(two_days_ago.replace(tzinfo=None), '{"properties": {}}', external_id="u-9")
+    harness.table("ev", [*events_rows(20, two_days_ago), bad, *events_rows(10, HOUR_AGO, start=20)])
+    alerts = {**ALERTS, "row_error_threshold": 0.01}
+    harness.syncs = [sync_config("app_events", "events", "main.ev", alerts=alerts)]
+    days = [(HOUR_AGO - dt.timedelta(days=n)).strftime("%Y-%m-%d") for n in (3, 0)]
+    run = _run(harness, "app_events", keys=dg.PartitionKeyRange(*days))
+    assert run.result.success and run.outcome.status == "partial_success"
+    _evaluate(harness, run, "sync_result_alert")
+    assert [m["Subject"] for m in inbox.mails] == ["[braze_assets] Row errors in sync app_events"]
+    assert "read 31, valid 30, rejected by validation 1, accepted 30" in _body(inbox.mails[0])
+
+
 def test_success_alerts_only_when_asked(harness, inbox):
     harness.syncs = [sync_config("quiet", "events", "main.ev", alerts=ALERTS)]
     harness.table("ev", events_rows(5, HOUR_AGO))

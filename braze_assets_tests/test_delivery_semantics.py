@@ -208,7 +208,7 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
     with store.delivery_lock():
         counts = store.recover("hold")
     assert counts == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 0}
-    assert store.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
+    assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
     with store.connect() as con:
         assert con.execute(
             "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "

@@ -167,6 +167,7 @@ def _put_run(files: DeltaFiles[str], run_id: str, objects: dict[str, dict]) -> N
                     "row_hash": list(objects),
                     "updated_at": [dt.datetime(2024, 5, 1, tzinfo=UTC)] * len(objects),
                     "identifier": ["EXTERNAL_ID=***"] * len(objects),
+                    "identifier_hash": [None] * len(objects),
                     "object": [orjson.dumps(o) for o in objects.values()],
                     "data_points": [1] * len(objects),
                 },

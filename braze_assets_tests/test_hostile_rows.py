@@ -474,7 +474,7 @@ def test_hostile_rows_never_escape_and_every_row_is_accounted_for(
     # every valid row was answered by Braze: accepted, or failed with Braze's own message
     assert outcome.accepted + outcome.failed == manifest.valid
     assert outcome.not_sent == outcome.held == 0
-    counts = store.status_counts()
+    counts = store.log.status_counts()
     assert counts.get("invalid", 0) == manifest.rejected
     assert counts.get("accepted", 0) + counts.get("failed", 0) == manifest.valid
     assert outcome.status in ("success", "partial_success")

@@ -265,7 +265,7 @@ def test_mark_delivered_settles_with_a_message_and_never_sends(harness, emulator
     result, report, metadata = _release(harness, "events", "mark_delivered", [first])
     assert result.success and report["held"] == 1 and metadata["marked_delivered"] == 1
     assert harness.ledger("events") == {"accepted": 1, "held": 2}
-    [message] = [row["message"] for row in store.ledger_rows("accepted")]
+    [message] = store.log.rows(status="accepted")["message"].to_pylist()
     assert message.startswith("marked delivered by a person (release_held_job run ")
     assert "mode mark_delivered" in message
     assert harness.run("events").outcome.requests == 0

@@ -71,7 +71,7 @@ def test_known_hashes_filter_by_settle_time_and_updated_at(store):
         assert ledger.known_hashes(probe, between=window) == {"c"}
         later = dt.datetime.now(UTC) + dt.timedelta(minutes=1)
         assert ledger.known_hashes(probe, since=later) == set()
-    assert store.status_counts() == {"accepted": 2, "failed": 1}
+    assert store.log.status_counts() == {"accepted": 2, "failed": 1}
     assert store.settled_count(T0, T0 + dt.timedelta(days=1)) == 2
     assert store.settled_count(None, T0 + dt.timedelta(days=4)) == 3
 
@@ -88,7 +88,7 @@ def test_a_transaction_commits_everything_or_nothing(store):
         with ledger.transaction():
             ledger.append(ledger_rows(["p1", "p2"], "accepted"))
             ledger.clear_planned("r1-0")
-    assert store.status_counts() == {"accepted": 2}
+    assert store.log.status_counts() == {"accepted": 2}
     assert store.recover("hold") == {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
 
 
@@ -112,7 +112,7 @@ def test_recovery_settles_answered_holds_ambiguous_and_forgets_unsent(store):
         asyncio.run(journal_then_die())
     counts = store.recover("hold")
     assert counts == {"recovered_settled": 2, "recovered_ambiguous": 2, "recovered_unsent": 1}
-    assert store.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
+    assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
     held = store.held_rows()
     assert {r["row_hash"] for r in held} == {"b1", "b2"}
     assert all(r["message"].startswith("outcome unknown") for r in held)
@@ -120,7 +120,7 @@ def test_recovery_settles_answered_holds_ambiguous_and_forgets_unsent(store):
         assert ledger.known_hashes(["c1"]) == set(), "never sent: sent again later"
     # recovery emptied planned rows and the journal: running it again changes nothing
     assert store.recover("hold") == {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
-    assert store.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
+    assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
 
 
 @both_backends
@@ -136,7 +136,7 @@ def test_recovery_with_the_resend_policy_forgets_ambiguous_rows(store):
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(started())
     assert store.recover("resend")["recovered_ambiguous"] == 1
-    assert store.status_counts() == {}
+    assert store.log.status_counts() == {}
 
 
 @both_backends
@@ -167,11 +167,11 @@ def test_held_rows_keep_details_and_release_moves_the_watermark_back(store):
     assert store.mark_held_delivered({"h2": "seen in Braze"}) == 1
     assert store.note_held({"h1": "still unsure"}) == 1
     assert [r["message"] for r in store.held_rows()] == ["still unsure"]
-    assert store.ledger_rows("accepted", limit=5)[0]["message"] in ("seen in Braze", None)
+    assert store.log.rows(status="accepted", limit=5)["message"][0].as_py() in ("seen in Braze", None)
     assert store.release_held() == 1
     assert store.read_watermark().value == T0 + dt.timedelta(hours=2) - dt.timedelta(microseconds=1)
     assert store.read_watermark().updated_by_run == "release_held"
-    assert store.status_counts() == {"accepted": 2}
+    assert store.log.status_counts() == {"accepted": 2}
 
 
 @both_backends
@@ -190,13 +190,13 @@ def test_a_run_never_commits_its_watermark_past_a_release_made_while_it_delivere
 
 @both_backends
 def test_parts_and_run_history(store):
-    assert store.settled_parts() == {} and store.last_run() is None
+    assert store.settled_parts() == {} and store.log.last_run() is None
     store.add_settled_parts({"s3://b/a.csv": "etag1"})
     store.add_settled_parts({"s3://b/a.csv": "etag2", "s3://b/b.csv": "etag3"})
     assert store.settled_parts() == {"s3://b/a.csv": "etag2", "s3://b/b.csv": "etag3"}
-    store.record_run({"run_id": "r1", "data_type": "events", "accepted": 3})
-    store.record_run({"run_id": "r2", "data_type": "events", "accepted": 5})
-    assert store.last_run() == {"run_id": "r2", "data_type": "events", "accepted": 5}
+    store.log.record_run({"run_id": "r1", "data_type": "events", "accepted": 3})
+    store.log.record_run({"run_id": "r2", "data_type": "events", "accepted": 5})
+    assert store.log.last_run() == {"run_id": "r2", "data_type": "events", "accepted": 5}
 
 
 _HOLD_LOCK = """
@@ -243,7 +243,7 @@ def test_migrations_run_once_when_processes_start_together(postgres):
     url = pg_state_url(postgres)
     script = (
         "import sys; from braze_assets.state import open_state_store; "
-        "print(open_state_store('/nonexistent', 'x', state_url=sys.argv[1]).status_counts())"
+        "print(open_state_store('/nonexistent', 'x', state_url=sys.argv[1]).log.status_counts())"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = [
@@ -258,7 +258,7 @@ def test_migrations_run_once_when_processes_start_together(postgres):
     connection = db.connect("test")
     with connection.cursor() as cursor:
         cursor.execute("SELECT version_num FROM alembic_version")
-        assert cursor.fetchall() == [("0001",)]
+        assert cursor.fetchall() == [("0002",)]
         cursor.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
             (db.schema,),

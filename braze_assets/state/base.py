@@ -14,7 +14,8 @@ What must outlive a run, per sync (docs/architecture.md, Delivery state):
 * the **delivery lock**: one run at a time sends for a sync, and recovery never races a sender;
   it dies with its holder (process or database session);
 * the **watermark**: every row with UPDATED_AT at or before it is settled;
-* the settled source files (S3) and the run history.
+* the settled source files (S3);
+* the **sync log** (`sync_log.py`): a record per run, and the ledger's rows seen as a log.
 
 `EmbeddedStateStore` keeps them in DuckDB and small files under a directory (nothing to start);
 `PostgresStateStore` in PostgreSQL, for runs in fresh pods with empty disks. Delivery sees only
@@ -37,11 +38,21 @@ from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.held import held_details_table
 from braze_assets.state.recovery import JournalRecords, RecoveryPlan, plan_recovery
+from braze_assets.state.sync_log import SyncLog
 
 #: Columns of a ledger row as `LedgerSession.append` takes them (`changed_at` and `object` optional).
-LEDGER_COLUMNS = ("row_hash", "updated_at", "status", "batch_id", "identifier", "message", "run_id")
+LEDGER_COLUMNS = (
+    "row_hash",
+    "updated_at",
+    "status",
+    "batch_id",
+    "identifier",
+    "identifier_hash",
+    "message",
+    "run_id",
+)
 #: Columns of a planned row.
-PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "run_id")
+PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "identifier_hash", "run_id")
 
 
 class SyncBusyError(RuntimeError):
@@ -100,8 +111,8 @@ class LedgerSession(ABC):
         """Everything inside commits together, or not at all."""
 
     def append(self, rows: pa.Table) -> None:
-        """Record settled rows (`LEDGER_COLUMNS`; `changed_at` added). Callers hold the delivery
-        lock and append only rows the ledger does not have.
+        """Record settled rows (`LEDGER_COLUMNS`, `identifier_hash` optional; `changed_at`
+        added). Callers hold the delivery lock and append only rows the ledger does not have.
 
         An optional `object` column (the objects as sent) keeps `held_details` of the rows held;
         without it, a held row's object is looked up in its run's delta file."""
@@ -129,7 +140,7 @@ class LedgerSession(ABC):
             self._insert("held_details", held_details_table(found))
 
     def plan(self, rows: pa.Table) -> None:
-        """Rows about to be sent (`PLANNED_COLUMNS`)."""
+        """Rows about to be sent (`PLANNED_COLUMNS`, `identifier_hash` optional)."""
         self._insert("planned", rows)
 
 
@@ -153,10 +164,12 @@ class StateStore(ABC):
     #: How long `commit_watermark` and the held-row commands wait for a delivering run to end.
     lock_timeout_s: float = 600.0
 
-    def __init__(self, sync: str, deltas: DeltaFiles):
+    def __init__(self, sync: str, deltas: DeltaFiles, log: SyncLog):
         self.sync = sync
         #: The sync's delta files: recovery reads held rows' objects from them.
         self.deltas = deltas
+        #: What each run did and what became of each row (`sync_log.py`).
+        self.log = log
 
     # ------------------------------------------------------------------ locks
     @abstractmethod
@@ -172,15 +185,6 @@ class StateStore(ABC):
     @abstractmethod
     def settled_count(self, start: dt.datetime | None, end: dt.datetime) -> int:
         """Settled rows with start <= UPDATED_AT < end (to find rows older than the scan window)."""
-
-    @abstractmethod
-    def status_counts(self) -> dict[str, int]:
-        """Ledger rows by status."""
-
-    @abstractmethod
-    def ledger_rows(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        """The latest settled rows (all, or of one status), newest first: row_hash, updated_at,
-        status, batch_id, identifier (masked), message, run_id, changed_at."""
 
     # ------------------------------------------------------------------ journal and recovery
     @abstractmethod
@@ -278,7 +282,7 @@ class StateStore(ABC):
             self._write_watermark(committed)
             return committed, why
 
-    # ------------------------------------------------------------------ source files and run history
+    # ------------------------------------------------------------------ source files
     @abstractmethod
     def settled_parts(self) -> dict[str, str]:
         """Source files (S3 parts) whose every row is settled, with their fingerprints."""
@@ -286,10 +290,11 @@ class StateStore(ABC):
     @abstractmethod
     def add_settled_parts(self, parts: dict[str, str]) -> None: ...
 
-    @abstractmethod
-    def record_run(self, outcome: dict[str, Any]) -> None:
-        """Keep a finished run's outcome (`SyncOutcome.to_dict()`)."""
-
-    @abstractmethod
-    def last_run(self) -> dict[str, Any] | None:
-        """The outcome of the sync's last recorded run."""
+    # ------------------------------------------------------------------ the sync log
+    def forget(self, lookup: list[str]) -> tuple[int, int]:
+        """Right to be forgotten: clear every detail kept of the rows carrying these lookup
+        hashes (`lookup.py`): in the log, in held rows' details and in the retained delta files.
+        Taken under the delivery lock, so no run is reading those files meanwhile. Returns (log
+        rows cleared, delta rows dropped)."""
+        with self.delivery_lock(wait_s=self.lock_timeout_s):
+            return self.log.forget_rows(lookup), self.deltas.forget(lookup)

@@ -33,6 +33,7 @@ import pyarrow as pa
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import Journal, LedgerSession, StateStore, SyncBusyError, Watermark
+from braze_assets.state.embedded_log import EmbeddedSyncLog
 from braze_assets.state.held import held_details_table
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
 
@@ -45,14 +46,16 @@ CREATE TABLE IF NOT EXISTS ledger (
     identifier VARCHAR,
     message    VARCHAR,
     run_id     VARCHAR,
-    changed_at TIMESTAMPTZ NOT NULL
+    changed_at TIMESTAMPTZ NOT NULL,
+    identifier_hash VARCHAR
 );
 CREATE TABLE IF NOT EXISTS planned (
     row_hash   VARCHAR NOT NULL,
     updated_at TIMESTAMPTZ,
     batch_id   VARCHAR NOT NULL,
     identifier VARCHAR,
-    run_id     VARCHAR
+    run_id     VARCHAR,
+    identifier_hash VARCHAR
 );
 CREATE TABLE IF NOT EXISTS held_details (
     row_hash   VARCHAR NOT NULL,
@@ -68,7 +71,15 @@ LEDGER_MEMORY_LIMIT = "256MB"
 
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Ledgers written before the append-only layout kept a PRIMARY KEY and `planned` rows inline."""
+    """Ledgers written by earlier versions: without the lookup-hash column (the sync log), or in
+    the layout that kept a PRIMARY KEY and `planned` rows inline."""
+    missing = con.execute(
+        "SELECT t.name FROM (VALUES ('ledger'), ('planned')) t(name) WHERE NOT EXISTS ("
+        "SELECT 1 FROM duckdb_columns() c WHERE c.table_name = t.name "
+        "AND c.column_name = 'identifier_hash')"
+    ).fetchall()
+    for (table,) in missing:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN identifier_hash VARCHAR")
     keyed = con.execute(
         "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
         "AND constraint_type = 'PRIMARY KEY'"
@@ -77,8 +88,8 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
         return
     con.execute("BEGIN TRANSACTION")
     con.execute(
-        "INSERT INTO planned SELECT row_hash, updated_at, batch_id, identifier, run_id "
-        "FROM ledger WHERE status = 'planned'"
+        "INSERT INTO planned (row_hash, updated_at, batch_id, identifier, run_id) "
+        "SELECT row_hash, updated_at, batch_id, identifier, run_id FROM ledger WHERE status = 'planned'"
     )
     con.execute("CREATE TABLE ledger_v2 AS SELECT * FROM ledger WHERE status <> 'planned'")
     con.execute("DROP TABLE ledger")
@@ -178,7 +189,6 @@ class EmbeddedStateStore(StateStore):
         deltas: DeltaFiles | None = None,
     ):
         self.dir = Path(state_dir)
-        super().__init__(sync_name, deltas or DeltaFiles(delta_root(self.dir), sync_name))
         self.db_path = self.dir / f"{sync_name}.duckdb"
         self.journal_path = self.dir / f"{sync_name}.journal"
         self.lock_path = self.dir / f"{sync_name}.lock"
@@ -186,6 +196,11 @@ class EmbeddedStateStore(StateStore):
         self.parts_path = self.dir / f"{sync_name}.settled_files.json"
         self.history_path = self.dir / f"{sync_name}.runs.jsonl"
         self.lock_timeout_s = lock_timeout_s
+        super().__init__(
+            sync_name,
+            deltas or DeltaFiles(delta_root(self.dir), sync_name),
+            EmbeddedSyncLog(sync_name, self.history_path, self.db_path, self.connect),
+        )
 
     def __repr__(self) -> str:
         return f"EmbeddedStateStore({str(self.dir)!r}, {self.sync!r})"
@@ -248,24 +263,6 @@ class EmbeddedStateStore(StateStore):
             sql = "SELECT count(*) FROM ledger WHERE updated_at < ? AND (? IS NULL OR updated_at >= ?)"
             return int(_one_row(con.execute(sql, [end, start, start]))[0])
 
-    def status_counts(self) -> dict[str, int]:
-        if not self.db_path.exists():
-            return {}
-        with self.connect(read_only=True) as con:
-            return dict(con.execute("SELECT status, count(*) FROM ledger GROUP BY 1").fetchall())
-
-    def ledger_rows(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        if not self.db_path.exists():
-            return []
-        with self.connect(read_only=True) as con:
-            cursor = con.execute(
-                "SELECT row_hash, updated_at, status, batch_id, identifier, message, run_id, changed_at "
-                "FROM ledger WHERE ? IS NULL OR status = ? ORDER BY changed_at DESC, row_hash LIMIT ?",
-                [status, status, limit],
-            )
-            names = [c[0] for c in cursor.description or []]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
     # ------------------------------------------------------------------ journal and recovery
     @contextlib.asynccontextmanager
     async def journal(self) -> AsyncIterator[Journal]:
@@ -295,9 +292,10 @@ class EmbeddedStateStore(StateStore):
                 con.register("answered", plan.answered)
                 con.register("listed", plan.listed)
                 con.execute(
-                    "INSERT INTO ledger SELECT p.row_hash, p.updated_at, "
+                    "INSERT INTO ledger (row_hash, updated_at, status, batch_id, identifier, message, "
+                    "run_id, changed_at, identifier_hash) SELECT p.row_hash, p.updated_at, "
                     "CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, p.batch_id, "
-                    "p.identifier, k.message, p.run_id, now() FROM planned p "
+                    "p.identifier, k.message, p.run_id, now(), p.identifier_hash FROM planned p "
                     "JOIN answered a USING (batch_id) "
                     "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
                     "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL"
@@ -307,8 +305,10 @@ class EmbeddedStateStore(StateStore):
             if plan.ambiguous and policy == "hold":
                 con.register("amb", pa.table({"batch_id": pa.array(plan.ambiguous, pa.string())}))
                 con.execute(
-                    "INSERT INTO ledger SELECT row_hash, updated_at, 'held', batch_id, identifier, ?, "
-                    "run_id, now() FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)",
+                    "INSERT INTO ledger (row_hash, updated_at, status, batch_id, identifier, message, "
+                    "run_id, changed_at, identifier_hash) SELECT row_hash, updated_at, 'held', batch_id, "
+                    "identifier, ?, run_id, now(), identifier_hash FROM planned "
+                    "WHERE batch_id IN (SELECT batch_id FROM amb)",
                     [AMBIGUOUS_MESSAGE],
                 )
                 held = con.execute(
@@ -414,21 +414,3 @@ class EmbeddedStateStore(StateStore):
     def add_settled_parts(self, parts: dict[str, str]) -> None:
         if parts:
             self._replace(self.parts_path, json.dumps({**self.settled_parts(), **parts}))
-
-    def record_run(self, outcome: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with self.history_path.open("a") as handle:
-            handle.write(json.dumps(outcome) + "\n")
-
-    def last_run(self) -> dict[str, Any] | None:
-        try:
-            lines = self.history_path.read_text().strip().splitlines()
-        except FileNotFoundError:
-            return None
-        for line in reversed(lines):
-            try:
-                last: dict[str, Any] = json.loads(line)
-                return last
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-        return None

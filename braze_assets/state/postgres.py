@@ -45,6 +45,7 @@ from braze_assets.state.base import (
     Watermark,
 )
 from braze_assets.state.held import held_details_table
+from braze_assets.state.postgres_log import PostgresSyncLog
 from braze_assets.state.postgres_schema import StateDatabase
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
 
@@ -163,7 +164,11 @@ class PostgresLedgerSession(LedgerSession):
                 mine = rows.filter(pc.starts_with(rows["batch_id"], f"{prefix}-"))
                 cursor.execute(
                     "INSERT INTO planned (sync, prefix, rows) VALUES (%s, %s, %s)",
-                    (self.sync, prefix, _to_ipc(mine.select(list(PLANNED_COLUMNS)))),
+                    (
+                        self.sync,
+                        prefix,
+                        _to_ipc(mine.select([c for c in PLANNED_COLUMNS if c in mine.column_names])),
+                    ),
                 )
 
     def clear_planned(self, prefix: str) -> None:
@@ -245,8 +250,8 @@ class PostgresStateStore(StateStore):
     """The state of one sync in PostgreSQL (see the module docstring)."""
 
     def __init__(self, url: str, sync: str, *, deltas: DeltaFiles, lock_timeout_s: float = 600.0):
-        super().__init__(sync, deltas)
         self.db = StateDatabase.from_url(url)
+        super().__init__(sync, deltas, PostgresSyncLog(sync, self._cursor))
         self.lock_timeout_s = lock_timeout_s
 
     def __repr__(self) -> str:
@@ -315,21 +320,6 @@ class PostgresStateStore(StateStore):
         )
         return int(rows[0][0])
 
-    def status_counts(self) -> dict[str, int]:
-        rows = self._all("SELECT status, count(*) FROM ledger WHERE sync = %s GROUP BY 1", (self.sync,))
-        return {status: int(n) for status, n in rows}
-
-    def ledger_rows(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        with self._cursor() as cursor:
-            cursor.execute(
-                "SELECT row_hash, updated_at, status, batch_id, identifier, message, run_id, changed_at "
-                "FROM ledger WHERE sync = %s AND (%s::text IS NULL OR status = %s) "
-                "ORDER BY changed_at DESC, row_hash LIMIT %s",
-                (self.sync, status, status, limit),
-            )
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
     # ------------------------------------------------------------------ journal and recovery
     @contextlib.asynccontextmanager
     async def journal(self) -> AsyncIterator[Journal]:
@@ -377,7 +367,7 @@ class PostgresStateStore(StateStore):
             planned = self._planned_rows(cursor)
             cursor.execute(
                 "CREATE TEMP TABLE planned_rows (sync text, row_hash text, updated_at timestamptz, "
-                "batch_id text, identifier text, run_id text) ON COMMIT DROP"
+                "batch_id text, identifier text, identifier_hash text, run_id text) ON COMMIT DROP"
             )
             _copy(cursor, "planned_rows", self.sync, planned)
             if plan.answered.num_rows:
@@ -392,9 +382,10 @@ class PostgresStateStore(StateStore):
                 _copy(cursor, "listed", self.sync, plan.listed)
                 cursor.execute(
                     "INSERT INTO ledger (sync, row_hash, updated_at, status, batch_id, identifier, "
-                    "message, run_id, changed_at) SELECT p.sync, p.row_hash, p.updated_at, "
-                    "CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, p.batch_id, "
-                    "p.identifier, k.message, p.run_id, now() FROM planned_rows p "
+                    "identifier_hash, message, run_id, changed_at) SELECT p.sync, p.row_hash, "
+                    "p.updated_at, CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, "
+                    "p.batch_id, p.identifier, p.identifier_hash, k.message, p.run_id, now() "
+                    "FROM planned_rows p "
                     "JOIN answered a USING (batch_id) "
                     "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
                     "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL "
@@ -403,8 +394,9 @@ class PostgresStateStore(StateStore):
             if plan.ambiguous and policy == "hold":
                 cursor.execute(
                     "INSERT INTO ledger (sync, row_hash, updated_at, status, batch_id, identifier, "
-                    "message, run_id, changed_at) SELECT sync, row_hash, updated_at, 'held', batch_id, "
-                    "identifier, %s, run_id, now() FROM planned_rows WHERE batch_id = ANY(%s) "
+                    "identifier_hash, message, run_id, changed_at) SELECT sync, row_hash, updated_at, "
+                    "'held', batch_id, identifier, identifier_hash, %s, run_id, now() FROM planned_rows "
+                    "WHERE batch_id = ANY(%s) "
                     "ON CONFLICT DO NOTHING RETURNING row_hash, run_id",
                     (AMBIGUOUS_MESSAGE, plan.ambiguous),
                 )
@@ -495,14 +487,3 @@ class PostgresStateStore(StateStore):
                 "ON CONFLICT (sync, part) DO UPDATE SET fingerprint = EXCLUDED.fingerprint",
                 [(self.sync, p, f) for p, f in parts.items()],
             )
-
-    def record_run(self, outcome: dict[str, Any]) -> None:
-        with self._cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO runs (sync, run_id, outcome) VALUES (%s, %s, %s)",
-                (self.sync, outcome.get("run_id") or "", json.dumps(outcome)),
-            )
-
-    def last_run(self) -> dict[str, Any] | None:
-        rows = self._all("SELECT outcome FROM runs WHERE sync = %s ORDER BY id DESC LIMIT 1", (self.sync,))
-        return dict(rows[0][0]) if rows else None

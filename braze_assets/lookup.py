@@ -1,0 +1,66 @@
+"""Looking a user up in the sync log without keeping their identifier in clear.
+
+The sync log (ledger rows, rejected rows) shows identifiers masked (`masking.py`), which is not
+enough to answer "what happened to jane@example.com?" or to forget her on request. So each row
+also keeps a *lookup hash* of each identifier it carries: a keyed BLAKE2b of the identifier kind
+and its exact value. A search or a purge hashes what the operator typed the same way and matches
+hashes; the identifier itself is never stored beyond the masked form.
+
+The key comes from `BRAZE_ASSETS_LOOKUP_KEY` (any text, kept like a password). Without it the
+hashes are unkeyed: they still keep identifiers out of the log, but anyone holding the log and a
+list of candidate emails could test them. Changing the key makes older rows unsearchable (they
+stay in the log, and retention removes them as usual).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+LOOKUP_KEY_ENV = "BRAZE_ASSETS_LOOKUP_KEY"
+#: The identifier kinds a search can name, as rows carry them.
+KINDS = ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE", "ALIAS")
+_PERSON = b"braze-assets-id"
+
+
+def _key() -> bytes:
+    # BLAKE2b takes a key of at most 64 bytes: a longer one is hashed down to that.
+    raw = os.environ.get(LOOKUP_KEY_ENV, "").encode()
+    return raw if len(raw) <= 64 else hashlib.blake2b(raw).digest()
+
+
+def lookup_hash(kind: str, value: str | tuple[str | None, str | None], key: bytes | None = None) -> str:
+    """The lookup hash of one identifier (`ALIAS`: a (name, label) pair)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown identifier kind {kind!r}; one of {', '.join(KINDS)}")
+    text = "\x1f".join(x or "" for x in value) if isinstance(value, tuple) else value
+    digest = hashlib.blake2b(
+        f"{kind}\x1f{text}".encode(), digest_size=16, key=_key() if key is None else key, person=_PERSON
+    )
+    return digest.hexdigest()
+
+
+def row_lookup_hashes(identifiers: Mapping[str, Any], key: bytes | None = None) -> str | None:
+    """A row's lookup hashes, space-separated (a row may carry an email and a phone), or None."""
+    key = _key() if key is None else key
+    found = [lookup_hash(kind, value, key) for kind, value in identifiers.items() if value is not None]
+    return " ".join(found) or None
+
+
+def column_lookup_hashes(columns: Mapping[str, Sequence[str | None]], num_rows: int) -> list[str | None]:
+    """`row_lookup_hashes` for every row of a batch of identifier columns (text, None when absent)."""
+    key = _key()
+    rows: list[list[str]] = [[] for _ in range(num_rows)]
+    for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
+        for i, value in enumerate(columns.get(kind, ())):
+            if value is not None:
+                rows[i].append(lookup_hash(kind, value, key))
+    if "ALIAS_NAME" in columns or "ALIAS_LABEL" in columns:
+        names = columns.get("ALIAS_NAME") or [None] * num_rows
+        labels = columns.get("ALIAS_LABEL") or [None] * num_rows
+        for i, (name, label) in enumerate(zip(names, labels, strict=True)):
+            if name is not None or label is not None:
+                rows[i].append(lookup_hash("ALIAS", (name, label), key))
+    return [" ".join(r) or None for r in rows]
