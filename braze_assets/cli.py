@@ -195,6 +195,9 @@ def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dic
             recovered_settled=out.recovered_settled,
             recovered_held=out.recovered_held,
             recovered_unsent=out.recovered_unsent,
+            unchanged=out.unchanged,
+            data_points_sent=out.estimated_data_points,
+            data_points_saved=out.data_points_saved,
             watermark_before=out.watermark_before,
             watermark_after=out.watermark_after,
         )
@@ -280,6 +283,11 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
                 )
             for reason, count in s.get("failed_reasons", {}).items():
                 print(f"      failed   {count:>4}  {reason}")
+            if s.get("unchanged") or s.get("data_points_saved"):
+                print(
+                    f"   unchanged since Braze accepted them (not sent) {s['unchanged']:,}  data points "
+                    f"sent {s['data_points_sent']:,}  saved {s['data_points_saved']:,}"
+                )
             print(
                 f"   watermark {s.get('watermark_before') or 'none'} -> {s.get('watermark_after') or 'none'}"
             )
@@ -307,7 +315,7 @@ def _start_emulator(home: Path, port: int):
 
 
 def _seed_if_needed(home: Path) -> None:
-    from braze_assets.seed import seed_warehouse
+    from braze_assets.seed import SNAPSHOT_TABLE, change_snapshot, seed_warehouse
 
     warehouse = Path(os.environ.get("BRAZE_ASSETS_DUCKDB") or home / "warehouse.duckdb")
     os.environ["BRAZE_ASSETS_DUCKDB"] = str(warehouse)
@@ -316,6 +324,8 @@ def _seed_if_needed(home: Path) -> None:
         print(f"Seeded {warehouse}: " + ", ".join(f"{t} {n:,} rows" for t, n in counts.items()))
     else:
         print(f"Using the existing warehouse {warehouse} (delete it, or pass --reset, to reseed)")
+        changed = change_snapshot(warehouse)
+        print(f"The CRM snapshot ({SNAPSHOT_TABLE}) changed the loyalty points of {changed:,} members")
 
 
 #: how long the UI's processes get to stop after Ctrl-C before they are killed
