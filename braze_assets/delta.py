@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, payload_hash, user_key
+from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
 from braze_assets.datatypes import (
     IDENTIFIER_COLUMNS,
     CheckedRows,
@@ -246,7 +246,7 @@ class DeltaWriter:
         payload_hashes: list[str | None] = []
         before: dict[str, Remembered] = {}
         if self.diff is not None:
-            keys = [user_key(batch.identifiers(i)) for i in range(batch.num_rows)]
+            keys = column_user_keys(batch.columns, batch.num_rows)
             payload_hashes = [payload_hash(raw) for raw in batch.payload or [None] * batch.num_rows]
             before = self._remembered(sorted(set(keys)))
             # The fast path: a PAYLOAD exactly as Braze last accepted it is not even validated.
@@ -258,7 +258,8 @@ class DeltaWriter:
             if same:
                 saved = [before[keys[i]].payload_attributes for i in same]
                 self._set_aside_unchanged(batch, hashes, same, saved, prepared)
-                others = [i for i in range(batch.num_rows) if i not in set(same)]
+                set_aside = set(same)
+                others = [i for i in range(batch.num_rows) if i not in set_aside]
                 batch, rows = batch.take(others), rows.take(pa.array(others, pa.int64()))
                 hashes = [hashes[i] for i in others]
                 keys = [keys[i] for i in others]
@@ -276,7 +277,8 @@ class DeltaWriter:
             if unchanged:
                 saved = [diffed[i].saved for i in unchanged]
                 self._set_aside_unchanged(batch, hashes, unchanged, saved, prepared)
-                valid = [i for i in valid if i not in set(unchanged)]
+                set_aside = set(unchanged)
+                valid = [i for i in valid if i not in set_aside]
         if valid:
             objects = build_objects(checked, self.spec, valid, self.update_existing_only)
             if any(o is None for o in objects):  # rows too deep to serialize: now in failures

@@ -219,3 +219,20 @@ def test_forgetting_a_user_forgets_what_braze_holds_of_them(harness, emulator):
     assert [o["external_id"] for o in spy.take()] == ["user-001"]  # sent whole again
     assert (again.outcome.accepted, again.outcome.unchanged) == (1, 2)
     assert again.outcome.estimated_data_points == 4
+
+
+def test_user_keys_of_a_batch_are_those_of_each_row():
+    from braze_assets.attribute_diff import column_user_keys, user_key
+    from braze_assets.datatypes import RowBatch
+
+    rows = [
+        cdi_row(NOW, "{}", external_id="u-1"),
+        cdi_row(NOW, "{}", email="a@example.com", phone="+14155550100"),
+        cdi_row(NOW, "{}", alias_name="anon", alias_label="web"),
+        cdi_row(NOW, "{}", braze_id="b-1"),
+        cdi_row(NOW, "{}"),
+    ]
+    batch = RowBatch.from_rows(rows)
+    expected = [user_key(batch.identifiers(i)) for i in range(batch.num_rows)]
+    assert column_user_keys(batch.columns, batch.num_rows) == expected
+    assert len(set(expected)) == 5
