@@ -332,7 +332,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             )
         ],
         description=(
-            intro + f"What Braze did with {sync.name}'s delta ({spec.endpoint}): per-row outcome in the "
+            intro + f"What Braze did with {sync.name}'s delta ({sync.endpoint}): per-row outcome in the "
             "ledger (accepted / failed with Braze's message / held when the outcome is unknown), "
             "counts, throughput and the watermark after the run."
         ),
@@ -346,6 +346,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         store = delivery_state.store(sync.name)
         before = store.read_watermark().value
         delivery = Delivery(
+            endpoint=sync.endpoint,
             spec=spec,
             store=store,
             manifest=delta,

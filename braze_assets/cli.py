@@ -330,18 +330,25 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
         print(
             "\n== Braze emulator now holds: "
             + ", ".join(
-                f"{emulator_stats.get(k, 0):,} {k}" for k in ("profiles", "events", "purchases", "deletions")
+                f"{emulator_stats.get(k, 0):,} {k}"
+                for k in ("profiles", "events", "purchases", "deletions", "catalog_items")
             )
         )
 
 
 def _start_emulator(home: Path, port: int):
     from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
+    from braze_assets.seed import CATALOG_FIELDS, CATALOG_NAME
 
     key = os.environ.get("BRAZE_API_KEY") or secrets.token_urlsafe(24)
     os.environ["BRAZE_API_KEY"] = key
     emulator = BrazeEmulator(
-        EmulatorConfig(api_key=key, port=port, state_file=str(home / "emulator_store.json"))
+        EmulatorConfig(
+            api_key=key,
+            port=port,
+            state_file=str(home / "emulator_store.json"),
+            catalogs={CATALOG_NAME: CATALOG_FIELDS},  # the demo's catalog exists, as in Braze
+        )
     )
     os.environ["BRAZE_REST_ENDPOINT"] = emulator.start()
     return emulator

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-DataType = Literal["attributes", "events", "purchases", "deletions"]
+DataType = Literal["attributes", "events", "purchases", "deletions", "catalogs"]
 #: What a sync does with rows whose outcome at Braze is unknown: send them again, or hold them.
 AmbiguousPolicy = Literal["resend", "hold"]
 
@@ -257,6 +257,8 @@ class SyncConfig(_Strict):
     send: Literal["changed", "full_payload"] = "changed"
     #: Attributes syncs: keys always sent as they are, changed or not.
     always_send: list[str] = []
+    #: Catalog syncs: the Braze catalog the items go to (it must exist, with its fields).
+    catalog: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,250}$")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -288,6 +290,23 @@ class SyncConfig(_Strict):
                     f"per row, not per attribute); remove it from this {self.data_type} sync"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _catalog_names_its_catalog(self) -> SyncConfig:
+        if self.data_type == "catalogs" and not self.catalog:
+            raise ValueError("a catalogs sync needs catalog: the name of the Braze catalog its items go to")
+        if self.data_type != "catalogs" and self.catalog:
+            raise ValueError(
+                f"catalog applies to catalogs syncs only; remove it from this {self.data_type} sync"
+            )
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """The Braze REST path this sync sends to."""
+        from braze_assets.datatypes import DATA_TYPES
+
+        return DATA_TYPES[self.data_type].endpoint.format(catalog=self.catalog)
 
     @property
     def diff_attributes(self) -> bool:

@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+import pyarrow as pa
+
+from braze_assets.catalog_items import check_catalog_rows
 from braze_assets.config import SyncConfig
-from braze_assets.datatypes import DATA_TYPES, validate_rows
+from braze_assets.datatypes import DATA_TYPES, DataTypeSpec, validate_rows
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.factory import make_source
@@ -42,6 +46,41 @@ def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) 
     except SourceError as exc:
         report.message = f"sync {sync.name}: {exc}"
         return report
+    if spec.name == "catalogs":
+        _preview_items(report, sample)
+    else:
+        _preview_rows(report, sample, spec)
+    invalid = sum(1 for row in report.preview if not row["valid"])
+    report.ok = True
+    report.message = (
+        f"connected to {source.description}: {report.row_count:,} rows, columns "
+        f"{', '.join(columns)}; {len(sample) - invalid} of {len(sample)} preview rows "
+        "valid"
+    )
+    return report
+
+
+def _preview_items(report: ConnectionReport, sample: list[dict]) -> None:
+    """Catalog rows: item ids (not personal data) are shown as they are."""
+    if not sample:
+        return
+    checked = check_catalog_rows(pa.Table.from_pylist(sample))
+    for i, row in enumerate(sample):
+        payload = None
+        if i in checked.objects:
+            payload = orjson.loads(checked.objects[i])[1]
+        report.preview.append(
+            {
+                "identifier": f"ID={checked.ids[i]}" if checked.ids[i] else "(no id)",
+                "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
+                "payload_keys": sorted(k for k in payload if k != "id")[:20] if payload else None,
+                "valid": i not in checked.failures,
+                "reasons": checked.failures.get(i, []),
+            }
+        )
+
+
+def _preview_rows(report: ConnectionReport, sample: list[dict], spec: DataTypeSpec) -> None:
     checked = validate_rows(sample, spec)
     for i, row in enumerate(sample):
         payload = checked.payloads[i]
@@ -54,14 +93,6 @@ def check_connection(sync: SyncConfig, resource: Any, rows: int = PREVIEW_ROWS) 
                 "reasons": checked.failures.get(i, []),
             }
         )
-    invalid = len(checked.failures)
-    report.ok = True
-    report.message = (
-        f"connected to {source.description}: {report.row_count:,} rows, columns "
-        f"{', '.join(columns)}; {len(sample) - invalid} of {len(sample)} preview rows "
-        "valid"
-    )
-    return report
 
 
 def preview_markdown(report: ConnectionReport) -> str:

@@ -50,9 +50,13 @@ class DataTypeSpec:
     allowed_payload_keys: frozenset[str] | None
     required_payload_keys: tuple[str, ...]
     max_per_request: int
+    #: The array every request carries (catalogs: `items`); None: the objects' own group key.
+    request_key: str | None = None
 
     @property
     def required_columns(self) -> tuple[str, ...]:
+        if self.name == "catalogs":
+            return ("UPDATED_AT", "ID", "PAYLOAD")
         return ("UPDATED_AT", "PAYLOAD") if self.has_payload else ("UPDATED_AT",)
 
 
@@ -101,6 +105,18 @@ DATA_TYPES: dict[str, DataTypeSpec] = {
         None,
         (),
         contract.DELETE_MAX_IDS,
+    ),
+    # Items, not users: rows carry ID (and DELETED), checked by catalog_items.py.
+    "catalogs": DataTypeSpec(
+        "catalogs",
+        "/catalogs/{catalog}/items",
+        None,
+        True,
+        (),
+        None,
+        (),
+        contract.CATALOG_MAX_ITEMS,
+        request_key="items",
     ),
 }
 

@@ -17,7 +17,7 @@ import itertools
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,6 +29,13 @@ import pyarrow.parquet as pq
 from braze_assets import delta_store
 from braze_assets.braze import contract
 from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcome
+from braze_assets.catalog_requests import (
+    catalog_missing,
+    item_ids,
+    items_at_fault,
+    items_body,
+    request_message,
+)
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
@@ -209,7 +216,7 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
     if spec.track_array:
         groups[spec.track_array] = list(range(len(objects)))
         payloads = objects
-    else:  # deletions: one identifier type per request
+    else:  # deletions: one identifier type per request; catalogs: one op (PUT, DELETE)
         payloads = []
         for i, raw in enumerate(objects):
             key, value = orjson.loads(raw)
@@ -217,7 +224,7 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
             payloads.append(orjson.dumps(value))
     requests: list[_Request] = []
     for array, positions in groups.items():
-        head = b'{"' + array.encode() + b'":['
+        head = b'{"' + (spec.request_key or array).encode() + b'":['
         for rows in _fill(positions, payloads, spec.max_per_request, len(head) + 2):
             body = head + b",".join(payloads[i] for i in rows) + b"]}"
             requests.append(_Request(f"{batch_prefix}-{len(requests)}", body, rows, array))
@@ -298,10 +305,13 @@ class Delivery:
         run_id: str,
         chunk_rows: int = 20_000,
         log: Callable[[str], None] = print,
+        endpoint: str | None = None,
     ):
+        """`endpoint`: the path the objects go to, when not the data type's own (a catalog's)."""
         self.spec, self.store, self.manifest = spec, store, manifest
         self.client, self.policy, self.max_in_flight = client, policy, max_in_flight
         self.run_id, self.chunk_rows, self.log = run_id, chunk_rows, log
+        self.endpoint = endpoint or spec.endpoint
         self.outcome = SyncOutcome(manifest.sync, manifest.data_type, run_id, rows_in_delta=manifest.valid)
         self._failed_reasons: Counter[str] = Counter()
         self._earliest_unsettled: dt.datetime | None = None
@@ -484,28 +494,68 @@ class Delivery:
     async def _send(
         self, chunk: _Chunk, request: _Request, journal: Journal, window: asyncio.Semaphore
     ) -> None:
+        original = request
         async with window:
             try:
-                result = await self.client.post(
-                    self.spec.endpoint,
-                    request.body,
-                    retry_ambiguous=self.policy == "resend",
-                    on_send=lambda: journal.started(request.batch_id),
-                )
+                result = await self._post(request, journal)
+                if self.spec.request_key:  # catalog items: Braze names the items at fault
+                    request, result = await self._without_items_at_fault(chunk, request, result)
             except BrazeAuthError as exc:
                 self._stop_all(exc)
                 raise
-        self._apply(request, result, chunk.status, chunk.messages)
+        if request.rows:
+            self._apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.
         await journal.done(
-            request.batch_id,
+            original.batch_id,
             [
                 (chunk.hashes[i], chunk.status[i], chunk.messages[i])
-                for i in request.rows
+                for i in original.rows
                 if chunk.status[i] != "accepted"
             ],
         )
+
+    def _post(self, request: _Request, journal: Journal | None = None) -> Awaitable[RequestOutcome]:
+        catalog = self.spec.request_key is not None  # items go by PUT or DELETE, one shared budget
+        return self.client.post(
+            self.endpoint,
+            request.body,
+            retry_ambiguous=self.policy == "resend",
+            on_send=(lambda: journal.started(request.batch_id)) if journal is not None else None,
+            method=request.array if catalog else "POST",
+            budget_key=contract.CATALOG_ITEMS_BUDGET if catalog else None,
+        )
+
+    async def _without_items_at_fault(
+        self, chunk: _Chunk, request: _Request, result: RequestOutcome
+    ) -> tuple[_Request, RequestOutcome]:
+        """The items a 400 names fail with Braze's words; the rest of the request goes again
+        without them (`catalog_requests.py`). A missing catalog stops the sync."""
+        objects: list[bytes] | None = None
+        while True:
+            missing = catalog_missing(result, self.endpoint.split("/")[2], self.manifest.sync)
+            if missing is not None:
+                raise missing
+            if result.kind != "rejected" or result.status != 400:
+                return request, result
+            objects = objects or chunk.table["object"].to_pylist()
+            named = items_at_fault(result, item_ids(objects, request.rows))
+            if not named:  # the request itself is wrong: every item fails, in Braze's words
+                result.message = request_message(result)
+                return request, result
+            self._count(result)
+            for i, message in named.items():
+                chunk.status[i], chunk.messages[i] = "failed", message
+                self.outcome.failed += 1
+                self._failed_reasons[reason_key(message)] += 1
+            rest = [i for i in request.rows if i not in named]
+            request = _Request(
+                request.batch_id, items_body(objects, rest) if rest else b"", rest, request.array
+            )
+            if not rest:
+                return request, result
+            result = await self._post(request)
 
     def _stop_all(self, exc: BrazeAuthError) -> None:
         """Braze refused the key: every other request would be refused too. Cancel them all (the
@@ -587,9 +637,7 @@ class Delivery:
         messages: list[str | None],
     ) -> None:
         out = self.outcome
-        out.requests += 1
-        out.attempts += result.attempts
-        out.rate_limited += result.rate_limited
+        self._count(result)
         rows = request.rows
         if result.kind == "refused":
             out.not_sent += len(rows)
@@ -607,9 +655,7 @@ class Delivery:
         if result.ambiguous_attempts:
             out.ambiguous += len(rows)  # a retried attempt may also have been processed
         if result.kind == "rejected" and result.status == 404:
-            raise BrazeRequestError(
-                f"Braze answered 404 for {self.spec.endpoint}: check the REST endpoint URL"
-            )
+            raise BrazeRequestError(f"Braze answered 404 for {self.endpoint}: check the REST endpoint URL")
         errors = result.body.get("errors") if isinstance(result.body, dict) else None
         if result.kind == "answered" and not errors:  # the usual answer: every row accepted
             for i in rows:
@@ -637,6 +683,11 @@ class Delivery:
             else:
                 status[i] = "accepted"
                 out.accepted += 1
+
+    def _count(self, result: RequestOutcome) -> None:
+        self.outcome.requests += 1
+        self.outcome.attempts += result.attempts
+        self.outcome.rate_limited += result.rate_limited
 
     def _ledger_rows(
         self,

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
+from braze_assets.catalog_items import check_catalog_rows
 from braze_assets.datatypes import (
     IDENTIFIER_COLUMNS,
     CheckedRows,
@@ -240,6 +241,8 @@ class DeltaWriter:
         self._commit(prepared)
 
     def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
+        if self.spec.name == "catalogs":
+            return self._prepare_items(rows, hashes)
         batch = RowBatch.from_arrow(rows)
         prepared = _Prepared()
         keys: list[str] = []
@@ -325,6 +328,63 @@ class DeltaWriter:
             prepared.data_points = int(points.sum())
         if checked.failures:
             self._prepare_rejected(rows, checked, hashes, prepared)
+        return prepared
+
+    def _prepare_items(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
+        """Catalog rows (`catalog_items.py`): items by id, never user identifiers."""
+        checked = check_catalog_rows(rows)
+        prepared = _Prepared()
+        stamps = rows.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
+        shown = [f"ID={item_id}" if item_id else "(no id)" for item_id in checked.ids]
+        valid = sorted(checked.objects)
+        if valid:
+            take = pa.array(valid, pa.int64())
+            prepared.valid = pa.table(
+                {
+                    "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
+                    "updated_at": stamps.take(take),
+                    "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                    "identifier_hash": pa.nulls(len(valid), pa.string()),
+                    "object": pa.array([checked.objects[i] for i in valid], pa.binary()),
+                    "data_points": pa.array([0] * len(valid), pa.int32()),  # catalogs bill none
+                    **{
+                        name: pa.nulls(len(valid), VALID_SCHEMA.field(name).type)
+                        for name in (
+                            "user_key",
+                            "payload_hash",
+                            "remember",
+                            "payload_attributes",
+                            "data_points_saved",
+                        )
+                    },
+                },
+                schema=VALID_SCHEMA,
+            )
+        if checked.failures:
+            names = rows.schema.names
+            payloads = rows.column("PAYLOAD").to_pylist() if "PAYLOAD" in names else [None] * rows.num_rows
+            located = "_FILE" in names
+            files = rows.column("_FILE").to_pylist() if located else []
+            lines = rows.column("_LINE").to_pylist() if located else []
+            failed = sorted(checked.failures)
+            reasons = ["; ".join(dict.fromkeys(checked.failures[i])) for i in failed]
+            prepared.rejected = pa.table(
+                {
+                    "row_hash": pa.array([hashes[i] for i in failed], pa.string()),
+                    "updated_at": stamps.take(pa.array(failed, pa.int64())),
+                    "identifier": pa.array([shown[i] for i in failed], pa.string()),
+                    "identifier_hash": pa.nulls(len(failed), pa.string()),
+                    "reasons": pa.array(reasons, pa.string()),
+                    "location": pa.array(
+                        [f"{files[i]}:{lines[i]}" if located else "" for i in failed], pa.string()
+                    ),
+                    "payload_excerpt": pa.array([mask_payload(payloads[i]) for i in failed], pa.string()),
+                },
+                schema=REJECTED_SCHEMA,
+            )
+            for i, reason in zip(failed, reasons, strict=True):
+                prepared.reasons.update(reason_key(r) for r in dict.fromkeys(checked.failures[i]))
+                prepared.examples.append({"row_hash": hashes[i], "identifier": shown[i], "reasons": reason})
         return prepared
 
     def _set_aside_unchanged(
@@ -518,7 +578,9 @@ def _write_delta(
 ) -> dt.datetime | None:
     """Scan the window into the local files `paths` (valid, rejected[, unchanged]); the newest
     UPDATED_AT read."""
-    hash_columns = [c for c in columns if c in IDENTIFIER_COLUMNS or c in ("UPDATED_AT", "PAYLOAD")]
+    hash_columns = [
+        c for c in columns if c in IDENTIFIER_COLUMNS or c in ("ID", "DELETED", "UPDATED_AT", "PAYLOAD")
+    ]
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
     manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from braze_assets.attribute_diff import AttributeDiff
+from braze_assets.braze import contract
 from braze_assets.config import SyncConfig
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import plan_requests
@@ -26,7 +27,11 @@ from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 
 #: Braze's documented request limits, per second, by endpoint (docs/braze-contract.md, rate limits).
-DOCUMENTED_RATE_PER_S = {"/users/track": 3_000 / 3.0, "/users/delete": 20_000 / 60.0}
+DOCUMENTED_RATE_PER_S = {
+    "/users/track": 3_000 / 3.0,
+    "/users/delete": 20_000 / 60.0,
+    contract.CATALOG_ITEMS_BUDGET: contract.CATALOG_ITEMS_RATE_LIMIT / contract.CATALOG_ITEMS_RATE_WINDOW_S,
+}
 
 
 @dataclasses.dataclass
@@ -111,7 +116,8 @@ def dry_run(
         requests = 0
         for batch in pq.ParquetFile(manifest.valid_path).iter_batches(batch_size=20_000, columns=["object"]):
             requests += len(plan_requests(spec, batch.column("object").to_pylist(), "dry"))
-    rate = DOCUMENTED_RATE_PER_S.get(spec.endpoint, 0.0) * rate_share
+    budget = contract.CATALOG_ITEMS_BUDGET if sync.data_type == "catalogs" else spec.endpoint
+    rate = DOCUMENTED_RATE_PER_S.get(budget, 0.0) * rate_share
     bill = Bill(
         sync=sync.name,
         data_type=sync.data_type,
@@ -130,6 +136,8 @@ def dry_run(
     )
     if sync.data_type == "deletions":
         bill.note = "deletions bill no data points"
+    elif sync.data_type == "catalogs":
+        bill.note = "catalog syncs bill no data points (catalog storage counts instead)"
     elif sync.data_type == "attributes" and not sync.diff_attributes:
         bill.note = "send: full_payload: every attribute of every row is billed; send: changed would not"
     return bill

@@ -214,6 +214,47 @@ def change_snapshot(path: str | Path, share: float = 0.01, seed: int | None = No
     return len(picked)
 
 
+#: The demo's product catalog: its CDI table and the Braze catalog (name, fields) it syncs to.
+CATALOG_TABLE = "braze_catalog_products"
+CATALOG_NAME = "products"
+CATALOG_FIELDS = {"title": "string", "price": "number", "category": "string", "in_stock": "boolean"}
+CATALOG_ITEMS = 300
+
+
+def create_catalog_table(con: duckdb.DuckDBPyConnection, now: dt.datetime, items: int = CATALOG_ITEMS) -> int:
+    """Products as a catalog table (ID, PAYLOAD, DELETED), with a few rows Braze would refuse."""
+    rng = random.Random("7-catalog")
+    ts = (now - dt.timedelta(hours=3)).replace(tzinfo=None)
+    rows: list[tuple[dt.datetime, str, str | None, bool]] = [
+        (
+            ts - dt.timedelta(minutes=rng.randint(0, 600)),
+            f"sku-{i:05d}",
+            json.dumps(
+                {
+                    "title": f"{rng.choice(['Tee', 'Mug', 'Cap', 'Hoodie', 'Socks'])} {i}",
+                    "price": round(rng.uniform(5, 120), 2),
+                    "category": rng.choice(["apparel", "home", "gifts"]),
+                    "in_stock": rng.random() < 0.9,
+                }
+            ),
+            False,
+        )
+        for i in range(items)
+    ]
+    rows += [
+        (ts, "sku-retired-1", None, True),  # deleted items need no fields
+        (ts, "sku-retired-2", "{}", True),
+        (ts, "bad sku!", json.dumps({"title": "x"}), False),  # invalid id characters
+        (ts, "sku-bad-key", json.dumps({"title": "x", "dims.cm": 3}), False),  # '.' in a field name
+        (ts, "sku-bad-price", json.dumps({"title": "x", "price": "cheap"}), False),  # Braze refuses it
+    ]
+    con.execute(
+        f"CREATE TABLE {CATALOG_TABLE} (UPDATED_AT TIMESTAMP, ID VARCHAR, PAYLOAD VARCHAR, DELETED BOOLEAN)"
+    )
+    con.executemany(f"INSERT INTO {CATALOG_TABLE} VALUES (?, ?, ?, ?)", rows)
+    return len(rows)
+
+
 def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int = 1) -> dict:
     """Create the four sample tables and the CRM snapshot view in a DuckDB file; returns
     {table: rows inserted}."""
@@ -229,4 +270,5 @@ def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int 
             inserted[table] = len(rows)
         create_snapshot(con, SNAPSHOT_USERS * scale)
         inserted[SNAPSHOT_VIEW] = SNAPSHOT_USERS * scale
+        inserted[CATALOG_TABLE] = create_catalog_table(con, now, CATALOG_ITEMS * scale)
     return inserted

@@ -42,7 +42,14 @@ def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothin
             ["user_attributes", "app_events", "store_purchases", "user_deletions"], "partial_success"
         ),
         "profile_snapshot": "success",
+        "product_catalog": "partial_success",
     }
+    catalog = by_name["product_catalog"]
+    # 300 products and two retired ones; a bad id and a bad field name rejected here, a price
+    # Braze refuses failed there; catalogs bill no data points
+    assert (catalog["accepted"], catalog["rejected"], catalog["failed"]) == (302, 2, 1)
+    assert catalog["data_points_sent"] == 0
+    assert first["emulator"]["catalog_items"] == 300
     assert by_name["profile_snapshot"]["accepted"] == 2000
     assert by_name["profile_snapshot"]["data_points_sent"] == 8000
     expected_valid = {

@@ -173,6 +173,7 @@ class BrazeClient:
         )
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)).as_dict()
         self._urls: dict[str, httpx.URL] = {}
+        self._budget_keys: set[str] = set()  # the budgets this client leased from
         self.max_attempts = max_attempts
         self._wait = tenacity.wait_exponential_jitter(
             multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
@@ -200,8 +201,8 @@ class BrazeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for path in self._urls if self._budget_store is not None else ():
-            shared = self.shared_budget(path)
+        for key in self._budget_keys if self._budget_store is not None else ():
+            shared = self.shared_budget(key)
             if shared is not None:
                 # The others may spend what this client leaves; if the store is gone they wait a
                 # window longer, which is no reason to fail a delivery that is over.
@@ -211,7 +212,7 @@ class BrazeClient:
             await self._transport.aclose()
             self._transport = None
 
-    async def _send(self, path: str, body: bytes) -> tuple[int, httpx.Headers, bytes]:
+    async def _send(self, path: str, body: bytes, method: str = "POST") -> tuple[int, httpx.Headers, bytes]:
         """One POST, straight to the transport: each request is the same pre-joined URL and
         headers, so httpx.AsyncClient's per-request URL merging, auth, redirect and cookie handling
         would only cost time (measured: about a third of the sender's CPU)."""
@@ -221,7 +222,7 @@ class BrazeClient:
         if self._transport is None:
             raise RuntimeError("use `async with BrazeClient(...)`")
         request = httpx.Request(
-            "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
+            method, url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
         )
         response = await self._transport.handle_async_request(request)
         try:
@@ -249,8 +250,12 @@ class BrazeClient:
         *,
         retry_ambiguous: bool,
         on_send: Callable[[], Awaitable[None] | None] | None = None,
+        method: str = "POST",
+        budget_key: str | None = None,
     ) -> RequestOutcome:
-        """POST `body` (JSON bytes) and classify the result; see the module docstring.
+        """Send `body` (JSON bytes; POST unless `method` says otherwise, as catalog items take PUT
+        and DELETE) and classify the result; see the module docstring. `budget_key`: the rate
+        budget the request is paced under, when several paths share one limit (default `path`).
         `on_send` runs once, after any pacing wait, just before the request first goes out (and is
         awaited when it returns an awaitable: the request waits until it is done)."""
         assert self._transport is not None, "use `async with BrazeClient(...)`"
@@ -258,7 +263,9 @@ class BrazeClient:
 
         async def attempt() -> RequestOutcome:
             outcome.attempts += 1
-            budget, shared = self.budget(path), self.shared_budget(path)
+            key = budget_key or path
+            self._budget_keys.add(key)
+            budget, shared = self.budget(key), self.shared_budget(key)
             probe = await budget.acquire()
             try:
                 if shared is not None and budget.paces:
@@ -269,7 +276,7 @@ class BrazeClient:
                         await written
                 sent_at = time.time()
                 try:
-                    status, headers, content = await self._send(path, body)
+                    status, headers, content = await self._send(path, body, method)
                 except httpx.TransportError as exc:
                     ambiguous = _transport_failure_is_ambiguous(exc)
                     outcome.ambiguous_attempts += ambiguous
@@ -281,7 +288,8 @@ class BrazeClient:
             if status in (401, 403):
                 raise BrazeAuthError(
                     f"Braze answered {status} for {path}: the REST API key is invalid, for another "
-                    "instance, or lacks the permission (users.track / users.delete)"
+                    "instance, or lacks the permission (users.track, users.delete, catalogs.replace_items, "
+                    "catalogs.delete_items)"
                 )
             if status == 429:
                 outcome.rate_limited += 1

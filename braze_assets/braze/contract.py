@@ -73,7 +73,10 @@ ISO_4217_CURRENCIES = frozenset(
 
 #: [LIMITS] Burst windows of the rate limits, by endpoint: `/users/track` allows 3,000 requests per
 #: 3 seconds ("per 3 seconds, not per second"); the client checks it against what it observes.
-RATE_WINDOWS_S = {"/users/track": 3.0}
+RATE_WINDOWS_S = {"/users/track": 3.0, "/catalogs/items": 60.0}
+#: [B3] every asynchronous catalog item endpoint (`/catalogs/{name}/items`) shares one limit, so
+#: one budget: the budget key their requests are paced under.
+CATALOG_ITEMS_BUDGET = "/catalogs/items"
 
 #: [B2a] items per request to the asynchronous catalog item endpoints (`/catalogs/{name}/items`).
 CATALOG_MAX_ITEMS = 50

@@ -88,6 +88,8 @@ class CdiSource(abc.ABC):
             raise SourceError(
                 f"{self.description} lacks required column(s) {', '.join(missing)} for a {spec.name} sync"
             )
+        if spec.name == "catalogs":  # items: ID, not user identifiers
+            return ["UPDATED_AT", "ID", "PAYLOAD", *(["DELETED"] if "DELETED" in columns else [])]
         if not spec.has_payload and "PAYLOAD" in columns:
             raise SourceError(
                 f"{self.description} has a PAYLOAD column; a deletion sync refuses such a table "

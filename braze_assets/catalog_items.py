@@ -1,0 +1,148 @@
+"""Catalog syncs: CDI's catalog table (`UPDATED_AT`, `ID`, `PAYLOAD`, optional `DELETED`) as the
+items Braze's asynchronous catalog endpoints take (docs/braze-contract.md, catalogs).
+
+A row with `DELETED` true deletes item `ID` (`DELETE /catalogs/{catalog}/items`); any other row
+creates or replaces it with its PAYLOAD's fields (`PUT`, which creates a missing item). Each row is
+checked here first, with a reason naming the rule, for what Braze documents: the id's characters
+and length, field names without `.` or `$`, nesting depth, and the length of text values. Whether a
+field exists in the catalog, and its type, only Braze knows: it names the failing items, and
+delivery fails those and sends the rest again.
+
+A row becomes an object `[op, item]` (op `PUT` or `DELETE`): delivery groups them by op into
+requests of at most 50 items.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from braze_assets.braze import contract
+from braze_assets.masking import mask_payload
+
+CATALOG_COLUMNS = ("UPDATED_AT", "ID", "PAYLOAD")
+_ID = re.compile(rf"^{contract.CATALOG_ID_CHARS}$")
+_TRUE = {True, "true", "TRUE", "True", "1", "t", "T", "yes"}
+_FALSE = {None, False, "false", "FALSE", "False", "0", "f", "F", "no", ""}
+
+
+@dataclass
+class CatalogRows:
+    """A batch of catalog rows, checked: objects of the valid ones, reasons of the others."""
+
+    objects: dict[int, bytes] = field(default_factory=dict)
+    failures: dict[int, list[str]] = field(default_factory=dict)
+    ids: list[str | None] = field(default_factory=list)
+    deleted: list[bool] = field(default_factory=list)
+
+
+def _text_id(value: Any) -> tuple[str | None, str | None]:
+    """The item id as text, or why it cannot be one."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, "ID is empty (every catalog row needs the item's id)"
+    if isinstance(value, (bool, float)):
+        return None, f"ID must be text or a whole number, not {type(value).__name__}"
+    text = str(value) if isinstance(value, int) else value
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            return None, "ID is not UTF-8 text"
+    if not isinstance(text, str):
+        return None, f"ID must be text, not {type(value).__name__}"
+    if len(text) > contract.CATALOG_ID_MAX_CHARS:
+        return None, f"ID is longer than {contract.CATALOG_ID_MAX_CHARS} characters (ids-too-large)"
+    if not _ID.match(text):
+        return None, "ID may hold only letters, digits, '-' and '_' (invalid-ids)"
+    return text, None
+
+
+def _value_problem(value: Any, depth: int = 1) -> str | None:
+    """The first rule a field value breaks, or None."""
+    if depth > contract.CATALOG_MAX_NESTING:
+        limit = contract.CATALOG_MAX_NESTING
+        return f"PAYLOAD nests deeper than {limit} levels (too-deep-nesting-in-value-object)"
+    if isinstance(value, str):
+        if len(value) > contract.CATALOG_VALUE_MAX_CHARS:
+            limit = contract.CATALOG_VALUE_MAX_CHARS
+            return f"a text value is longer than {limit:,} characters (items-too-large)"
+        return None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if "." in key or "$" in key:
+                return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
+            problem = _value_problem(inner, depth + 1)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for inner in value:
+            problem = _value_problem(inner, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _deleted(value: Any) -> bool | None:
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
+    """Check every row of a batch and build the objects of the valid ones."""
+    names = rows.schema.names
+    ids = rows.column("ID").to_pylist() if "ID" in names else [None] * rows.num_rows
+    payloads = rows.column("PAYLOAD").to_pylist() if "PAYLOAD" in names else [None] * rows.num_rows
+    deleted = rows.column("DELETED").to_pylist() if "DELETED" in names else [None] * rows.num_rows
+    stamps = rows.column("UPDATED_AT").null_count if "UPDATED_AT" in names else rows.num_rows
+    null_stamps = rows.column("UPDATED_AT").is_null().to_pylist() if stamps else [False] * rows.num_rows
+    checked = CatalogRows()
+    for i in range(rows.num_rows):
+        reasons: list[str] = []
+        if null_stamps[i]:
+            reasons.append("UPDATED_AT is null")
+        item_id, problem = _text_id(ids[i])
+        if problem:
+            reasons.append(problem)
+        remove = _deleted(deleted[i])
+        if remove is None:
+            reasons.append("DELETED must be true or false")
+        fields: dict[str, Any] = {}
+        raw = payloads[i]
+        if not remove:
+            if raw is None:
+                reasons.append("PAYLOAD is null (an item to create or update needs its fields)")
+            else:
+                try:
+                    parsed = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+                except orjson.JSONDecodeError:
+                    parsed = None
+                    reasons.append("PAYLOAD is not valid JSON")
+                if parsed is not None and not isinstance(parsed, dict):
+                    reasons.append("PAYLOAD must be a JSON object")
+                elif isinstance(parsed, dict):
+                    if "id" in parsed:
+                        reasons.append("PAYLOAD has an 'id' field: the item's id comes from the ID column")
+                    problem = _value_problem(parsed)
+                    if problem:
+                        reasons.append(problem)
+                    fields = parsed
+        checked.ids.append(item_id)
+        checked.deleted.append(bool(remove))
+        if reasons:
+            checked.failures[i] = reasons
+            continue
+        item = {"id": item_id} if remove else {"id": item_id, **fields}
+        checked.objects[i] = orjson.dumps(["DELETE" if remove else "PUT", item])
+    return checked
+
+
+def excerpt(raw: Any) -> str:
+    """A rejected row's PAYLOAD as the rejected file shows it (masked like any PAYLOAD)."""
+    return mask_payload(raw)

@@ -1,0 +1,217 @@
+"""Catalog syncs: CDI's catalog table (UPDATED_AT, ID, PAYLOAD, optional DELETED) upserts and
+deletes items through Braze's asynchronous catalog endpoints, 50 items a request; bad rows fail
+alone with a reason, items Braze refuses fail alone with Braze's words while the rest of their
+request goes again, and a missing catalog stops the sync with what to do."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+
+import duckdb
+import pytest
+
+from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
+from braze_assets.config import ConfigError, parse_syncs
+from braze_assets_tests.conftest import API_KEY, Harness, sync_config
+
+UTC = dt.UTC
+NOW = dt.datetime.now(UTC).replace(microsecond=0)
+FIELDS = {"title": "string", "price": "number", "tags": "array", "details": "object"}
+
+
+@pytest.fixture
+def braze() -> Iterator[BrazeEmulator]:
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, catalogs={"products": FIELDS})) as emulator:
+        yield emulator
+
+
+def _table(harness: Harness, rows: list[tuple]) -> None:
+    """(UPDATED_AT, ID, PAYLOAD dict or text, DELETED) rows in the harness's warehouse."""
+    harness.tmp_path.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(harness.warehouse)) as con:
+        con.execute("DROP TABLE IF EXISTS products")
+        con.execute(
+            "CREATE TABLE products (UPDATED_AT TIMESTAMP, ID VARCHAR, PAYLOAD VARCHAR, DELETED BOOLEAN)"
+        )
+        con.executemany(
+            "INSERT INTO products VALUES (?, ?, ?, ?)",
+            [
+                (ts.replace(tzinfo=None), item, p if isinstance(p, str) or p is None else json.dumps(p), d)
+                for ts, item, p, d in rows
+            ],
+        )
+
+
+def _product(i: int, **extra) -> dict:
+    return {"title": f"Product {i}", "price": 10 + i, "tags": ["a"], **extra}
+
+
+def _harness(tmp_path, braze, catalog: str = "products") -> Harness:
+    harness = Harness(tmp_path, braze)
+    harness.syncs = [sync_config("products", "catalogs", "main.products", catalog=catalog)]
+    return harness
+
+
+def test_items_are_upserted_and_deleted_in_requests_of_fifty(tmp_path, braze):
+    harness = _harness(tmp_path, braze)
+    t1 = NOW - dt.timedelta(hours=3)
+    _table(harness, [(t1, f"sku-{i}", _product(i), None) for i in range(120)])
+    first = harness.run("products")
+    assert first.result.success and first.outcome.accepted == 120
+    assert first.outcome.requests == 3 and first.outcome.estimated_data_points == 0
+    items = braze.store.catalog_items("products")
+    assert len(items) == 120 and items["sku-7"] == {"id": "sku-7", **_product(7)}
+
+    t2 = NOW - dt.timedelta(hours=1)
+    _table(
+        harness,
+        [(t1, f"sku-{i}", _product(i), None) for i in range(120)]
+        + [
+            (t2, "sku-1", None, True),  # a deletion needs no PAYLOAD
+            (t2, "sku-2", "{}", True),
+            (t2, "sku-3", _product(3, title="Renamed"), False),
+        ],
+    )
+    second = harness.run("products")
+    assert second.outcome.accepted == 3 and second.outcome.requests == 2  # one PUT, one DELETE
+    items = braze.store.catalog_items("products")
+    assert "sku-1" not in items and "sku-2" not in items and items["sku-3"]["title"] == "Renamed"
+    assert len(items) == 118
+    stats = braze.store.stats()
+    assert (stats["catalog_items_upserted"], stats["catalog_items_deleted"]) == (121, 2)
+
+
+def test_bad_rows_are_rejected_alone_with_a_reason(tmp_path, braze):
+    harness = _harness(tmp_path, braze)
+    t = NOW - dt.timedelta(hours=1)
+    deep: dict = {}
+    node = deep
+    for _ in range(60):
+        node["x"] = {}
+        node = node["x"]
+    _table(
+        harness,
+        [(t, f"sku-{i}", _product(i), None) for i in range(60)]  # 9 bad rows of 69: under 20%
+        + [
+            (t, "bad id!", _product(1), None),
+            (t, "x" * 251, _product(2), None),
+            (t, None, _product(3), None),
+            (t, "sku-dot", {"details": {"a.b": 1}}, None),
+            (t, "sku-deep", {"details": deep}, None),
+            (t, "sku-long", {"title": "y" * 5001}, None),
+            (t, "sku-idkey", {"id": "other", "title": "x"}, None),
+            (t, "sku-notjson", "{nope", None),
+            (t, "sku-array", "[1, 2]", None),
+        ],
+    )
+    run = harness.run("products")
+    assert run.outcome.accepted == 60 and run.delta.rejected == 9
+    reasons = run.delta.rejected_reasons
+    for expected in (
+        "ID may hold only letters, digits, '-' and '_' (invalid-ids)",
+        "ID is longer than 250 characters (ids-too-large)",
+        "ID is empty (every catalog row needs the item's id)",
+        "PAYLOAD nests deeper than 50 levels (too-deep-nesting-in-value-object)",
+        "a text value is longer than 5,000 characters (items-too-large)",
+        "PAYLOAD has an 'id' field",
+        "PAYLOAD is not valid JSON",
+        "PAYLOAD must be a JSON object",
+    ):
+        assert any(key.startswith(expected.split(":")[0]) for key in reasons), (expected, reasons)
+    assert any(key.startswith("field name") for key in reasons), reasons
+    assert len(braze.store.catalog_items("products")) == 60
+    assert harness.ledger("products") == {"accepted": 60, "invalid": 9}
+
+
+def test_items_braze_refuses_fail_alone_and_the_rest_of_their_request_goes_again(tmp_path, braze):
+    harness = _harness(tmp_path, braze)
+    t = NOW - dt.timedelta(hours=1)
+    _table(
+        harness,
+        [(t, f"sku-{i}", _product(i), None) for i in range(40)]
+        + [
+            (t, "sku-color", {"title": "x", "color": "red"}, None),  # no such field in the catalog
+            (t, "sku-cheap", {"title": "x", "price": "cheap"}, None),  # not a number
+        ],
+    )
+    run = harness.run("products")
+    assert run.outcome.accepted == 40 and run.outcome.failed == 2
+    assert run.outcome.status == "partial_success"
+    items = braze.store.catalog_items("products")
+    assert len(items) == 40 and "sku-color" not in items and "sku-cheap" not in items
+    failed = {
+        r["row_hash"]: r["message"]
+        for r in harness.delivery_state().store("products").log.rows(status="failed").to_pylist()
+    }
+    messages = sorted(failed.values())
+    assert messages[0].startswith("invalid-fields") and messages[1].startswith("unable-to-coerce-value")
+    # a rerun sends nothing again: every row is settled
+    again = harness.run("products")
+    assert again.outcome.requests == 0
+
+
+def test_a_missing_catalog_stops_the_sync_with_what_to_do(tmp_path, braze):
+    harness = _harness(tmp_path, braze, catalog="no_such_catalog")
+    _table(harness, [(NOW - dt.timedelta(hours=1), f"sku-{i}", _product(i), None) for i in range(120)])
+    run = harness.run("products")
+    assert not run.result.success
+    failure = next(e for e in run.result.all_events if e.is_step_failure)
+    text = failure.step_failure_data.error.to_string()
+    assert "Braze has no catalog 'no_such_catalog' (catalog-not-found)" in text
+    assert "create it, with its fields" in text
+    assert harness.ledger("products") == {} and harness.watermark("products") is None
+    assert braze.store.stats()["catalog_requests"] <= 3  # it stopped at the first refusals
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "a catalogs sync needs catalog"),
+        ({"catalog": "bad name"}, "catalog"),
+    ],
+)
+def test_catalog_settings_are_checked_at_load(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_syncs({"syncs": [sync_config("products", "catalogs", "main.products", **extra)]})
+
+
+def test_catalog_is_refused_on_user_syncs():
+    with pytest.raises(ConfigError, match="catalog applies to catalogs syncs only"):
+        parse_syncs({"syncs": [sync_config("ev", "events", "main.ev", catalog="products")]})
+
+
+def test_a_catalog_sync_from_s3_files(s3_endpoint, monkeypatch, tmp_path, braze):
+    """Any source can feed a catalog sync: here JSON-lines files on S3 (moto), DELETED as text."""
+    from dagster_aws.s3 import S3Resource
+
+    from braze_assets_tests.test_sources_s3 import HOUR, Bucket
+
+    bucket = Bucket(s3_endpoint, monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    lines = [json.dumps({"id": f"sku-{i}", "payload": json.dumps(_product(i))}) for i in range(5)]
+    lines.append(json.dumps({"id": "sku-old", "payload": "{}", "deleted": "true"}))
+    bucket.put("catalog/products-1.jsonl", "\n".join(lines) + "\n", at=NOW - HOUR)
+    harness = Harness(tmp_path, braze)
+    harness.syncs = [sync_config("products", "catalogs", "x", catalog="products")]
+    harness.syncs[0]["source"] = {"type": "s3", "bucket": bucket.name, "prefix": "catalog"}
+    harness.extra_resources["s3"] = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
+    run = harness.run("products")
+    assert run.result.success and run.outcome.accepted == 6
+    assert sorted(braze.store.catalog_items("products")) == [f"sku-{i}" for i in range(5)]
+    assert braze.store.stats()["catalog_items_deleted"] == 1
+
+
+def test_test_connection_previews_catalog_items(tmp_path, braze):
+    from braze_assets.connection import check_connection
+
+    harness = _harness(tmp_path, braze)
+    t = NOW - dt.timedelta(hours=1)
+    _table(harness, [(t, "sku-1", _product(1), None), (t, "bad id!", _product(2), None)])
+    report = check_connection(harness.config("products"), harness.resources()["duckdb"])
+    assert report.ok and "1 of 2 preview rows valid" in report.message
+    shown = {row["identifier"]: row for row in report.preview}
+    assert shown["ID=sku-1"]["payload_keys"] == ["price", "tags", "title"]
+    assert shown["(no id)"]["reasons"] == ["ID may hold only letters, digits, '-' and '_' (invalid-ids)"]
