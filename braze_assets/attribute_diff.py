@@ -24,6 +24,7 @@ turns the diff off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,12 +96,13 @@ def _is_operator(value: object) -> bool:
     return value.keys() <= _OPERATORS or any(str(key).startswith("$") for key in value)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Remembered:
-    """What Braze last accepted from this sync for one user."""
+    """What Braze last accepted from this sync for one user. The per-attribute hashes stay JSON
+    text until a row needs them: the fast path compares the PAYLOAD hash alone."""
 
     payload_hash: str | None
-    attributes: dict[str, str]
+    attributes_json: str = "{}"
     #: the attributes (data points) of that payload: what a row with the same payload saves
     payload_attributes: int = 0
 
@@ -108,7 +110,12 @@ class Remembered:
     def from_row(
         cls, payload_hash: str | None, text: str | None, payload_attributes: int | None
     ) -> Remembered:
-        return cls(payload_hash, orjson.loads(text) if text else {}, int(payload_attributes or 0))
+        return cls(payload_hash, text or "{}", int(payload_attributes or 0))
+
+    @functools.cached_property
+    def attributes(self) -> dict[str, str]:
+        parsed: dict[str, str] = orjson.loads(self.attributes_json)
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -133,24 +140,42 @@ class AttributeDiff:
     def trim(self, payload: dict[str, Any], before: Remembered | None) -> Trimmed:
         """The attributes of `payload` to send against what was accepted `before` (None: nothing
         is known of this user, so everything goes)."""
-        known = before.attributes if before is not None else {}
+        if before is None:  # a user seen first: all of it goes, and all of it is remembered
+            return self._first(payload)
+        known = before.attributes
         kept: dict[str, Any] = {}
         remember = dict(known)
         sent = saved = 0
+        always = self.always
         for key, value in payload.items():
             if key[:1] == "_":  # control keys: never billed, always as sent
                 kept[key] = value
                 continue
-            if key in self.always or _is_operator(value):
+            if key in always or (type(value) is dict and _is_operator(value)):
                 kept[key] = value
                 remember.pop(key, None)  # its value in Braze is no longer known
                 sent += 1
                 continue
             digest = _value_hash(value)
-            if before is not None and known.get(key) == digest:
+            if known.get(key) == digest:
                 saved += 1
                 continue
             kept[key] = value
             remember[key] = digest
             sent += 1
-        return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, before is not None and sent == 0)
+        return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0)
+
+    def _first(self, payload: dict[str, Any]) -> Trimmed:
+        always, dumps, blake2b, sort = self.always, orjson.dumps, hashlib.blake2b, orjson.OPT_SORT_KEYS
+        remember: dict[str, str] = {}
+        sent = 0
+        for key, value in payload.items():
+            if key[:1] == "_":
+                continue
+            sent += 1
+            if key in always or (type(value) is dict and _is_operator(value)):
+                continue
+            remember[key] = (
+                _NULL if value is None else blake2b(dumps(value, option=sort), digest_size=8).hexdigest()
+            )
+        return Trimmed(payload, dumps(remember).decode(), sent, 0, False)

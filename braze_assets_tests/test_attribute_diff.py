@@ -22,7 +22,7 @@ NOW = dt.datetime.now(UTC).replace(microsecond=0)
 # ----------------------------------------------------------------------------- the diff itself
 def _remembered(payload: dict, diff: AttributeDiff | None = None) -> Remembered:
     trimmed = (diff or AttributeDiff()).trim(payload, None)
-    return Remembered("h", orjson.loads(trimmed.remember), trimmed.sent)
+    return Remembered("h", trimmed.remember, trimmed.sent)
 
 
 def test_nothing_remembered_sends_every_attribute():
