@@ -55,6 +55,7 @@ def main() -> None:
     case = params.pop("case")
     modules = {"raw_ceiling": "senders", "naive_requests": "senders", "braze_client": "senders"}
     modules["ledger_probe"] = "state_backends"
+    modules.update(snapshot_runs="attribute_diff", diff_cost="attribute_diff")
     module = importlib.import_module(f"benchmarks.{modules.get(case, 'pipeline')}")
     result = getattr(module, case)(**params)
     result["peak_rss_mib"] = peak_rss_mib()

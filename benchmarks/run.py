@@ -18,7 +18,9 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
   shared by processes, and three syncs in three processes sharing it (`--case shared-budget`
   runs only this one);
 * the state backends (state_backends.py, `--case state-backends` only): embedded against
-  PostgreSQL, delivery throughput and the ledger probe at 10M rows.
+  PostgreSQL, delivery throughput and the ledger probe at 10M rows;
+* sending only what changed (attribute_diff.py, `--case attribute-diff` only): a restamped
+  snapshot's second sync against its first, and the diff's cost in the delta phase.
 Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
@@ -34,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import data, report, shared_budget, state_backends
+from benchmarks import attribute_diff, data, report, shared_budget, state_backends
 from benchmarks.child import run_children
 from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--case",
-        choices=("all", "shared-budget", "state-backends"),
+        choices=("all", "shared-budget", "state-backends", "attribute-diff"),
         default="all",
         help="run every case (default), or only one; a single case prints its section and "
         "writes --results only when it is given",
@@ -332,6 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     only_budget = args.case == "shared-budget"
     only_states = args.case == "state-backends"
+    if args.case == "attribute-diff":
+        try:
+            diff_rows, text = attribute_diff.run(workdir, args.rows, args.in_flight)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print(text)
+        if args.results:
+            args.results.write_text(text + "\n")
+        return 0 if diff_rows else 1
     try:
         tables = shared_budget.tables(args.quick) if only_budget or not (args.quick or only_states) else {}
         if only_states:

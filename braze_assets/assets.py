@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 
 from braze_assets import delta_store
+from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.config import SyncConfig, source_key_path
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery, SyncOutcome
@@ -99,6 +100,9 @@ RUN_TOTALS = (
     "rows_failed_at_braze",
     "rows_held_ambiguous",
     "rows_not_sent_retry_next_run",
+    "rows_unchanged_not_sent",
+    "data_points_sent",
+    "data_points_saved",
 )
 RANGED_COUNTS_NOTE = (
     "This run covered several days: each day's counts are in that partition's observation (rows whose "
@@ -126,6 +130,11 @@ def _delta_metadata(manifest: DeltaManifest, watermark: str | None, files: bool)
         "rows_unprocessable": manifest.rows_unprocessable,
         "rows_exact_duplicates_dropped": manifest.duplicate_rows,
         "estimated_data_points": manifest.estimated_data_points,
+        **(
+            {"rows_unchanged": manifest.unchanged, "data_points_saved": manifest.data_points_saved}
+            if manifest.unchanged_path
+            else {}
+        ),
         "valid_rows_file": dg.MetadataValue.path(manifest.valid_path),
         "rejected_rows_file": dg.MetadataValue.path(manifest.rejected_path),
         **(files_metadata(manifest) if files else {}),
@@ -209,6 +218,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             reaches_now=window.end > now,
             valid_path=delta_store.join(run_dir, "valid.parquet"),
             rejected_path=delta_store.join(run_dir, "rejected.parquet"),
+            unchanged_path=delta_store.join(run_dir, "unchanged.parquet") if sync.diff_attributes else None,
         )
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         keys = context.partition_key_range
@@ -238,6 +248,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 now=now,
                 partitions_start=partitions_start(sync),
                 update_existing_only=sync.update_existing_only,
+                diff=AttributeDiff(sync.always_send) if sync.diff_attributes else None,
                 progress=context.log.debug,
             )
         except SourceError as exc:  # a global error: nothing was delivered, no state changed
@@ -464,6 +475,9 @@ def results_metadata(outcome: SyncOutcome, delta: DeltaManifest) -> dict:
         "request_attempts": outcome.attempts,
         "rate_limited_429": outcome.rate_limited,
         "estimated_data_points": outcome.estimated_data_points,
+        "rows_unchanged_not_sent": outcome.unchanged,
+        "data_points_sent": outcome.estimated_data_points,
+        "data_points_saved": outcome.data_points_saved,
         "seconds": outcome.seconds,
         "objects_per_second": round(outcome.objects_per_second, 1),
         "watermark_before": outcome.watermark_before or "none",

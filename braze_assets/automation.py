@@ -15,6 +15,7 @@ from dagster._core.storage.tags import (
 from braze_assets.assets import (
     SyncAssets,
     partitions_for,
+    partitions_start,
     pending_start,
     source_key,
     utc_now,
@@ -264,5 +265,51 @@ def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
     )
     def _job():
         _check()
+
+    return _job
+
+
+def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
+    """`<sync>_dry_run`: everything pending, up to the wire, with its bill; nothing sent or changed."""
+    from braze_assets.dry_run import dry_run
+
+    @dg.op(
+        name=f"{sync.name}_dry_run",
+        required_resource_keys={resource_key(sync), "delivery_state", "braze"},
+        description=f"What {sync.name} would send now and what Braze would bill: nothing is sent.",
+    )
+    def _preview(context: dg.OpExecutionContext) -> None:
+        state = context.resources.delivery_state.store(sync.name)
+        source = make_source(sync, getattr(context.resources, resource_key(sync)))
+        now = dt.datetime.now(dt.UTC)
+        start = pending_start(sync, state.read_watermark().value, source, now)
+        bill = dry_run(
+            sync,
+            source,
+            state,
+            window_start=start,
+            now=now,
+            partitions_start=partitions_start(sync),
+            rate_share=context.resources.braze.max_rate_share,
+        )
+        context.log.info(bill.text())
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=source_key(sync),
+                metadata={
+                    "dry_run": dg.MetadataValue.md(f"```\n{bill.text()}\n```"),
+                    **{k: v for k, v in bill.to_dict().items() if isinstance(v, (int, float)) and v == v},
+                },
+            )
+        )
+
+    @dg.job(
+        name=f"{sync.name}_dry_run",
+        description=f"Dry run of {sync.name}: the delta, validation and attribute diff of everything "
+        "pending, with the data points Braze would bill and the time it would take; nothing is "
+        "sent and no state changes.",
+    )
+    def _job():
+        _preview()
 
     return _job

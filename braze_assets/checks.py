@@ -37,6 +37,12 @@ DELTA_OUTPUT_SCHEMA = pa.DataFrameSchema(
             object, pa.Check(lambda s: s.map(len) > 2, element_wise=False, name="non_empty_object")
         ),
         "data_points": pa.Column("int32", pa.Check.ge(0)),
+        # attributes syncs sending only what changed (attribute_diff.py); null otherwise
+        "user_key": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=True),
+        "payload_hash": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=True),
+        "remember": pa.Column(str, nullable=True),
+        "payload_attributes": pa.Column(None, pa.Check.ge(0), nullable=True),  # int, or float with nulls
+        "data_points_saved": pa.Column(None, pa.Check.ge(0), nullable=True),
     },
     name="braze_delta_output",
     strict=True,

@@ -3,6 +3,7 @@
     braze-assets demo            seed DuckDB, start the local Braze emulator, run every sync, report
     braze-assets ui              the same setup, then the Dagster UI (dagster dev) on it
     braze-assets run [--sync X]  run syncs against the configured Braze (BRAZE_REST_ENDPOINT)
+    braze-assets run --dry-run   what each sync would send now and the bill; nothing sent
     braze-assets test-connection [--sync X]   check each source and preview rows; sends nothing
     braze-assets release --sync X --mode M    decide what becomes of held rows
     braze-assets log runs|rows|export|purge|forget   the sync log (see `braze-assets log --help`)
@@ -116,6 +117,38 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
     return summaries
 
 
+def dry_runs(only: list[str] | None = None) -> list[dict]:
+    """The bill of each sync's pending rows, nothing sent and no state changed (`dry_run.py`)."""
+    from braze_assets.assets import partitions_start, pending_start
+    from braze_assets.config import load_syncs
+    from braze_assets.definitions import default_resources
+    from braze_assets.dry_run import dry_run
+    from braze_assets.resources import delivery_state_from_environment, home_dir
+    from braze_assets.sources.factory import make_source, resource_key
+
+    syncs = [s for s in load_syncs() if not only or s.name in only]
+    resources = default_resources(syncs)
+    state = delivery_state_from_environment(str(home_dir() / "state"), in_definitions=False)
+    share = resources["braze"].max_rate_share
+    bills = []
+    for sync in syncs:
+        source = make_source(sync, resources[resource_key(sync)])
+        store = state.store(sync.name)
+        now = dt.datetime.now(dt.UTC)
+        start = pending_start(sync, store.read_watermark().value, source, now)
+        bill = dry_run(
+            sync,
+            source,
+            store,
+            window_start=start,
+            now=now,
+            partitions_start=partitions_start(sync),
+            rate_share=share,
+        )
+        bills.append(bill.to_dict() | {"text": bill.text()})
+    return bills
+
+
 def _note(message: str) -> None:
     print(f"braze-assets: {message}", file=sys.stderr, flush=True)
 
@@ -195,6 +228,9 @@ def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dic
             recovered_settled=out.recovered_settled,
             recovered_held=out.recovered_held,
             recovered_unsent=out.recovered_unsent,
+            unchanged=out.unchanged,
+            data_points_sent=out.estimated_data_points,
+            data_points_saved=out.data_points_saved,
             watermark_before=out.watermark_before,
             watermark_after=out.watermark_after,
         )
@@ -280,6 +316,11 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
                 )
             for reason, count in s.get("failed_reasons", {}).items():
                 print(f"      failed   {count:>4}  {reason}")
+            if s.get("unchanged") or s.get("data_points_saved"):
+                print(
+                    f"   unchanged since Braze accepted them (not sent) {s['unchanged']:,}  data points "
+                    f"sent {s['data_points_sent']:,}  saved {s['data_points_saved']:,}"
+                )
             print(
                 f"   watermark {s.get('watermark_before') or 'none'} -> {s.get('watermark_after') or 'none'}"
             )
@@ -307,7 +348,7 @@ def _start_emulator(home: Path, port: int):
 
 
 def _seed_if_needed(home: Path) -> None:
-    from braze_assets.seed import seed_warehouse
+    from braze_assets.seed import SNAPSHOT_TABLE, change_snapshot, seed_warehouse
 
     warehouse = Path(os.environ.get("BRAZE_ASSETS_DUCKDB") or home / "warehouse.duckdb")
     os.environ["BRAZE_ASSETS_DUCKDB"] = str(warehouse)
@@ -316,6 +357,8 @@ def _seed_if_needed(home: Path) -> None:
         print(f"Seeded {warehouse}: " + ", ".join(f"{t} {n:,} rows" for t, n in counts.items()))
     else:
         print(f"Using the existing warehouse {warehouse} (delete it, or pass --reset, to reseed)")
+        changed = change_snapshot(warehouse)
+        print(f"The CRM snapshot ({SNAPSHOT_TABLE}) changed the loyalty points of {changed:,} members")
 
 
 #: how long the UI's processes get to stop after Ctrl-C before they are killed
@@ -391,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ui-port", type=int, default=3000, help="ui: the Dagster UI's port")
     parser.add_argument("--json", action="store_true", help="print the summaries as JSON")
     parser.add_argument("--log-level", default="INFO", help="Dagster console log level")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run: everything but sending (delta, validation, attribute diff) and the bill: rows, "
+        "data points with and without the diff, requests and minutes at the rate budget; changes no state",
+    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", category=Warning)  # library notices; errors still surface
     home = Path(args.home).resolve()
@@ -402,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BRAZE_ASSETS_PROGRESS_BAR", "1")  # shown only on a terminal
     if args.command == "test-connection":
         return connection_reports(args.sync, args.json)
+    if args.command == "run" and args.dry_run:
+        bills = dry_runs(args.sync)
+        if args.json:
+            print(json.dumps([{k: v for k, v in b.items() if k != "text"} for b in bills], indent=2))
+        else:
+            print("\n\n".join(b["text"] for b in bills))
+        return 0
     if args.command == "run":
         summaries = run_syncs(args.sync, args.log_level)
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")

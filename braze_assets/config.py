@@ -252,6 +252,11 @@ class SyncConfig(_Strict):
     max_in_flight: int = Field(default=32, ge=1, le=256)
     #: Retention of the sync log (runs and rows), applied after every run
     sync_log: SyncLogConfig = SyncLogConfig()
+    #: Attributes syncs: `changed` sends only attributes whose value differs from what Braze last
+    #: accepted from this sync (attribute_diff.py); `full_payload` sends every row whole, as CDI.
+    send: Literal["changed", "full_payload"] = "changed"
+    #: Attributes syncs: keys always sent as they are, changed or not.
+    always_send: list[str] = []
 
     @field_validator("source", mode="before")
     @classmethod
@@ -273,6 +278,21 @@ class SyncConfig(_Strict):
         if value < dt.timedelta(0):
             raise ValueError("lookback must not be negative")
         return value
+
+    @model_validator(mode="after")
+    def _diff_only_for_attributes(self) -> SyncConfig:
+        for name in ("send", "always_send"):
+            if name in self.model_fields_set and self.data_type != "attributes":
+                raise ValueError(
+                    f"{name} applies to attributes syncs only (Braze bills events and purchases "
+                    f"per row, not per attribute); remove it from this {self.data_type} sync"
+                )
+        return self
+
+    @property
+    def diff_attributes(self) -> bool:
+        """Whether the delta sends only changed attributes (`send: changed` on attributes)."""
+        return self.data_type == "attributes" and self.send == "changed"
 
     @property
     def effective_ambiguous_policy(self) -> AmbiguousPolicy:

@@ -247,6 +247,16 @@ class RowBatch:
         stamps = [row.get("UPDATED_AT") for row in rows]
         return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload, problems)
 
+    def take(self, positions: list[int]) -> RowBatch:
+        """The rows at `positions`, in that order."""
+        remap = {old: new for new, old in enumerate(positions)}
+        return RowBatch(
+            self.updated_at.take(pyarrow.array(positions, pyarrow.int64())),
+            {kind: [values[i] for i in positions] for kind, values in self.columns.items()},
+            [self.payload[i] for i in positions] if self.payload is not None else None,
+            {remap[i]: s for i, s in self.identifier_problems.items() if i in remap},
+        )
+
     def identifiers(self, i: int) -> dict[str, Any]:
         """The identifier kinds of row `i`: kind -> value (alias -> (name, label))."""
         found: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from braze_assets.alert_sensors import build_alert_sensors
 from braze_assets.assets import build_sync_assets
 from braze_assets.automation import (
     build_connection_job,
+    build_dry_run_job,
     build_job,
     build_reclaim_sensor,
     build_schedule,
@@ -126,7 +127,7 @@ def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) ->
         job = build_job(built)
         assets += [built.source, built.delta, built.results]
         checks += build_checks(built)
-        jobs += [job, build_connection_job(sync)]
+        jobs += [job, build_connection_job(sync), build_dry_run_job(sync)]
         schedules.append(build_schedule(sync, job))
         sensors.append(build_sensor(sync, job))
     return dg.Definitions(

@@ -33,7 +33,7 @@ from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
 from braze_assets.state import LedgerSession, StateStore
-from braze_assets.state.base import Journal
+from braze_assets.state.base import REMEMBERED_COLUMNS, Journal
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -69,6 +69,10 @@ class SyncOutcome:
     recovered_unsent: int = 0
     #: of `recovered_ambiguous`, the rows parked as held (the `hold` policy)
     recovered_held: int = 0
+    #: attributes syncs sending only what changed: rows with nothing new for Braze (never sent),
+    #: and the data points not billed (those rows, and unchanged attributes of the rows sent)
+    unchanged: int = 0
+    data_points_saved: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
     failed_examples: list[dict[str, str]] = field(default_factory=list)
     earliest_unsettled: str | None = None
@@ -163,6 +167,11 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
             f"nothing to send: all {outcome.settled_since_delta:,} rows of this "
             "delta were already delivered by another run"
         )
+    if outcome.rows_in_delta == 0 and outcome.unchanged:
+        return "success", (
+            f"{outcome.unchanged:,} rows hold nothing Braze has not already accepted: nothing sent "
+            f"({outcome.data_points_saved:,} data points saved)"
+        )
     if outcome.rows_in_delta == 0:
         return "success", "nothing new or changed to send"
     return "success", f"all {outcome.accepted:,} rows accepted by Braze"
@@ -240,6 +249,24 @@ def lookup_column(rows: pa.Table) -> pa.Array | pa.ChunkedArray:
     return pa.nulls(rows.num_rows, pa.string())
 
 
+def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
+    """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
+    user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff."""
+    if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
+        return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
+    keys, stamps = rows["user_key"].to_pylist(), rows["updated_at"].to_pylist()
+    newest: dict[str, int] = {}
+    for i, (key, state) in enumerate(zip(keys, status, strict=True)):
+        if key is not None and state == "accepted":
+            j = newest.get(key)
+            if j is None or stamps[i] >= stamps[j]:
+                newest[key] = i
+    chosen = rows.take(pa.array(sorted(newest.values()), pa.int64()))
+    return chosen.select(["user_key", "payload_hash", "remember", "payload_attributes"]).rename_columns(
+        list(REMEMBERED_COLUMNS)
+    )
+
+
 def _progress_bar(total: int, sync: str) -> tqdm[NoReturn] | None:
     """A terminal progress bar for `braze-assets run/demo` (BRAZE_ASSETS_PROGRESS_BAR=1 on a TTY);
     runs in the Dagster UI report progress through their log lines instead."""
@@ -297,6 +324,7 @@ class Delivery:
             # Two sessions: chunks are planned on one while the previous chunk settles on the other
             with self.store.session() as ledger, self.store.session() as settler:
                 self._record_invalid(ledger)
+                self._record_unchanged(ledger)
                 asyncio.run(self._send_all(ledger, settler))
         self.outcome.seconds = round(time.monotonic() - started, 3)
         self.outcome.failed_reasons = dict(self._failed_reasons.most_common())
@@ -311,31 +339,61 @@ class Delivery:
 
     def _record_invalid(self, ledger: LedgerSession) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
+        self.outcome.invalid_recorded = self._record_unsent(
+            ledger, self.manifest.rejected_path, "invalid", lambda rows: rows["reasons"]
+        )
+
+    def _record_unchanged(self, ledger: LedgerSession) -> None:
+        """Rows whose attributes all match what Braze last accepted are settled as `unchanged`
+        (never sent: attribute_diff.py)."""
+        if self.manifest.unchanged_path:
+            self.outcome.unchanged = self._record_unsent(
+                ledger,
+                self.manifest.unchanged_path,
+                "unchanged",
+                lambda rows: pa.nulls(rows.num_rows, pa.string()),
+                saved=True,
+            )
+
+    def _record_unsent(
+        self,
+        ledger: LedgerSession,
+        uri: str,
+        status: str,
+        message: Callable[[pa.Table], pa.Array | pa.ChunkedArray],
+        saved: bool = False,
+    ) -> int:
+        """Settle the rows of a delta file that are not sent, with `status`; returns how many."""
         recorded = 0
-        with delta_store.open_input(self.manifest.rejected_path) as source:
+        seen: set[str] = set()
+        with delta_store.open_input(uri) as source:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows):
-                rejected = pa.Table.from_batches([batch])
-                known = ledger.known_hashes(rejected["row_hash"].to_pylist(), since=self._since())
-                if known:  # recorded by another run since this delta was computed
-                    rejected = rejected.filter(
-                        pc.invert(pc.is_in(rejected["row_hash"], pa.array(list(known), pa.string())))
+                rows = pa.Table.from_batches([batch])
+                # recorded by another run since this delta was computed, or listed twice
+                skip = seen | ledger.known_hashes(rows["row_hash"].to_pylist(), since=self._since())
+                if skip:
+                    rows = rows.filter(
+                        pc.invert(pc.is_in(rows["row_hash"], pa.array(list(skip), pa.string())))
                     )
+                seen.update(rows["row_hash"].to_pylist())
                 ledger.append(
                     pa.table(
                         {
-                            "row_hash": rejected["row_hash"],
-                            "updated_at": rejected["updated_at"],
-                            "status": pa.array(["invalid"] * rejected.num_rows, pa.string()),
-                            "batch_id": pa.nulls(rejected.num_rows, pa.string()),
-                            "identifier": rejected["identifier"],
-                            "identifier_hash": lookup_column(rejected),
-                            "message": rejected["reasons"],
-                            "run_id": pa.array([self.run_id] * rejected.num_rows, pa.string()),
+                            "row_hash": rows["row_hash"],
+                            "updated_at": rows["updated_at"],
+                            "status": pa.array([status] * rows.num_rows, pa.string()),
+                            "batch_id": pa.nulls(rows.num_rows, pa.string()),
+                            "identifier": rows["identifier"],
+                            "identifier_hash": lookup_column(rows),
+                            "message": message(rows),
+                            "run_id": pa.array([self.run_id] * rows.num_rows, pa.string()),
                         }
                     ),
                 )
-                recorded += rejected.num_rows
-        self.outcome.invalid_recorded = recorded
+                recorded += rows.num_rows
+                if saved:
+                    self.outcome.data_points_saved += int(pc.sum(rows["data_points_saved"]).as_py() or 0)
+        return recorded
 
     async def _send_all(self, ledger: LedgerSession, settler: LedgerSession) -> None:
         """Chunks flow through one window of `max_in_flight` requests: while a chunk's last
@@ -402,6 +460,8 @@ class Delivery:
         if not chunk.num_rows:
             return None
         self.outcome.estimated_data_points += int(pc.sum(chunk["data_points"]).as_py() or 0)
+        if "data_points_saved" in chunk.column_names:  # attributes left out as unchanged
+            self.outcome.data_points_saved += int(pc.sum(chunk["data_points_saved"]).as_py() or 0)
         requests = plan_requests(self.spec, chunk["object"].to_pylist(), prefix)
         batch_of = [""] * chunk.num_rows
         for request in requests:
@@ -512,6 +572,7 @@ class Delivery:
                 ),
             )
             ledger.clear_planned(chunk.prefix)  # the rest is sent again by a later run
+            ledger.remember(accepted_attributes(chunk.table, status))
         if len(settled) < chunk.table.num_rows:
             updated = chunk.table["updated_at"].to_pylist()
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)

@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
 from braze_assets.datatypes import (
     IDENTIFIER_COLUMNS,
     CheckedRows,
@@ -43,7 +45,23 @@ VALID_SCHEMA = pa.schema(
         ("identifier", pa.string()),  # masked, for display
         ("identifier_hash", pa.string()),  # lookup hashes, to find a user's rows (lookup.py)
         ("object", pa.binary()),  # the Braze object (or [key, id] for deletions), JSON
-        ("data_points", pa.int32()),
+        ("data_points", pa.int32()),  # attributes (events, purchases: 1) sent
+        # attributes syncs sending only what changed (attribute_diff.py); null otherwise:
+        ("user_key", pa.string()),
+        ("payload_hash", pa.string()),
+        ("remember", pa.string()),  # what Braze holds of the user once it accepts this row
+        ("payload_attributes", pa.int32()),
+        ("data_points_saved", pa.int32()),  # attributes left out: unchanged since last accepted
+    ]
+)
+#: Rows whose attributes all match what Braze last accepted: settled as `unchanged`, never sent.
+UNCHANGED_SCHEMA = pa.schema(
+    [
+        ("row_hash", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("identifier", pa.string()),
+        ("identifier_hash", pa.string()),
+        ("data_points_saved", pa.int32()),
     ]
 )
 REJECTED_SCHEMA = pa.schema(
@@ -95,7 +113,13 @@ class DeltaManifest:
     parts: dict[str, str] = field(default_factory=dict)
     parts_skipped: int = 0
     max_updated_at: str | None = None
+    #: data points the valid rows cost (attributes syncs: only the attributes that changed)
     estimated_data_points: int = 0
+    #: attributes syncs sending only what changed: where the unchanged rows are, how many, and
+    #: the data points they and the trimmed rows save
+    unchanged_path: str | None = None
+    unchanged: int = 0
+    data_points_saved: int = 0
     #: when the scan began: rows settled from then on by another run are checked again at delivery
     computed_at: str | None = None
 
@@ -166,7 +190,9 @@ class _Prepared:
 
     valid: pa.Table | None = None
     rejected: pa.Table | None = None
+    unchanged: pa.Table | None = None
     data_points: int = 0
+    data_points_saved: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, str]] = field(default_factory=list)
 
@@ -184,14 +210,21 @@ class DeltaWriter:
         manifest: DeltaManifest,
         spec: DataTypeSpec,
         update_existing_only: bool,
-        paths: tuple[str, str] | None = None,
+        paths: tuple[str, ...] | None = None,
+        diff: AttributeDiff | None = None,
+        remembered: Callable[[list[str]], dict[str, Remembered]] | None = None,
     ):
-        """`paths`: the local (valid, rejected) files to write, when not the manifest's own."""
+        """`paths`: the local (valid, rejected[, unchanged]) files to write, when not the
+        manifest's own. `diff` (with `remembered`, the state's lookup): send only what changed."""
         self.manifest, self.spec = manifest, spec
         self.update_existing_only = update_existing_only
-        valid_path, rejected_path = paths or (manifest.valid_path, manifest.rejected_path)
+        own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
+        valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
         self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
+        self.diff = diff
+        self._remembered = remembered or (lambda keys: {})
+        self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
@@ -208,9 +241,44 @@ class DeltaWriter:
 
     def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
         batch = RowBatch.from_arrow(rows)
-        checked = validate_batch(batch, self.spec)
         prepared = _Prepared()
+        keys: list[str] = []
+        payload_hashes: list[str | None] = []
+        before: dict[str, Remembered] = {}
+        if self.diff is not None:
+            keys = column_user_keys(batch.columns, batch.num_rows)
+            payload_hashes = [payload_hash(raw) for raw in batch.payload or [None] * batch.num_rows]
+            before = self._remembered(sorted(set(keys)))
+            # The fast path: a PAYLOAD exactly as Braze last accepted it is not even validated.
+            same = [
+                i
+                for i, (key, digest) in enumerate(zip(keys, payload_hashes, strict=True))
+                if digest is not None and key in before and before[key].payload_hash == digest
+            ]
+            if same:
+                saved = [before[keys[i]].payload_attributes for i in same]
+                self._set_aside_unchanged(batch, hashes, same, saved, prepared)
+                set_aside = set(same)
+                others = [i for i in range(batch.num_rows) if i not in set_aside]
+                batch, rows = batch.take(others), rows.take(pa.array(others, pa.int64()))
+                hashes = [hashes[i] for i in others]
+                keys = [keys[i] for i in others]
+                payload_hashes = [payload_hashes[i] for i in others]
+        checked = validate_batch(batch, self.spec)
         valid = [i for i in range(batch.num_rows) if i not in checked.failures]
+        diffed: dict[int, Trimmed] = {}
+        if valid and self.diff is not None:
+            for i in valid:
+                payload = checked.payloads[i]
+                if payload is not None:
+                    diffed[i] = trimmed = self.diff.trim(payload, before.get(keys[i]))
+                    checked.payloads[i] = trimmed.payload
+            unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
+            if unchanged:
+                saved = [diffed[i].saved for i in unchanged]
+                self._set_aside_unchanged(batch, hashes, unchanged, saved, prepared)
+                set_aside = set(unchanged)
+                valid = [i for i in valid if i not in set_aside]
         if valid:
             objects = build_objects(checked, self.spec, valid, self.update_existing_only)
             if any(o is None for o in objects):  # rows too deep to serialize: now in failures
@@ -218,7 +286,30 @@ class DeltaWriter:
                 valid = [i for i in valid if i not in checked.failures]
             shown = mask_identifier_columns(batch.columns, batch.num_rows)
             hashed = column_lookup_hashes(batch.columns, batch.num_rows)
-            points = checked.data_points[valid]
+            if diffed:
+                points = np.array([diffed[i].sent for i in valid], dtype=np.int64)
+                kept = np.array([diffed[i].saved for i in valid], dtype=np.int64)
+                whole = [diffed[i].sent + diffed[i].saved for i in valid]
+                diff_columns = {
+                    "user_key": pa.array([keys[i] for i in valid], pa.string()),
+                    "payload_hash": pa.array([payload_hashes[i] for i in valid], pa.string()),
+                    "remember": pa.array([diffed[i].remember for i in valid], pa.string()),
+                    "payload_attributes": pa.array(whole, pa.int32()),
+                    "data_points_saved": pa.array(kept, pa.int32()),
+                }
+                prepared.data_points_saved += int(kept.sum())
+            else:
+                points = checked.data_points[valid]
+                diff_columns = {
+                    name: pa.nulls(len(valid), VALID_SCHEMA.field(name).type)
+                    for name in (
+                        "user_key",
+                        "payload_hash",
+                        "remember",
+                        "payload_attributes",
+                        "data_points_saved",
+                    )
+                }
             prepared.valid = pa.table(
                 {
                     "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
@@ -227,6 +318,7 @@ class DeltaWriter:
                     "identifier_hash": pa.array([hashed[i] for i in valid], pa.string()),
                     "object": pa.array(objects, pa.binary()),
                     "data_points": pa.array(points, pa.int32()),
+                    **diff_columns,
                 },
                 schema=VALID_SCHEMA,
             )
@@ -234,6 +326,27 @@ class DeltaWriter:
         if checked.failures:
             self._prepare_rejected(rows, checked, hashes, prepared)
         return prepared
+
+    def _set_aside_unchanged(
+        self, batch: RowBatch, hashes: list[str], positions: list[int], saved: list[int], prepared: _Prepared
+    ) -> None:
+        """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
+        shown = mask_identifier_columns(batch.columns, batch.num_rows)
+        hashed = column_lookup_hashes(batch.columns, batch.num_rows)
+        table = pa.table(
+            {
+                "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
+                "updated_at": batch.updated_at.take(pa.array(positions, pa.int64())),
+                "identifier": pa.array([shown[i] for i in positions], pa.string()),
+                "identifier_hash": pa.array([hashed[i] for i in positions], pa.string()),
+                "data_points_saved": pa.array(saved, pa.int32()),
+            },
+            schema=UNCHANGED_SCHEMA,
+        )
+        prepared.unchanged = (
+            table if prepared.unchanged is None else pa.concat_tables([prepared.unchanged, table])
+        )
+        prepared.data_points_saved += sum(saved)
 
     def _prepare_rejected(
         self, rows: pa.RecordBatch | pa.Table, checked: CheckedRows, hashes: list[str], prepared: _Prepared
@@ -306,6 +419,10 @@ class DeltaWriter:
 
     def _commit(self, prepared: _Prepared) -> None:
         manifest = self.manifest
+        if prepared.unchanged is not None and prepared.unchanged.num_rows and self._unchanged is not None:
+            self._unchanged.write_table(prepared.unchanged)
+            manifest.unchanged += prepared.unchanged.num_rows
+        manifest.data_points_saved += prepared.data_points_saved
         if prepared.valid is not None and prepared.valid.num_rows:
             self._valid.write_table(prepared.valid)
             manifest.valid += prepared.valid.num_rows
@@ -320,6 +437,8 @@ class DeltaWriter:
     def close(self) -> None:
         self._valid.close()
         self._rejected.close()
+        if self._unchanged is not None:
+            self._unchanged.close()
         self.manifest.rejected_reasons = dict(self._reasons.most_common())
 
 
@@ -334,16 +453,22 @@ def compute_delta(
     now: dt.datetime,
     partitions_start: dt.datetime,
     update_existing_only: bool,
+    diff: AttributeDiff | None = None,
     batch_rows: int = 20_000,
     progress: Callable[[str], None] = lambda _: None,
 ) -> DeltaManifest:
     """Fill `manifest` (and its Parquet files) with the delta of [window_start, min(end, now)).
+    With `diff` (attributes syncs sending only what changed) rows with nothing new for Braze go to
+    `manifest.unchanged_path`, which must be set.
 
     The files are written on local disk, and copied whole to an object store when the manifest's
     paths are URIs there (`delta_files.staged`)."""
     columns = source.check_shape(spec)
     scan_end = min(window_end, now)
-    with staged(manifest.valid_path, manifest.rejected_path) as paths:
+    if diff is not None and not manifest.unchanged_path:
+        raise ValueError("an attributes diff needs the manifest's unchanged_path")
+    uris = [manifest.valid_path, manifest.rejected_path] + ([manifest.unchanged_path or ""] if diff else [])
+    with staged(*uris) as paths:
         newest = _write_delta(
             source=source,
             spec=spec,
@@ -354,6 +479,7 @@ def compute_delta(
             window_start=window_start,
             scan_end=scan_end,
             update_existing_only=update_existing_only,
+            diff=diff,
             batch_rows=batch_rows,
             progress=progress,
         )
@@ -381,23 +507,25 @@ def _write_delta(
     spec: DataTypeSpec,
     store: StateStore,
     manifest: DeltaManifest,
-    paths: tuple[str, str],
+    paths: tuple[str, ...],
     columns: list[str],
     window_start: dt.datetime | None,
     scan_end: dt.datetime,
     update_existing_only: bool,
+    diff: AttributeDiff | None,
     batch_rows: int,
     progress: Callable[[str], None],
 ) -> dt.datetime | None:
-    """Scan the window into the local files `paths` (valid, rejected); the newest UPDATED_AT read."""
+    """Scan the window into the local files `paths` (valid, rejected[, unchanged]); the newest
+    UPDATED_AT read."""
     hash_columns = [c for c in columns if c in IDENTIFIER_COLUMNS or c in ("UPDATED_AT", "PAYLOAD")]
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
     manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()
-    writer = DeltaWriter(manifest, spec, update_existing_only, paths)
     newest: dt.datetime | None = None
-    try:
-        with store.session() as ledger:
+    with store.session() as ledger:
+        writer = DeltaWriter(manifest, spec, update_existing_only, paths, diff, ledger.remembered)
+        try:
             for batch in source.scan(
                 window_start, scan_end, manifest.reaches_now, batch_rows, columns=columns
             ):
@@ -423,9 +551,9 @@ def _write_delta(
                     f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
                     f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled"
                 )
-    finally:
-        writer.close()
-    valid_path, rejected_path = paths
+        finally:
+            writer.close()
+    valid_path, rejected_path = paths[:2]
     valid_copies = _drop_duplicates(valid_path)
     rejected_copies = _drop_duplicates(rejected_path)
     manifest.duplicate_rows = valid_copies + rejected_copies

@@ -116,7 +116,7 @@ class DeltaFiles:
         wanted = set(lookup)
         dropped = 0
         for run in self._runs():
-            for name in ("valid.parquet", "rejected.parquet"):
+            for name in ("valid.parquet", "rejected.parquet", "unchanged.parquet"):
                 uri = delta_store.join(self.run_dir(run), name)
                 try:
                     with delta_store.open_input(uri) as f:
@@ -139,23 +139,24 @@ class DeltaFiles:
 
 
 @contextlib.contextmanager
-def staged(valid_uri: str, rejected_uri: str) -> Iterator[tuple[str, str]]:
-    """Local paths to write a run's two delta files at, then (on an object store) uploaded whole
-    once the block ends without error, and the run sealed.
+def staged(*uris: str) -> Iterator[tuple[str, ...]]:
+    """Local paths to write a run's delta files at (valid, rejected and, for attributes syncs
+    sending only what changed, unchanged), then (on an object store) uploaded whole once the
+    block ends without error, and the run sealed.
 
     Written locally first because the delta is rewritten after writing (exact copies dropped, with
     DuckDB, which reads only local files without an extension download), and because an object
     appears only once uploaded whole: no reader ever sees a file half written. A failed delta
     uploads nothing. On local disk the files are written in place, as they always were."""
-    if not delta_store.is_remote(valid_uri):
-        for uri in (valid_uri, rejected_uri):
+    if not delta_store.is_remote(uris[0]):
+        for uri in uris:
             Path(delta_store.locate(uri)[1]).parent.mkdir(parents=True, exist_ok=True)
-        yield valid_uri, rejected_uri
+        yield uris
         return
     with tempfile.TemporaryDirectory(prefix="braze-assets-delta-") as scratch:
-        local = (os.path.join(scratch, "valid.parquet"), os.path.join(scratch, "rejected.parquet"))
+        local = tuple(os.path.join(scratch, f"{n}.parquet") for n in range(len(uris)))
         yield local
-        for path, uri in zip(local, (valid_uri, rejected_uri), strict=True):
+        for path, uri in zip(local, uris, strict=True):
             delta_store.upload(path, uri)
         sealed_at = dt.datetime.now(dt.UTC).isoformat()
-        delta_store.write_text(delta_store.join(delta_store.parent(valid_uri), SEALED), sealed_at)
+        delta_store.write_text(delta_store.join(delta_store.parent(uris[0]), SEALED), sealed_at)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any
 
+from braze_assets.attribute_diff import user_key
 from braze_assets.lookup import lookup_hash
 from braze_assets.state import StateStore, SyncBusyError
 
@@ -30,8 +31,8 @@ def _user_options(parser: argparse.ArgumentParser, required: bool = False) -> No
     group.add_argument("--alias", nargs=2, metavar=("NAME", "LABEL"))
 
 
-def _lookup(args: argparse.Namespace) -> list[str] | None:
-    """The lookup hash of the user named on the command line, or None when none was."""
+def _user(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The identifier named on the command line (kind -> value), or None when none was."""
     for kind, value in (
         ("EXTERNAL_ID", args.external_id),
         ("BRAZE_ID", args.braze_id),
@@ -39,10 +40,16 @@ def _lookup(args: argparse.Namespace) -> list[str] | None:
         ("PHONE", args.phone),
     ):
         if value is not None:
-            return [lookup_hash(kind, value)]
+            return {kind: value}
     if args.alias is not None:
-        return [lookup_hash("ALIAS", (args.alias[0], args.alias[1]))]
+        return {"ALIAS": (args.alias[0], args.alias[1])}
     return None
+
+
+def _lookup(args: argparse.Namespace) -> list[str] | None:
+    """The lookup hash of the user named on the command line, or None when none was."""
+    user = _user(args)
+    return [lookup_hash(kind, value) for kind, value in user.items()] if user else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,10 +124,11 @@ def log_command(argv: list[str]) -> int:
             print(f"{name}: cleared the details of {rows:,} rows, deleted {runs:,} run records")
         return 0
     lookup = _lookup(args) or []
+    user = _user(args) or {}
     status = 0
     for name in chosen:
         try:
-            rows, files = store(name).forget(lookup)
+            rows, files = store(name).forget(lookup, [user_key(user)])
         except SyncBusyError as exc:
             print(f"{name}: not changed: {exc}")
             status = 1

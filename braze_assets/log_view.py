@@ -30,6 +30,9 @@ RUN_COLUMNS = (
     ("failed at Braze", "failed"),
     ("held", "held"),
     ("not sent", "not_sent"),
+    ("unchanged", "unchanged"),
+    ("data points", "estimated_data_points"),
+    ("saved", "data_points_saved"),
     ("watermark before", "watermark_before"),
     ("watermark after", "watermark_after"),
 )

@@ -165,8 +165,58 @@ def insert_rows(
     )
 
 
+#: A CRM table and the CDI view on it that restamps every row on each read, as nightly snapshots
+#: and views do: the case where only changed attributes should be sent (attribute_diff.py).
+SNAPSHOT_TABLE = "crm_profiles"
+SNAPSHOT_VIEW = "braze_user_profile_snapshot"
+SNAPSHOT_USERS = 2000
+
+
+def create_snapshot(con: duckdb.DuckDBPyConnection, users: int = SNAPSHOT_USERS) -> None:
+    """The CRM table and its CDI view (UPDATED_AT: the second before the read, in UTC)."""
+    rng = random.Random("7-snapshot")
+    con.execute(
+        f"CREATE TABLE {SNAPSHOT_TABLE} (EXTERNAL_ID VARCHAR, first_name VARCHAR, plan VARCHAR, "
+        "loyalty_points INTEGER, city VARCHAR)"
+    )
+    con.executemany(
+        f"INSERT INTO {SNAPSHOT_TABLE} VALUES (?, ?, ?, ?, ?)",
+        [
+            (
+                f"member-{i:05d}",
+                rng.choice(["Ana", "Bo", "Chen", "Dee", "Eli"]),
+                rng.choice(["free", "pro", "team"]),
+                rng.randint(0, 5000),
+                rng.choice(["Oslo", "Lyon", "Osaka", "Lima"]),
+            )
+            for i in range(users)
+        ],
+    )
+    con.execute(
+        f"CREATE VIEW {SNAPSHOT_VIEW} AS SELECT "
+        "date_trunc('second', timezone('UTC', now())) - INTERVAL 1 SECOND AS UPDATED_AT, EXTERNAL_ID, "
+        "NULL::VARCHAR AS ALIAS_NAME, NULL::VARCHAR AS ALIAS_LABEL, NULL::VARCHAR AS BRAZE_ID, "
+        "NULL::VARCHAR AS EMAIL, NULL::VARCHAR AS PHONE, "
+        "json_object('first_name', first_name, 'plan', plan, 'loyalty_points', loyalty_points, "
+        f"'city', city)::VARCHAR AS PAYLOAD FROM {SNAPSHOT_TABLE}"
+    )
+
+
+def change_snapshot(path: str | Path, share: float = 0.01, seed: int | None = None) -> int:
+    """What a day does to the CRM: `share` of the members earn loyalty points. Returns how many."""
+    with duckdb.connect(str(path)) as con:
+        total = con.execute(f"SELECT count(*) FROM {SNAPSHOT_TABLE}").fetchall()[0][0]
+        picked = random.Random(seed).sample(range(total), max(1, int(total * share)))
+        con.executemany(
+            f"UPDATE {SNAPSHOT_TABLE} SET loyalty_points = loyalty_points + 10 WHERE EXTERNAL_ID = ?",
+            [(f"member-{i:05d}",) for i in picked],
+        )
+    return len(picked)
+
+
 def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int = 1) -> dict:
-    """Create the four sample tables in a DuckDB file; returns {table: rows inserted}."""
+    """Create the four sample tables and the CRM snapshot view in a DuckDB file; returns
+    {table: rows inserted}."""
     now = now or dt.datetime.now(dt.UTC)
     counts = {"attributes": 2500, "events": 4000, "purchases": 1500, "deletions": 150}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -177,4 +227,6 @@ def seed_warehouse(path: str | Path, now: dt.datetime | None = None, scale: int 
             create_table(con, table, with_payload=kind != "deletions")
             insert_rows(con, table, rows, with_payload=kind != "deletions")
             inserted[table] = len(rows)
+        create_snapshot(con, SNAPSHOT_USERS * scale)
+        inserted[SNAPSHOT_VIEW] = SNAPSHOT_USERS * scale
     return inserted

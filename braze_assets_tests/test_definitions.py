@@ -28,7 +28,7 @@ def test_shipped_definitions_load_and_resolve_everything(monkeypatch, tmp_path):
         defs = build_definitions(load_syncs())
         repo = defs.get_repository_def()
     names = {s.name for s in load_syncs()}
-    assert names == {"user_attributes", "app_events", "store_purchases", "user_deletions"}
+    assert names == {"user_attributes", "profile_snapshot", "app_events", "store_purchases", "user_deletions"}
     for name in names:
         job = repo.get_job(f"{name}_job")
         assert {str(k.path[-1]) for k in job.asset_layer.executable_asset_keys} == {

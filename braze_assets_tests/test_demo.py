@@ -36,8 +36,15 @@ def _demo(home, *extra) -> dict:
 def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothing(tmp_path):
     first = _demo(tmp_path / "home")
     by_name = {s["sync"]: s for s in first["syncs"]}
-    # the seed's bad rows are rejected on purpose: every sync ends partially successful
-    assert [s["status"] for s in first["syncs"]] == ["partial_success"] * 4
+    # the seed's bad rows are rejected on purpose: every sync with bad rows ends partially successful
+    assert {s["sync"]: s["status"] for s in first["syncs"]} == {
+        **dict.fromkeys(
+            ["user_attributes", "app_events", "store_purchases", "user_deletions"], "partial_success"
+        ),
+        "profile_snapshot": "success",
+    }
+    assert by_name["profile_snapshot"]["accepted"] == 2000
+    assert by_name["profile_snapshot"]["data_points_sent"] == 8000
     expected_valid = {
         "user_attributes": 2500,
         "app_events": 4000,
@@ -68,7 +75,12 @@ def test_demo_syncs_every_valid_row_once_reports_bad_rows_and_reruns_send_nothin
     assert by_name["user_deletions"]["rejected"] == 6
 
     second = _demo(tmp_path / "home")
-    assert all(
-        s["status"] == "success" and s["accepted"] == 0 and s["requests"] == 0 for s in second["syncs"]
-    )
+    again = {s["sync"]: s for s in second["syncs"]}
+    snapshot = again.pop("profile_snapshot")
+    assert all(s["status"] == "success" and s["accepted"] == 0 and s["requests"] == 0 for s in again.values())
     assert second["emulator"]["events"] == 4000, "the emulator's store persists across runs"
+    # The snapshot view restamped every member and the CRM changed 1% of them (20): only those
+    # members' changed attribute goes out, the rest is settled as unchanged.
+    assert snapshot["status"] == "success"
+    assert (snapshot["accepted"], snapshot["unchanged"]) == (20, 1980)
+    assert (snapshot["data_points_sent"], snapshot["data_points_saved"]) == (20, 7980)

@@ -258,7 +258,7 @@ def test_migrations_run_once_when_processes_start_together(postgres):
     connection = db.connect("test")
     with connection.cursor() as cursor:
         cursor.execute("SELECT version_num FROM alembic_version")
-        assert cursor.fetchall() == [("0002",)]
+        assert cursor.fetchall() == [("0003",)]
         cursor.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
             (db.schema,),
@@ -281,6 +281,7 @@ def test_migrations_run_once_when_processes_start_together(postgres):
         "ledger",
         "planned",
         "rate_budget",
+        "remembered_attributes",
         "runs",
         "settled_parts",
         "watermarks",

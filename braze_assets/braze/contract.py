@@ -74,3 +74,25 @@ ISO_4217_CURRENCIES = frozenset(
 #: [LIMITS] Burst windows of the rate limits, by endpoint: `/users/track` allows 3,000 requests per
 #: 3 seconds ("per 3 seconds, not per second"); the client checks it against what it observes.
 RATE_WINDOWS_S = {"/users/track": 3.0}
+
+#: [B2a] items per request to the asynchronous catalog item endpoints (`/catalogs/{name}/items`).
+CATALOG_MAX_ITEMS = 50
+#: [B2a] an item id: 1 to 250 characters, only letters, digits, `-` and `_`.
+CATALOG_ID_MAX_CHARS = 250
+CATALOG_ID_CHARS = r"[A-Za-z0-9_-]+"
+#: [B2a] no value of an item may be longer than this many characters.
+CATALOG_VALUE_MAX_CHARS = 5000
+#: [B2a] object values nest at most this deep, and their keys contain neither `.` nor `$`.
+CATALOG_MAX_NESTING = 50
+#: [B2a] `array` fields hold strings only, at most this many.
+CATALOG_ARRAY_MAX_ITEMS = 100
+#: [B2a] the field types a catalog's schema may declare; the first field is always `id` (`string`).
+CATALOG_FIELD_TYPES = frozenset({"string", "number", "boolean", "time", "object", "array"})
+#: [B2a] catalog names, field names and descriptions: at most 250 characters; at most 500 fields.
+CATALOG_NAME_MAX_CHARS = 250
+CATALOG_MAX_FIELDS = 500
+#: [B3] every asynchronous catalog item endpoint of a workspace shares one limit: 16,000 requests
+#: per minute, whatever the catalog. The client keys its budgets by path, so a catalog sender must
+#: pace all `/catalogs/{name}/items` paths as one.
+CATALOG_ITEMS_RATE_LIMIT = 16_000
+CATALOG_ITEMS_RATE_WINDOW_S = 60.0

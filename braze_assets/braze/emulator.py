@@ -1,5 +1,5 @@
 """A local emulator of Braze's user-data REST API (``/users/track``, ``/users/delete``,
-``/users/export/ids``), like moto for AWS.
+``/users/export/ids``) and its catalogs (``/catalogs``, ``/catalogs/{name}/items``), like moto for AWS.
 
 A real ``aiohttp`` HTTP server on loopback that enforces the documented contract (``docs/braze-contract.md``
 B1-B3; object rules live in :mod:`braze_assets.braze.emulator_validation`), stores what it accepted so tests
@@ -8,6 +8,9 @@ and the demo can query it, and injects faults both before and after processing a
 on every API endpoint alike. ``/users/export/ids`` answers from what was stored (identifiers, attributes,
 and per event name and product_id the ``first``/``last`` time and ``count``); it has its own rate-limit
 window (``export_rate_limit``, Braze's default being 250 requests per minute), unlimited unless set.
+Catalogs (B2a; checks in :mod:`braze_assets.braze.emulator_catalogs`) are created with ``POST /catalogs``
+or exist from the start (``EmulatorConfig.catalogs``, ``--catalog``); ``PUT``/``DELETE`` of their items
+share one rate-limit window of their own (``catalog_rate_limit``; Braze: 16,000 per minute).
 
 Python::
 
@@ -15,8 +18,8 @@ Python::
         ...  # send requests to braze.base_url, then inspect braze.store.profiles()
 
 Command line: ``braze-emulator --port 4545`` (or ``python -m braze_assets.braze.emulator``); the admin
-endpoints under ``/_emulator/`` (stats, profiles, events, purchases, deletions, reset, faults, rate_limit,
-health) need no key and are never counted, rate limited or faulted.
+endpoints under ``/_emulator/`` (stats, profiles, events, purchases, deletions, catalogs, catalogs/{name},
+reset, faults, rate_limit, health) need no key and are never counted, rate limited or faulted.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ import orjson
 from aiohttp import web
 
 from braze_assets.braze.contract import MAX_BODY_BYTES
+from braze_assets.braze.emulator_catalogs import (
+    CATALOG_ITEMS_PATH,
+    catalog_not_found,
+    check_items,
+    configured_catalog,
+    invalid_request,
+    name_taken,
+    new_catalog,
+    parse_catalog_option,
+)
 from braze_assets.braze.emulator_store import EmulatorStore
 from braze_assets.braze.emulator_validation import (
     MSG_ALL_INVALID,
@@ -69,9 +82,10 @@ _REASONS = {
 @dataclass
 class FaultConfig:
     """Fault injection rates (0..1), drawn for every API request (``/users/track``, ``/users/delete``,
-    ``/users/export/ids``). "before" faults refuse a request unprocessed (429, 502/503, dropped connection);
-    "after" faults process (store) it and then lose or spoil the answer (500/504, dropped connection,
-    a stall past the client's timeout), the ambiguous case of docs/architecture.md."""
+    ``/users/export/ids``, the catalog endpoints). "before" faults refuse a request unprocessed (429,
+    502/503, dropped connection); "after" faults process (store) it and then lose or spoil the answer
+    (500/504, dropped connection, a stall past the client's timeout), the ambiguous case of
+    docs/architecture.md."""
 
     rate_429: float = 0.0
     rate_5xx_before: float = 0.0
@@ -102,7 +116,10 @@ class FaultConfig:
 class EmulatorConfig:
     """Server settings; ``rate_limit=None`` means unlimited, ``port=0`` picks a free port. ``lean`` checks
     request limits, auth and identifiers only and keeps only counters (for benchmarks). ``state_file``, if
-    set, is loaded into the store on start (when it exists) and written on stop, so a demo keeps its data."""
+    set, is loaded into the store on start (when it exists) and written on stop, so a demo keeps its data.
+    ``catalogs`` exist from the start (and again after a reset): name -> ``{field: type}``, ``id`` implied,
+    e.g. ``{"products": {"title": "string", "price": "number"}}``; ``catalog_rate_limit`` is the window
+    the catalog item endpoints share (``None`` = unlimited; Braze: 16,000 per 60 seconds)."""
 
     api_key: str = field(default=DEFAULT_API_KEY, repr=False)
     host: str = "127.0.0.1"
@@ -111,11 +128,14 @@ class EmulatorConfig:
     rate_window_s: float = 3.0
     export_rate_limit: int | None = None
     export_rate_window_s: float = 60.0
+    catalog_rate_limit: int | None = None
+    catalog_rate_window_s: float = 60.0
     mau_style_429: bool = False
     legacy_batching: bool = False
     lean: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
     state_file: str | None = None
+    catalogs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,12 +199,14 @@ class BrazeEmulator:
 
     def __init__(self, config: EmulatorConfig | None = None):
         self.config = config or EmulatorConfig()
-        self.store = EmulatorStore(lean=self.config.lean)
+        catalogs = [configured_catalog(name, fields) for name, fields in self.config.catalogs.items()]
+        self.store = EmulatorStore(lean=self.config.lean, catalogs=catalogs)
         self.base_url = ""
         self._auth = f"Bearer {self.config.api_key}"
         self.set_faults(self.config.faults)
         self.set_rate_limit(self.config.rate_limit, self.config.rate_window_s)
         self.set_export_rate_limit(self.config.export_rate_limit, self.config.export_rate_window_s)
+        self.set_catalog_rate_limit(self.config.catalog_rate_limit, self.config.catalog_rate_window_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -200,6 +222,10 @@ class BrazeEmulator:
     def set_export_rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
         """Swap ``/users/export/ids``'s own rate limit (``None`` = unlimited; Braze: 250 per minute)."""
         self._export_window = _RateWindow(limit, window_s)
+
+    def set_catalog_rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
+        """Swap the window the catalog item endpoints share (``None`` = unlimited; Braze: 16,000/minute)."""
+        self._catalog_window = _RateWindow(limit, window_s)
 
     def start(self) -> str:
         """Listen on ``config.host:config.port`` and return the base URL once the socket is bound."""
@@ -268,8 +294,16 @@ class BrazeEmulator:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/users/track", partial(self._api, process=self._track))
         app.router.add_post("/users/delete", partial(self._api, process=self._delete))
-        app.router.add_post("/users/export/ids", partial(self._api, process=self._export))
+        app.router.add_post("/users/export/ids", partial(self._api, process=self._export, bucket="export"))
+        app.router.add_post("/catalogs", partial(self._api, process=self._catalog_create, bucket=None))
+        app.router.add_get("/catalogs", partial(self._api, process=self._catalog_list, bucket=None))
+        for method in ("PUT", "DELETE"):
+            items = partial(self._catalog_items, method=method)
+            app.router.add_route(
+                method, "/catalogs/{catalog}/items", partial(self._api, process=items, bucket="items")
+            )
         app.router.add_get("/_emulator/{name}", self._admin_read)
+        app.router.add_get("/_emulator/catalogs/{catalog}", self._admin_catalog)
         app.router.add_post("/_emulator/reset", self._admin_reset)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         app.router.add_post("/_emulator/rate_limit", self._admin_rate_limit)
@@ -277,12 +311,13 @@ class BrazeEmulator:
         return app
 
     # --- API pipeline ------------------------------------------------------------------------------
-    def _admit(self, request: web.Request, headers: dict[str, str]) -> int:
-        """B3 rate limit, then B4 auth: 429 or 401 (or 0 when admitted). Every API request counts toward
-        the window; with a limit set every answer carries ``X-RateLimit-*`` except MAU-style 429s, which
-        carry only ``X-Ratelimit-Retry-After``."""
-        window = self._export_window if request.path == _EXPORT_PATH else self._window
-        if window.limit is not None:
+    def _admit(self, request: web.Request, headers: dict[str, str], bucket: str | None) -> int:
+        """B3 rate limit of the ``bucket``'s window (``None``: not limited), then B4 auth: 429 or 401 (or
+        0 when admitted). Every API request counts toward its window; with a limit set every answer carries
+        ``X-RateLimit-*`` except MAU-style 429s, which carry only ``X-Ratelimit-Retry-After``."""
+        windows = {"users": self._window, "export": self._export_window, "items": self._catalog_window}
+        window = windows[bucket] if bucket else None
+        if window is not None and window.limit is not None:
             now = time.time()
             allowed = window.take(now)
             if allowed or not self.config.mau_style_429:
@@ -292,13 +327,18 @@ class BrazeEmulator:
                 return 429
         return 0 if request.headers.get("Authorization") == self._auth else 401
 
-    async def _api(self, request: web.Request, process: _Processor) -> web.StreamResponse:
+    async def _api(
+        self, request: web.Request, process: _Processor, bucket: str | None = "users"
+    ) -> web.StreamResponse:
         """Admission, "before" faults, processing, "after" faults, latency, answer (B1-B3; the
-        ambiguous case: docs/architecture.md, Delivery guarantees)."""
+        ambiguous case: docs/architecture.md, Delivery guarantees). ``bucket`` names the rate-limit
+        window: ``users`` (``/users/track``, ``/users/delete``), ``export``, ``items`` (catalog items)."""
         faults, rng = self._faults
         headers: dict[str, str] = {}
         body: dict = {}
-        status = self._admit(request, headers)
+        if bucket == "items":
+            self.store.record_catalog_request()
+        status = self._admit(request, headers, bucket)
         if not status:
             before = _draw(rng, faults.rate_429, faults.rate_5xx_before, faults.rate_drop_before)
             if before == 0:
@@ -378,27 +418,68 @@ class BrazeEmulator:
         missing = {"invalid_user_ids": invalid} if invalid else {}
         return 201, {"users": users, **missing, "message": "success"}
 
+    async def _catalog_create(self, request: web.Request) -> tuple[int, dict]:
+        """``POST /catalogs`` (B2a): one catalog and its fields; 201 with the catalog as listed."""
+        catalog = new_catalog(await self._read_json(request))
+        if isinstance(catalog, list):
+            return 400, invalid_request(catalog)
+        created = self.store.create_catalog(catalog)
+        if created is None:
+            return 400, name_taken(catalog.name)
+        return 201, {"catalogs": [created], "message": "success"}
+
+    async def _catalog_list(self, _request: web.Request) -> tuple[int, dict]:
+        """``GET /catalogs``: every catalog, in one page."""
+        return 200, {"catalogs": self.store.catalogs(), "message": "success"}
+
+    async def _catalog_items(self, request: web.Request, method: str) -> tuple[int, dict]:
+        """``PUT`` (replace, creating missing items) or ``DELETE /catalogs/{catalog}/items`` (B2a): 404 for
+        an unknown catalog; one bad item refuses the whole request with 400 and errors naming the items;
+        else all are stored and the answer is 202, queued."""
+        name = request.match_info["catalog"]
+        fields = self.store.catalog_fields(name)
+        if fields is None:
+            return 404, catalog_not_found(name)
+        items, errors = check_items(method, fields, await self._read_json(request))
+        if errors:
+            self.store.record_catalog_refusal()
+            return 400, invalid_request(errors)
+        if not self.store.record_catalog_items(name, method, items):
+            return 404, catalog_not_found(name)
+        return 202, {"message": "success"}
+
     async def _unknown(self, request: web.Request) -> web.Response:
         """Any other path: 404 (405 for a wrong method on an API path); counted, never rate limited."""
-        status = 405 if request.path in ("/users/track", "/users/delete", _EXPORT_PATH) else 404
+        path = request.path
+        api = path in ("/users/track", "/users/delete", _EXPORT_PATH, "/catalogs")
+        status = 405 if api or CATALOG_ITEMS_PATH.fullmatch(path) else 404
         self.store.record_request(str(status))
         return _json(status, {"message": _REASONS[status]})
 
     # --- admin -------------------------------------------------------------------------------------
     async def _admin_read(self, request: web.Request) -> web.Response:
-        """``GET /_emulator/{health,stats,profiles,events,purchases,deletions}``."""
+        """``GET /_emulator/{health,stats,profiles,events,purchases,deletions,catalogs}``."""
         name = request.match_info["name"]
         if name == "health":
             return _json(200, {"status": "ok"})
-        if name not in ("stats", "profiles", "events", "purchases", "deletions"):
+        if name not in ("stats", "profiles", "events", "purchases", "deletions", "catalogs"):
             return _json(404, {"message": _REASONS[404]})
         return _json(200, getattr(self.store, name)())
 
+    async def _admin_catalog(self, request: web.Request) -> web.Response:
+        """``GET /_emulator/catalogs/{catalog}``: its items by id (404 if there is no such catalog)."""
+        try:
+            return _json(200, self.store.catalog_items(request.match_info["catalog"]))
+        except KeyError:
+            return _json(404, {"message": _REASONS[404]})
+
     async def _admin_reset(self, _request: web.Request) -> web.Response:
-        """Forget everything stored and counted, and start a fresh rate-limit window."""
+        """Forget everything stored and counted (configured catalogs come back empty), and start fresh
+        rate-limit windows."""
         self.store.reset()
         self.set_rate_limit(self._window.limit, self._window.window_s)
         self.set_export_rate_limit(self._export_window.limit, self._export_window.window_s)
+        self.set_catalog_rate_limit(self._catalog_window.limit, self._catalog_window.window_s)
         return _json(200, {"message": "reset"})
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
@@ -453,6 +534,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--export-rate-window", type=float, default=60.0, help="its window in seconds")
     parser.add_argument(
+        "--catalog",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=TYPE,...",
+        help="a catalog that exists from the start (repeatable), e.g. products:title=string,price=number",
+    )
+    parser.add_argument(
+        "--catalog-rate-limit",
+        type=int,
+        default=None,
+        help="requests per window the catalog item endpoints share (default unlimited; Braze: 16,000/min)",
+    )
+    parser.add_argument("--catalog-rate-window", type=float, default=60.0, help="its window in seconds")
+    parser.add_argument(
         "--mau-style-429", action="store_true", help="429s carry only X-Ratelimit-Retry-After"
     )
     parser.add_argument(
@@ -476,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             **{name: getattr(args, name) for name in _FAULT_FLAGS.values()},
         )
+        catalogs = dict(parse_catalog_option(text) for text in args.catalog)
     except ValueError as error:
         parser.error(str(error))
     config = EmulatorConfig(
@@ -486,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
         rate_window_s=args.rate_window,
         export_rate_limit=args.export_rate_limit,
         export_rate_window_s=args.export_rate_window,
+        catalog_rate_limit=args.catalog_rate_limit,
+        catalog_rate_window_s=args.catalog_rate_window,
+        catalogs=catalogs,
         mau_style_429=args.mau_style_429,
         legacy_batching=args.legacy_batching,
         lean=args.lean,

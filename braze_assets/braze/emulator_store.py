@@ -1,15 +1,17 @@
-"""What the local Braze emulator accepted: profiles, events, purchases and deletions, and what
-``/users/export/ids`` answers from them."""
+"""What the local Braze emulator accepted: profiles, events, purchases, deletions and catalogs, and
+what ``/users/export/ids`` answers from them."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from itertools import count
 from typing import Any
 
 import orjson
 
+from braze_assets.braze.emulator_catalogs import Catalog
 from braze_assets.braze.emulator_validation import (
     CONTROL_KEYS,
     STANDARD_ATTRIBUTES,
@@ -37,10 +39,15 @@ class EmulatorStore:
     product_id, the ``first`` and ``last`` time and the ``count`` that ``/users/export/ids`` reports; a
     deleted profile takes them with it. In ``lean`` mode only counters are kept and ``profiles`` in
     :meth:`stats` counts distinct identities seen.
+
+    Catalogs (B2a) keep their schema and their items by id. ``catalogs`` are the ones that exist from the
+    start: :meth:`reset` brings them back empty and forgets those created since (lean mode keeps schemas
+    but no items).
     """
 
-    def __init__(self, lean: bool = False):
+    def __init__(self, lean: bool = False, catalogs: Iterable[Catalog] = ()):
         self.lean = lean
+        self._initial_catalogs = tuple(catalogs)
         self._lock = threading.Lock()
         self.reset()
 
@@ -54,6 +61,7 @@ class EmulatorStore:
             # braze_id -> export field -> name -> [first, last, count]
             self._activity: dict[str, dict[str, dict[str, list]]] = {}
             self._identities: set[str] = set()  # lean mode only
+            self._catalogs = {catalog.name: catalog.fresh() for catalog in self._initial_catalogs}
             self._counts: Counter[str] = Counter()
             self._by_status: Counter[str] = Counter()
             self._clock = count(1)  # orders updates, for "most recently updated"
@@ -83,9 +91,27 @@ class EmulatorStore:
         with self._lock:
             return list(self._deletions)
 
+    def catalogs(self) -> list[dict]:
+        """Every catalog as ``GET /catalogs`` lists it: schema, ``num_items``, ``updated_at``."""
+        with self._lock:
+            return [catalog.public() for catalog in self._catalogs.values()]
+
+    def catalog_fields(self, name: str) -> dict[str, str] | None:
+        """A catalog's schema (field name -> type, ``id`` first), or None if there is no such catalog."""
+        with self._lock:
+            catalog = self._catalogs.get(name)
+            return None if catalog is None else dict(catalog.fields)
+
+    def catalog_items(self, name: str) -> dict[str, dict]:
+        """A catalog's items by id, each as last sent (``id`` included); ``KeyError`` if it does not exist."""
+        with self._lock:
+            return {item_id: dict(item) for item_id, item in self._catalogs[name].items.items()}
+
     def stats(self) -> dict:
         """Counters; ``by_status`` keys are HTTP statuses, plus ``dropped`` and ``timeout`` for faults
-        that leave the client without an answer."""
+        that leave the client without an answer. ``catalog_requests`` counts every request to the catalog
+        item endpoints, whatever its answer; ``catalog_requests_invalid`` those refused with errors;
+        ``catalog_items_upserted``/``_deleted`` the items of the accepted ones."""
         with self._lock:
             counts = self._counts
             return {
@@ -95,6 +121,17 @@ class EmulatorStore:
                 **{name: counts[name] for name in ("events", "purchases", "deletions")},
                 "track_objects_accepted": counts["track_objects_accepted"],
                 "track_objects_rejected": counts["track_objects_rejected"],
+                "catalogs": len(self._catalogs),
+                "catalog_items": sum(len(catalog.items) for catalog in self._catalogs.values()),
+                **{
+                    name: counts[name]
+                    for name in (
+                        "catalog_requests",
+                        "catalog_requests_invalid",
+                        "catalog_items_upserted",
+                        "catalog_items_deleted",
+                    )
+                },
             }
 
     def dump(self) -> bytes:
@@ -115,6 +152,7 @@ class EmulatorStore:
                         for braze_id, fields in self._activity.items()
                     },
                     "identities": sorted(self._identities),
+                    "catalogs": [catalog.dump() for catalog in self._catalogs.values()],
                     "counts": self._counts,
                     "by_status": self._by_status,
                 }
@@ -144,6 +182,9 @@ class EmulatorStore:
                 for braze_id, fields in data.get("activity", {}).items()
             }
             self._identities = set(data["identities"])
+            for saved in data.get("catalogs", ()):  # absent from snapshots written before catalogs
+                catalog = Catalog.load(saved)
+                self._catalogs[catalog.name] = catalog
             self._counts.update(data["counts"])
             self._by_status.update(data["by_status"])
             self._clock = count(max((p["_updated"] for p in data["profiles"]), default=0) + 1)
@@ -154,6 +195,37 @@ class EmulatorStore:
         with self._lock:
             self._counts["requests"] += 1
             self._by_status[outcome] += 1
+
+    def record_catalog_request(self) -> None:
+        """One request to a catalog item endpoint, whatever becomes of it."""
+        with self._lock:
+            self._counts["catalog_requests"] += 1
+
+    def record_catalog_refusal(self) -> None:
+        """One catalog item request refused with ``errors`` (nothing of it is stored)."""
+        with self._lock:
+            self._counts["catalog_requests_invalid"] += 1
+
+    def create_catalog(self, catalog: Catalog) -> dict | None:
+        """``POST /catalogs``: add a catalog and return it as listed; None if the name is taken."""
+        with self._lock:
+            if catalog.name in self._catalogs:
+                return None
+            self._catalogs[catalog.name] = catalog
+            return catalog.public()
+
+    def record_catalog_items(self, name: str, method: str, items: list[dict]) -> bool:
+        """Apply a checked ``PUT`` (replace or create) or ``DELETE`` of items; False if the catalog does
+        not exist. Lean mode counts them only."""
+        with self._lock:
+            catalog = self._catalogs.get(name)
+            if catalog is None:
+                return False
+            counter = "catalog_items_upserted" if method == "PUT" else "catalog_items_deleted"
+            self._counts[counter] += len(items)
+            if not self.lean:
+                catalog.apply(method, items)
+            return True
 
     def record_track(self, accepted: list[tuple[str, dict, Identity]], rejected: int) -> None:
         """Apply the valid objects of one /users/track request, in array order (B1.2); lean: count only."""

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from braze_assets.attribute_diff import Remembered
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.held import held_details_table
@@ -51,6 +52,8 @@ LEDGER_COLUMNS = (
     "message",
     "run_id",
 )
+#: Columns of a remembered user (attribute_diff.py).
+REMEMBERED_COLUMNS = ("user_key", "payload_hash", "attributes", "payload_attributes")
 #: Columns of a planned row.
 PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "identifier_hash", "run_id")
 
@@ -142,6 +145,16 @@ class LedgerSession(ABC):
     def plan(self, rows: pa.Table) -> None:
         """Rows about to be sent (`PLANNED_COLUMNS`, `identifier_hash` optional)."""
         self._insert("planned", rows)
+
+    # ------------------------------------------------------------------ remembered attributes
+    @abstractmethod
+    def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
+        """What Braze last accepted from this sync for these users (`attribute_diff.py`)."""
+
+    @abstractmethod
+    def remember(self, rows: pa.Table) -> None:
+        """Braze accepted these users' rows: `REMEMBERED_COLUMNS`, one row per user, replacing
+        what was remembered of them."""
 
 
 class Journal(ABC):
@@ -291,10 +304,10 @@ class StateStore(ABC):
     def add_settled_parts(self, parts: dict[str, str]) -> None: ...
 
     # ------------------------------------------------------------------ the sync log
-    def forget(self, lookup: list[str]) -> tuple[int, int]:
+    def forget(self, lookup: list[str], user_keys: list[str] | None = None) -> tuple[int, int]:
         """Right to be forgotten: clear every detail kept of the rows carrying these lookup
-        hashes (`lookup.py`): in the log, in held rows' details and in the retained delta files.
-        Taken under the delivery lock, so no run is reading those files meanwhile. Returns (log
-        rows cleared, delta rows dropped)."""
+        hashes (`lookup.py`): in the log, in held rows' details, in the attributes remembered of
+        the user (`user_keys`) and in the retained delta files. Taken under the delivery lock, so
+        no run is reading those files meanwhile. Returns (log rows cleared, delta rows dropped)."""
         with self.delivery_lock(wait_s=self.lock_timeout_s):
-            return self.log.forget_rows(lookup), self.deltas.forget(lookup)
+            return self.log.forget_rows(lookup, user_keys), self.deltas.forget(lookup)

@@ -30,9 +30,17 @@ from typing import Any, TextIO
 import duckdb
 import pyarrow as pa
 
+from braze_assets.attribute_diff import Remembered
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles, delta_root
-from braze_assets.state.base import Journal, LedgerSession, StateStore, SyncBusyError, Watermark
+from braze_assets.state.base import (
+    REMEMBERED_COLUMNS,
+    Journal,
+    LedgerSession,
+    StateStore,
+    SyncBusyError,
+    Watermark,
+)
 from braze_assets.state.embedded_log import EmbeddedSyncLog
 from braze_assets.state.held import held_details_table
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
@@ -56,6 +64,13 @@ CREATE TABLE IF NOT EXISTS planned (
     identifier VARCHAR,
     run_id     VARCHAR,
     identifier_hash VARCHAR
+);
+CREATE TABLE IF NOT EXISTS remembered_attributes (
+    user_key     VARCHAR PRIMARY KEY,
+    payload_hash VARCHAR,
+    attributes   VARCHAR NOT NULL,
+    payload_attributes INTEGER NOT NULL,
+    changed_at   TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS held_details (
     row_hash   VARCHAR NOT NULL,
@@ -151,6 +166,31 @@ class DuckDBLedgerSession(LedgerSession):
 
     def clear_planned(self, prefix: str) -> None:
         self.con.execute("DELETE FROM planned WHERE batch_id LIKE ?", [f"{prefix}-%"])
+
+    def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
+        if not user_keys:
+            return {}
+        self.con.register("wanted", pa.table({"user_key": pa.array(user_keys, pa.string())}))
+        try:
+            rows = self.con.execute(
+                "SELECT r.user_key, r.payload_hash, r.attributes, r.payload_attributes "
+                "FROM remembered_attributes r SEMI JOIN wanted w USING (user_key)"
+            ).fetchall()
+        finally:
+            self.con.unregister("wanted")
+        return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in rows}
+
+    def remember(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self.con.register("accepted", rows.select(list(REMEMBERED_COLUMNS)))
+        try:
+            self.con.execute(
+                "INSERT OR REPLACE INTO remembered_attributes "
+                "SELECT user_key, payload_hash, attributes, payload_attributes, now() FROM accepted"
+            )
+        finally:
+            self.con.unregister("accepted")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

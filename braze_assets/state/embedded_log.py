@@ -148,11 +148,15 @@ class EmbeddedSyncLog(SyncLog):
             ).fetchall()
         return int(rows[0][0]) if rows else 0
 
-    def forget_rows(self, lookup: list[str]) -> int:
+    def forget_rows(self, lookup: list[str], user_keys: list[str] | None = None) -> int:
         if not self.db_path.exists():
             return 0
         with self._connect() as con:
             con.begin()
+            if user_keys:
+                con.execute(
+                    "DELETE FROM remembered_attributes WHERE user_key IN (SELECT unnest(?))", [user_keys]
+                )
             matching = "list_has_any(string_split(identifier_hash, ' '), ?::VARCHAR[])"
             con.execute(
                 f"DELETE FROM held_details WHERE row_hash IN (SELECT row_hash FROM ledger WHERE {matching})",

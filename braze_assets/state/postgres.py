@@ -34,10 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg2.errors import UniqueViolation
 
+from braze_assets.attribute_diff import Remembered
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.base import (
     PLANNED_COLUMNS,
+    REMEMBERED_COLUMNS,
     Journal,
     LedgerSession,
     StateStore,
@@ -174,6 +176,35 @@ class PostgresLedgerSession(LedgerSession):
     def clear_planned(self, prefix: str) -> None:
         with self._unit() as cursor:
             cursor.execute("DELETE FROM planned WHERE sync = %s AND prefix = %s", (self.sync, prefix))
+
+    def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
+        if not user_keys:
+            return {}
+        with self._unit() as cursor:
+            cursor.execute(  # user keys are hex digests: one text parameter, split by the server
+                "SELECT user_key, payload_hash, attributes, payload_attributes FROM remembered_attributes "
+                "WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
+                (self.sync, ",".join(user_keys)),
+            )
+            return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in cursor.fetchall()}
+
+    def remember(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        with self._unit() as cursor:
+            cursor.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS accepted_attributes (sync text, user_key text, "
+                "payload_hash text, attributes text, payload_attributes integer) ON COMMIT DELETE ROWS"
+            )
+            cursor.execute("TRUNCATE accepted_attributes")
+            _copy(cursor, "accepted_attributes", self.sync, rows.select(list(REMEMBERED_COLUMNS)))
+            cursor.execute(
+                "INSERT INTO remembered_attributes (sync, user_key, payload_hash, attributes, "
+                "payload_attributes, changed_at) SELECT sync, user_key, payload_hash, attributes, "
+                "payload_attributes, now() FROM accepted_attributes ON CONFLICT (sync, user_key) DO UPDATE "
+                "SET payload_hash = EXCLUDED.payload_hash, attributes = EXCLUDED.attributes, "
+                "payload_attributes = EXCLUDED.payload_attributes, changed_at = EXCLUDED.changed_at"
+            )
 
 
 def _to_ipc(rows: pa.Table) -> bytes:

@@ -119,8 +119,13 @@ class PostgresSyncLog(SyncLog):
             )
             return int(cursor.rowcount)
 
-    def forget_rows(self, lookup: list[str]) -> int:
+    def forget_rows(self, lookup: list[str], user_keys: list[str] | None = None) -> int:
         with self._cursor() as cursor:
+            if user_keys:
+                cursor.execute(
+                    "DELETE FROM remembered_attributes WHERE sync = %s AND user_key = ANY(%s)",
+                    (self.sync, list(user_keys)),
+                )
             cursor.execute(
                 "DELETE FROM held_details WHERE sync = %s AND row_hash IN "
                 f"(SELECT row_hash FROM ledger WHERE sync = %s AND {_MATCHING})",

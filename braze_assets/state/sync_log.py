@@ -105,9 +105,10 @@ class SyncLog(ABC):
         return self.clear_row_details(rows_before), self.delete_runs(runs_before)
 
     @abstractmethod
-    def forget_rows(self, lookup: list[str]) -> int:
+    def forget_rows(self, lookup: list[str], user_keys: list[str] | None = None) -> int:
         """Clear the details of every row carrying one of these lookup hashes (its message says
-        why) and drop what held rows keep for reconcile; returns how many rows."""
+        why), drop what held rows keep for reconcile and the attributes remembered of these users
+        (`attribute_diff.user_key`); returns how many rows."""
 
 
 def by_day(rows: list[tuple[str, str, int]]) -> dict[str, dict[str, int]]:

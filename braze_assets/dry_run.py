@@ -1,0 +1,135 @@
+"""A dry run: what a sync would send now, and what Braze would bill for it, without sending.
+
+It does everything a run does up to the wire: the delta of everything pending (as "sync now"),
+validation, the attribute diff, the requests. It writes its delta files in a scratch directory it
+deletes, and changes no state: no ledger row, no watermark, no remembered attribute, no run record.
+Useful before a first sync or a large backfill, to see the bill and the time it will take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from braze_assets.attribute_diff import AttributeDiff
+from braze_assets.config import SyncConfig
+from braze_assets.datatypes import DATA_TYPES
+from braze_assets.delivery import plan_requests
+from braze_assets.delta import DeltaManifest, compute_delta
+from braze_assets.sources.base import CdiSource
+from braze_assets.state import StateStore
+
+#: Braze's documented request limits, per second, by endpoint (docs/braze-contract.md, rate limits).
+DOCUMENTED_RATE_PER_S = {"/users/track": 3_000 / 3.0, "/users/delete": 20_000 / 60.0}
+
+
+@dataclasses.dataclass
+class Bill:
+    """What a sync would send now, and what it would cost."""
+
+    sync: str
+    data_type: str
+    window_start: str | None
+    window_end: str
+    rows_read: int = 0
+    rows_already_settled: int = 0
+    rows_rejected: int = 0
+    rows_to_send: int = 0
+    rows_unchanged: int = 0
+    #: data points Braze would bill, with the attribute diff (as configured) and without it
+    data_points: int = 0
+    data_points_without_diff: int = 0
+    requests: int = 0
+    #: the requests per second this workspace's budget allows the sync (Braze's limit x share)
+    rate_per_s: float = 0.0
+    minutes_at_budget: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def text(self) -> str:
+        saved = self.data_points_without_diff - self.data_points
+        lines = [
+            f"== {self.sync} (dry run: nothing sent, no state changed)",
+            f"   window {self.window_start or 'the oldest row'} .. {self.window_end}",
+            f"   read {self.rows_read:,}  already settled {self.rows_already_settled:,}  rejected "
+            f"{self.rows_rejected:,}  to send {self.rows_to_send:,}  unchanged {self.rows_unchanged:,}",
+            f"   data points billed {self.data_points:,} (without the diff {self.data_points_without_diff:,}"
+            f", saved {saved:,})",
+            f"   {self.requests:,} requests, about {self.minutes_at_budget:,.1f} min at "
+            f"{self.rate_per_s:,.0f} requests/s (Braze's limit x max_rate_share)",
+        ]
+        if self.note:
+            lines.append(f"   {self.note}")
+        return "\n".join(lines)
+
+
+def dry_run(
+    sync: SyncConfig,
+    source: CdiSource,
+    store: StateStore,
+    *,
+    window_start: dt.datetime,
+    now: dt.datetime,
+    partitions_start: dt.datetime,
+    rate_share: float,
+) -> Bill:
+    """The bill of sending everything pending from `window_start` up to `now`."""
+    spec = DATA_TYPES[sync.data_type]
+    with tempfile.TemporaryDirectory(prefix="braze-assets-dry-run-") as scratch:
+        root = Path(scratch)
+        manifest = DeltaManifest(
+            sync=sync.name,
+            data_type=sync.data_type,
+            run_id="dry-run",
+            window_start=window_start.isoformat(),
+            window_end=now.isoformat(),
+            reaches_now=True,
+            valid_path=str(root / "valid.parquet"),
+            rejected_path=str(root / "rejected.parquet"),
+            unchanged_path=str(root / "unchanged.parquet") if sync.diff_attributes else None,
+        )
+        compute_delta(
+            source=source,
+            spec=spec,
+            store=store,
+            manifest=manifest,
+            window_start=window_start,
+            window_end=now,
+            now=now,
+            partitions_start=partitions_start,
+            update_existing_only=sync.update_existing_only,
+            diff=AttributeDiff(sync.always_send) if sync.diff_attributes else None,
+        )
+        requests = 0
+        for batch in pq.ParquetFile(manifest.valid_path).iter_batches(batch_size=20_000, columns=["object"]):
+            requests += len(plan_requests(spec, batch.column("object").to_pylist(), "dry"))
+    rate = DOCUMENTED_RATE_PER_S.get(spec.endpoint, 0.0) * rate_share
+    bill = Bill(
+        sync=sync.name,
+        data_type=sync.data_type,
+        window_start=manifest.window_start,
+        window_end=manifest.window_end,
+        rows_read=manifest.rows_read,
+        rows_already_settled=manifest.already_settled,
+        rows_rejected=manifest.rejected,
+        rows_to_send=manifest.valid,
+        rows_unchanged=manifest.unchanged,
+        data_points=manifest.estimated_data_points,
+        data_points_without_diff=manifest.estimated_data_points + manifest.data_points_saved,
+        requests=requests,
+        rate_per_s=rate,
+        minutes_at_budget=round(requests / rate / 60, 2) if rate else math.nan,
+    )
+    if sync.data_type == "deletions":
+        bill.note = "deletions bill no data points"
+    elif sync.data_type == "attributes" and not sync.diff_attributes:
+        bill.note = "send: full_payload: every attribute of every row is billed; send: changed would not"
+    return bill

@@ -1,0 +1,238 @@
+"""Pay Braze only for what changed: an attributes sync sends only the attributes whose value
+differs from what Braze last accepted from it, settles rows with nothing new as `unchanged`, and
+remembers only what Braze accepted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import orjson
+import pytest
+
+from braze_assets.attribute_diff import AttributeDiff, Remembered
+from braze_assets.config import ConfigError, parse_syncs
+from braze_assets.seed import cdi_row
+from braze_assets_tests.conftest import Harness, both_backends, sync_config
+
+UTC = dt.UTC
+NOW = dt.datetime.now(UTC).replace(microsecond=0)
+
+
+# ----------------------------------------------------------------------------- the diff itself
+def _remembered(payload: dict, diff: AttributeDiff | None = None) -> Remembered:
+    trimmed = (diff or AttributeDiff()).trim(payload, None)
+    return Remembered("h", orjson.loads(trimmed.remember), trimmed.sent)
+
+
+def test_nothing_remembered_sends_every_attribute():
+    trimmed = AttributeDiff().trim({"plan": "gold", "age": 41, "_update_existing_only": False}, None)
+    assert trimmed.payload == {"plan": "gold", "age": 41, "_update_existing_only": False}
+    assert (trimmed.sent, trimmed.saved, trimmed.unchanged) == (2, 0, False)
+
+
+def test_only_changed_attributes_are_sent():
+    before = _remembered({"plan": "gold", "age": 41, "tags": ["a", "b"], "address": {"city": "Oslo"}})
+    trimmed = AttributeDiff().trim(
+        {"plan": "gold", "age": 42, "tags": ["a", "b"], "address": {"city": "Oslo"}}, before
+    )
+    assert trimmed.payload == {"age": 42}
+    assert (trimmed.sent, trimmed.saved, trimmed.unchanged) == (1, 3, False)
+    same = AttributeDiff().trim({"address": {"city": "Oslo"}, "tags": ["a", "b"], "plan": "gold"}, before)
+    assert same.payload == {} and same.unchanged and same.saved == 3
+
+
+def test_a_null_is_sent_unless_the_last_accepted_value_was_null():
+    before = _remembered({"plan": "gold", "coupon": None})
+    trimmed = AttributeDiff().trim({"plan": None, "coupon": None, "referrer": None}, before)
+    # plan was set: cleared; coupon was null already: saved; referrer never seen: sent to be sure
+    assert trimmed.payload == {"plan": None, "referrer": None}
+    assert (trimmed.sent, trimmed.saved) == (2, 1)
+
+
+def test_operators_subscription_groups_and_listed_keys_are_always_sent():
+    diff = AttributeDiff(always_send=["last_seen"])
+    payload = {
+        "visits": {"inc": 1},
+        "pets": {"add": ["cat"]},
+        "orders": {"$update": [{"$identifier_key": "id", "$identifier_value": 1, "$new_object": {}}]},
+        "subscription_groups": [{"subscription_group_id": "g", "subscription_state": "subscribed"}],
+        "last_seen": "2026-01-01",
+        "plan": "gold",
+        "_merge_objects": True,
+    }
+    before = _remembered(payload, diff)
+    trimmed = diff.trim(payload, before)
+    assert set(trimmed.payload) == set(payload) - {"plan"}
+    assert (trimmed.sent, trimmed.saved, trimmed.unchanged) == (5, 1, False)
+    assert set(orjson.loads(trimmed.remember)) == {"plan"}  # what Braze holds of the others is unknown
+
+
+# ----------------------------------------------------------------------------- end to end
+class Spy:
+    """What the emulator accepted, object by object (a pass-through on its own store)."""
+
+    def __init__(self, braze) -> None:
+        self.objects: list[dict] = []
+        original = braze.store.record_track
+
+        def record(accepted, rejected):
+            self.objects += [obj for _, obj, _ in accepted]
+            return original(accepted, rejected)
+
+        braze.store.record_track = record
+
+    def take(self) -> list[dict]:
+        taken, self.objects = self.objects, []
+        return taken
+
+
+def _users(n: int, at: dt.datetime, change: dict[int, dict] | None = None) -> list[dict]:
+    rows = []
+    for i in range(n):
+        payload = {"plan": "silver", "age": 30 + i, "city": "Oslo", "vip": False}
+        payload.update((change or {}).get(i, {}))
+        rows.append(cdi_row(at.replace(tzinfo=None), json.dumps(payload), external_id=f"user-{i:03d}"))
+    return rows
+
+
+def _attrs(objects: list[dict]) -> dict[str, dict]:
+    return {o["external_id"]: {k: v for k, v in o.items() if k not in ("external_id",)} for o in objects}
+
+
+@both_backends
+def test_a_restamped_snapshot_sends_only_what_changed(harness, emulator):
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(50, NOW - dt.timedelta(hours=3)))
+    first = harness.run("users")
+    assert first.outcome.accepted == 50 and first.outcome.estimated_data_points == 200
+    assert len(spy.take()) == 50
+
+    # every row restamped, nothing changed: nothing goes out, every row is settled as unchanged
+    harness.table("users", _users(50, NOW - dt.timedelta(hours=2)))
+    second = harness.run("users")
+    assert second.result.success and spy.take() == []
+    assert (second.outcome.unchanged, second.outcome.accepted) == (50, 0)
+    assert second.outcome.data_points_saved == 200 and second.outcome.estimated_data_points == 0
+    assert second.outcome.status == "success" and "nothing sent" in second.outcome.status_detail
+    assert harness.ledger("users") == {"accepted": 50, "unchanged": 50}
+
+    # restamped again, one attribute changed for three users: three objects of one attribute
+    changes = {3: {"plan": "gold"}, 7: {"age": 99}, 9: {"city": None}}
+    harness.table("users", _users(50, NOW - dt.timedelta(hours=1), changes))
+    third = harness.run("users")
+    sent = _attrs(spy.take())
+    assert sent == {
+        "user-003": {"plan": "gold", "_update_existing_only": False},
+        "user-007": {"age": 99, "_update_existing_only": False},
+        "user-009": {"city": None, "_update_existing_only": False},
+    }
+    assert (third.outcome.accepted, third.outcome.unchanged) == (3, 47)
+    assert third.outcome.estimated_data_points == 3
+    assert third.outcome.data_points_saved == 47 * 4 + 3 * 3
+    profiles = {p["external_id"]: p for p in emulator.store.profiles()}
+    assert profiles["user-003"]["attributes"]["plan"] == "gold"
+    assert profiles["user-009"]["attributes"].get("city") is None
+    assert profiles["user-004"]["attributes"] == {"plan": "silver", "age": 34, "city": "Oslo", "vip": False}
+
+
+@both_backends
+def test_only_what_braze_accepted_is_remembered(harness, emulator):
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(2, NOW - dt.timedelta(hours=3)))
+    assert harness.run("users").outcome.accepted == 2
+    spy.take()
+    # user-000's new plan rides with an increment Braze refuses: the row fails, nothing remembered
+    bad = {0: {"plan": "gold", "visits": {"inc": "one"}}}
+    harness.table("users", _users(2, NOW - dt.timedelta(hours=2), bad))
+    failed = harness.run("users")
+    assert failed.outcome.failed == 1 and failed.outcome.unchanged == 1
+    spy.take()
+    harness.table("users", _users(2, NOW - dt.timedelta(hours=1), {0: {"plan": "gold"}}))
+    fixed = harness.run("users")
+    assert _attrs(spy.take()) == {"user-000": {"plan": "gold", "_update_existing_only": False}}
+    assert fixed.outcome.accepted == 1
+
+
+def test_full_payload_sends_every_row_whole(harness, emulator):
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users", send="full_payload")]
+    harness.table("users", _users(5, NOW - dt.timedelta(hours=2)))
+    harness.run("users")
+    harness.table("users", _users(5, NOW - dt.timedelta(hours=1)))
+    again = harness.run("users")
+    assert again.outcome.accepted == 5 and again.outcome.unchanged == 0
+    assert len(spy.objects) == 10 and all(len(o) == 6 for o in spy.objects)
+
+
+@pytest.mark.parametrize("field", ["send", "always_send"])
+def test_the_diff_settings_are_refused_on_other_data_types(field):
+    value = "changed" if field == "send" else ["x"]
+    with pytest.raises(ConfigError, match=f"{field} applies to attributes syncs only"):
+        parse_syncs({"syncs": [sync_config("ev", "events", "main.ev", **{field: value})]})
+
+
+def test_a_user_seen_twice_in_one_run_is_remembered_from_the_newest_row(tmp_path, emulator):
+    harness = Harness(tmp_path, emulator)
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    older, newer = NOW - dt.timedelta(hours=3), NOW - dt.timedelta(hours=2)
+    harness.table(
+        "users",
+        [
+            cdi_row(older.replace(tzinfo=None), json.dumps({"plan": "silver"}), external_id="u-1"),
+            cdi_row(newer.replace(tzinfo=None), json.dumps({"plan": "gold"}), external_id="u-1"),
+        ],
+    )
+    assert harness.run("users").outcome.accepted == 2
+    spy.take()
+    harness.table(
+        "users",
+        [
+            cdi_row(
+                NOW.replace(tzinfo=None) - dt.timedelta(minutes=30),
+                json.dumps({"plan": "gold"}),
+                external_id="u-1",
+            )
+        ],
+    )
+    again = harness.run("users")
+    assert again.outcome.unchanged == 1 and spy.take() == []
+
+
+@both_backends
+def test_forgetting_a_user_forgets_what_braze_holds_of_them(harness, emulator):
+    from braze_assets.attribute_diff import user_key
+    from braze_assets.lookup import lookup_hash
+
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+    harness.run("users")
+    spy.take()
+    store = harness.delivery_state().store("users")
+    store.forget([lookup_hash("EXTERNAL_ID", "user-001")], [user_key({"EXTERNAL_ID": "user-001"})])
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=1)))
+    again = harness.run("users")
+    assert [o["external_id"] for o in spy.take()] == ["user-001"]  # sent whole again
+    assert (again.outcome.accepted, again.outcome.unchanged) == (1, 2)
+    assert again.outcome.estimated_data_points == 4
+
+
+def test_user_keys_of_a_batch_are_those_of_each_row():
+    from braze_assets.attribute_diff import column_user_keys, user_key
+    from braze_assets.datatypes import RowBatch
+
+    rows = [
+        cdi_row(NOW, "{}", external_id="u-1"),
+        cdi_row(NOW, "{}", email="a@example.com", phone="+14155550100"),
+        cdi_row(NOW, "{}", alias_name="anon", alias_label="web"),
+        cdi_row(NOW, "{}", braze_id="b-1"),
+        cdi_row(NOW, "{}"),
+    ]
+    batch = RowBatch.from_rows(rows)
+    expected = [user_key(batch.identifiers(i)) for i in range(batch.num_rows)]
+    assert column_user_keys(batch.columns, batch.num_rows) == expected
+    assert len(set(expected)) == 5

@@ -1,0 +1,85 @@
+"""A dry run does everything but sending, prints the bill (rows, data points with and without the
+attribute diff, requests, minutes at the rate budget) and changes no state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import dagster as dg
+import yaml
+
+from braze_assets import cli
+from braze_assets_tests.conftest import both_backends, events_rows, sync_config
+from braze_assets_tests.test_attribute_diff import _users
+
+UTC = dt.UTC
+NOW = dt.datetime.now(UTC).replace(microsecond=0)
+
+
+def _cli_dry_run(harness, monkeypatch, capsys, *extra: str) -> list[dict]:
+    syncs_file = harness.tmp_path / "syncs.yaml"
+    syncs_file.write_text(yaml.safe_dump({"syncs": harness.syncs}))
+    monkeypatch.setenv("BRAZE_ASSETS_SYNCS", str(syncs_file))
+    monkeypatch.setenv("BRAZE_ASSETS_DUCKDB", str(harness.warehouse))
+    monkeypatch.setenv("BRAZE_API_KEY", "unused-by-a-dry-run")
+    for name in ("BRAZE_ASSETS_HOME", "DAGSTER_HOME", "BRAZE_ASSETS_PROGRESS_BAR"):  # main() sets them
+        monkeypatch.setenv(name, "")
+    if harness.state_url:
+        monkeypatch.setenv("BRAZE_ASSETS_STATE_URL", harness.state_url)
+    else:
+        monkeypatch.delenv("BRAZE_ASSETS_STATE_URL", raising=False)
+    capsys.readouterr()
+    code = cli.main(["run", "--dry-run", "--home", str(harness.tmp_path), *extra])
+    assert code == 0
+    out = capsys.readouterr().out
+    return json.loads(out) if "--json" in extra else [{"text": out}]
+
+
+def _state(harness, name: str) -> tuple:
+    store = harness.delivery_state().store(name)
+    return store.log.status_counts(), store.read_watermark().value, store.log.runs()
+
+
+@both_backends
+def test_a_dry_run_prints_the_bill_and_changes_nothing(harness, emulator, monkeypatch, capsys):
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(150, NOW - dt.timedelta(hours=2)))
+    [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert (bill["rows_read"], bill["rows_to_send"], bill["rows_unchanged"]) == (150, 150, 0)
+    assert bill["data_points"] == bill["data_points_without_diff"] == 600
+    assert bill["requests"] == 2  # 75 objects per /users/track request
+    assert bill["rate_per_s"] == 800.0  # 3,000 per 3 s, times the default share 0.8
+    assert math.isclose(bill["minutes_at_budget"], round(2 / 800 / 60, 2))
+    assert emulator.store.stats()["requests"] == 0
+    assert _state(harness, "users") == ({}, None, [])
+
+    # what the dry run promised is what a run then sends
+    assert harness.run("users").outcome.accepted == 150
+    harness.table("users", _users(150, NOW - dt.timedelta(hours=1), {5: {"plan": "gold"}}))
+    before = _state(harness, "users")
+    [again] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert (again["rows_to_send"], again["rows_unchanged"]) == (1, 149)
+    assert (again["data_points"], again["data_points_without_diff"]) == (1, 600)
+    assert _state(harness, "users") == before
+    [text] = _cli_dry_run(harness, monkeypatch, capsys)
+    assert "data points billed 1 (without the diff 600, saved 599)" in text["text"]
+    assert "nothing sent, no state changed" in text["text"]
+
+
+def test_the_dry_run_job_reports_in_the_ui(harness, emulator):
+    harness.syncs = [sync_config("ev", "events", "main.ev")]
+    harness.table("ev", events_rows(80, NOW - dt.timedelta(hours=1)))
+    job = harness.definitions().resolve_job_def("ev_dry_run")
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    [observation] = [
+        e.event_specific_data.asset_observation  # type: ignore[union-attr]
+        for e in result.all_events
+        if e.is_asset_observation
+    ]
+    metadata = {k: v.value for k, v in observation.metadata.items()}
+    assert (metadata["rows_to_send"], metadata["data_points"], metadata["requests"]) == (80, 80, 2)
+    assert "nothing sent, no state changed" in metadata["dry_run"]
+    assert emulator.store.stats()["requests"] == 0 and harness.ledger("ev") == {}
