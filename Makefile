@@ -44,8 +44,9 @@ lint: setup  ## ruff (lint and format) and mypy (the engine strictly typed), as 
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
-test: setup  ## the test suite (what CI runs); installs PostgreSQL for the Redshift tests if missing
+test: setup  ## the test suite (what CI runs); installs PostgreSQL (Redshift tests) and Chromium (UI test) if missing
 	scripts/ensure-postgres
+	scripts/ensure-chromium
 	$(PY) -m pytest
 
 clean:

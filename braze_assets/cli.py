@@ -373,15 +373,17 @@ UI_STOP_GRACE_S = 15.0
 
 
 def run_ui(ui_port: int) -> int:
-    """`dagster dev` on the project until Ctrl-C, then every process it started stops within
-    seconds. It runs in its own process group: Ctrl-C reaches only this process, which asks the
-    whole group to stop (SIGINT), waits a little, then kills what is left. Killing only
-    `dagster dev` itself would leave its webserver, daemon and code servers running."""
+    """`dg dev` on the project's workspace.yaml until Ctrl-C, then every process it started stops
+    within seconds. It runs in its own process group: Ctrl-C reaches only this process, which asks
+    the whole group to stop (SIGINT), waits a little, then kills what is left. Killing only
+    `dg dev` itself would leave its webserver, daemon and code servers running."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::dagster.BetaWarning"}  # 260 beta notices
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml"), "-p", str(ui_port)]
+    # `dg dev` (dagster-dg-cli) with this interpreter; `-w` serves workspace.yaml as it is. The
+    # definitions silence Dagster's beta notices themselves (braze_assets/definitions.py).
+    command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev"]
+    command += ["-w", str(root / "workspace.yaml"), "-p", str(ui_port)]
     print(f"Starting the Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C to stop) ...", flush=True)
-    process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
+    process = subprocess.Popen(command, cwd=root, start_new_session=True)
     try:
         return process.wait()
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ DuckDB and files in the state directory).
 from __future__ import annotations
 
 import os
+import warnings
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -139,4 +140,10 @@ def build_definitions(syncs: list[SyncConfig], resources: dict | None = None) ->
     )
 
 
-defs = build_definitions(load_syncs())
+# Every sync's assets use `backfill_policy`, which Dagster marks beta and announces once per asset
+# in each process that loads these definitions (the UI's code servers, every run and step worker):
+# hundreds of identical notices. Python's -W / PYTHONWARNINGS cannot name Dagster's category (it
+# is resolved before site-packages is on the path), so the notice is silenced here, for this only.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    defs = build_definitions(load_syncs())

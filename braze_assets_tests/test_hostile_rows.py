@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import duckdb
 import orjson
 import pyarrow.parquet as pq
@@ -281,7 +282,8 @@ def test_rows_before_partitions_start_are_counted_and_reported(tmp_path, emulato
         + [_table_row(PAYLOADS["events"], updated_at=recent, external_id="new-1")],
     )
     harness.syncs = [sync_config("events", "events", "main.events", partitions_start=start)]
-    run = harness.run("events")
+    today = dt.datetime.now(UTC).strftime("%Y-%m-%d")
+    run = harness.run("events", keys=dg.PartitionKeyRange(today, today))  # "sync now": one partition
     assert run.result.success
     assert run.delta.before_partitions_start == 3
     materialization = next(

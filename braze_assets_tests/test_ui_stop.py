@@ -1,5 +1,6 @@
-"""Ctrl-C on `braze-assets ui` stops everything it started within seconds: the Dagster webserver,
-daemon and code servers (one process group) and the Braze emulator."""
+"""Ctrl-C on `braze-assets ui` stops everything it started within seconds: `dg dev` with its
+Dagster webserver, daemon and code servers (one process group) and the Braze emulator. It starts
+without Dagster's supersession and beta notices."""
 
 from __future__ import annotations
 
@@ -82,17 +83,26 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
                     break
             except OSError:
                 time.sleep(1)
-        [dagster_dev] = _children(cli.pid)
-        started = _group(dagster_dev)
+        [dg_dev] = _children(cli.pid)
+        assert (Path("/proc") / str(dg_dev) / "cmdline").read_bytes().split(b"\0")[1:4] == [
+            b"-m",
+            b"dagster_dg_cli.cli",
+            b"dev",
+        ]
+        started = _group(dg_dev)
         assert len(started) >= 2 and _listening(emulator_port)  # webserver, daemon, code server...
 
         cli.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         cli.wait(timeout=30)
         stopped_by = time.monotonic() + 5
-        while _group(dagster_dev) and time.monotonic() < stopped_by:
+        while _group(dg_dev) and time.monotonic() < stopped_by:
             time.sleep(0.2)
-        assert _group(dagster_dev) == [], "processes of the UI are still running"
+        assert _group(dg_dev) == [], "processes of the UI are still running"
         assert not _listening(emulator_port) and not _listening(ui_port)
+        output = cli.stdout.read().decode()
+        assert "Serving dagster-webserver" in output and "Dagster services shut down" in output
+        for noise in ("SupersessionWarning", "BetaWarning", "Invalid -W option"):
+            assert noise not in output, output[-3000:]
     finally:
         if cli.poll() is None:
             cli.kill()
