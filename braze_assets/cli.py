@@ -1,7 +1,7 @@
 """`braze-assets`: run the syncs from a terminal, the demo on the embedded default, or the UI.
 
     braze-assets demo            seed DuckDB, start the local Braze emulator, run every sync, report
-    braze-assets ui              the same setup, then the Dagster UI (dagster dev) on it
+    braze-assets ui              the same setup, then the Dagster UI (dg dev) on it
     braze-assets run [--sync X]  run syncs against the configured Braze (BRAZE_REST_ENDPOINT)
     braze-assets run --dry-run   what each sync would send now and the bill; nothing sent
     braze-assets test-connection [--sync X]   check each source and preview rows; sends nothing
@@ -44,7 +44,7 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1   # one run at a time per sync (pool braze_sync_<name>)
-# The daemon (dagster dev) fails runs that never start and frees the pool slots runs keep after
+# The daemon (dg dev) fails runs that never start and frees the pool slots runs keep after
 # they end (a run worker that died is marked failed by its code server). Runs of a sync whose
 # process died are also reclaimed before each launch (braze_assets/instance.py).
 run_monitoring:

@@ -194,7 +194,7 @@ def run_process(instance: dg.DagsterInstance, record) -> RunProcess:
 
     Runs executed by `braze-assets run` carry their host and pid as tags. Other runs are judged by
     the pid in their first engine event that has one: the run worker's ("Started process for run",
-    Dagster's DefaultRunLauncher under dagster dev or the daemon) or the process executing the
+    Dagster's DefaultRunLauncher under dg dev or the daemon) or the process executing the
     steps (an in-process or multiprocess executor). That pid is on this machine when the run's
     code server is (`dagster/grpc_info`), or when the instance's storage is SQLite files (every
     run of such an instance runs here). A pid counts only if its process started before the run
