@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 DataType = Literal["attributes", "events", "purchases", "deletions", "catalogs"]
@@ -258,7 +266,7 @@ class SyncConfig(_Strict):
     #: Attributes syncs: keys always sent as they are, changed or not.
     always_send: list[str] = []
     #: Catalog syncs: the Braze catalog the items go to (it must exist, with its fields).
-    catalog: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,250}$")
+    catalog: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,250}$", validate_default=True)
 
     @field_validator("source", mode="before")
     @classmethod
@@ -291,15 +299,15 @@ class SyncConfig(_Strict):
                 )
         return self
 
-    @model_validator(mode="after")
-    def _catalog_names_its_catalog(self) -> SyncConfig:
-        if self.data_type == "catalogs" and not self.catalog:
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_names_its_catalog(cls, value: str | None, info: ValidationInfo) -> str | None:
+        data_type = info.data.get("data_type")
+        if data_type == "catalogs" and not value:
             raise ValueError("a catalogs sync needs catalog: the name of the Braze catalog its items go to")
-        if self.data_type != "catalogs" and self.catalog:
-            raise ValueError(
-                f"catalog applies to catalogs syncs only; remove it from this {self.data_type} sync"
-            )
-        return self
+        if data_type != "catalogs" and value:
+            raise ValueError(f"catalog applies to catalogs syncs only; remove it from this {data_type} sync")
+        return value
 
     @property
     def endpoint(self) -> str:

@@ -18,7 +18,7 @@ from braze_assets.config import (
     parse_syncs,
 )
 
-DATA_TYPES = {"attributes", "events", "purchases", "deletions"}
+DATA_TYPES = {"attributes", "events", "purchases", "deletions", "catalogs"}
 
 
 def sync_entry(name: str = "app_events", **fields) -> dict:
@@ -100,13 +100,18 @@ def test_unknown_ambiguous_policy_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- field errors
 def test_bad_data_type_names_sync_and_field(tmp_path):
-    message = load_error(tmp_path, sync_entry("catalog_items", data_type="catalogs"))
+    message = load_error(tmp_path, sync_entry("accounts", data_type="accounts"))
     assert_names(
         message,
-        "catalog_items",
+        "accounts",
         "data_type",
-        "Input should be 'attributes', 'events', 'purchases' or 'deletions'",
+        "Input should be 'attributes', 'events', 'purchases', 'deletions' or 'catalogs'",
     )
+
+
+def test_a_catalog_sync_without_its_catalog_names_the_field(tmp_path):
+    message = load_error(tmp_path, sync_entry("products", data_type="catalogs"))
+    assert_names(message, "products", "catalog", "a catalogs sync needs catalog")
 
 
 @pytest.mark.parametrize("cron", ["not a cron", "61 * * * *", "0 0 * *", "0 25 * * *"])
@@ -226,7 +231,7 @@ def test_entry_without_name_is_numbered(tmp_path):
 def test_every_error_in_the_file_is_reported(tmp_path):
     message = load_error(
         tmp_path,
-        sync_entry("one", data_type="catalogs", source={"table": "t1"}),
+        sync_entry("one", data_type="accounts", source={"table": "t1"}),
         sync_entry("two", lookback="-P1D", source={"table": "t2"}),
     )
     assert_names(message, "one", "data_type", "Input should be")
