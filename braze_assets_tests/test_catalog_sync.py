@@ -215,3 +215,26 @@ def test_test_connection_previews_catalog_items(tmp_path, braze):
     shown = {row["identifier"]: row for row in report.preview}
     assert shown["ID=sku-1"]["payload_keys"] == ["price", "tags", "title"]
     assert shown["(no id)"]["reasons"] == ["ID may hold only letters, digits, '-' and '_' (invalid-ids)"]
+
+
+def test_a_dry_run_of_a_catalog_sync_bills_no_data_points(tmp_path, braze):
+    from braze_assets.assets import partitions_start
+    from braze_assets.dry_run import dry_run
+    from braze_assets.sources.factory import make_source
+
+    harness = _harness(tmp_path, braze)
+    _table(harness, [(NOW - dt.timedelta(hours=1), f"sku-{i}", _product(i), None) for i in range(120)])
+    sync = harness.config("products")
+    bill = dry_run(
+        sync,
+        make_source(sync, harness.resources()["duckdb"]),
+        harness.delivery_state().store("products"),
+        window_start=NOW - dt.timedelta(days=1),
+        now=dt.datetime.now(UTC),
+        partitions_start=partitions_start(sync),
+        rate_share=0.8,
+    )
+    assert (bill.rows_to_send, bill.requests, bill.data_points) == (120, 3, 0)
+    assert bill.rate_per_s == pytest.approx(16_000 / 60 * 0.8)
+    assert "catalog syncs bill no data points" in bill.text()
+    assert braze.store.stats()["catalog_requests"] == 0
