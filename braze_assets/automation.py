@@ -274,7 +274,7 @@ def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
     from braze_assets.dry_run import dry_run
 
     @dg.op(
-        name=f"{sync.name}_dry_run",
+        name=f"{sync.name}_bill",
         required_resource_keys={resource_key(sync), "delivery_state", "braze"},
         description=f"What {sync.name} would send now and what Braze would bill: nothing is sent.",
     )

@@ -170,6 +170,16 @@ def _put_run(files: DeltaFiles[str], run_id: str, objects: dict[str, dict]) -> N
                     "identifier_hash": [None] * len(objects),
                     "object": [orjson.dumps(o) for o in objects.values()],
                     "data_points": [1] * len(objects),
+                    **{  # attributes diff columns: not used by these rows
+                        name: [None] * len(objects)
+                        for name in (
+                            "user_key",
+                            "payload_hash",
+                            "remember",
+                            "payload_attributes",
+                            "data_points_saved",
+                        )
+                    },
                 },
                 schema=VALID_SCHEMA,
             ),
