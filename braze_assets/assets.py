@@ -300,17 +300,12 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         metadata = _delta_metadata(
             manifest, watermark.isoformat() if watermark else None, files=sync.source.type == "s3"
         )
-        if is_ranged(context):  # counts per day, not the run's copied into every day
+        if is_ranged(context):
             days: dict[str, dict[str, int]] = {}
             for name, uri in (("rows_valid", manifest.valid_path), ("rows_rejected", manifest.rejected_path)):
                 for day, n in rows_per_day(uri).items():
                     days.setdefault(day, {})[name] = n
-            for observation in daily_observations(
-                context.asset_key, partition_keys(context), days, "rows_valid"
-            ):
-                context.log_event(observation)
-            metadata = {key: value for key, value in metadata.items() if key in RUN_LEVEL_METADATA}
-            metadata["counts"] = RANGED_COUNTS_NOTE
+            metadata = _per_day(context, metadata, days, "rows_valid")
         return dg.Output(manifest, metadata=metadata)
 
     @dg.asset(
@@ -385,17 +380,12 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         if outcome.status == "error":  # nothing reached Braze: the run failed, nothing changed
             store.log.record_run(outcome.to_dict())
             raise dg.Failure(description=f"sync {sync.name}: {outcome.status_detail}", metadata=metadata)
-        if is_ranged(context):  # counts per day, not the run's copied into every day
+        if is_ranged(context):
             days = {
                 day: {f"rows_{status}": n for status, n in statuses.items()}
                 for day, statuses in store.log.daily_counts(outcome.run_id).items()
             }
-            for observation in daily_observations(
-                context.asset_key, partition_keys(context), days, "rows_accepted"
-            ):
-                context.log_event(observation)
-            metadata = {key: value for key, value in metadata.items() if key in RUN_LEVEL_METADATA}
-            metadata["counts"] = RANGED_COUNTS_NOTE
+            metadata = _per_day(context, metadata, days, "rows_accepted")
         yield dg.Output(outcome, metadata=metadata)
         # The check is recorded once per run: the run's totals and the sync log, in one place
         # (what alerts read, whatever the run covered).
@@ -415,6 +405,20 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         yield check
 
     return SyncAssets(sync, source, delta_asset, results_asset)
+
+
+def _per_day(
+    context: dg.AssetExecutionContext,
+    metadata: dict[str, Any],
+    days: dict[str, dict[str, int]],
+    row_count_of: str,
+) -> dict[str, Any]:
+    """A ranged run: each day's counts as its partition's observation, and the output's metadata
+    without counts (Dagster would copy them into every partition of the range)."""
+    for observation in daily_observations(context.asset_key, partition_keys(context), days, row_count_of):
+        context.log_event(observation)
+    kept = {key: value for key, value in metadata.items() if key in RUN_LEVEL_METADATA}
+    return {**kept, "counts": RANGED_COUNTS_NOTE}
 
 
 def _apply_retention(context: dg.AssetExecutionContext, sync: SyncConfig, store: StateStore) -> None:

@@ -15,7 +15,6 @@ from dagster._core.storage.tags import (
 from braze_assets.assets import (
     SyncAssets,
     partitions_for,
-    partitions_start,
     pending_start,
     source_key,
     utc_now,
@@ -271,7 +270,7 @@ def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
 
 def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
     """`<sync>_dry_run`: everything pending, up to the wire, with its bill; nothing sent or changed."""
-    from braze_assets.dry_run import dry_run
+    from braze_assets.dry_run import bill_now
 
     @dg.op(
         name=f"{sync.name}_bill",
@@ -279,18 +278,11 @@ def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
         description=f"What {sync.name} would send now and what Braze would bill: nothing is sent.",
     )
     def _preview(context: dg.OpExecutionContext) -> None:
-        state = context.resources.delivery_state.store(sync.name)
-        source = make_source(sync, getattr(context.resources, resource_key(sync)))
-        now = dt.datetime.now(dt.UTC)
-        start = pending_start(sync, state.read_watermark().value, source, now)
-        bill = dry_run(
+        bill = bill_now(
             sync,
-            source,
-            state,
-            window_start=start,
-            now=now,
-            partitions_start=partitions_start(sync),
-            rate_share=context.resources.braze.max_rate_share,
+            make_source(sync, getattr(context.resources, resource_key(sync))),
+            context.resources.delivery_state.store(sync.name),
+            context.resources.braze.max_rate_share,
         )
         context.log.info(bill.text())
         context.log_event(

@@ -119,32 +119,19 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
 
 def dry_runs(only: list[str] | None = None) -> list[dict]:
     """The bill of each sync's pending rows, nothing sent and no state changed (`dry_run.py`)."""
-    from braze_assets.assets import partitions_start, pending_start
     from braze_assets.config import load_syncs
     from braze_assets.definitions import default_resources
-    from braze_assets.dry_run import dry_run
+    from braze_assets.dry_run import bill_now
     from braze_assets.resources import delivery_state_from_environment, home_dir
     from braze_assets.sources.factory import make_source, resource_key
 
     syncs = [s for s in load_syncs() if not only or s.name in only]
     resources = default_resources(syncs)
     state = delivery_state_from_environment(str(home_dir() / "state"), in_definitions=False)
-    share = resources["braze"].max_rate_share
     bills = []
     for sync in syncs:
         source = make_source(sync, resources[resource_key(sync)])
-        store = state.store(sync.name)
-        now = dt.datetime.now(dt.UTC)
-        start = pending_start(sync, store.read_watermark().value, source, now)
-        bill = dry_run(
-            sync,
-            source,
-            store,
-            window_start=start,
-            now=now,
-            partitions_start=partitions_start(sync),
-            rate_share=share,
-        )
+        bill = bill_now(sync, source, state.store(sync.name), resources["braze"].max_rate_share)
         bills.append(bill.to_dict() | {"text": bill.text()})
     return bills
 

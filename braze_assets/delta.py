@@ -55,6 +55,15 @@ VALID_SCHEMA = pa.schema(
         ("data_points_saved", pa.int32()),  # attributes left out: unchanged since last accepted
     ]
 )
+#: The valid file's columns of the attribute diff (attribute_diff.py), null for other rows.
+DIFF_COLUMNS = ("user_key", "payload_hash", "remember", "payload_attributes", "data_points_saved")
+
+
+def no_diff_columns(rows: int) -> dict[str, pa.Array]:
+    """The attribute-diff columns of rows sent whole: nulls."""
+    return {name: pa.nulls(rows, VALID_SCHEMA.field(name).type) for name in DIFF_COLUMNS}
+
+
 #: Rows whose attributes all match what Braze last accepted: settled as `unchanged`, never sent.
 UNCHANGED_SCHEMA = pa.schema(
     [
@@ -303,16 +312,7 @@ class DeltaWriter:
                 prepared.data_points_saved += int(kept.sum())
             else:
                 points = checked.data_points[valid]
-                diff_columns = {
-                    name: pa.nulls(len(valid), VALID_SCHEMA.field(name).type)
-                    for name in (
-                        "user_key",
-                        "payload_hash",
-                        "remember",
-                        "payload_attributes",
-                        "data_points_saved",
-                    )
-                }
+                diff_columns = no_diff_columns(len(valid))
             prepared.valid = pa.table(
                 {
                     "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
@@ -347,16 +347,7 @@ class DeltaWriter:
                     "identifier_hash": pa.nulls(len(valid), pa.string()),
                     "object": pa.array([checked.objects[i] for i in valid], pa.binary()),
                     "data_points": pa.array([0] * len(valid), pa.int32()),  # catalogs bill none
-                    **{
-                        name: pa.nulls(len(valid), VALID_SCHEMA.field(name).type)
-                        for name in (
-                            "user_key",
-                            "payload_hash",
-                            "remember",
-                            "payload_attributes",
-                            "data_points_saved",
-                        )
-                    },
+                    **no_diff_columns(len(valid)),
                 },
                 schema=VALID_SCHEMA,
             )

@@ -76,6 +76,23 @@ class Bill:
         return "\n".join(lines)
 
 
+def bill_now(sync: SyncConfig, source: CdiSource, store: StateStore, rate_share: float) -> Bill:
+    """The bill of everything pending now: from the watermark minus the lookback (or the table's
+    oldest row), as a "sync now" run would send it."""
+    from braze_assets.assets import partitions_start, pending_start
+
+    now = dt.datetime.now(dt.UTC)
+    return dry_run(
+        sync,
+        source,
+        store,
+        window_start=pending_start(sync, store.read_watermark().value, source, now),
+        now=now,
+        partitions_start=partitions_start(sync),
+        rate_share=rate_share,
+    )
+
+
 def dry_run(
     sync: SyncConfig,
     source: CdiSource,

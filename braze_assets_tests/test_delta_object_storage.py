@@ -26,7 +26,7 @@ import pytest
 from braze_assets import delta_store
 from braze_assets.automation import incremental_range, range_tags
 from braze_assets.definitions import default_resources
-from braze_assets.delta import VALID_SCHEMA
+from braze_assets.delta import VALID_SCHEMA, no_diff_columns
 from braze_assets.delta_files import SEALED, DeltaFiles, delta_root, staged
 from braze_assets.resources import manifest_root
 from braze_assets.sources.factory import make_source, resource_key
@@ -170,16 +170,7 @@ def _put_run(files: DeltaFiles[str], run_id: str, objects: dict[str, dict]) -> N
                     "identifier_hash": [None] * len(objects),
                     "object": [orjson.dumps(o) for o in objects.values()],
                     "data_points": [1] * len(objects),
-                    **{  # attributes diff columns: not used by these rows
-                        name: [None] * len(objects)
-                        for name in (
-                            "user_key",
-                            "payload_hash",
-                            "remember",
-                            "payload_attributes",
-                            "data_points_saved",
-                        )
-                    },
+                    **no_diff_columns(len(objects)),
                 },
                 schema=VALID_SCHEMA,
             ),
