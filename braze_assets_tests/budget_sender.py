@@ -26,9 +26,9 @@ class RecordingClient(BrazeClient):
 
     attempts: list[tuple[float, int]]
 
-    async def _send(self, path: str, body: bytes) -> tuple[int, httpx.Headers, bytes]:
+    async def _send(self, path: str, body: bytes, method: str = "POST") -> tuple[int, httpx.Headers, bytes]:
         sent_at = time.time()
-        status, headers, content = await super()._send(path, body)
+        status, headers, content = await super()._send(path, body, method)
         self.attempts.append((sent_at, status))
         return status, headers, content
 
