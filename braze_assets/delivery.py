@@ -375,17 +375,14 @@ class Delivery:
     ) -> int:
         """Settle the rows of a delta file that are not sent, with `status`; returns how many."""
         recorded = 0
-        seen: set[str] = set()
         with delta_store.open_input(uri) as source:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows):
                 rows = pa.Table.from_batches([batch])
-                # recorded by another run since this delta was computed, or listed twice
-                skip = seen | ledger.known_hashes(rows["row_hash"].to_pylist(), since=self._since())
-                if skip:
+                known = ledger.known_hashes(rows["row_hash"].to_pylist(), since=self._since())
+                if known:  # recorded by another run since this delta was computed
                     rows = rows.filter(
-                        pc.invert(pc.is_in(rows["row_hash"], pa.array(list(skip), pa.string())))
+                        pc.invert(pc.is_in(rows["row_hash"], pa.array(list(known), pa.string())))
                     )
-                seen.update(rows["row_hash"].to_pylist())
                 ledger.append(
                     pa.table(
                         {

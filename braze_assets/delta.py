@@ -607,6 +607,17 @@ def _write_delta(
         finally:
             writer.close()
     valid_path, rejected_path = paths[:2]
+    if len(paths) > 2:  # exact copies among the unchanged rows: settled once too
+        unchanged_copies = _drop_duplicates(paths[2])
+        manifest.unchanged -= unchanged_copies
+        if unchanged_copies:
+            manifest.data_points_saved = sum(
+                int(
+                    pc.sum(pq.read_table(path, columns=["data_points_saved"])["data_points_saved"]).as_py()
+                    or 0
+                )
+                for path in (paths[0], paths[2])
+            )
     valid_copies = _drop_duplicates(valid_path)
     rejected_copies = _drop_duplicates(rejected_path)
     manifest.duplicate_rows = valid_copies + rejected_copies

@@ -236,3 +236,16 @@ def test_user_keys_of_a_batch_are_those_of_each_row():
     expected = [user_key(batch.identifiers(i)) for i in range(batch.num_rows)]
     assert column_user_keys(batch.columns, batch.num_rows) == expected
     assert len(set(expected)) == 5
+
+
+def test_exact_copies_of_an_unchanged_row_are_settled_once(tmp_path, emulator):
+    harness = Harness(tmp_path, emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+    harness.run("users")
+    restamped = _users(3, NOW - dt.timedelta(hours=1))
+    harness.table("users", [*restamped, dict(restamped[0])])  # an exact copy of one row
+    again = harness.run("users")
+    assert again.delta.unchanged == 3 and again.outcome.unchanged == 3
+    assert again.outcome.data_points_saved == 12
+    assert harness.ledger("users") == {"accepted": 3, "unchanged": 3}
