@@ -103,41 +103,30 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
         }
         checked = delta.valid + delta.rejected
         if output_failures:
-            yield from _finish(
-                context,
-                sync,
-                delta,
-                "pandera_schema",
-                dg.AssetCheckResult(
-                    passed=False,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata=metadata,
-                    description=f"{output_failures:,} problems in the rows handed to Braze: a bug, "
-                    "delivery is blocked",
-                ),
-            )
-            return
-        if delta.rejected:
-            top = next(iter(delta.rejected_reasons), "")
-            description = (
-                f"{delta.rejected:,} of {checked:,} rows failed the cdi_{sync.data_type} schema and "
-                f"are rejected with their reasons, never sent (most common: {top}); the other rows "
-                "match it"
+            result = dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata=metadata,
+                description=f"{output_failures:,} problems in the rows handed to Braze: a bug, "
+                "delivery is blocked",
             )
         else:
-            description = f"all {checked:,} rows match the cdi_{sync.data_type} schema"
-        yield from _finish(
-            context,
-            sync,
-            delta,
-            "pandera_schema",
-            dg.AssetCheckResult(
+            if delta.rejected:
+                top = next(iter(delta.rejected_reasons), "")
+                description = (
+                    f"{delta.rejected:,} of {checked:,} rows failed the cdi_{sync.data_type} schema "
+                    f"and are rejected with their reasons, never sent (most common: {top}); the other "
+                    "rows match it"
+                )
+            else:
+                description = f"all {checked:,} rows match the cdi_{sync.data_type} schema"
+            result = dg.AssetCheckResult(
                 passed=delta.rejected == 0,
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata=metadata,
                 description=description,
-            ),
-        )
+            )
+        yield from _finish(context, sync, delta, "pandera_schema", result)
 
     @dg.asset_check(  # type: ignore[arg-type]  # a generator: see the module docstring
         asset=delta_key,

@@ -340,3 +340,17 @@ def snowflake_resource(server: dict, password: str = "snow"):
         schema="PUBLIC",
         additional_snowflake_connection_args=extra,
     )
+
+
+def process_group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members

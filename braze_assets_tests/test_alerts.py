@@ -8,7 +8,6 @@ import datetime as dt
 import email
 import http.server
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, events_rows, sync_config
+from braze_assets_tests.production_stack import free_port
 
 UTC = dt.UTC
 HOUR_AGO = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=1)
@@ -43,16 +43,10 @@ def _body(mail: email.message.Message) -> str:
     return mail.get_payload(decode=True).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def inbox(monkeypatch) -> Iterator[Inbox]:
     box = Inbox()
-    smtp = Controller(_Collect(box), hostname="127.0.0.1", port=_free_port())
+    smtp = Controller(_Collect(box), hostname="127.0.0.1", port=free_port())
     smtp.start()
 
     class Webhook(http.server.BaseHTTPRequestHandler):

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from braze_assets.assets import partitions_for
 from braze_assets.config import load_syncs
+from braze_assets_tests.conftest import process_group
+from braze_assets_tests.production_stack import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
@@ -58,25 +59,6 @@ LOCATION = "braze_assets.definitions"
 #: the seed's app_events table: valid rows, and bad rows rejected on purpose (test_demo.py)
 SEED_VALID_EVENTS, SEED_REJECTED_EVENTS = 4000, 11
 UI_START_S, PAGE_S, RUN_S = 180, 120, 420
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _group(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
 
 
 @dataclass
@@ -102,7 +84,7 @@ def ui(tmp_path: Path) -> Iterator[UiStack]:
         sync["sensor"] = {"enabled": False}
     syncs_file = tmp_path / "syncs.yaml"
     syncs_file.write_text(yaml.safe_dump(syncs, sort_keys=False))
-    emulator_port, ui_port = _free_port(), _free_port()
+    emulator_port, ui_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRAZE_")}
     env.update(BRAZE_ASSETS_SYNCS=str(syncs_file), PYTHONPATH=str(ROOT))
     log = tmp_path / "ui.log"
@@ -132,7 +114,7 @@ def ui(tmp_path: Path) -> Iterator[UiStack]:
                 cli.kill()
                 cli.wait()
         for leader in leaders:
-            for pid in _group(leader):
+            for pid in process_group(leader):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -13,13 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from braze_assets_tests.conftest import process_group
+from braze_assets_tests.production_stack import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -35,26 +32,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _group(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
-    emulator_port, ui_port = _free_port(), _free_port()
+    emulator_port, ui_port = free_port(), free_port()
     env = {**os.environ, "BRAZE_ASSETS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
     env.pop("BRAZE_ASSETS_SYNCS", None)
     cli = subprocess.Popen(
@@ -89,15 +73,15 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
             b"dagster_dg_cli.cli",
             b"dev",
         ]
-        started = _group(dg_dev)
+        started = process_group(dg_dev)
         assert len(started) >= 2 and _listening(emulator_port)  # webserver, daemon, code server...
 
         cli.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         cli.wait(timeout=30)
         stopped_by = time.monotonic() + 5
-        while _group(dg_dev) and time.monotonic() < stopped_by:
+        while process_group(dg_dev) and time.monotonic() < stopped_by:
             time.sleep(0.2)
-        assert _group(dg_dev) == [], "processes of the UI are still running"
+        assert process_group(dg_dev) == [], "processes of the UI are still running"
         assert not _listening(emulator_port) and not _listening(ui_port)
         output = cli.stdout.read().decode()
         assert "Serving dagster-webserver" in output and "Dagster services shut down" in output
@@ -106,5 +90,5 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
     finally:
         if cli.poll() is None:
             cli.kill()
-        for pid in _group(cli.pid):
+        for pid in process_group(cli.pid):
             os.kill(pid, signal.SIGKILL)
