@@ -191,6 +191,17 @@ def _texts(
     return texts
 
 
+def identifier_texts(
+    table: pyarrow.Table | pyarrow.RecordBatch,
+) -> tuple[dict[str, list[str | None]], dict[int, list[str]]]:
+    """A batch's identifier columns as text, exactly as stored (None when NULL or blank), and the
+    rows whose cells have no exact text form (position -> sentences)."""
+    names = table.schema.names
+    problems: dict[int, list[str]] = {}
+    texts = {c: _texts(table.column(c).to_pylist(), c, problems) for c in IDENTIFIER_COLUMNS if c in names}
+    return texts, problems
+
+
 def _json_text(value: Any) -> str | bytes | None:
     """PAYLOAD as JSON text; warehouses with typed JSON/STRUCT payloads hand over objects."""
     return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else value
@@ -232,10 +243,7 @@ class RowBatch:
     def from_arrow(cls, table: pyarrow.Table | pyarrow.RecordBatch) -> RowBatch:
         """Columns as a source scan streams them (upper-case names)."""
         names = table.schema.names
-        problems: dict[int, list[str]] = {}
-        identifiers = {
-            c: _texts(table.column(c).to_pylist(), c, problems) for c in IDENTIFIER_COLUMNS if c in names
-        }
+        identifiers, problems = identifier_texts(table)
         payload = None
         if "PAYLOAD" in names:
             column = table.column("PAYLOAD")
@@ -343,9 +351,11 @@ def _properties_problems(payload: dict, what: str) -> list[str]:
     if (
         "time" not in properties
         and "event_name" not in properties
-        and all(key and len(key) <= contract.MAX_NAME_CHARS and key[0] != "$" for key in properties)
+        and "" not in properties
+        and "$" not in (names := "".join(properties))
+        and len(names) <= contract.MAX_NAME_CHARS
     ):
-        return []
+        return []  # the usual properties: no "$" anywhere and all names together short enough
     problems = []
     for key in properties:
         if not key or len(key) > contract.MAX_NAME_CHARS or key.startswith("$"):
@@ -417,11 +427,24 @@ def _decode_problem(exc: Exception) -> str:
     return f"PAYLOAD is not valid JSON: {message.split(':')[0]}"
 
 
-def _lossy_json(raw: str | bytes) -> str | None:
+def _compact_json(parsed: Any) -> bytes | None:
+    try:
+        return orjson.dumps(parsed)
+    except TypeError:  # orjson.JSONEncodeError: nested deeper than it writes (reported below)
+        return None
+
+
+def _lossy_json(raw: str | bytes, parsed: Any = None) -> str | None:
     """Why this PAYLOAD would not reach Braze as written, or None. A JSON parser silently keeps
     the last of duplicate keys and turns whole numbers beyond 64 bits into floats; both change
-    the data, so such a row is rejected with the reason instead. A cheap look at the text
-    (a 19-digit run, a key name seen twice) decides whether the exact, slower parse is needed."""
+    the data, so such a row is rejected with the reason instead.
+
+    Cheapest first: text that is exactly the compact serialization of what was `parsed` (as
+    warehouses' JSON functions write it) lost nothing, since a parsed object cannot serialize
+    with a key twice or with a float where the text had a whole number. Otherwise a look at the
+    text (a 19-digit run, a key name seen twice) decides whether the exact, slower parse is needed."""
+    if parsed is not None and _compact_json(parsed) == (raw.encode() if isinstance(raw, str) else raw):
+        return None
     text = raw if isinstance(raw, str) else raw.decode("utf-8")
     keys = _JSON_KEY.findall(text)
     if _LONG_DIGITS.search(text) is None and len(keys) == len(set(keys)):
@@ -515,7 +538,7 @@ def _payload_facts(
             problem[i] = 1
             notes["payload_problem"][i] = f"PAYLOAD must be a JSON object: got {type(payload).__name__}"
             continue
-        lossy = _lossy_json(raw)
+        lossy = _lossy_json(raw, payload)
         if lossy is not None:
             problem[i] = 1
             notes["payload_problem"][i] = lossy

@@ -11,83 +11,53 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import duckdb
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
-from braze_assets.catalog_items import check_catalog_rows
-from braze_assets.datatypes import (
-    IDENTIFIER_COLUMNS,
-    CheckedRows,
-    DataTypeSpec,
-    RowBatch,
-    build_objects,
-    row_identifiers,
-    validate_batch,
+from braze_assets.attribute_diff import AttributeDiff, Remembered, column_user_keys
+from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec, identifier_texts, row_identifiers
+from braze_assets.delta_batch import (
+    DIFF_COLUMNS,
+    REJECTED_SCHEMA,
+    UNCHANGED_SCHEMA,
+    VALID_SCHEMA,
+    BatchJob,
+    Prepared,
+    no_diff_columns,
+    prepare_batch,
+    reason_key,
 )
 from braze_assets.delta_files import staged
-from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
-from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
+from braze_assets.delta_workers import PreparePool, configured_workers
+from braze_assets.lookup import lookup_key
+from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 
-VALID_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),  # masked, for display
-        ("identifier_hash", pa.string()),  # lookup hashes, to find a user's rows (lookup.py)
-        ("object", pa.binary()),  # the Braze object (or [key, id] for deletions), JSON
-        ("data_points", pa.int32()),  # attributes (events, purchases: 1) sent
-        # attributes syncs sending only what changed (attribute_diff.py); null otherwise:
-        ("user_key", pa.string()),
-        ("payload_hash", pa.string()),
-        ("remember", pa.string()),  # what Braze holds of the user once it accepts this row
-        ("payload_attributes", pa.int32()),
-        ("data_points_saved", pa.int32()),  # attributes left out: unchanged since last accepted
-    ]
-)
-#: The valid file's columns of the attribute diff (attribute_diff.py), null for other rows.
-DIFF_COLUMNS = ("user_key", "payload_hash", "remember", "payload_attributes", "data_points_saved")
+__all__ = [
+    "DIFF_COLUMNS",
+    "REJECTED_SCHEMA",
+    "UNCHANGED_SCHEMA",
+    "VALID_SCHEMA",
+    "DeltaManifest",
+    "DeltaWriter",
+    "compute_delta",
+    "no_diff_columns",
+    "reason_key",
+]
 
-
-def no_diff_columns(rows: int) -> dict[str, pa.Array]:
-    """The attribute-diff columns of rows sent whole: nulls."""
-    return {name: pa.nulls(rows, VALID_SCHEMA.field(name).type) for name in DIFF_COLUMNS}
-
-
-#: Rows whose attributes all match what Braze last accepted: settled as `unchanged`, never sent.
-UNCHANGED_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),
-        ("identifier_hash", pa.string()),
-        ("data_points_saved", pa.int32()),
-    ]
-)
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),
-        ("identifier_hash", pa.string()),
-        ("reasons", pa.string()),
-        ("location", pa.string()),  # file:line for file sources
-        ("payload_excerpt", pa.string()),
-    ]
-)
 #: Columns file sources add to every row: where it came from (part of the row's identity).
 LOCATION_COLUMNS = ("_FILE", "_LINE")
 EXAMPLES_KEPT = 5
+#: Rows a delta prepares in the run's own process before it starts worker processes.
+POOL_AFTER_ROWS = 50_000
 
 
 @dataclass
@@ -188,31 +158,14 @@ def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[s
     return [blake2b(text, digest_size=16).hexdigest() for text in joined]
 
 
-def reason_key(reason: str) -> str:
-    """Group reasons for counting: row-specific detail always follows the first ': '."""
-    return reason.split(": ")[0]
-
-
-@dataclass
-class _Prepared:
-    """One batch's contribution, computed in full before anything is written: a failure while
-    preparing leaves no trace, so the batch can be taken apart row by row."""
-
-    valid: pa.Table | None = None
-    rejected: pa.Table | None = None
-    unchanged: pa.Table | None = None
-    data_points: int = 0
-    data_points_saved: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    examples: list[dict[str, str]] = field(default_factory=list)
-
-
 class DeltaWriter:
-    """Validates batches and appends them to the valid/rejected Parquet files.
+    """Prepares scanned batches (`delta_batch.py`) and appends them, in scan order, to the valid,
+    rejected and unchanged Parquet files.
 
-    No row can stop the others: a batch that fails to process for a reason validation did not
-    foresee is processed again row by row, and a row that still fails is rejected with a reason
-    naming the failure (counted in `rows_unprocessable`), so every row read ends valid or rejected.
+    Batches are prepared in worker processes (`delta_workers.py`) once the delta has passed
+    `pool_after_rows` rows and `workers` is not 0; a small delta never starts one. What the state
+    knows of the batch's users (the attribute diff's `remembered`) is looked up here, in the
+    run's own process, which holds the state connection.
     """
 
     def __init__(
@@ -223,11 +176,12 @@ class DeltaWriter:
         paths: tuple[str, ...] | None = None,
         diff: AttributeDiff | None = None,
         remembered: Callable[[list[str]], dict[str, Remembered]] | None = None,
+        workers: int = 0,
+        pool_after_rows: int | None = None,
     ):
         """`paths`: the local (valid, rejected[, unchanged]) files to write, when not the
         manifest's own. `diff` (with `remembered`, the state's lookup): send only what changed."""
         self.manifest, self.spec = manifest, spec
-        self.update_existing_only = update_existing_only
         own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
         valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
@@ -236,244 +190,43 @@ class DeltaWriter:
         self._remembered = remembered or (lambda keys: {})
         self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
+        self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
+        self._workers = workers
+        self._pool_after_rows = POOL_AFTER_ROWS if pool_after_rows is None else pool_after_rows
+        self._pool: PreparePool | None = None
+        self._rows_added = 0
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
-        """Validate scanned rows not yet settled (`hashes`: their `row_hash`) and append them."""
-        try:
-            prepared = self._prepare(rows, hashes)
-        except Exception as exc:  # noqa: BLE001 - any failure is one row's: find it, set it aside
-            if rows.num_rows > 1:
-                for i in range(rows.num_rows):
-                    self.add(rows.slice(i, 1), hashes[i : i + 1])
-                return
-            prepared = self._unprocessable(rows, hashes, exc)
-        self._commit(prepared)
-
-    def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
-        if self.spec.name == "catalogs":
-            return self._prepare_items(rows, hashes)
-        batch = RowBatch.from_arrow(rows)
-        prepared = _Prepared()
-        keys: list[str] = []
-        payload_hashes: list[str | None] = []
-        before: dict[str, Remembered] = {}
-        if self.diff is not None:
-            keys = column_user_keys(batch.columns, batch.num_rows)
-            payload_hashes = [payload_hash(raw) for raw in batch.payload or [None] * batch.num_rows]
+        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due."""
+        keys: list[str] | None = None
+        before: dict[str, Remembered] | None = None
+        if self.diff is not None and self.spec.name != "catalogs":
+            texts, _ = identifier_texts(rows)
+            keys = column_user_keys(texts, rows.num_rows)
             before = self._remembered(sorted(set(keys)))
-            # The fast path: a PAYLOAD exactly as Braze last accepted it is not even validated.
-            same = [
-                i
-                for i, (key, digest) in enumerate(zip(keys, payload_hashes, strict=True))
-                if digest is not None and key in before and before[key].payload_hash == digest
-            ]
-            if same:
-                saved = [before[keys[i]].payload_attributes for i in same]
-                self._set_aside_unchanged(batch, hashes, same, saved, prepared)
-                set_aside = set(same)
-                others = [i for i in range(batch.num_rows) if i not in set_aside]
-                batch, rows = batch.take(others), rows.take(pa.array(others, pa.int64()))
-                hashes = [hashes[i] for i in others]
-                keys = [keys[i] for i in others]
-                payload_hashes = [payload_hashes[i] for i in others]
-        checked = validate_batch(batch, self.spec)
-        valid = [i for i in range(batch.num_rows) if i not in checked.failures]
-        diffed: dict[int, Trimmed] = {}
-        if valid and self.diff is not None:
-            for i in valid:
-                payload = checked.payloads[i]
-                if payload is not None:
-                    diffed[i] = trimmed = self.diff.trim(payload, before.get(keys[i]))
-                    checked.payloads[i] = trimmed.payload
-            unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
-            if unchanged:
-                saved = [diffed[i].saved for i in unchanged]
-                self._set_aside_unchanged(batch, hashes, unchanged, saved, prepared)
-                set_aside = set(unchanged)
-                valid = [i for i in valid if i not in set_aside]
-        if valid:
-            objects = build_objects(checked, self.spec, valid, self.update_existing_only)
-            if any(o is None for o in objects):  # rows too deep to serialize: now in failures
-                objects = [o for o in objects if o is not None]
-                valid = [i for i in valid if i not in checked.failures]
-            shown = mask_identifier_columns(batch.columns, batch.num_rows)
-            hashed = column_lookup_hashes(batch.columns, batch.num_rows)
-            if diffed:
-                points = np.array([diffed[i].sent for i in valid], dtype=np.int64)
-                kept = np.array([diffed[i].saved for i in valid], dtype=np.int64)
-                whole = [diffed[i].sent + diffed[i].saved for i in valid]
-                diff_columns = {
-                    "user_key": pa.array([keys[i] for i in valid], pa.string()),
-                    "payload_hash": pa.array([payload_hashes[i] for i in valid], pa.string()),
-                    "remember": pa.array([diffed[i].remember for i in valid], pa.string()),
-                    "payload_attributes": pa.array(whole, pa.int32()),
-                    "data_points_saved": pa.array(kept, pa.int32()),
-                }
-                prepared.data_points_saved += int(kept.sum())
-            else:
-                points = checked.data_points[valid]
-                diff_columns = no_diff_columns(len(valid))
-            prepared.valid = pa.table(
-                {
-                    "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
-                    "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
-                    "identifier": pa.array([shown[i] for i in valid], pa.string()),
-                    "identifier_hash": pa.array([hashed[i] for i in valid], pa.string()),
-                    "object": pa.array(objects, pa.binary()),
-                    "data_points": pa.array(points, pa.int32()),
-                    **diff_columns,
-                },
-                schema=VALID_SCHEMA,
-            )
-            prepared.data_points = int(points.sum())
-        if checked.failures:
-            self._prepare_rejected(rows, checked, hashes, prepared)
-        return prepared
+        self._rows_added += rows.num_rows
+        if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
+            self._pool = PreparePool(self.job, self._workers)
+        if self._pool is not None:
+            results: Iterable[Prepared] = self._pool.submit(rows, hashes, keys, before)
+        else:
+            results = prepare_batch(self.job, rows, hashes, keys, before)
+        for prepared in results:
+            self._commit(prepared)
 
-    def _prepare_items(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> _Prepared:
-        """Catalog rows (`catalog_items.py`): items by id, never user identifiers."""
-        checked = check_catalog_rows(rows)
-        prepared = _Prepared()
-        stamps = rows.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
-        shown = [f"ID={item_id}" if item_id else "(no id)" for item_id in checked.ids]
-        valid = sorted(checked.objects)
-        if valid:
-            take = pa.array(valid, pa.int64())
-            prepared.valid = pa.table(
-                {
-                    "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
-                    "updated_at": stamps.take(take),
-                    "identifier": pa.array([shown[i] for i in valid], pa.string()),
-                    "identifier_hash": pa.nulls(len(valid), pa.string()),
-                    "object": pa.array([checked.objects[i] for i in valid], pa.binary()),
-                    "data_points": pa.array([0] * len(valid), pa.int32()),  # catalogs bill none
-                    **no_diff_columns(len(valid)),
-                },
-                schema=VALID_SCHEMA,
-            )
-        if checked.failures:
-            names = rows.schema.names
-            payloads = rows.column("PAYLOAD").to_pylist() if "PAYLOAD" in names else [None] * rows.num_rows
-            located = "_FILE" in names
-            files = rows.column("_FILE").to_pylist() if located else []
-            lines = rows.column("_LINE").to_pylist() if located else []
-            failed = sorted(checked.failures)
-            reasons = ["; ".join(dict.fromkeys(checked.failures[i])) for i in failed]
-            prepared.rejected = pa.table(
-                {
-                    "row_hash": pa.array([hashes[i] for i in failed], pa.string()),
-                    "updated_at": stamps.take(pa.array(failed, pa.int64())),
-                    "identifier": pa.array([shown[i] for i in failed], pa.string()),
-                    "identifier_hash": pa.nulls(len(failed), pa.string()),
-                    "reasons": pa.array(reasons, pa.string()),
-                    "location": pa.array(
-                        [f"{files[i]}:{lines[i]}" if located else "" for i in failed], pa.string()
-                    ),
-                    "payload_excerpt": pa.array([mask_payload(payloads[i]) for i in failed], pa.string()),
-                },
-                schema=REJECTED_SCHEMA,
-            )
-            for i, reason in zip(failed, reasons, strict=True):
-                prepared.reasons.update(reason_key(r) for r in dict.fromkeys(checked.failures[i]))
-                prepared.examples.append({"row_hash": hashes[i], "identifier": shown[i], "reasons": reason})
-        return prepared
+    def finish(self) -> None:
+        """Append the batches still being prepared."""
+        if self._pool is not None:
+            for prepared in self._pool.drain():
+                self._commit(prepared)
 
-    def _set_aside_unchanged(
-        self, batch: RowBatch, hashes: list[str], positions: list[int], saved: list[int], prepared: _Prepared
-    ) -> None:
-        """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
-        shown = mask_identifier_columns(batch.columns, batch.num_rows)
-        hashed = column_lookup_hashes(batch.columns, batch.num_rows)
-        table = pa.table(
-            {
-                "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
-                "updated_at": batch.updated_at.take(pa.array(positions, pa.int64())),
-                "identifier": pa.array([shown[i] for i in positions], pa.string()),
-                "identifier_hash": pa.array([hashed[i] for i in positions], pa.string()),
-                "data_points_saved": pa.array(saved, pa.int32()),
-            },
-            schema=UNCHANGED_SCHEMA,
-        )
-        prepared.unchanged = (
-            table if prepared.unchanged is None else pa.concat_tables([prepared.unchanged, table])
-        )
-        prepared.data_points_saved += sum(saved)
-
-    def _prepare_rejected(
-        self, rows: pa.RecordBatch | pa.Table, checked: CheckedRows, hashes: list[str], prepared: _Prepared
-    ) -> None:
-        failures = checked.failures
-        names = rows.schema.names
-        picked = pa.array(sorted(failures), pa.int64())
-        column = {
-            name: rows.column(name).take(picked).to_pylist() if name in names else [None] * len(picked)
-            for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")
-        }
-        rejected: dict[str, list[Any]] = {name: [] for name in REJECTED_SCHEMA.names}
-        for n, i in enumerate(sorted(failures)):
-            identifiers = checked.identifiers(i)
-            shown = mask_identifiers(identifiers)
-            reasons = "; ".join(dict.fromkeys(failures[i]))
-            location = f"{column['_FILE'][n]}:{column['_LINE'][n]}" if column["_FILE"][n] else ""
-            excerpt = mask_payload(column["PAYLOAD"][n])
-            for values, value in zip(
-                rejected.values(),
-                (
-                    hashes[i],
-                    column["UPDATED_AT"][n],
-                    shown,
-                    row_lookup_hashes(identifiers),
-                    reasons,
-                    location,
-                    excerpt,
-                ),
-                strict=True,
-            ):
-                values.append(value)
-            prepared.reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
-            example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
-            if location:
-                example["location"] = location
-            prepared.examples.append(example)
-        prepared.rejected = pa.table(rejected, schema=REJECTED_SCHEMA)
-
-    def _unprocessable(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], exc: Exception) -> _Prepared:
-        """One row that could not be processed at all: rejected with the failure's kind (never
-        its text, which may quote the row's values)."""
-        reason = f"row could not be processed ({type(exc).__name__}); set aside so the other rows go on"
-        stamps = rows.column("UPDATED_AT")
-        try:
-            stamp = stamps.cast(pa.timestamp("us", tz="UTC"))[0].as_py()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError):
-            stamp = None
-        names = rows.schema.names
-        location = (
-            f"{rows.column('_FILE')[0].as_py()}:{rows.column('_LINE')[0].as_py()}" if "_FILE" in names else ""
-        )
-        self.manifest.rows_unprocessable += 1
-        return _Prepared(
-            rejected=pa.table(
-                {
-                    "row_hash": [hashes[0]],
-                    "updated_at": [stamp],
-                    "identifier": ["(not shown)"],
-                    "identifier_hash": [None],
-                    "reasons": [reason],
-                    "location": [location],
-                    "payload_excerpt": [""],
-                },
-                schema=REJECTED_SCHEMA,
-            ),
-            reasons=Counter({reason_key(reason): 1}),
-            examples=[{"row_hash": hashes[0], "identifier": "(not shown)", "reasons": reason}],
-        )
-
-    def _commit(self, prepared: _Prepared) -> None:
+    def _commit(self, prepared: Prepared) -> None:
         manifest = self.manifest
         if prepared.unchanged is not None and prepared.unchanged.num_rows and self._unchanged is not None:
             self._unchanged.write_table(prepared.unchanged)
             manifest.unchanged += prepared.unchanged.num_rows
         manifest.data_points_saved += prepared.data_points_saved
+        manifest.rows_unprocessable += prepared.unprocessable
         if prepared.valid is not None and prepared.valid.num_rows:
             self._valid.write_table(prepared.valid)
             manifest.valid += prepared.valid.num_rows
@@ -486,6 +239,9 @@ class DeltaWriter:
             manifest.rejected_examples += prepared.examples[: max(room, 0)]
 
     def close(self) -> None:
+        """Stop the workers and close the files (after `finish`, with everything appended)."""
+        if self._pool is not None:
+            self._pool.close()
         self._valid.close()
         self._rejected.close()
         if self._unchanged is not None:
@@ -506,11 +262,13 @@ def compute_delta(
     update_existing_only: bool,
     diff: AttributeDiff | None = None,
     batch_rows: int = 20_000,
+    workers: int | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> DeltaManifest:
     """Fill `manifest` (and its Parquet files) with the delta of [window_start, min(end, now)).
     With `diff` (attributes syncs sending only what changed) rows with nothing new for Braze go to
-    `manifest.unchanged_path`, which must be set.
+    `manifest.unchanged_path`, which must be set. `workers`: processes preparing batches
+    (`delta_workers.py`; None: `BRAZE_ASSETS_DELTA_WORKERS` or one per core).
 
     The files are written on local disk, and copied whole to an object store when the manifest's
     paths are URIs there (`delta_files.staged`)."""
@@ -532,6 +290,7 @@ def compute_delta(
             update_existing_only=update_existing_only,
             diff=diff,
             batch_rows=batch_rows,
+            workers=configured_workers() if workers is None else workers,
             progress=progress,
         )
     manifest.max_updated_at = newest.isoformat() if newest else None
@@ -565,6 +324,7 @@ def _write_delta(
     update_existing_only: bool,
     diff: AttributeDiff | None,
     batch_rows: int,
+    workers: int,
     progress: Callable[[str], None],
 ) -> dt.datetime | None:
     """Scan the window into the local files `paths` (valid, rejected[, unchanged]); the newest
@@ -577,7 +337,9 @@ def _write_delta(
     manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()
     newest: dt.datetime | None = None
     with store.session() as ledger:
-        writer = DeltaWriter(manifest, spec, update_existing_only, paths, diff, ledger.remembered)
+        writer = DeltaWriter(
+            manifest, spec, update_existing_only, paths, diff, ledger.remembered, workers=workers
+        )
         try:
             for batch in source.scan(
                 window_start, scan_end, manifest.reaches_now, batch_rows, columns=columns
@@ -604,6 +366,7 @@ def _write_delta(
                     f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
                     f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled"
                 )
+            writer.finish()
         finally:
             writer.close()
     valid_path, rejected_path = paths[:2]

@@ -25,7 +25,8 @@ KINDS = ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE", "ALIAS")
 _PERSON = b"braze-assets-id"
 
 
-def _key() -> bytes:
+def lookup_key() -> bytes:
+    """The key lookup hashes are made with (from the environment; see above)."""
     # BLAKE2b takes a key of at most 64 bytes: a longer one is hashed down to that.
     raw = os.environ.get(LOOKUP_KEY_ENV, "").encode()
     return raw if len(raw) <= 64 else hashlib.blake2b(raw).digest()
@@ -37,30 +38,50 @@ def lookup_hash(kind: str, value: str | tuple[str | None, str | None], key: byte
         raise ValueError(f"unknown identifier kind {kind!r}; one of {', '.join(KINDS)}")
     text = "\x1f".join(x or "" for x in value) if isinstance(value, tuple) else value
     digest = hashlib.blake2b(
-        f"{kind}\x1f{text}".encode(), digest_size=16, key=_key() if key is None else key, person=_PERSON
+        f"{kind}\x1f{text}".encode(), digest_size=16, key=lookup_key() if key is None else key, person=_PERSON
     )
     return digest.hexdigest()
 
 
 def row_lookup_hashes(identifiers: Mapping[str, Any], key: bytes | None = None) -> str | None:
     """A row's lookup hashes, space-separated (a row may carry an email and a phone), or None."""
-    key = _key() if key is None else key
+    key = lookup_key() if key is None else key
     found = [lookup_hash(kind, value, key) for kind, value in identifiers.items() if value is not None]
     return " ".join(found) or None
 
 
-def column_lookup_hashes(columns: Mapping[str, Sequence[str | None]], num_rows: int) -> list[str | None]:
-    """`row_lookup_hashes` for every row of a batch of identifier columns (text, None when absent)."""
-    key = _key()
-    rows: list[list[str]] = [[] for _ in range(num_rows)]
+def column_lookup_hashes(
+    columns: Mapping[str, Sequence[str | None]], num_rows: int, key: bytes | None = None
+) -> list[str | None]:
+    """`row_lookup_hashes` for every row of a batch of identifier columns (text, None when absent).
+    One keyed hasher is set up per batch and copied per value (keying BLAKE2b costs as much as
+    hashing a short identifier), and a batch with one identifier column, the usual one, is
+    hashed in a single pass."""
+    key = lookup_key() if key is None else key
+    base = hashlib.blake2b(digest_size=16, key=key, person=_PERSON)
+
+    def digest(text: str) -> str:
+        hasher = base.copy()
+        hasher.update(text.encode())
+        return hasher.hexdigest()
+
+    found: list[list[str | None]] = []
     for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
-        for i, value in enumerate(columns.get(kind, ())):
-            if value is not None:
-                rows[i].append(lookup_hash(kind, value, key))
+        values = columns.get(kind)
+        if values is not None:
+            prefix = f"{kind}\x1f"
+            found.append([None if v is None else digest(f"{prefix}{v}") for v in values])
     if "ALIAS_NAME" in columns or "ALIAS_LABEL" in columns:
         names = columns.get("ALIAS_NAME") or [None] * num_rows
         labels = columns.get("ALIAS_LABEL") or [None] * num_rows
-        for i, (name, label) in enumerate(zip(names, labels, strict=True)):
-            if name is not None or label is not None:
-                rows[i].append(lookup_hash("ALIAS", (name, label), key))
-    return [" ".join(r) or None for r in rows]
+        found.append(
+            [
+                None if name is None and label is None else lookup_hash("ALIAS", (name, label), key)
+                for name, label in zip(names, labels, strict=True)
+            ]
+        )
+    if not found:
+        return [None] * num_rows
+    if len(found) == 1:
+        return found[0]
+    return [" ".join(h for h in hashes if h is not None) or None for hashes in zip(*found, strict=True)]

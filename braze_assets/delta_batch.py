@@ -1,0 +1,388 @@
+"""One batch of scanned rows, prepared: the rows to send, the rows set aside as unchanged, and the
+rows rejected with their reasons, as Arrow tables ready to append to the delta's files.
+
+Preparing is the CPU-heavy part of a delta (PAYLOAD parsing, the pandera schema, the attribute
+diff, building the Braze objects, hashing identifiers), and it needs nothing but the batch and
+what the state already told about it (`before`). So it is a pure function of picklable inputs:
+`delta_workers.py` runs it in worker processes, on every core, while the scan, the ledger probe
+and the writing stay in the run's own process. Nothing here writes anything.
+
+No row can stop the others: a batch that fails to prepare for a reason validation did not
+foresee is prepared again row by row, and a row that still fails is rejected with a reason naming
+the kind of failure (counted as unprocessable), so every row read ends valid, unchanged or
+rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
+from braze_assets.catalog_items import check_catalog_rows
+from braze_assets.datatypes import CheckedRows, DataTypeSpec, RowBatch, build_objects, validate_batch
+from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
+from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
+
+VALID_SCHEMA = pa.schema(
+    [
+        ("row_hash", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("identifier", pa.string()),  # masked, for display
+        ("identifier_hash", pa.string()),  # lookup hashes, to find a user's rows (lookup.py)
+        ("object", pa.binary()),  # the Braze object (or [key, id] for deletions), JSON
+        ("data_points", pa.int32()),  # attributes (events, purchases: 1) sent
+        # attributes syncs sending only what changed (attribute_diff.py); null otherwise:
+        ("user_key", pa.string()),
+        ("payload_hash", pa.string()),
+        ("remember", pa.string()),  # what Braze holds of the user once it accepts this row
+        ("payload_attributes", pa.int32()),
+        ("data_points_saved", pa.int32()),  # attributes left out: unchanged since last accepted
+    ]
+)
+#: The valid file's columns of the attribute diff (attribute_diff.py), null for other rows.
+DIFF_COLUMNS = ("user_key", "payload_hash", "remember", "payload_attributes", "data_points_saved")
+
+
+def no_diff_columns(rows: int) -> dict[str, pa.Array]:
+    """The attribute-diff columns of rows sent whole: nulls."""
+    return {name: pa.nulls(rows, VALID_SCHEMA.field(name).type) for name in DIFF_COLUMNS}
+
+
+#: Rows whose attributes all match what Braze last accepted: settled as `unchanged`, never sent.
+UNCHANGED_SCHEMA = pa.schema(
+    [
+        ("row_hash", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("identifier", pa.string()),
+        ("identifier_hash", pa.string()),
+        ("data_points_saved", pa.int32()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("row_hash", pa.string()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("identifier", pa.string()),
+        ("identifier_hash", pa.string()),
+        ("reasons", pa.string()),
+        ("location", pa.string()),  # file:line for file sources
+        ("payload_excerpt", pa.string()),
+    ]
+)
+
+
+def reason_key(reason: str) -> str:
+    """Group reasons for counting: row-specific detail always follows the first ': '."""
+    return reason.split(": ")[0]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What every batch of one delta is prepared with."""
+
+    spec: DataTypeSpec
+    update_existing_only: bool
+    #: attributes syncs sending only what changed; None sends whole payloads
+    diff: AttributeDiff | None = None
+    #: the key of the rows' lookup hashes (`lookup.py`), read once by the run's own process
+    lookup_key: bytes = b""
+
+
+@dataclass
+class Prepared:
+    """One batch's contribution, computed in full before anything is written: a failure while
+    preparing leaves no trace, so the batch can be taken apart row by row."""
+
+    valid: pa.Table | None = None
+    rejected: pa.Table | None = None
+    unchanged: pa.Table | None = None
+    data_points: int = 0
+    data_points_saved: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, str]] = field(default_factory=list)
+    #: rows that failed in a way validation did not foresee (rejected, never sent)
+    unprocessable: int = 0
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Preparing a batch allocates a container per row and field (parsed payloads, objects):
+    Python's cycle collector would walk them over and over while they are all alive, a quarter
+    of the time measured. They form no cycles, so it waits until the batch is done."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def prepare_batch(
+    job: BatchJob,
+    rows: pa.RecordBatch | pa.Table,
+    hashes: list[str],
+    keys: list[str] | None = None,
+    before: dict[str, Remembered] | None = None,
+) -> list[Prepared]:
+    """Prepare scanned rows not yet settled (`hashes`: their `row_hash`). With a diff, `keys` are
+    the rows' user keys and `before` what the state remembers of those users. One `Prepared`,
+    or one per row when the batch had to be taken apart."""
+    try:
+        with _collector_paused():
+            return [_prepare(job, rows, hashes, keys, before or {})]
+    except Exception as exc:  # noqa: BLE001 - any failure is one row's: find it, set it aside
+        if rows.num_rows > 1:
+            return [
+                part
+                for i in range(rows.num_rows)
+                for part in prepare_batch(
+                    job, rows.slice(i, 1), hashes[i : i + 1], keys[i : i + 1] if keys else None, before
+                )
+            ]
+        return [_unprocessable(rows, hashes, exc)]
+
+
+def _prepare(
+    job: BatchJob,
+    rows: pa.RecordBatch | pa.Table,
+    hashes: list[str],
+    keys: list[str] | None,
+    before: dict[str, Remembered],
+) -> Prepared:
+    if job.spec.name == "catalogs":
+        return _prepare_items(rows, hashes)
+    batch = RowBatch.from_arrow(rows)
+    prepared = Prepared()
+    payload_hashes: list[str | None] = []
+    user_keys: list[str] = []
+    if job.diff is not None:
+        user_keys = keys if keys is not None else column_user_keys(batch.columns, batch.num_rows)
+        payload_hashes = [payload_hash(raw) for raw in batch.payload or [None] * batch.num_rows]
+        # The fast path: a PAYLOAD exactly as Braze last accepted it is not even validated.
+        same = [
+            i
+            for i, (key, digest) in enumerate(zip(user_keys, payload_hashes, strict=True))
+            if digest is not None and key in before and before[key].payload_hash == digest
+        ]
+        if same:
+            saved = [before[user_keys[i]].payload_attributes for i in same]
+            _set_aside_unchanged(job, batch, hashes, same, saved, prepared)
+            set_aside = set(same)
+            others = [i for i in range(batch.num_rows) if i not in set_aside]
+            batch, rows = batch.take(others), rows.take(pa.array(others, pa.int64()))
+            hashes = [hashes[i] for i in others]
+            user_keys = [user_keys[i] for i in others]
+            payload_hashes = [payload_hashes[i] for i in others]
+    checked = validate_batch(batch, job.spec)
+    valid = [i for i in range(batch.num_rows) if i not in checked.failures]
+    diffed: dict[int, Trimmed] = {}
+    if valid and job.diff is not None:
+        for i in valid:
+            payload = checked.payloads[i]
+            if payload is not None:
+                diffed[i] = trimmed = job.diff.trim(payload, before.get(user_keys[i]))
+                checked.payloads[i] = trimmed.payload
+        unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
+        if unchanged:
+            saved = [diffed[i].saved for i in unchanged]
+            _set_aside_unchanged(job, batch, hashes, unchanged, saved, prepared)
+            set_aside = set(unchanged)
+            valid = [i for i in valid if i not in set_aside]
+    if valid:
+        objects = build_objects(checked, job.spec, valid, job.update_existing_only)
+        if any(o is None for o in objects):  # rows too deep to serialize: now in failures
+            objects = [o for o in objects if o is not None]
+            valid = [i for i in valid if i not in checked.failures]
+        shown = mask_identifier_columns(batch.columns, batch.num_rows)
+        hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
+        if diffed:
+            points = np.array([diffed[i].sent for i in valid], dtype=np.int64)
+            kept = np.array([diffed[i].saved for i in valid], dtype=np.int64)
+            whole = [diffed[i].sent + diffed[i].saved for i in valid]
+            diff_columns = {
+                "user_key": pa.array([user_keys[i] for i in valid], pa.string()),
+                "payload_hash": pa.array([payload_hashes[i] for i in valid], pa.string()),
+                "remember": pa.array([diffed[i].remember for i in valid], pa.string()),
+                "payload_attributes": pa.array(whole, pa.int32()),
+                "data_points_saved": pa.array(kept, pa.int32()),
+            }
+            prepared.data_points_saved += int(kept.sum())
+        else:
+            points = checked.data_points[valid]
+            diff_columns = no_diff_columns(len(valid))
+        prepared.valid = pa.table(
+            {
+                "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
+                "updated_at": batch.updated_at.take(pa.array(valid, pa.int64())),
+                "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                "identifier_hash": pa.array([hashed[i] for i in valid], pa.string()),
+                "object": pa.array(objects, pa.binary()),
+                "data_points": pa.array(points, pa.int32()),
+                **diff_columns,
+            },
+            schema=VALID_SCHEMA,
+        )
+        prepared.data_points = int(points.sum())
+    if checked.failures:
+        _prepare_rejected(job, rows, checked, hashes, prepared)
+    return prepared
+
+
+def _prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> Prepared:
+    """Catalog rows (`catalog_items.py`): items by id, never user identifiers."""
+    checked = check_catalog_rows(rows)
+    prepared = Prepared()
+    stamps = rows.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
+    shown = [f"ID={item_id}" if item_id else "(no id)" for item_id in checked.ids]
+    valid = sorted(checked.objects)
+    if valid:
+        take = pa.array(valid, pa.int64())
+        prepared.valid = pa.table(
+            {
+                "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
+                "updated_at": stamps.take(take),
+                "identifier": pa.array([shown[i] for i in valid], pa.string()),
+                "identifier_hash": pa.nulls(len(valid), pa.string()),
+                "object": pa.array([checked.objects[i] for i in valid], pa.binary()),
+                "data_points": pa.array([0] * len(valid), pa.int32()),  # catalogs bill none
+                **no_diff_columns(len(valid)),
+            },
+            schema=VALID_SCHEMA,
+        )
+    if checked.failures:
+        names = rows.schema.names
+        payloads = rows.column("PAYLOAD").to_pylist() if "PAYLOAD" in names else [None] * rows.num_rows
+        located = "_FILE" in names
+        files = rows.column("_FILE").to_pylist() if located else []
+        lines = rows.column("_LINE").to_pylist() if located else []
+        failed = sorted(checked.failures)
+        reasons = ["; ".join(dict.fromkeys(checked.failures[i])) for i in failed]
+        prepared.rejected = pa.table(
+            {
+                "row_hash": pa.array([hashes[i] for i in failed], pa.string()),
+                "updated_at": stamps.take(pa.array(failed, pa.int64())),
+                "identifier": pa.array([shown[i] for i in failed], pa.string()),
+                "identifier_hash": pa.nulls(len(failed), pa.string()),
+                "reasons": pa.array(reasons, pa.string()),
+                "location": pa.array(
+                    [f"{files[i]}:{lines[i]}" if located else "" for i in failed], pa.string()
+                ),
+                "payload_excerpt": pa.array([mask_payload(payloads[i]) for i in failed], pa.string()),
+            },
+            schema=REJECTED_SCHEMA,
+        )
+        for i, reason in zip(failed, reasons, strict=True):
+            prepared.reasons.update(reason_key(r) for r in dict.fromkeys(checked.failures[i]))
+            prepared.examples.append({"row_hash": hashes[i], "identifier": shown[i], "reasons": reason})
+    return prepared
+
+
+def _set_aside_unchanged(
+    job: BatchJob,
+    batch: RowBatch,
+    hashes: list[str],
+    positions: list[int],
+    saved: list[int],
+    prepared: Prepared,
+) -> None:
+    """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
+    shown = mask_identifier_columns(batch.columns, batch.num_rows)
+    hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
+    table = pa.table(
+        {
+            "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
+            "updated_at": batch.updated_at.take(pa.array(positions, pa.int64())),
+            "identifier": pa.array([shown[i] for i in positions], pa.string()),
+            "identifier_hash": pa.array([hashed[i] for i in positions], pa.string()),
+            "data_points_saved": pa.array(saved, pa.int32()),
+        },
+        schema=UNCHANGED_SCHEMA,
+    )
+    prepared.unchanged = (
+        table if prepared.unchanged is None else pa.concat_tables([prepared.unchanged, table])
+    )
+    prepared.data_points_saved += sum(saved)
+
+
+def _prepare_rejected(
+    job: BatchJob,
+    rows: pa.RecordBatch | pa.Table,
+    checked: CheckedRows,
+    hashes: list[str],
+    prepared: Prepared,
+) -> None:
+    failures = checked.failures
+    names = rows.schema.names
+    picked = pa.array(sorted(failures), pa.int64())
+    column = {
+        name: rows.column(name).take(picked).to_pylist() if name in names else [None] * len(picked)
+        for name in ("UPDATED_AT", "PAYLOAD", "_FILE", "_LINE")
+    }
+    rejected: dict[str, list[Any]] = {name: [] for name in REJECTED_SCHEMA.names}
+    for n, i in enumerate(sorted(failures)):
+        identifiers = checked.identifiers(i)
+        shown = mask_identifiers(identifiers)
+        reasons = "; ".join(dict.fromkeys(failures[i]))
+        location = f"{column['_FILE'][n]}:{column['_LINE'][n]}" if column["_FILE"][n] else ""
+        excerpt = mask_payload(column["PAYLOAD"][n])
+        for values, value in zip(
+            rejected.values(),
+            (
+                hashes[i],
+                column["UPDATED_AT"][n],
+                shown,
+                row_lookup_hashes(identifiers, job.lookup_key),
+                reasons,
+                location,
+                excerpt,
+            ),
+            strict=True,
+        ):
+            values.append(value)
+        prepared.reasons.update(reason_key(r) for r in dict.fromkeys(failures[i]))
+        example = {"row_hash": hashes[i], "identifier": shown, "reasons": reasons}
+        if location:
+            example["location"] = location
+        prepared.examples.append(example)
+    prepared.rejected = pa.table(rejected, schema=REJECTED_SCHEMA)
+
+
+def _unprocessable(rows: pa.RecordBatch | pa.Table, hashes: list[str], exc: Exception) -> Prepared:
+    """One row that could not be processed at all: rejected with the failure's kind (never
+    its text, which may quote the row's values)."""
+    reason = f"row could not be processed ({type(exc).__name__}); set aside so the other rows go on"
+    stamps = rows.column("UPDATED_AT")
+    try:
+        stamp = stamps.cast(pa.timestamp("us", tz="UTC"))[0].as_py()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError):
+        stamp = None
+    names = rows.schema.names
+    location = (
+        f"{rows.column('_FILE')[0].as_py()}:{rows.column('_LINE')[0].as_py()}" if "_FILE" in names else ""
+    )
+    return Prepared(
+        unprocessable=1,
+        rejected=pa.table(
+            {
+                "row_hash": [hashes[0]],
+                "updated_at": [stamp],
+                "identifier": ["(not shown)"],
+                "identifier_hash": [None],
+                "reasons": [reason],
+                "location": [location],
+                "payload_excerpt": [""],
+            },
+            schema=REJECTED_SCHEMA,
+        ),
+        reasons=Counter({reason_key(reason): 1}),
+        examples=[{"row_hash": hashes[0], "identifier": "(not shown)", "reasons": reason}],
+    )

@@ -1,0 +1,132 @@
+"""Prepare a delta's batches on every core, in order.
+
+A delta's scan, ledger probe and Parquet writing are light; preparing each batch (parsing,
+validating, diffing, building objects: `delta_batch.py`) is where the CPU goes. `PreparePool`
+hands batches to worker processes and gives their results back in the order the batches came,
+so the delta's files are the same, row for row, as when one process does everything.
+
+Workers are forked from a fork server that has imported the preparation code once, so a worker
+starts in milliseconds; the server itself starts only when a delta is large enough to need it
+(`DeltaWriter`). At most two batches per worker are in flight: memory stays bounded by the batch
+size. A worker that dies (killed for memory, say) loses nothing: the batches it held are prepared
+again in the run's own process, which carries on without workers.
+
+`BRAZE_ASSETS_DELTA_WORKERS` sets the number of workers: `0` prepares every batch in the run's
+own process; unset, one per core the process may use (none on a single core).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import gc
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from braze_assets.attribute_diff import Remembered
+from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
+
+WORKERS_ENV = "BRAZE_ASSETS_DELTA_WORKERS"
+_log = logging.getLogger(__name__)
+
+
+def configured_workers() -> int:
+    """Workers from `BRAZE_ASSETS_DELTA_WORKERS`, or one per usable core (0 on a single core)."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cores if cores > 1 else 0
+    try:
+        workers = int(raw)
+    except ValueError:
+        raise ValueError(f"{WORKERS_ENV} must be a whole number of worker processes, not {raw!r}") from None
+    if not 0 <= workers <= 64:
+        raise ValueError(f"{WORKERS_ENV} must be from 0 (no workers) to 64, not {workers}")
+    return workers
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["braze_assets.delta_batch"])
+    return context
+
+
+@dataclass
+class _Task:
+    rows: pa.RecordBatch | pa.Table
+    hashes: list[str]
+    keys: list[str] | None
+    before: dict[str, Remembered] | None
+    future: concurrent.futures.Future[list[Prepared]] | None = None
+
+
+class PreparePool:
+    """Batches in, `Prepared` results out in the same order (`submit` yields those now due)."""
+
+    def __init__(self, job: BatchJob, workers: int):
+        self.job = job
+        # gc.freeze: what the fork server imported is never walked by a worker's collector
+        executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=_context(), initializer=gc.freeze
+        )
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = executor
+        self._pending: collections.deque[_Task] = collections.deque()
+        self._limit = 2 * workers
+
+    def submit(
+        self,
+        rows: pa.RecordBatch | pa.Table,
+        hashes: list[str],
+        keys: list[str] | None = None,
+        before: dict[str, Remembered] | None = None,
+    ) -> Iterator[Prepared]:
+        """Queue one batch; yield the results of the oldest batches once too many are in flight."""
+        task = _Task(rows, hashes, keys, before)
+        if self._executor is not None:
+            try:
+                task.future = self._executor.submit(prepare_batch, self.job, rows, hashes, keys, before)
+            except BrokenProcessPool:
+                self._lose_workers()
+        self._pending.append(task)
+        while len(self._pending) > self._limit or (self._executor is None and self._pending):
+            yield from self._next()
+
+    def drain(self) -> Iterator[Prepared]:
+        """The results of every batch still in flight, in order."""
+        while self._pending:
+            yield from self._next()
+
+    def _next(self) -> Iterator[Prepared]:
+        task = self._pending.popleft()
+        if task.future is not None:
+            try:
+                yield from task.future.result()
+                return
+            except BrokenProcessPool:
+                self._lose_workers()
+        yield from prepare_batch(self.job, task.rows, task.hashes, task.keys, task.before)
+
+    def _lose_workers(self) -> None:
+        if self._executor is not None:
+            _log.warning(
+                "a delta worker process died; its batches are prepared again in this process, "
+                "which goes on without workers"
+            )
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            for task in self._pending:
+                task.future = None
+
+    def close(self) -> None:
+        """Stop the workers (batches still in flight are dropped: call `drain` first to keep them)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

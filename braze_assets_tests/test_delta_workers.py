@@ -1,0 +1,200 @@
+"""Batches prepared in worker processes (`delta_workers.py`) make the same delta, row for row, as
+one process does; a worker that dies loses no batch; the setting is checked."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from braze_assets import delta
+from braze_assets.attribute_diff import AttributeDiff
+from braze_assets.datatypes import DATA_TYPES
+from braze_assets.delivery import accepted_attributes
+from braze_assets.delta import DeltaManifest, batch_hashes, compute_delta
+from braze_assets.delta_batch import BatchJob, prepare_batch
+from braze_assets.delta_workers import WORKERS_ENV, PreparePool, configured_workers
+from braze_assets.sources import DuckDBSource
+from braze_assets.state import EmbeddedStateStore
+from braze_assets_tests.test_hostile_rows import NOW, T0, _cdi_rows, _row, _table
+
+MANIFEST_COUNTS = (
+    "rows_read",
+    "valid",
+    "rejected",
+    "rejected_reasons",
+    "rejected_examples",
+    "duplicate_rows",
+    "rows_unprocessable",
+    "estimated_data_points",
+    "unchanged",
+    "data_points_saved",
+)
+
+
+def _run_delta(
+    tmp_path: Path, table: str, data_type: str, workers: int, name: str, diff: bool = False
+) -> DeltaManifest:
+    out = tmp_path / name
+    manifest = DeltaManifest(
+        sync="case",
+        data_type=data_type,
+        run_id=name,
+        window_start=None,
+        window_end=NOW.isoformat(),
+        reaches_now=True,
+        valid_path=str(out / "valid.parquet"),
+        rejected_path=str(out / "rejected.parquet"),
+        unchanged_path=str(out / "unchanged.parquet") if diff else None,
+    )
+    return compute_delta(
+        source=DuckDBSource(tmp_path / "warehouse.duckdb", table),
+        spec=DATA_TYPES[data_type],
+        store=EmbeddedStateStore(tmp_path / f"state_{name}", "case"),
+        manifest=manifest,
+        window_start=None,
+        window_end=NOW,
+        now=NOW,
+        partitions_start=T0 - dt.timedelta(days=30),
+        update_existing_only=False,
+        diff=AttributeDiff() if diff else None,
+        batch_rows=3,  # several batches, so several are in flight at once
+        workers=workers,
+    )
+
+
+def _files(manifest: DeltaManifest) -> dict[str, list[dict[str, Any]]]:
+    paths = {"valid": manifest.valid_path, "rejected": manifest.rejected_path}
+    if manifest.unchanged_path:
+        paths["unchanged"] = manifest.unchanged_path
+    return {name: pq.read_table(path).to_pylist() for name, path in paths.items()}
+
+
+def _same_delta(one: DeltaManifest, other: DeltaManifest) -> None:
+    assert _files(one) == _files(other)
+    for name in MANIFEST_COUNTS:
+        assert getattr(one, name) == getattr(other, name), name
+
+
+@pytest.fixture
+def pool_from_the_first_row(monkeypatch):
+    """Workers from the first batch on (a small delta never starts them otherwise)."""
+    monkeypatch.setattr(delta, "POOL_AFTER_ROWS", 0)
+
+
+@pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
+@settings(
+    max_examples=8,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_workers_make_the_same_delta_as_one_process(
+    tmp_path_factory, pool_from_the_first_row, data_type, data
+):
+    """Hostile rows (bad JSON, no identifier, too deep, duplicates, copies) through two workers:
+    the same files, row for row and in order, and the same counts and reasons."""
+    rows = data.draw(_cdi_rows(data_type))
+    tmp_path = tmp_path_factory.mktemp("workers")
+    table = _table(tmp_path / "warehouse.duckdb", data_type, rows + rows[:2])  # and exact copies
+    _same_delta(
+        _run_delta(tmp_path, table, data_type, workers=0, name="inline"),
+        _run_delta(tmp_path, table, data_type, workers=2, name="pooled"),
+    )
+
+
+def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row):
+    """With the diff, what the state remembers is looked up by the run's own process and handed
+    to the workers: unchanged rows are set aside exactly as one process does."""
+    rows = [_row({"tier": "gold", "n": i % 3}, external_id=f"u{i}") for i in range(20)]
+    first = _run_delta(
+        tmp_path,
+        _table(tmp_path / "warehouse.duckdb", "attributes", rows),
+        "attributes",
+        0,
+        "first",
+        diff=True,
+    )
+    valid = pq.read_table(first.valid_path)
+    accepted = accepted_attributes(valid, ["accepted"] * 10 + [None] * (valid.num_rows - 10))
+    changed = [
+        _row({"tier": "silver" if i % 2 else "gold", "n": i % 3}, external_id=f"u{i}") for i in range(20)
+    ]
+    restamped = [
+        _row({"tier": "gold", "n": i % 3}, T0 + dt.timedelta(hours=1), external_id=f"u{i}") for i in range(20)
+    ]
+    table = _table(tmp_path / "warehouse.duckdb", "attributes", changed + restamped)
+    results = []
+    for name, workers in (("inline", 0), ("pooled", 2)):
+        with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
+            ledger.remember(accepted)  # as if Braze had accepted the first ten users
+        results.append(_run_delta(tmp_path, table, "attributes", workers, name, diff=True))
+    assert results[0].unchanged > 0 and results[0].data_points_saved > 0
+    _same_delta(*results)
+
+
+def _events(batches: int) -> list[tuple[pa.Table, list[str]]]:
+    made = []
+    for n in range(batches):
+        table = pa.table(
+            {
+                "UPDATED_AT": pa.array([T0] * 5, pa.timestamp("us", tz="UTC")),
+                "EXTERNAL_ID": pa.array([f"u{n}-{i}" for i in range(5)], pa.string()),
+                "PAYLOAD": pa.array(
+                    [orjson.dumps({"name": "opened", "properties": {"n": n}}).decode()] * 5, pa.string()
+                ),
+            }
+        )
+        made.append((table, batch_hashes(table, ["EXTERNAL_ID", "UPDATED_AT", "PAYLOAD"])))
+    return made
+
+
+def test_a_worker_that_dies_loses_no_batch(caplog):
+    """A worker killed (for memory, say) mid-delta: the batches it held are prepared again in
+    the run's own process, which goes on without workers, and says so."""
+    job = BatchJob(DATA_TYPES["events"], update_existing_only=False)
+    batches = _events(6)
+    expected = [part for rows, hashes in batches for part in prepare_batch(job, rows, hashes)]
+    pool = PreparePool(job, workers=1)
+    try:
+        got = list(pool.submit(*batches[0]))
+        got += list(pool.submit(*batches[1]))
+        # The executor's own table of its processes: the only handle on a worker's pid.
+        pids = list(pool._executor._processes) if pool._executor else []
+        assert pids, "the worker process started"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for rows, hashes in batches[2:]:
+            got += list(pool.submit(rows, hashes))
+        got += list(pool.drain())
+    finally:
+        pool.close()
+    assert got == expected
+    assert "a delta worker process died" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0", 0), ("3", 3), (" 2 ", 2), ("", None)],
+)
+def test_the_number_of_workers_comes_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv(WORKERS_ENV, value)
+    cores = len(os.sched_getaffinity(0))
+    assert configured_workers() == (expected if expected is not None else (cores if cores > 1 else 0))
+
+
+@pytest.mark.parametrize(("value", "problem"), [("two", "whole number"), ("-1", "from 0"), ("65", "from 0")])
+def test_a_bad_number_of_workers_is_refused_naming_the_setting(monkeypatch, value, problem):
+    monkeypatch.setenv(WORKERS_ENV, value)
+    with pytest.raises(ValueError, match=f"{WORKERS_ENV}.*{problem}"):
+        configured_workers()
