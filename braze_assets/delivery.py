@@ -321,6 +321,7 @@ class Delivery:
         self._started = self._last_log = time.monotonic()
         self._bar: tqdm[NoReturn] | None = None
         self._settling: asyncio.Task[None] | None = None
+        self._probe = True  # whether rows may have been settled elsewhere since the delta
 
     def run(self) -> SyncOutcome:
         started = time.monotonic()
@@ -333,6 +334,11 @@ class Delivery:
                 self.outcome.recovered_held = recovered["recovered_ambiguous"]
             # Two sessions: chunks are planned on one while the previous chunk settles on the other
             with self.store.session() as ledger, self.store.session() as settler:
+                since = self._since()
+                # Under the lock no other run settles rows, so when none did since the delta was
+                # computed, no chunk needs the probe (the usual case: it would only find this
+                # run's own earlier chunks, which hold none of the later ones' rows).
+                self._probe = since is None or ledger.settled_since(since)
                 self._record_invalid(ledger)
                 self._record_unchanged(ledger)
                 asyncio.run(self._send_all(ledger, settler))
@@ -346,6 +352,10 @@ class Delivery:
     def _since(self) -> dt.datetime | None:
         computed = self.manifest.computed_at
         return dt.datetime.fromisoformat(computed) if computed else None
+
+    def _settled_elsewhere(self, ledger: LedgerSession, hashes: list[str]) -> set[str]:
+        """Of these rows of the delta, those another run settled after it was computed."""
+        return ledger.known_hashes(hashes, since=self._since()) if self._probe else set()
 
     def _record_invalid(self, ledger: LedgerSession) -> None:
         """Rows that failed validation are settled as `invalid` (never sent, reasons kept)."""
@@ -378,7 +388,7 @@ class Delivery:
         with delta_store.open_input(uri) as source:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows):
                 rows = pa.Table.from_batches([batch])
-                known = ledger.known_hashes(rows["row_hash"].to_pylist(), since=self._since())
+                known = self._settled_elsewhere(ledger, rows["row_hash"].to_pylist())
                 if known:  # recorded by another run since this delta was computed
                     rows = rows.filter(
                         pc.invert(pc.is_in(rows["row_hash"], pa.array(list(known), pa.string())))
@@ -459,7 +469,7 @@ class Delivery:
     def _prepare(self, ledger: LedgerSession, chunk: pa.Table, prefix: str) -> _Chunk | None:
         """Drop rows settled since the delta, plan the requests and record the rows as planned."""
         hashes = chunk["row_hash"].to_pylist()
-        known = ledger.known_hashes(hashes, since=self._since())
+        known = self._settled_elsewhere(ledger, hashes)
         if known:  # settled by another run after this delta was computed: never send twice
             self.outcome.settled_since_delta += len(known)
             chunk = chunk.filter(pa.array([h not in known for h in hashes]))

@@ -90,6 +90,11 @@ class LedgerSession(ABC):
         self._deltas = deltas
 
     @abstractmethod
+    def settled_since(self, since: dt.datetime) -> bool:
+        """Whether the ledger recorded any row from `since` on: when none, no row of a delta
+        computed then can have been settled by another run, and delivery skips its probes."""
+
+    @abstractmethod
     def known_hashes(
         self,
         hashes: list[str],

@@ -127,6 +127,10 @@ class DuckDBLedgerSession(LedgerSession):
         super().__init__(deltas)
         self.con = con
 
+    def settled_since(self, since: dt.datetime) -> bool:
+        query = "SELECT EXISTS (SELECT 1 FROM ledger WHERE changed_at >= ?)"
+        return bool(self.con.execute(query, [since]).fetchall()[0][0])
+
     def known_hashes(
         self,
         hashes: list[str],

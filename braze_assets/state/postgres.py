@@ -108,6 +108,14 @@ class PostgresLedgerSession(LedgerSession):
             self._depth -= 1
         self.connection.commit()
 
+    def settled_since(self, since: dt.datetime) -> bool:
+        with self._unit() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM ledger WHERE sync = %s AND changed_at >= %s)",
+                (self.sync, since),
+            )
+            return bool(cursor.fetchone()[0])
+
     def known_hashes(
         self,
         hashes: list[str],
