@@ -7,12 +7,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import duckdb
 import orjson
+import pyarrow as pa
 import pytest
 
 from braze_assets.attribute_diff import AttributeDiff, Remembered
 from braze_assets.config import ConfigError, parse_syncs
 from braze_assets.seed import cdi_row
+from braze_assets.state import EmbeddedStateStore
 from braze_assets_tests.conftest import Harness, both_backends, sync_config
 
 UTC = dt.UTC
@@ -249,3 +252,60 @@ def test_exact_copies_of_an_unchanged_row_are_settled_once(tmp_path, emulator):
     assert again.delta.unchanged == 3 and again.outcome.unchanged == 3
     assert again.outcome.data_points_saved == 12
     assert harness.ledger("users") == {"accepted": 3, "unchanged": 3}
+
+
+# ----------------------------------------------------------------------------- where it is kept
+def _accepted(*rows: tuple[str, str, int]) -> pa.Table:
+    return pa.table(
+        {
+            "user_key": [r[0] for r in rows],
+            "payload_hash": [r[1] for r in rows],
+            "attributes": ['{"plan": "x"}'] * len(rows),
+            "payload_attributes": pa.array([r[2] for r in rows], pa.int32()),
+        }
+    )
+
+
+def test_embedded_memory_is_set_aside_per_chunk_and_folded_once(tmp_path):
+    """A chunk's accepted users are appended (an upsert per chunk grew with the table); what is
+    set aside is already what a lookup sees, and folding keeps one row per user, the newest."""
+    store = EmbeddedStateStore(tmp_path, "diffed")
+    with store.session() as ledger:
+        ledger.remember(_accepted(("u1", "old", 1), ("u2", "h2", 2)))
+        ledger.merge_remembered()
+        ledger.remember(_accepted(("u1", "new", 3)))  # a later chunk, not yet folded
+        assert ledger.remembered(["u1", "u2", "u3"]) == {
+            "u1": Remembered("new", '{"plan": "x"}', 3),
+            "u2": Remembered("h2", '{"plan": "x"}', 2),
+        }
+        ledger.merge_remembered()
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM remembered_pending").fetchall() == [(0,)]
+        assert sorted(con.execute("SELECT user_key, payload_hash FROM remembered_attributes").fetchall()) == [
+            ("u1", "new"),
+            ("u2", "h2"),
+        ]
+
+
+def test_an_embedded_memory_with_the_first_layout_is_kept_without_its_key(tmp_path):
+    """The first layout upserted through a primary key; opened now, the same rows, no key."""
+    tmp_path.mkdir(exist_ok=True)
+    with duckdb.connect(str(tmp_path / "diffed.duckdb")) as con:
+        con.execute(
+            "CREATE TABLE remembered_attributes (user_key VARCHAR PRIMARY KEY, payload_hash VARCHAR, "
+            "attributes VARCHAR NOT NULL, payload_attributes INTEGER NOT NULL, "
+            "changed_at TIMESTAMPTZ NOT NULL)"
+        )
+        con.execute("INSERT INTO remembered_attributes VALUES ('u1', 'h1', '{}', 4, now())")
+    store = EmbeddedStateStore(tmp_path, "diffed")
+    with store.session() as ledger:
+        assert ledger.remembered(["u1"]) == {"u1": Remembered("h1", "{}", 4)}
+        ledger.remember(_accepted(("u1", "h2", 5)))
+        ledger.merge_remembered()  # deletes and inserts one key in one transaction
+        assert ledger.remembered(["u1"]) == {"u1": Remembered("h2", '{"plan": "x"}', 5)}
+    with store.connect() as con:
+        keys = con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'remembered_attributes' "
+            "AND constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
+    assert keys == [(0,)]

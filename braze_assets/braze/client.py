@@ -32,11 +32,11 @@ import aiohttp
 import httpx
 import orjson
 import tenacity
+from httpx_aiohttp import AiohttpTransport
 
 from braze_assets.braze import contract
 from braze_assets.braze.budget import BudgetStore, BudgetStoreError, SharedBudget, workspace_id
 from braze_assets.braze.pacing import RateBudget
-from braze_assets.braze.transport import LeanAiohttpTransport
 
 OutcomeKind = Literal["answered", "rejected", "refused", "ambiguous"]
 #: Refused before processing: 408 (the body never arrived whole), 429, 502 and 503 [ERR].
@@ -179,7 +179,7 @@ class BrazeClient:
             multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
         )
         self._budget = budget
-        self._transport: LeanAiohttpTransport | None = None
+        self._transport: AiohttpTransport | None = None
 
     def budget(self, path: str) -> RateBudget:
         """The rate budget of `path` in this workspace (shared by every client in the process)."""
@@ -197,7 +197,7 @@ class BrazeClient:
         return f"BrazeClient({self.base_url!r})"
 
     async def __aenter__(self) -> BrazeClient:
-        self._transport = LeanAiohttpTransport(limits=self._limits)
+        self._transport = AiohttpTransport(limits=self._limits)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -159,7 +159,12 @@ class LedgerSession(ABC):
     @abstractmethod
     def remember(self, rows: pa.Table) -> None:
         """Braze accepted these users' rows: `REMEMBERED_COLUMNS`, one row per user, replacing
-        what was remembered of them."""
+        what was remembered of them (at once, or by `merge_remembered`; `remembered` sees both)."""
+
+    @abstractmethod
+    def merge_remembered(self) -> None:
+        """Fold what `remember` set aside into what is remembered: delivery calls it once it is
+        done, and before it starts (after a run that stopped in between)."""
 
 
 class Journal(ABC):

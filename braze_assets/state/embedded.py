@@ -66,7 +66,14 @@ CREATE TABLE IF NOT EXISTS planned (
     identifier_hash VARCHAR
 );
 CREATE TABLE IF NOT EXISTS remembered_attributes (
-    user_key     VARCHAR PRIMARY KEY,
+    user_key     VARCHAR NOT NULL,  -- one row per user, kept so by merge_remembered (no index:
+    payload_hash VARCHAR,           -- DuckDB's upserts through one cost more than the sending)
+    attributes   VARCHAR NOT NULL,
+    payload_attributes INTEGER NOT NULL,
+    changed_at   TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS remembered_pending (
+    user_key     VARCHAR NOT NULL,
     payload_hash VARCHAR,
     attributes   VARCHAR NOT NULL,
     payload_attributes INTEGER NOT NULL,
@@ -95,6 +102,17 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     ).fetchall()
     for (table,) in missing:
         con.execute(f"ALTER TABLE {table} ADD COLUMN identifier_hash VARCHAR")
+    if _one_row(
+        con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'remembered_attributes' "
+            "AND constraint_type = 'PRIMARY KEY'"
+        )
+    )[0]:  # the first layout upserted through a key: the same rows, without it
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE TABLE remembered_v2 AS SELECT * FROM remembered_attributes")
+        con.execute("DROP TABLE remembered_attributes")
+        con.execute("ALTER TABLE remembered_v2 RENAME TO remembered_attributes")
+        con.execute("COMMIT")
     keyed = con.execute(
         "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'ledger' "
         "AND constraint_type = 'PRIMARY KEY'"
@@ -176,25 +194,45 @@ class DuckDBLedgerSession(LedgerSession):
             return {}
         self.con.register("wanted", pa.table({"user_key": pa.array(user_keys, pa.string())}))
         try:
+            # Rows still pending (a delivery that stopped before merging them) are newer.
             rows = self.con.execute(
-                "SELECT r.user_key, r.payload_hash, r.attributes, r.payload_attributes "
-                "FROM remembered_attributes r SEMI JOIN wanted w USING (user_key)"
+                "SELECT user_key, payload_hash, attributes, payload_attributes FROM ("
+                "SELECT *, 0 AS pending FROM remembered_attributes SEMI JOIN wanted USING (user_key) "
+                "UNION ALL "
+                "SELECT *, 1 AS pending FROM remembered_pending SEMI JOIN wanted USING (user_key)"
+                ") QUALIFY row_number() OVER (PARTITION BY user_key ORDER BY pending DESC, "
+                "changed_at DESC) = 1"
             ).fetchall()
         finally:
             self.con.unregister("wanted")
         return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in rows}
 
     def remember(self, rows: pa.Table) -> None:
+        """Appended to `remembered_pending`, which `merge_remembered` folds in once per delivery:
+        an append per chunk is cheap, a per-chunk upsert grew with the table."""
         if not rows.num_rows:
             return
         self.con.register("accepted", rows.select(list(REMEMBERED_COLUMNS)))
         try:
             self.con.execute(
-                "INSERT OR REPLACE INTO remembered_attributes "
+                "INSERT INTO remembered_pending "
                 "SELECT user_key, payload_hash, attributes, payload_attributes, now() FROM accepted"
             )
         finally:
             self.con.unregister("accepted")
+
+    def merge_remembered(self) -> None:
+        with self.transaction():
+            self.con.execute(
+                "CREATE OR REPLACE TEMP TABLE merging AS SELECT * FROM remembered_pending "
+                "QUALIFY row_number() OVER (PARTITION BY user_key ORDER BY changed_at DESC, rowid DESC) = 1"
+            )
+            self.con.execute(
+                "DELETE FROM remembered_attributes WHERE user_key IN (SELECT user_key FROM merging)"
+            )
+            self.con.execute("INSERT INTO remembered_attributes SELECT * FROM merging")
+            self.con.execute("DELETE FROM remembered_pending")
+            self.con.execute("DROP TABLE merging")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

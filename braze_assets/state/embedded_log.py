@@ -154,9 +154,8 @@ class EmbeddedSyncLog(SyncLog):
         with self._connect() as con:
             con.begin()
             if user_keys:
-                con.execute(
-                    "DELETE FROM remembered_attributes WHERE user_key IN (SELECT unnest(?))", [user_keys]
-                )
+                for table in ("remembered_attributes", "remembered_pending"):
+                    con.execute(f"DELETE FROM {table} WHERE user_key IN (SELECT unnest(?))", [user_keys])
             matching = "list_has_any(string_split(identifier_hash, ' '), ?::VARCHAR[])"
             con.execute(
                 f"DELETE FROM held_details WHERE row_hash IN (SELECT row_hash FROM ledger WHERE {matching})",

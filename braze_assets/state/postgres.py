@@ -196,6 +196,9 @@ class PostgresLedgerSession(LedgerSession):
             )
             return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in cursor.fetchall()}
 
+    def merge_remembered(self) -> None:
+        """Nothing to fold: `remember` upserts at once, through the table's primary key."""
+
     def remember(self, rows: pa.Table) -> None:
         if not rows.num_rows:
             return
