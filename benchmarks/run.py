@@ -285,18 +285,32 @@ class Bench:
             self.state_rows, before, os.getloadavg(), (time.monotonic() - started) / 60
         )
 
+    def at_zero_latency(self, emu: EmulatorProcess) -> None:
+        """The ceiling, end to end per data type (the attributes delta is kept for the rate-limited
+        cases) and memory at 5x rows, on one emulator at 0 ms."""
+        self.raw_ceiling(emu)
+        first = self.e2e(emu, "attributes")
+        self.manifest = first.extra.get("manifest")
+        self.e2e(emu, "events")
+        self.e2e(emu, "purchases")
+        if self.args.quick:
+            self.add(
+                Row(
+                    "memory at 5x rows",
+                    rows=5 * self.args.rows,
+                    note="skipped (--quick)",
+                    extra={"skipped": True},
+                )
+            )
+        else:
+            self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x", name="memory at 5x rows")
+
     def throughput(self) -> None:
-        """The issue-13 subset: ceiling and e2e at 0 ms, delivery under Braze's limit, the first
-        sync under it, validation, memory at 5x."""
+        """The throughput cases alone: ceiling and e2e at 0 ms, delivery under Braze's limit, the
+        first sync under it, validation, memory at 5x."""
         args = self.args
         with EmulatorProcess(latency_ms=0) as emu:
-            self.raw_ceiling(emu)
-            first = self.e2e(emu, "attributes")
-            self.manifest = first.extra.get("manifest")
-            self.e2e(emu, "events")
-            self.e2e(emu, "purchases")
-            if not args.quick:
-                self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x", name="memory at 5x rows")
+            self.at_zero_latency(emu)
         limit, window = (15, 1.0) if args.quick else (BRAZE_LIMIT, BRAZE_WINDOW_S)
         for latency in (0, 50):
             self.rate_limited(
@@ -315,22 +329,7 @@ class Bench:
             self.throughput()
             return
         with EmulatorProcess(latency_ms=0) as emu:
-            self.raw_ceiling(emu)
-            first = self.e2e(emu, "attributes")
-            self.manifest = first.extra.get("manifest")
-            self.e2e(emu, "events")
-            self.e2e(emu, "purchases")
-            if args.quick:
-                self.add(
-                    Row(
-                        "memory at 5x rows",
-                        rows=5 * args.rows,
-                        note="skipped (--quick)",
-                        extra={"skipped": True},
-                    )
-                )
-            else:
-                self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x", name="memory at 5x rows")
+            self.at_zero_latency(emu)
             self.sequential(emu, "naive_requests", "naive sequential requests")
             self.sequential(emu, "braze_client", "braze-client")
         with EmulatorProcess(latency_ms=50) as emu:
