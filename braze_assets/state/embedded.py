@@ -192,7 +192,7 @@ class DuckDBLedgerSession(LedgerSession):
     def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
         if not user_keys:
             return {}
-        pending = self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_pending)").fetchall()[0][0]
+        pending = self._pending_remembered()
         self.con.register("wanted", pa.table({"user_key": pa.array(user_keys, pa.string())}))
         try:
             if not pending:  # the usual case: every delivery folds what it set aside
@@ -228,7 +228,13 @@ class DuckDBLedgerSession(LedgerSession):
         finally:
             self.con.unregister("accepted")
 
+    def _pending_remembered(self) -> bool:
+        """Whether `remember` set anything aside that is not folded yet (normally not)."""
+        return bool(self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_pending)").fetchall()[0][0])
+
     def merge_remembered(self) -> None:
+        if not self._pending_remembered():  # every delivery asks twice; most have nothing
+            return
         with self.transaction():
             self.con.execute(
                 "CREATE OR REPLACE TEMP TABLE merging AS SELECT * FROM remembered_pending "
