@@ -81,7 +81,8 @@ def _fill(store, sync: str, n: int) -> None:
     if hasattr(store, "connect"):  # embedded: DuckDB
         with store.connect() as con:
             con.execute(
-                "INSERT INTO ledger SELECT lpad(printf('%x', i), 32, '0'), "
+                "INSERT INTO ledger (row_hash, updated_at, status, batch_id, identifier, message, run_id, "
+                "changed_at) SELECT lpad(printf('%x', i), 32, '0'), "
                 f"TIMESTAMPTZ '2024-01-01 00:00:00+00' + to_microseconds(i * {span_us}), 'accepted', "
                 "'b-' || (i // 75)::VARCHAR, 'u***', NULL, 'bench', "
                 f"TIMESTAMPTZ '2024-01-02 00:00:00+00' + to_microseconds(i * {span_us}) FROM range(?) t(i)",

@@ -24,13 +24,16 @@ turns the diff off.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from braze_assets.datatypes import payload_text
 
 #: Keys sent as they are whatever was accepted before (besides control keys, `_...`).
 ALWAYS_SENT = frozenset({"subscription_groups"})
@@ -47,26 +50,45 @@ def user_key(identifiers: Mapping[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16, person=_PERSON).hexdigest()
 
 
-def column_user_keys(columns: Mapping[str, Sequence[str | None]], num_rows: int) -> list[str]:
+def column_user_keys(columns: Mapping[str, Sequence[str | None] | pa.Array], num_rows: int) -> list[str]:
     """`user_key` for every row of a batch of identifier columns (text, None when absent), as
-    `RowBatch.identifiers` would give them, without building a dict per row."""
-    parts: list[list[str]] = [[] for _ in range(num_rows)]
-    names = columns.get("ALIAS_NAME")
-    labels = columns.get("ALIAS_LABEL")
-    if names is not None or labels is not None:
-        for i in range(num_rows):
-            name = names[i] if names is not None else None
-            label = labels[i] if labels is not None else None
-            if name is not None or label is not None:
-                parts[i].append(f"ALIAS={name or ''}/{label or ''}")
-    for kind in ("BRAZE_ID", "EMAIL", "EXTERNAL_ID", "PHONE"):  # sorted, as user_key sorts kinds
+    `identifier_arrays` or `RowBatch.identifiers` give them: the key text is built column-wise,
+    and only the hashing is done row by row."""
+
+    def text(kind: str) -> pa.Array | None:
         values = columns.get(kind)
+        return values if values is None or isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+    # Each present kind as "KIND=value\x1f" ("" when absent), joined, the last \x1f dropped.
+    # (pyarrow's null_handling="skip" join drops rows where every part is null, so it is not used.)
+    pieces = []
+    names, labels = text("ALIAS_NAME"), text("ALIAS_LABEL")
+    if names is not None or labels is not None:
+        name = names if names is not None else pa.nulls(num_rows, pa.string())
+        label = labels if labels is not None else pa.nulls(num_rows, pa.string())
+        alias = pc.binary_join_element_wise(
+            "ALIAS=", pc.fill_null(name, ""), "/", pc.fill_null(label, ""), "\x1f", ""
+        )
+        pieces.append(pc.if_else(pc.or_(pc.is_valid(name), pc.is_valid(label)), alias, ""))
+    for kind in ("BRAZE_ID", "EMAIL", "EXTERNAL_ID", "PHONE"):  # sorted, as user_key sorts kinds
+        values = text(kind)
         if values is not None:
-            for i, value in enumerate(values):
-                if value is not None:
-                    parts[i].append(f"{kind}={value}")
-    blake2b = hashlib.blake2b
-    return [blake2b("\x1f".join(p).encode(), digest_size=16, person=_PERSON).hexdigest() for p in parts]
+            pieces.append(pc.fill_null(pc.binary_join_element_wise(f"{kind}=", values, "\x1f", ""), ""))
+    if not pieces:
+        texts: list[bytes] = [b""] * num_rows
+    else:
+        joined = pieces[0] if len(pieces) == 1 else pc.binary_join_element_wise(*pieces, "")
+        texts = pc.utf8_slice_codeunits(joined, 0, -1).cast(pa.binary()).to_pylist()
+    if len(texts) != num_rows:  # every row keeps its own key, whatever pyarrow does
+        raise RuntimeError(f"built {len(texts)} user keys for {num_rows} rows")
+    base = hashlib.blake2b(digest_size=16, person=_PERSON)
+
+    def digest(data: bytes) -> str:
+        hasher = base.copy()
+        hasher.update(data)
+        return hasher.hexdigest()
+
+    return [digest(t) for t in texts]
 
 
 def payload_hash(raw: str | bytes | None) -> str | None:
@@ -75,6 +97,24 @@ def payload_hash(raw: str | bytes | None) -> str | None:
         return None
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def column_payload_hashes(values: pa.Array | pa.ChunkedArray) -> list[str | None]:
+    """`payload_hash` of a whole PAYLOAD column; JSON-typed columns as `payload_text` gives them."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        raw = values.cast(pa.binary()).to_pylist()
+    else:
+        raw = [payload_text(v) for v in values.to_pylist()]
+    blake2b = hashlib.blake2b
+    return [
+        None
+        if data is None
+        else blake2b(data.encode() if isinstance(data, str) else data, digest_size=16).hexdigest()
+        for data in raw
+    ]
 
 
 def _value_hash(value: object) -> str:
@@ -96,23 +136,17 @@ def _is_operator(value: object) -> bool:
     return value.keys() <= _OPERATORS or any(str(key).startswith("$") for key in value)
 
 
-@dataclass
-class Remembered:
-    """What Braze last accepted from this sync for one user. The per-attribute hashes stay JSON
-    text until a row needs them: the fast path compares the PAYLOAD hash alone."""
+class Remembered(NamedTuple):
+    """What Braze last accepted from this sync for one user. A plain tuple, as a batch looks up
+    thousands of them; the per-attribute hashes stay JSON text until a row is diffed (the fast
+    path compares the PAYLOAD hash alone)."""
 
     payload_hash: str | None
     attributes_json: str = "{}"
     #: the attributes (data points) of that payload: what a row with the same payload saves
     payload_attributes: int = 0
 
-    @classmethod
-    def from_row(
-        cls, payload_hash: str | None, text: str | None, payload_attributes: int | None
-    ) -> Remembered:
-        return cls(payload_hash, text or "{}", int(payload_attributes or 0))
-
-    @functools.cached_property
+    @property
     def attributes(self) -> dict[str, str]:
         parsed: dict[str, str] = orjson.loads(self.attributes_json)
         return parsed

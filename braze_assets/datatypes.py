@@ -191,18 +191,51 @@ def _texts(
     return texts
 
 
+#: Visible ASCII: text holding one of these is not blank (`str.isspace` is false for each).
+_VISIBLE_ASCII = "[!-~]"
+
+
+def _text_array(
+    values: pyarrow.Array | pyarrow.ChunkedArray, column: str, problems: dict[int, list[str]]
+) -> pyarrow.Array:
+    """`_texts` of one column as an Arrow string array. A text column is decided column-wise:
+    a value holding a visible ASCII character is not blank, and only the others (blank, or
+    wholly non-ASCII text, both rare in identifier columns) are looked at one by one."""
+    if isinstance(values, pyarrow.ChunkedArray):
+        values = values.combine_chunks()
+    if pyarrow.types.is_large_string(values.type):
+        values = values.cast(pyarrow.string())
+    if not pyarrow.types.is_string(values.type):
+        return pyarrow.array(_texts(values.to_pylist(), column, problems), pyarrow.string())
+    doubtful = pc.invert(pc.fill_null(pc.match_substring_regex(values, _VISIBLE_ASCII), True))
+    if not pc.any(doubtful).as_py():
+        return values
+    texts = values.to_pylist()
+    for i in np.flatnonzero(doubtful.to_numpy(zero_copy_only=False)):
+        texts[i] = _texts([texts[i]])[0]
+    return pyarrow.array(texts, pyarrow.string())
+
+
+def identifier_arrays(
+    table: pyarrow.Table | pyarrow.RecordBatch,
+) -> tuple[dict[str, pyarrow.Array], dict[int, list[str]]]:
+    """A batch's identifier columns as Arrow text, exactly as stored (null when NULL or blank),
+    and the rows whose cells have no exact text form (position -> sentences)."""
+    names = table.schema.names
+    problems: dict[int, list[str]] = {}
+    arrays = {c: _text_array(table.column(c), c, problems) for c in IDENTIFIER_COLUMNS if c in names}
+    return arrays, problems
+
+
 def identifier_texts(
     table: pyarrow.Table | pyarrow.RecordBatch,
 ) -> tuple[dict[str, list[str | None]], dict[int, list[str]]]:
-    """A batch's identifier columns as text, exactly as stored (None when NULL or blank), and the
-    rows whose cells have no exact text form (position -> sentences)."""
-    names = table.schema.names
-    problems: dict[int, list[str]] = {}
-    texts = {c: _texts(table.column(c).to_pylist(), c, problems) for c in IDENTIFIER_COLUMNS if c in names}
-    return texts, problems
+    """`identifier_arrays` as Python lists."""
+    arrays, problems = identifier_arrays(table)
+    return {c: values.to_pylist() for c, values in arrays.items()}, problems
 
 
-def _json_text(value: Any) -> str | bytes | None:
+def payload_text(value: Any) -> str | bytes | None:
     """PAYLOAD as JSON text; warehouses with typed JSON/STRUCT payloads hand over objects."""
     return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else value
 
@@ -253,7 +286,7 @@ class RowBatch:
                 or pyarrow.types.is_large_string(column.type)
                 or pyarrow.types.is_binary(column.type)
             ):
-                payload = [_json_text(v) for v in payload]
+                payload = [payload_text(v) for v in payload]
         updated_at = table.column("UPDATED_AT")
         if isinstance(updated_at, pyarrow.ChunkedArray):
             updated_at = updated_at.combine_chunks()
@@ -267,7 +300,7 @@ class RowBatch:
         identifiers = {
             c: _texts([row.get(c) for row in rows], c, problems) for c in IDENTIFIER_COLUMNS if c in present
         }
-        payload = [_json_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present else None
+        payload = [payload_text(row.get("PAYLOAD")) for row in rows] if "PAYLOAD" in present else None
         stamps = [row.get("UPDATED_AT") for row in rows]
         return cls(pyarrow.array(stamps, pyarrow.timestamp("us", tz="UTC")), identifiers, payload, problems)
 

@@ -21,14 +21,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from braze_assets.attribute_diff import AttributeDiff, Remembered, column_user_keys
-from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec, identifier_texts, row_identifiers
+from braze_assets.attribute_diff import AttributeDiff
+from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec, row_identifiers
 from braze_assets.delta_batch import (
     DIFF_COLUMNS,
     REJECTED_SCHEMA,
     UNCHANGED_SCHEMA,
     VALID_SCHEMA,
     BatchJob,
+    KnownUsers,
     Prepared,
     no_diff_columns,
     prepare_batch,
@@ -40,6 +41,7 @@ from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
+from braze_assets.state.base import REMEMBERED_SCHEMA
 
 __all__ = [
     "DIFF_COLUMNS",
@@ -175,7 +177,7 @@ class DeltaWriter:
         update_existing_only: bool,
         paths: tuple[str, ...] | None = None,
         diff: AttributeDiff | None = None,
-        remembered: Callable[[list[str]], dict[str, Remembered]] | None = None,
+        remembered: Callable[[pa.Array], pa.Table] | None = None,
         workers: int = 0,
         pool_after_rows: int | None = None,
     ):
@@ -187,7 +189,7 @@ class DeltaWriter:
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
         self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
         self.diff = diff
-        self._remembered = remembered or (lambda keys: {})
+        self._remembered = remembered or (lambda keys: REMEMBERED_SCHEMA.empty_table())
         self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
@@ -198,19 +200,16 @@ class DeltaWriter:
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
         """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due."""
-        keys: list[str] | None = None
-        before: dict[str, Remembered] | None = None
+        known = None
         if self.diff is not None and self.spec.name != "catalogs":
-            texts, _ = identifier_texts(rows)
-            keys = column_user_keys(texts, rows.num_rows)
-            before = self._remembered(sorted(set(keys)))
+            known = KnownUsers.find(rows, self._remembered)
         self._rows_added += rows.num_rows
         if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
             self._pool = PreparePool(self.job, self._workers)
         if self._pool is not None:
-            results: Iterable[Prepared] = self._pool.submit(rows, hashes, keys, before)
+            results: Iterable[Prepared] = self._pool.submit(rows, hashes, known)
         else:
-            results = prepare_batch(self.job, rows, hashes, keys, before)
+            results = prepare_batch(self.job, rows, hashes, known)
         for prepared in results:
             self._commit(prepared)
 
@@ -338,7 +337,7 @@ def _write_delta(
     newest: dt.datetime | None = None
     with store.session() as ledger:
         writer = DeltaWriter(
-            manifest, spec, update_existing_only, paths, diff, ledger.remembered, workers=workers
+            manifest, spec, update_existing_only, paths, diff, ledger.remembered_table, workers=workers
         )
         try:
             for batch in source.scan(

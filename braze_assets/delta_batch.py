@@ -18,16 +18,31 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from braze_assets.attribute_diff import AttributeDiff, Remembered, Trimmed, column_user_keys, payload_hash
+from braze_assets.attribute_diff import (
+    AttributeDiff,
+    Remembered,
+    Trimmed,
+    column_payload_hashes,
+    column_user_keys,
+    payload_hash,
+)
 from braze_assets.catalog_items import check_catalog_rows
-from braze_assets.datatypes import CheckedRows, DataTypeSpec, RowBatch, build_objects, validate_batch
+from braze_assets.datatypes import (
+    CheckedRows,
+    DataTypeSpec,
+    RowBatch,
+    build_objects,
+    identifier_arrays,
+    validate_batch,
+)
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 
@@ -96,6 +111,63 @@ class BatchJob:
     lookup_key: bytes = b""
 
 
+@dataclass(frozen=True)
+class KnownUsers:
+    """What the run's own process, which holds the state connection, found of a batch's users
+    for the attribute diff: each row's user key; the rows whose PAYLOAD is exactly the one Braze
+    last accepted from this sync (position -> the data points that saves), set aside unread;
+    what the state remembers of the other rows' users (`before`); and the PAYLOAD hashes it
+    computed on the way (None where it did not)."""
+
+    keys: list[str]
+    before: dict[str, Remembered]
+    payload_hashes: list[str | None]
+    unchanged: dict[int, int]
+
+    @classmethod
+    def find(cls, rows: pa.RecordBatch | pa.Table, remembered: Callable[[pa.Array], pa.Table]) -> KnownUsers:
+        """Look the batch's users up (`remembered`: the state's `remembered_table`) and match
+        PAYLOADs. Only rows whose user is remembered are hashed here: a first sync hashes in
+        the workers."""
+        keys = column_user_keys(identifier_arrays(rows)[0], rows.num_rows)
+        key_array = pa.array(keys, pa.string())
+        found = remembered(pc.unique(key_array))
+        hashes: list[str | None] = [None] * rows.num_rows
+        if not found.num_rows or "PAYLOAD" not in rows.schema.names:
+            return cls(keys, {}, hashes, {})
+        at = pc.index_in(key_array, value_set=found.column("user_key"))
+        digests = column_payload_hashes(rows.column("PAYLOAD"))
+        last = found.column("payload_hash").take(at)
+        same = pc.fill_null(pc.equal(pa.array(digests, pa.string()), last), False)
+        same_at = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+        saved = found.column("payload_attributes").take(pc.filter(at, same)).to_pylist()
+        unchanged = dict(zip(same_at.tolist(), saved, strict=True))
+        differing = pc.and_(pc.is_valid(at), pc.invert(same))
+        before: dict[str, Remembered] = {}
+        if pc.any(differing).as_py():
+            picked = found.take(pc.filter(at, differing)).to_pylist()
+            before = {
+                row["user_key"]: Remembered(row["payload_hash"], row["attributes"], row["payload_attributes"])
+                for row in picked
+            }
+        return cls(keys, before, list(digests), unchanged)
+
+    @classmethod
+    def nothing(cls, rows: pa.RecordBatch | pa.Table) -> KnownUsers:
+        """Nothing remembered of any of the batch's users."""
+        keys = column_user_keys(identifier_arrays(rows)[0], rows.num_rows)
+        return cls(keys, {}, [None] * rows.num_rows, {})
+
+    def take(self, positions: list[int]) -> KnownUsers:
+        """The rows at `positions`, in that order."""
+        return KnownUsers(
+            [self.keys[i] for i in positions],
+            self.before,
+            [self.payload_hashes[i] for i in positions],
+            {n: self.unchanged[i] for n, i in enumerate(positions) if i in self.unchanged},
+        )
+
+
 @dataclass
 class Prepared:
     """One batch's contribution, computed in full before anything is written: a failure while
@@ -127,61 +199,56 @@ def _collector_paused() -> Iterator[None]:
 
 
 def prepare_batch(
-    job: BatchJob,
-    rows: pa.RecordBatch | pa.Table,
-    hashes: list[str],
-    keys: list[str] | None = None,
-    before: dict[str, Remembered] | None = None,
+    job: BatchJob, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None = None
 ) -> list[Prepared]:
-    """Prepare scanned rows not yet settled (`hashes`: their `row_hash`). With a diff, `keys` are
-    the rows' user keys and `before` what the state remembers of those users. One `Prepared`,
-    or one per row when the batch had to be taken apart."""
+    """Prepare scanned rows not yet settled (`hashes`: their `row_hash`). With a diff, `known` is
+    what the state told of the batch's users (None: nothing). One `Prepared`, or one per row
+    when the batch had to be taken apart."""
     try:
         with _collector_paused():
-            return [_prepare(job, rows, hashes, keys, before or {})]
+            return [_prepare(job, rows, hashes, known)]
     except Exception as exc:  # noqa: BLE001 - any failure is one row's: find it, set it aside
         if rows.num_rows > 1:
             return [
                 part
                 for i in range(rows.num_rows)
                 for part in prepare_batch(
-                    job, rows.slice(i, 1), hashes[i : i + 1], keys[i : i + 1] if keys else None, before
+                    job, rows.slice(i, 1), hashes[i : i + 1], known.take([i]) if known else None
                 )
             ]
         return [_unprocessable(rows, hashes, exc)]
 
 
 def _prepare(
-    job: BatchJob,
-    rows: pa.RecordBatch | pa.Table,
-    hashes: list[str],
-    keys: list[str] | None,
-    before: dict[str, Remembered],
+    job: BatchJob, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None
 ) -> Prepared:
     if job.spec.name == "catalogs":
         return _prepare_items(rows, hashes)
-    batch = RowBatch.from_arrow(rows)
     prepared = Prepared()
     payload_hashes: list[str | None] = []
     user_keys: list[str] = []
+    before: dict[str, Remembered] = {}
     if job.diff is not None:
-        user_keys = keys if keys is not None else column_user_keys(batch.columns, batch.num_rows)
-        payload_hashes = [payload_hash(raw) for raw in batch.payload or [None] * batch.num_rows]
-        # The fast path: a PAYLOAD exactly as Braze last accepted it is not even validated.
-        same = [
-            i
-            for i, (key, digest) in enumerate(zip(user_keys, payload_hashes, strict=True))
-            if digest is not None and key in before and before[key].payload_hash == digest
+        known = known or KnownUsers.nothing(rows)
+        if known.unchanged:  # the fast path: a PAYLOAD exactly as Braze last accepted it
+            same = sorted(known.unchanged)
+            _set_aside_unchanged(job, rows, hashes, same, [known.unchanged[i] for i in same], prepared)
+            others = [i for i in range(rows.num_rows) if i not in known.unchanged]
+            rows, hashes, known = (
+                rows.take(pa.array(others, pa.int64())),
+                [hashes[i] for i in others],
+                known.take(others),
+            )
+            if not others:
+                return prepared
+        user_keys, before = known.keys, known.before
+    batch = RowBatch.from_arrow(rows)
+    if job.diff is not None:
+        payloads = batch.payload or [None] * batch.num_rows
+        payload_hashes = [
+            given if given is not None else payload_hash(raw)
+            for given, raw in zip(known.payload_hashes if known else [], payloads, strict=True)
         ]
-        if same:
-            saved = [before[user_keys[i]].payload_attributes for i in same]
-            _set_aside_unchanged(job, batch, hashes, same, saved, prepared)
-            set_aside = set(same)
-            others = [i for i in range(batch.num_rows) if i not in set_aside]
-            batch, rows = batch.take(others), rows.take(pa.array(others, pa.int64()))
-            hashes = [hashes[i] for i in others]
-            user_keys = [user_keys[i] for i in others]
-            payload_hashes = [payload_hashes[i] for i in others]
     checked = validate_batch(batch, job.spec)
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]
     diffed: dict[int, Trimmed] = {}
@@ -288,21 +355,31 @@ def _prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> Prepar
 
 def _set_aside_unchanged(
     job: BatchJob,
-    batch: RowBatch,
+    rows: pa.RecordBatch | pa.Table | RowBatch,
     hashes: list[str],
     positions: list[int],
     saved: list[int],
     prepared: Prepared,
 ) -> None:
     """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
-    shown = mask_identifier_columns(batch.columns, batch.num_rows)
-    hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
+    take = pa.array(positions, pa.int64())
+    if isinstance(rows, RowBatch):
+        columns: dict[str, list[str | None]] | dict[str, pa.Array] = {
+            kind: [values[i] for i in positions] for kind, values in rows.columns.items()
+        }
+        stamps = rows.updated_at.take(take)
+    else:
+        picked = rows.take(take)
+        columns = identifier_arrays(picked)[0]
+        stamps = picked.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
     table = pa.table(
         {
             "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
-            "updated_at": batch.updated_at.take(pa.array(positions, pa.int64())),
-            "identifier": pa.array([shown[i] for i in positions], pa.string()),
-            "identifier_hash": pa.array([hashed[i] for i in positions], pa.string()),
+            "updated_at": stamps,
+            "identifier": pa.array(mask_identifier_columns(columns, len(positions)), pa.string()),
+            "identifier_hash": pa.array(
+                column_lookup_hashes(columns, len(positions), job.lookup_key), pa.string()
+            ),
             "data_points_saved": pa.array(saved, pa.int32()),
         },
         schema=UNCHANGED_SCHEMA,

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from braze_assets.attribute_diff import Remembered
-from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
+from braze_assets.delta_batch import BatchJob, KnownUsers, Prepared, prepare_batch
 
 WORKERS_ENV = "BRAZE_ASSETS_DELTA_WORKERS"
 _log = logging.getLogger(__name__)
@@ -63,8 +62,7 @@ def _context() -> multiprocessing.context.BaseContext:
 class _Task:
     rows: pa.RecordBatch | pa.Table
     hashes: list[str]
-    keys: list[str] | None
-    before: dict[str, Remembered] | None
+    known: KnownUsers | None
     future: concurrent.futures.Future[list[Prepared]] | None = None
 
 
@@ -85,14 +83,13 @@ class PreparePool:
         self,
         rows: pa.RecordBatch | pa.Table,
         hashes: list[str],
-        keys: list[str] | None = None,
-        before: dict[str, Remembered] | None = None,
+        known: KnownUsers | None = None,
     ) -> Iterator[Prepared]:
         """Queue one batch; yield the results of the oldest batches once too many are in flight."""
-        task = _Task(rows, hashes, keys, before)
+        task = _Task(rows, hashes, known)
         if self._executor is not None:
             try:
-                task.future = self._executor.submit(prepare_batch, self.job, rows, hashes, keys, before)
+                task.future = self._executor.submit(prepare_batch, self.job, rows, hashes, known)
             except BrokenProcessPool:
                 self._lose_workers()
         self._pending.append(task)
@@ -112,7 +109,7 @@ class PreparePool:
                 return
             except BrokenProcessPool:
                 self._lose_workers()
-        yield from prepare_batch(self.job, task.rows, task.hashes, task.keys, task.before)
+        yield from prepare_batch(self.job, task.rows, task.hashes, task.known)
 
     def _lose_workers(self) -> None:
         if self._executor is not None:

@@ -19,6 +19,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
+
 LOOKUP_KEY_ENV = "BRAZE_ASSETS_LOOKUP_KEY"
 #: The identifier kinds a search can name, as rows carry them.
 KINDS = ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE", "ALIAS")
@@ -50,8 +52,15 @@ def row_lookup_hashes(identifiers: Mapping[str, Any], key: bytes | None = None) 
     return " ".join(found) or None
 
 
+def _non_null(values: Sequence[str | None] | pa.Array) -> Sequence[str | None] | None:
+    """A column's values as Python text, or None when every one is null."""
+    if isinstance(values, pa.Array):
+        return values.to_pylist() if values.null_count < len(values) else None
+    return values if any(v is not None for v in values) else None
+
+
 def column_lookup_hashes(
-    columns: Mapping[str, Sequence[str | None]], num_rows: int, key: bytes | None = None
+    columns: Mapping[str, Sequence[str | None] | pa.Array], num_rows: int, key: bytes | None = None
 ) -> list[str | None]:
     """`row_lookup_hashes` for every row of a batch of identifier columns (text, None when absent).
     One keyed hasher is set up per batch and copied per value (keying BLAKE2b costs as much as
@@ -65,6 +74,8 @@ def column_lookup_hashes(
         hasher.update(text.encode())
         return hasher.hexdigest()
 
+    # Columns null in every row add nothing to any row (a table usually carries one kind).
+    columns = {kind: texts for kind, values in columns.items() if (texts := _non_null(values)) is not None}
     found: list[list[str | None]] = []
     for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
         values = columns.get(kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -62,18 +63,32 @@ def mask_column(values: pa.Array) -> pa.Array:
     return masked
 
 
-def mask_identifier_columns(columns: dict[str, list[str | None]], num_rows: int) -> list[str]:
+def _present_columns(
+    columns: Mapping[str, Sequence[str | None] | pa.Array], num_rows: int
+) -> dict[str, pa.Array]:
+    """Identifier columns as Arrow text, without those that are null in every row (they add
+    nothing to any row, and a table usually carries one kind of identifier)."""
+    arrays = {}
+    for kind, values in columns.items():
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        if array.null_count < num_rows:
+            arrays[kind] = array
+    return arrays
+
+
+def mask_identifier_columns(
+    columns: Mapping[str, Sequence[str | None] | pa.Array], num_rows: int
+) -> list[str]:
     """`mask_identifiers` for every row of a batch of identifier columns (text, None when absent),
     column-wise: kinds in the order rows report them, the alias as `ALIAS=name/label`."""
+    present = _present_columns(columns, num_rows)
     parts = []
     for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
-        if kind in columns:
-            values = pa.array(columns[kind], pa.string())
-            parts.append(pc.binary_join_element_wise(f"{kind}=", mask_column(values), ""))
-    if "ALIAS_NAME" in columns or "ALIAS_LABEL" in columns:
+        if kind in present:
+            parts.append(pc.binary_join_element_wise(f"{kind}=", mask_column(present[kind]), ""))
+    if "ALIAS_NAME" in present or "ALIAS_LABEL" in present:
         empty = pa.nulls(num_rows, pa.string())
-        name = pa.array(columns["ALIAS_NAME"], pa.string()) if "ALIAS_NAME" in columns else empty
-        label = pa.array(columns["ALIAS_LABEL"], pa.string()) if "ALIAS_LABEL" in columns else empty
+        name, label = present.get("ALIAS_NAME", empty), present.get("ALIAS_LABEL", empty)
         alias = pc.binary_join_element_wise(
             "ALIAS=", pc.fill_null(mask_column(name), ""), "/", pc.fill_null(label, ""), ""
         )

@@ -11,6 +11,8 @@ import duckdb
 import orjson
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from braze_assets.attribute_diff import AttributeDiff, Remembered
 from braze_assets.config import ConfigError, parse_syncs
@@ -239,6 +241,43 @@ def test_user_keys_of_a_batch_are_those_of_each_row():
     expected = [user_key(batch.identifiers(i)) for i in range(batch.num_rows)]
     assert column_user_keys(batch.columns, batch.num_rows) == expected
     assert len(set(expected)) == 5
+
+
+_IDENTIFIER_TEXT = st.one_of(
+    st.none(),
+    st.sampled_from(["", " ", "\u2003", "\x1c", "\x1f", "a\x1fb", "/", "=", "é", "用户", " x ", "x\n"]),
+    st.text(max_size=6),
+)
+
+
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "EXTERNAL_ID": _IDENTIFIER_TEXT,
+                "ALIAS_NAME": _IDENTIFIER_TEXT,
+                "ALIAS_LABEL": _IDENTIFIER_TEXT,
+                "EMAIL": _IDENTIFIER_TEXT,
+                "PHONE": st.one_of(st.none(), st.integers(-(10**12), 10**12)),
+            }
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_user_keys_built_column_wise_from_arrow_match_each_rows(rows):
+    """The run's process keys a batch from its Arrow columns: blank text (Python's `isspace`,
+    which Arrow does not share), non-ASCII text and whole numbers as each row would have them."""
+    from braze_assets.attribute_diff import column_user_keys, user_key
+    from braze_assets.datatypes import RowBatch, identifier_arrays
+
+    table = pa.Table.from_pylist(rows)
+    arrays, _ = identifier_arrays(table)
+    each = RowBatch.from_rows(rows)
+    assert column_user_keys(arrays, table.num_rows) == [
+        user_key(each.identifiers(i)) for i in range(len(rows))
+    ]
 
 
 def test_exact_copies_of_an_unchanged_row_are_settled_once(tmp_path, emulator):

@@ -54,6 +54,15 @@ LEDGER_COLUMNS = (
 )
 #: Columns of a remembered user (attribute_diff.py).
 REMEMBERED_COLUMNS = ("user_key", "payload_hash", "attributes", "payload_attributes")
+#: What `LedgerSession.remembered_table` answers.
+REMEMBERED_SCHEMA = pa.schema(
+    [
+        ("user_key", pa.string()),
+        ("payload_hash", pa.string()),
+        ("attributes", pa.string()),
+        ("payload_attributes", pa.int32()),
+    ]
+)
 #: Columns of a planned row.
 PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "identifier_hash", "run_id")
 
@@ -153,8 +162,16 @@ class LedgerSession(ABC):
 
     # ------------------------------------------------------------------ remembered attributes
     @abstractmethod
+    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+        """What Braze last accepted from this sync for these users (`attribute_diff.py`), one row
+        per remembered user: `user_key`, `payload_hash`, `attributes` and `payload_attributes`
+        (never null). Arrow, because a delta asks it for every batch of a snapshot table."""
+
     def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
-        """What Braze last accepted from this sync for these users (`attribute_diff.py`)."""
+        """`remembered_table` by user key."""
+        table = self.remembered_table(pa.array(user_keys, pa.string()))
+        columns = [table.column(name).to_pylist() for name in REMEMBERED_COLUMNS]
+        return {key: Remembered(*rest) for key, *rest in zip(*columns, strict=True)}
 
     @abstractmethod
     def remember(self, rows: pa.Table) -> None:

@@ -30,11 +30,11 @@ from typing import Any, TextIO
 import duckdb
 import pyarrow as pa
 
-from braze_assets.attribute_diff import Remembered
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import (
     REMEMBERED_COLUMNS,
+    REMEMBERED_SCHEMA,
     Journal,
     LedgerSession,
     StateStore,
@@ -138,6 +138,14 @@ def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
     return row
 
 
+#: The columns of a remembered user (`LedgerSession.remembered_table`).
+_REMEMBERED = (
+    "user_key, payload_hash, coalesce(attributes, '{}') AS attributes, "
+    "coalesce(payload_attributes, 0) AS payload_attributes"
+)
+_NOTHING_REMEMBERED = REMEMBERED_SCHEMA.empty_table()
+
+
 class DuckDBLedgerSession(LedgerSession):
     """A ledger session on one DuckDB connection."""
 
@@ -189,30 +197,26 @@ class DuckDBLedgerSession(LedgerSession):
     def clear_planned(self, prefix: str) -> None:
         self.con.execute("DELETE FROM planned WHERE batch_id LIKE ?", [f"{prefix}-%"])
 
-    def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
-        if not user_keys:
-            return {}
+    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+        if not len(user_keys):
+            return _NOTHING_REMEMBERED
         pending = self._pending_remembered()
-        self.con.register("wanted", pa.table({"user_key": pa.array(user_keys, pa.string())}))
+        self.con.register("wanted", pa.table({"user_key": user_keys}))
         try:
             if not pending:  # the usual case: every delivery folds what it set aside
-                rows = self.con.execute(
-                    "SELECT user_key, payload_hash, attributes, payload_attributes "
-                    "FROM remembered_attributes SEMI JOIN wanted USING (user_key)"
-                ).fetchall()
-                return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in rows}
-            # Rows still pending (a delivery that stopped before merging them) are newer.
-            rows = self.con.execute(
-                "SELECT user_key, payload_hash, attributes, payload_attributes FROM ("
-                "SELECT *, 0 AS pending FROM remembered_attributes SEMI JOIN wanted USING (user_key) "
-                "UNION ALL "
-                "SELECT *, 1 AS pending FROM remembered_pending SEMI JOIN wanted USING (user_key)"
-                ") QUALIFY row_number() OVER (PARTITION BY user_key ORDER BY pending DESC, "
-                "changed_at DESC) = 1"
-            ).fetchall()
+                query = f"SELECT {_REMEMBERED} FROM remembered_attributes SEMI JOIN wanted USING (user_key)"
+            else:  # rows still pending (a delivery that stopped before merging them) are newer
+                query = (
+                    f"SELECT {_REMEMBERED} FROM ("
+                    "SELECT *, 0 AS pending FROM remembered_attributes SEMI JOIN wanted USING (user_key) "
+                    "UNION ALL "
+                    "SELECT *, 1 AS pending FROM remembered_pending SEMI JOIN wanted USING (user_key)"
+                    ") QUALIFY row_number() OVER (PARTITION BY user_key ORDER BY pending DESC, "
+                    "changed_at DESC) = 1"
+                )
+            return self.con.sql(query).to_arrow_table().cast(_NOTHING_REMEMBERED.schema)
         finally:
             self.con.unregister("wanted")
-        return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in rows}
 
     def remember(self, rows: pa.Table) -> None:
         """Appended to `remembered_pending`, which `merge_remembered` folds in once per delivery:

@@ -34,12 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg2.errors import UniqueViolation
 
-from braze_assets.attribute_diff import Remembered
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.base import (
     PLANNED_COLUMNS,
     REMEMBERED_COLUMNS,
+    REMEMBERED_SCHEMA,
     Journal,
     LedgerSession,
     StateStore,
@@ -185,16 +185,19 @@ class PostgresLedgerSession(LedgerSession):
         with self._unit() as cursor:
             cursor.execute("DELETE FROM planned WHERE sync = %s AND prefix = %s", (self.sync, prefix))
 
-    def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
-        if not user_keys:
-            return {}
+    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+        if not len(user_keys):
+            return REMEMBERED_SCHEMA.empty_table()
         with self._unit() as cursor:
             cursor.execute(  # user keys are hex digests: one text parameter, split by the server
-                "SELECT user_key, payload_hash, attributes, payload_attributes FROM remembered_attributes "
-                "WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
-                (self.sync, ",".join(user_keys)),
+                "SELECT user_key, payload_hash, coalesce(attributes, '{}'), coalesce(payload_attributes, 0) "
+                "FROM remembered_attributes WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
+                (self.sync, ",".join(user_keys.to_pylist())),
             )
-            return {key: Remembered.from_row(digest, text, n) for key, digest, text, n in cursor.fetchall()}
+            rows = cursor.fetchall()
+        return pa.Table.from_pylist(
+            [dict(zip(REMEMBERED_SCHEMA.names, row, strict=True)) for row in rows], schema=REMEMBERED_SCHEMA
+        )
 
     def merge_remembered(self) -> None:
         """Nothing to fold: `remember` upserts at once, through the table's primary key."""
