@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from braze_assets.state import StateStore, SyncBusyError, open_state_store
-from braze_assets.state.postgres_schema import StateDatabase, StateUrlError
+from braze_assets.state.postgres_schema import HEAD_REVISION, StateDatabase, StateUrlError
 from braze_assets_tests.conftest import both_backends, pg_state_url
 
 UTC = dt.UTC
@@ -258,7 +258,7 @@ def test_migrations_run_once_when_processes_start_together(postgres):
     connection = db.connect("test")
     with connection.cursor() as cursor:
         cursor.execute("SELECT version_num FROM alembic_version")
-        assert cursor.fetchall() == [("0003",)]
+        assert cursor.fetchall() == [(HEAD_REVISION,)]
         cursor.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
             (db.schema,),

@@ -173,7 +173,7 @@ class PostgresLedgerSession(LedgerSession):
             for prefix in prefixes:
                 mine = rows.filter(pc.starts_with(rows["batch_id"], f"{prefix}-"))
                 cursor.execute(
-                    "INSERT INTO planned (sync, prefix, rows) VALUES (%s, %s, %s)",
+                    "INSERT INTO planned (sync, prefix, rows) VALUES (%s, %s, decode(%s, 'hex'))",
                     (
                         self.sync,
                         prefix,
@@ -221,11 +221,18 @@ class PostgresLedgerSession(LedgerSession):
             )
 
 
-def _to_ipc(rows: pa.Table) -> bytes:
+#: Planned chunks are compressed here (zstd: a few milliseconds, a third of the size), not by the
+#: server, whose TOAST compression of the blob cost more than the rest of planning (migration 0004).
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def _to_ipc(rows: pa.Table) -> str:
+    """A chunk's rows as an Arrow stream, in hex for `decode(%s, 'hex')`: psycopg2 quotes bytes
+    in the escape format, which is larger and slower for compressed data."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, rows.schema) as writer:
+    with pa.ipc.new_stream(sink, rows.schema, options=_IPC_OPTIONS) as writer:
         writer.write_table(rows)
-    return bytes(sink.getvalue().to_pybytes())
+    return sink.getvalue().hex().decode()
 
 
 _NOTHING_PLANNED = pa.schema(
