@@ -207,6 +207,8 @@ def _text_array(
         values = values.cast(pyarrow.string())
     if not pyarrow.types.is_string(values.type):
         return pyarrow.array(_texts(values.to_pylist(), column, problems), pyarrow.string())
+    if values.null_count == len(values):
+        return values
     doubtful = pc.invert(pc.fill_null(pc.match_substring_regex(values, _VISIBLE_ASCII), True))
     if not pc.any(doubtful).as_py():
         return values

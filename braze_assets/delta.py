@@ -29,7 +29,6 @@ from braze_assets.delta_batch import (
     UNCHANGED_SCHEMA,
     VALID_SCHEMA,
     BatchJob,
-    KnownUsers,
     Prepared,
     no_diff_columns,
     prepare_batch,
@@ -37,6 +36,7 @@ from braze_assets.delta_batch import (
 )
 from braze_assets.delta_files import staged
 from braze_assets.delta_workers import PreparePool, configured_workers
+from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
 from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
@@ -177,7 +177,7 @@ class DeltaWriter:
         update_existing_only: bool,
         paths: tuple[str, ...] | None = None,
         diff: AttributeDiff | None = None,
-        remembered: Callable[[pa.Array], pa.Table] | None = None,
+        remembered: Lookup | None = None,
         workers: int = 0,
         pool_after_rows: int | None = None,
     ):
@@ -189,7 +189,7 @@ class DeltaWriter:
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
         self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
         self.diff = diff
-        self._remembered = remembered or (lambda keys: REMEMBERED_SCHEMA.empty_table())
+        self._remembered: Lookup = remembered or (lambda keys, attributes: REMEMBERED_SCHEMA.empty_table())
         self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
@@ -197,12 +197,29 @@ class DeltaWriter:
         self._pool_after_rows = POOL_AFTER_ROWS if pool_after_rows is None else pool_after_rows
         self._pool: PreparePool | None = None
         self._rows_added = 0
+        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str]]] = []
+        self._waiting_rows = 0
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
-        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due."""
-        known = None
-        if self.diff is not None and self.spec.name != "catalogs":
-            known = KnownUsers.find(rows, self._remembered)
+        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due.
+        With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once."""
+        if self.diff is None or self.spec.name == "catalogs":
+            self._prepare(rows, hashes, None)
+            return
+        self._waiting.append((rows, hashes))
+        self._waiting_rows += rows.num_rows
+        if self._waiting_rows >= LOOKUP_ROWS:
+            self._look_up()
+
+    def _look_up(self) -> None:
+        """Look the waiting batches' users up, then prepare the batches in scan order."""
+        waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
+        if waiting:
+            found = KnownUsers.find([rows for rows, _ in waiting], self._remembered)
+            for (rows, hashes), known in zip(waiting, found, strict=True):
+                self._prepare(rows, hashes, known)
+
+    def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None) -> None:
         self._rows_added += rows.num_rows
         if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
             self._pool = PreparePool(self.job, self._workers)
@@ -214,7 +231,8 @@ class DeltaWriter:
             self._commit(prepared)
 
     def finish(self) -> None:
-        """Append the batches still being prepared."""
+        """Prepare the batches still waiting and append every batch still being prepared."""
+        self._look_up()
         if self._pool is not None:
             for prepared in self._pool.drain():
                 self._commit(prepared)

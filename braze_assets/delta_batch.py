@@ -18,20 +18,17 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from braze_assets.attribute_diff import (
     AttributeDiff,
     Remembered,
     Trimmed,
-    column_payload_hashes,
-    column_user_keys,
     payload_hash,
 )
 from braze_assets.catalog_items import check_catalog_rows
@@ -43,6 +40,7 @@ from braze_assets.datatypes import (
     identifier_arrays,
     validate_batch,
 )
+from braze_assets.known_users import KnownUsers
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 
@@ -109,63 +107,6 @@ class BatchJob:
     diff: AttributeDiff | None = None
     #: the key of the rows' lookup hashes (`lookup.py`), read once by the run's own process
     lookup_key: bytes = b""
-
-
-@dataclass(frozen=True)
-class KnownUsers:
-    """What the run's own process, which holds the state connection, found of a batch's users
-    for the attribute diff: each row's user key; the rows whose PAYLOAD is exactly the one Braze
-    last accepted from this sync (position -> the data points that saves), set aside unread;
-    what the state remembers of the other rows' users (`before`); and the PAYLOAD hashes it
-    computed on the way (None where it did not)."""
-
-    keys: list[str]
-    before: dict[str, Remembered]
-    payload_hashes: list[str | None]
-    unchanged: dict[int, int]
-
-    @classmethod
-    def find(cls, rows: pa.RecordBatch | pa.Table, remembered: Callable[[pa.Array], pa.Table]) -> KnownUsers:
-        """Look the batch's users up (`remembered`: the state's `remembered_table`) and match
-        PAYLOADs. Only rows whose user is remembered are hashed here: a first sync hashes in
-        the workers."""
-        keys = column_user_keys(identifier_arrays(rows)[0], rows.num_rows)
-        key_array = pa.array(keys, pa.string())
-        found = remembered(pc.unique(key_array))
-        hashes: list[str | None] = [None] * rows.num_rows
-        if not found.num_rows or "PAYLOAD" not in rows.schema.names:
-            return cls(keys, {}, hashes, {})
-        at = pc.index_in(key_array, value_set=found.column("user_key"))
-        digests = column_payload_hashes(rows.column("PAYLOAD"))
-        last = found.column("payload_hash").take(at)
-        same = pc.fill_null(pc.equal(pa.array(digests, pa.string()), last), False)
-        same_at = np.flatnonzero(same.to_numpy(zero_copy_only=False))
-        saved = found.column("payload_attributes").take(pc.filter(at, same)).to_pylist()
-        unchanged = dict(zip(same_at.tolist(), saved, strict=True))
-        differing = pc.and_(pc.is_valid(at), pc.invert(same))
-        before: dict[str, Remembered] = {}
-        if pc.any(differing).as_py():
-            picked = found.take(pc.filter(at, differing)).to_pylist()
-            before = {
-                row["user_key"]: Remembered(row["payload_hash"], row["attributes"], row["payload_attributes"])
-                for row in picked
-            }
-        return cls(keys, before, list(digests), unchanged)
-
-    @classmethod
-    def nothing(cls, rows: pa.RecordBatch | pa.Table) -> KnownUsers:
-        """Nothing remembered of any of the batch's users."""
-        keys = column_user_keys(identifier_arrays(rows)[0], rows.num_rows)
-        return cls(keys, {}, [None] * rows.num_rows, {})
-
-    def take(self, positions: list[int]) -> KnownUsers:
-        """The rows at `positions`, in that order."""
-        return KnownUsers(
-            [self.keys[i] for i in positions],
-            self.before,
-            [self.payload_hashes[i] for i in positions],
-            {n: self.unchanged[i] for n, i in enumerate(positions) if i in self.unchanged},
-        )
 
 
 @dataclass

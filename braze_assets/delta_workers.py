@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from braze_assets.delta_batch import BatchJob, KnownUsers, Prepared, prepare_batch
+from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
+from braze_assets.known_users import KnownUsers
 
 WORKERS_ENV = "BRAZE_ASSETS_DELTA_WORKERS"
 _log = logging.getLogger(__name__)

@@ -51,9 +51,12 @@ def mask_column(values: pa.Array) -> pa.Array:
         pc.binary_join_element_wise(pc.utf8_slice_codeunits(values, 0, 3), "***", ""),
         "***",
     )
-    digits = pc.replace_substring_regex(values, r"[^0-9]", "")
-    phone = pc.binary_join_element_wise("***", pc.utf8_slice_codeunits(digits, -2, 1 << 30), "")
-    masked = pc.if_else(pc.match_substring_regex(values, _PHONE_ASCII), phone, general)
+    phones = pc.match_substring_regex(values, _PHONE_ASCII)
+    masked = general
+    if pc.any(phones).as_py():  # digits only where needed: the regex replace is the slow part
+        digits = pc.replace_substring_regex(pc.if_else(phones, values, ""), r"[^0-9]", "")
+        phone = pc.binary_join_element_wise("***", pc.utf8_slice_codeunits(digits, -2, 1 << 30), "")
+        masked = pc.if_else(phones, phone, general)
     if pc.any(fallback).as_py():
         python = masked.to_pylist()
         for i, value in enumerate(values.to_pylist()):
@@ -95,12 +98,15 @@ def mask_identifier_columns(
         parts.append(pc.if_else(pc.or_(pc.is_valid(name), pc.is_valid(label)), alias, None))
     if not parts:
         return ["(none)"] * num_rows
-    # Each present part followed by ", ", absent parts as "", then the last ", " dropped.
-    # (pyarrow's null_handling="skip" join drops rows where every part is null, shifting the
-    # rows after them, so it is not used.)
-    pieces = [pc.fill_null(pc.binary_join_element_wise(part, ", ", ""), "") for part in parts]
-    joined = pc.replace_substring_regex(pc.binary_join_element_wise(*pieces, ""), ", $", "")
-    shown = pc.if_else(pc.equal(joined, ""), "(none)", joined).to_pylist()
+    if len(parts) == 1:  # the usual table: one kind of identifier
+        shown = pc.fill_null(parts[0], "(none)").to_pylist()
+    else:
+        # Each present part followed by ", ", absent parts as "", then the last ", " dropped.
+        # (pyarrow's null_handling="skip" join drops rows where every part is null, shifting the
+        # rows after them, so it is not used.)
+        pieces = [pc.fill_null(pc.binary_join_element_wise(part, ", ", ""), "") for part in parts]
+        joined = pc.utf8_slice_codeunits(pc.binary_join_element_wise(*pieces, ""), 0, -2)
+        shown = pc.if_else(pc.equal(joined, ""), "(none)", joined).to_pylist()
     if len(shown) != num_rows:  # every row keeps its own entry, whatever pyarrow does
         raise RuntimeError(f"masked {len(shown)} identifiers for {num_rows} rows")
     return shown

@@ -4,6 +4,7 @@ one process does; a worker that dies loses no batch; the setting is checked."""
 from __future__ import annotations
 
 import datetime as dt
+import operator
 import os
 import signal
 from pathlib import Path
@@ -42,7 +43,13 @@ MANIFEST_COUNTS = (
 
 
 def _run_delta(
-    tmp_path: Path, table: str, data_type: str, workers: int, name: str, diff: bool = False
+    tmp_path: Path,
+    table: str,
+    data_type: str,
+    workers: int,
+    name: str,
+    diff: bool = False,
+    batch_rows: int = 3,  # several batches, so several are in flight at once
 ) -> DeltaManifest:
     out = tmp_path / name
     manifest = DeltaManifest(
@@ -67,7 +74,7 @@ def _run_delta(
         partitions_start=T0 - dt.timedelta(days=30),
         update_existing_only=False,
         diff=AttributeDiff() if diff else None,
-        batch_rows=3,  # several batches, so several are in flight at once
+        batch_rows=batch_rows,
         workers=workers,
     )
 
@@ -113,9 +120,9 @@ def test_workers_make_the_same_delta_as_one_process(
     )
 
 
-def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row):
-    """With the diff, what the state remembers is looked up by the run's own process and handed
-    to the workers: unchanged rows are set aside exactly as one process does."""
+def _remembered_case(tmp_path: Path) -> tuple[str, pa.Table]:
+    """A table of 20 users changed and the same 20 restamped, and what Braze accepted of ten of
+    them before (as `remember` takes it)."""
     rows = [_row({"tier": "gold", "n": i % 3}, external_id=f"u{i}") for i in range(20)]
     first = _run_delta(
         tmp_path,
@@ -133,7 +140,13 @@ def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row)
     restamped = [
         _row({"tier": "gold", "n": i % 3}, T0 + dt.timedelta(hours=1), external_id=f"u{i}") for i in range(20)
     ]
-    table = _table(tmp_path / "warehouse.duckdb", "attributes", changed + restamped)
+    return _table(tmp_path / "warehouse.duckdb", "attributes", changed + restamped), accepted
+
+
+def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row):
+    """With the diff, what the state remembers is looked up by the run's own process and handed
+    to the workers: unchanged rows are set aside exactly as one process does."""
+    table, accepted = _remembered_case(tmp_path)
     results = []
     for name, workers in (("inline", 0), ("pooled", 2)):
         with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
@@ -141,6 +154,25 @@ def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row)
         results.append(_run_delta(tmp_path, table, "attributes", workers, name, diff=True))
     assert results[0].unchanged > 0 and results[0].data_points_saved > 0
     _same_delta(*results)
+
+
+def test_one_lookup_for_several_batches_makes_the_same_diff(tmp_path, monkeypatch):
+    """The run's process looks users up for several scanned batches at once (`LOOKUP_ROWS`), and
+    lookups split batches of one scan in any way: each row is diffed as if its batch were alone."""
+    table, accepted = _remembered_case(tmp_path)
+    results = []
+    for name, batch_rows, lookup_rows in (("alone", 1000, 100_000), ("grouped", 3, 7)):
+        monkeypatch.setattr(delta, "LOOKUP_ROWS", lookup_rows)
+        with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
+            ledger.remember(accepted)
+        results.append(_run_delta(tmp_path, table, "attributes", 0, name, diff=True, batch_rows=batch_rows))
+    alone, grouped = results
+    assert alone.unchanged > 0 and alone.valid > 0 and alone.data_points_saved > 0
+    for name in MANIFEST_COUNTS:
+        assert getattr(alone, name) == getattr(grouped, name), name
+    for kind, rows in _files(alone).items():  # set aside first within a batch: compare as sets
+        key = operator.itemgetter("row_hash")
+        assert sorted(rows, key=key) == sorted(_files(grouped)[kind], key=key), kind
 
 
 def _events(batches: int) -> list[tuple[pa.Table, list[str]]]:

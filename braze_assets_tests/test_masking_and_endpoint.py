@@ -133,6 +133,9 @@ def test_column_masking_gives_what_mask_gives(values):
         },
         {"ALIAS_NAME": ["alias-98765", None, "alias-98765", None], "ALIAS_LABEL": ["crm", "crm", None, None]},
         {"EXTERNAL_ID": [None, "u-1"], "ALIAS_NAME": ["alias-98765", None]},
+        # a kind null in every row, text holding the separator, a phone among other ids
+        {"EXTERNAL_ID": ["a, b, ", None, "user, 12345, "], "EMAIL": [None, None, None]},
+        {"EXTERNAL_ID": ["x, ", "+1 415 555 0123", None], "PHONE": ["+1 (415) 555-0123", None, "12, 34"]},
     ],
 )
 def test_identifier_columns_mask_as_rows_do(columns):
@@ -255,3 +258,29 @@ def test_refused_endpoint_error_does_not_contain_the_key():
     with pytest.raises(BrazeEndpointError) as caught:
         BrazeClient("http://rest.iad-01.braze.com", KEY)
     assert KEY not in str(caught.value) and KEY not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"EXTERNAL_ID": ["user-1", None, "user-3"], "EMAIL": [None, None, None]},
+        {"EXTERNAL_ID": ["user-1", None, None], "EMAIL": ["a@example.com", "b@example.com", None]},
+        {"ALIAS_NAME": ["anon", None, "anon"], "ALIAS_LABEL": ["web", "web", None], "PHONE": [None] * 3},
+    ],
+)
+def test_identifier_columns_hash_as_rows_do(columns):
+    """`column_lookup_hashes` (whole batches, Python lists or Arrow text, kinds null in every row
+    left out) gives each row what `row_lookup_hashes` gives its identifiers."""
+    import pyarrow as pa
+
+    from braze_assets.datatypes import RowBatch
+    from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
+
+    n = len(next(iter(columns.values())))
+    batch = RowBatch.from_rows(
+        [{c: v[i] for c, v in columns.items()} | {"UPDATED_AT": None} for i in range(n)]
+    )
+    expected = [row_lookup_hashes(batch.identifiers(i), b"k") for i in range(n)]
+    assert column_lookup_hashes(batch.columns, n, b"k") == expected
+    arrays = {kind: pa.array(values, pa.string()) for kind, values in batch.columns.items()}
+    assert column_lookup_hashes(arrays, n, b"k") == expected

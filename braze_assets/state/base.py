@@ -162,10 +162,11 @@ class LedgerSession(ABC):
 
     # ------------------------------------------------------------------ remembered attributes
     @abstractmethod
-    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+    def remembered_table(self, user_keys: pa.Array, attributes: bool = True) -> pa.Table:
         """What Braze last accepted from this sync for these users (`attribute_diff.py`), one row
-        per remembered user: `user_key`, `payload_hash`, `attributes` and `payload_attributes`
-        (never null). Arrow, because a delta asks it for every batch of a snapshot table."""
+        per remembered user, as `REMEMBERED_SCHEMA` (never null); without the `attributes`
+        column unless asked, as a PAYLOAD that did not change never needs it. Arrow, because a
+        delta asks it for every batch of a snapshot table."""
 
     def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
         """`remembered_table` by user key."""

@@ -138,12 +138,21 @@ def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
     return row
 
 
-#: The columns of a remembered user (`LedgerSession.remembered_table`).
-_REMEMBERED = (
-    "user_key, payload_hash, coalesce(attributes, '{}') AS attributes, "
-    "coalesce(payload_attributes, 0) AS payload_attributes"
-)
-_NOTHING_REMEMBERED = REMEMBERED_SCHEMA.empty_table()
+#: The columns of a remembered user (`LedgerSession.remembered_table`), never null.
+_REMEMBERED = {
+    "user_key": "user_key",
+    "payload_hash": "payload_hash",
+    "attributes": "coalesce(attributes, '{}') AS attributes",
+    "payload_attributes": "coalesce(payload_attributes, 0) AS payload_attributes",
+}
+
+
+def _remembered_schema(attributes: bool) -> pa.Schema:
+    return (
+        REMEMBERED_SCHEMA
+        if attributes
+        else REMEMBERED_SCHEMA.remove(REMEMBERED_SCHEMA.get_field_index("attributes"))
+    )
 
 
 class DuckDBLedgerSession(LedgerSession):
@@ -197,24 +206,26 @@ class DuckDBLedgerSession(LedgerSession):
     def clear_planned(self, prefix: str) -> None:
         self.con.execute("DELETE FROM planned WHERE batch_id LIKE ?", [f"{prefix}-%"])
 
-    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+    def remembered_table(self, user_keys: pa.Array, attributes: bool = True) -> pa.Table:
+        schema = _remembered_schema(attributes)
         if not len(user_keys):
-            return _NOTHING_REMEMBERED
+            return schema.empty_table()
+        columns = ", ".join(_REMEMBERED[name] for name in schema.names)
         pending = self._pending_remembered()
         self.con.register("wanted", pa.table({"user_key": user_keys}))
         try:
             if not pending:  # the usual case: every delivery folds what it set aside
-                query = f"SELECT {_REMEMBERED} FROM remembered_attributes SEMI JOIN wanted USING (user_key)"
+                query = f"SELECT {columns} FROM remembered_attributes SEMI JOIN wanted USING (user_key)"
             else:  # rows still pending (a delivery that stopped before merging them) are newer
                 query = (
-                    f"SELECT {_REMEMBERED} FROM ("
+                    f"SELECT {columns} FROM ("
                     "SELECT *, 0 AS pending FROM remembered_attributes SEMI JOIN wanted USING (user_key) "
                     "UNION ALL "
                     "SELECT *, 1 AS pending FROM remembered_pending SEMI JOIN wanted USING (user_key)"
                     ") QUALIFY row_number() OVER (PARTITION BY user_key ORDER BY pending DESC, "
                     "changed_at DESC) = 1"
                 )
-            return self.con.sql(query).to_arrow_table().cast(_NOTHING_REMEMBERED.schema)
+            return self.con.sql(query).to_arrow_table().cast(schema)
         finally:
             self.con.unregister("wanted")
 

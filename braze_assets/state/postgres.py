@@ -185,18 +185,27 @@ class PostgresLedgerSession(LedgerSession):
         with self._unit() as cursor:
             cursor.execute("DELETE FROM planned WHERE sync = %s AND prefix = %s", (self.sync, prefix))
 
-    def remembered_table(self, user_keys: pa.Array) -> pa.Table:
+    def remembered_table(self, user_keys: pa.Array, attributes: bool = True) -> pa.Table:
+        schema = REMEMBERED_SCHEMA
+        if not attributes:
+            schema = schema.remove(schema.get_field_index("attributes"))
         if not len(user_keys):
-            return REMEMBERED_SCHEMA.empty_table()
+            return schema.empty_table()
+        columns = {
+            "user_key": "user_key",
+            "payload_hash": "payload_hash",
+            "attributes": "coalesce(attributes, '{}')",
+            "payload_attributes": "coalesce(payload_attributes, 0)",
+        }
         with self._unit() as cursor:
             cursor.execute(  # user keys are hex digests: one text parameter, split by the server
-                "SELECT user_key, payload_hash, coalesce(attributes, '{}'), coalesce(payload_attributes, 0) "
-                "FROM remembered_attributes WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
+                f"SELECT {', '.join(columns[name] for name in schema.names)} FROM remembered_attributes "
+                "WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
                 (self.sync, ",".join(user_keys.to_pylist())),
             )
             rows = cursor.fetchall()
         return pa.Table.from_pylist(
-            [dict(zip(REMEMBERED_SCHEMA.names, row, strict=True)) for row in rows], schema=REMEMBERED_SCHEMA
+            [dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema
         )
 
     def merge_remembered(self) -> None:
