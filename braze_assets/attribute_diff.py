@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
@@ -152,10 +151,9 @@ class Remembered(NamedTuple):
         return parsed
 
 
-@dataclass(frozen=True)
-class Trimmed:
+class Trimmed(NamedTuple):
     """One row after the diff: the payload to send, what to remember once Braze accepts it, and
-    the attributes (data points) sent and saved."""
+    the attributes (data points) sent and saved. A tuple: there is one per row of a delta."""
 
     payload: dict[str, Any]
     remember: str
@@ -165,11 +163,36 @@ class Trimmed:
     unchanged: bool
 
 
+#: Scalar attribute values whose hashes one `AttributeDiff` keeps (then starts afresh).
+_HASHES_KEPT = 50_000
+_SCALARS = (str, int, bool)  # not float: 0.0 and -0.0 are one dict key, two JSON texts
+
+
 class AttributeDiff:
-    """The diff of one attributes sync (`always`: its `always_send` keys)."""
+    """The diff of one attributes sync (`always`: its `always_send` keys).
+
+    Attribute values repeat across users (a plan, a city, a flag), so the hash of a scalar value
+    is computed once and kept, keyed by its type too (`True` and `1` are one dict key
+    but two JSON texts); serializing and hashing every value was most of the diff's cost."""
 
     def __init__(self, always_send: Sequence[str] = ()):
         self.always = ALWAYS_SENT | frozenset(always_send)
+        self._hashes: dict[tuple[type, object], str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to worker processes without the hashes
+        return {"always": self.always, "_hashes": {}}
+
+    def _hash(self, value: object) -> str:
+        kind = type(value)
+        if kind not in _SCALARS:
+            return _value_hash(value)
+        hashes = self._hashes
+        digest = hashes.get((kind, value))
+        if digest is None:
+            if len(hashes) >= _HASHES_KEPT:
+                hashes.clear()
+            digest = hashes[(kind, value)] = _value_hash(value)
+        return digest
 
     def trim(self, payload: dict[str, Any], before: Remembered | None) -> Trimmed:
         """The attributes of `payload` to send against what was accepted `before` (None: nothing
@@ -190,7 +213,7 @@ class AttributeDiff:
                 remember.pop(key, None)  # its value in Braze is no longer known
                 sent += 1
                 continue
-            digest = _value_hash(value)
+            digest = self._hash(value)
             if known.get(key) == digest:
                 saved += 1
                 continue
@@ -200,7 +223,7 @@ class AttributeDiff:
         return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0)
 
     def _first(self, payload: dict[str, Any]) -> Trimmed:
-        always, dumps, blake2b, sort = self.always, orjson.dumps, hashlib.blake2b, orjson.OPT_SORT_KEYS
+        always, hashed = self.always, self._hash
         remember: dict[str, str] = {}
         sent = 0
         for key, value in payload.items():
@@ -209,7 +232,5 @@ class AttributeDiff:
             sent += 1
             if key in always or (type(value) is dict and _is_operator(value)):
                 continue
-            remember[key] = (
-                _NULL if value is None else blake2b(dumps(value, option=sort), digest_size=8).hexdigest()
-            )
-        return Trimmed(payload, dumps(remember).decode(), sent, 0, False)
+            remember[key] = hashed(value)
+        return Trimmed(payload, orjson.dumps(remember).decode(), sent, 0, False)

@@ -348,3 +348,14 @@ def test_an_embedded_memory_with_the_first_layout_is_kept_without_its_key(tmp_pa
             "AND constraint_type = 'PRIMARY KEY'"
         ).fetchall()
     assert keys == [(0,)]
+
+
+def test_kept_value_hashes_tell_a_flag_from_a_number():
+    """Hashes of repeated values are kept per diff, keyed by type: `True` and `1` are one dict key
+    but different JSON, so a flag that became a number (or `0.0` that became `-0.0`) is a change."""
+    diff = AttributeDiff()
+    first = diff.trim({"a": True, "b": 1, "c": "x", "d": 0.0}, None)
+    again = diff.trim({"a": 1, "b": True, "c": "x", "d": -0.0}, Remembered("h", first.remember, 4))
+    assert again.payload == {"a": 1, "b": True, "d": -0.0}
+    assert (again.sent, again.saved) == (3, 1)
+    assert AttributeDiff().trim({"a": True, "b": 1, "c": "x", "d": 0.0}, None).remember == first.remember
