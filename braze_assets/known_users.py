@@ -45,7 +45,11 @@ class KnownUsers:
         """One `KnownUsers` per batch, from one lookup of all their users (and a second, of the
         remembered attributes, for the users whose PAYLOAD changed). Only batches with a
         remembered user are hashed here: a first sync's PAYLOADs are hashed in the workers."""
-        keys = [column_user_keys(identifier_arrays(rows)[0], rows.num_rows) for rows in batches]
+        identified = [identifier_arrays(rows) for rows in batches]
+        keys = [
+            column_user_keys(arrays, rows.num_rows)
+            for rows, (arrays, _) in zip(batches, identified, strict=True)
+        ]
         key_arrays = [pa.array(k, pa.string()) for k in keys]
         every_key = pa.concat_arrays(key_arrays) if key_arrays else pa.array([], pa.string())
         found = remembered(pc.unique(every_key), False)
@@ -56,8 +60,8 @@ class KnownUsers:
         at = pc.index_in(every_key, value_set=column["user_key"])
         starts = np.cumsum([0] + [len(k) for k in keys]).tolist()
         matches = [
-            _match(rows, at.slice(start, rows.num_rows), column)
-            for rows, start in zip(batches, starts[:-1], strict=True)
+            _match(rows, _unless(problems, at.slice(start, rows.num_rows)), column)
+            for rows, start, (_, problems) in zip(batches, starts[:-1], identified, strict=True)
         ]
         changed = [
             pc.filter(key_array, differing)
@@ -89,6 +93,16 @@ class KnownUsers:
             [self.payload_hashes[i] for i in positions],
             {n: self.unchanged[i] for n, i in enumerate(positions) if i in self.unchanged},
         )
+
+
+def _unless(problems: dict[int, list[str]], at: pa.Array) -> pa.Array:
+    """`at` with the rows whose identifiers have no exact text form taken out: their user key
+    was made from a placeholder, so they are never matched; validation rejects them."""
+    if not problems:
+        return at
+    mask = np.zeros(len(at), dtype=bool)
+    mask[list(problems)] = True
+    return pc.if_else(pa.array(mask), pa.nulls(len(at), at.type), at)
 
 
 def _match(

@@ -359,3 +359,26 @@ def test_kept_value_hashes_tell_a_flag_from_a_number():
     assert again.payload == {"a": 1, "b": True, "d": -0.0}
     assert (again.sent, again.saved) == (3, 1)
     assert AttributeDiff().trim({"a": True, "b": 1, "c": "x", "d": 0.0}, None).remember == first.remember
+
+
+def test_a_row_whose_identifier_has_no_text_form_is_never_matched_as_unchanged():
+    """An identifier with no exact text form (a float) is keyed by a placeholder (its type's
+    name), which a real user may share: such a row is never set aside as unchanged, so the
+    schema rejects it as it would without the diff."""
+    from braze_assets.attribute_diff import column_user_keys, payload_hash
+    from braze_assets.known_users import KnownUsers
+
+    payload = '{"plan": "gold"}'
+    rows = pa.table({"EXTERNAL_ID": pa.array([1.5, 2.0], pa.float64()), "PAYLOAD": [payload, payload]})
+    placeholder = column_user_keys({"EXTERNAL_ID": ["float"]}, 1)[0]
+
+    def remembered(keys: pa.Array, attributes: bool) -> pa.Table:  # the real user "float"
+        found = {
+            "user_key": [placeholder],
+            "payload_hash": [payload_hash(payload)],
+            "payload_attributes": [1],
+        }
+        return pa.table(found | ({"attributes": ['{"plan": "x"}']} if attributes else {}))
+
+    [known] = KnownUsers.find([rows], remembered)
+    assert known.unchanged == {} and known.before == {}
