@@ -166,6 +166,8 @@ class Trimmed(NamedTuple):
 #: Scalar attribute values whose hashes one `AttributeDiff` keeps (then starts afresh).
 _HASHES_KEPT = 50_000
 _SCALARS = (str, int, bool)  # not float: 0.0 and -0.0 are one dict key, two JSON texts
+#: Longer text is hashed each time: it rarely repeats, and keeping it would keep it in memory.
+_TEXT_KEPT = 64
 
 
 class AttributeDiff:
@@ -184,7 +186,7 @@ class AttributeDiff:
 
     def _hash(self, value: object) -> str:
         kind = type(value)
-        if kind not in _SCALARS:
+        if kind not in _SCALARS or (isinstance(value, str) and len(value) > _TEXT_KEPT):
             return _value_hash(value)
         hashes = self._hashes
         digest = hashes.get((kind, value))
