@@ -41,7 +41,7 @@ from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
-from braze_assets.state.base import REMEMBERED_SCHEMA
+from braze_assets.state.base import remembered_schema
 
 __all__ = [
     "DIFF_COLUMNS",
@@ -189,7 +189,9 @@ class DeltaWriter:
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
         self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
         self.diff = diff
-        self._remembered: Lookup = remembered or (lambda keys, attributes: REMEMBERED_SCHEMA.empty_table())
+        self._remembered: Lookup = remembered or (
+            lambda keys, attributes: remembered_schema(attributes).empty_table()
+        )
         self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key())

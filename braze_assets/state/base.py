@@ -63,6 +63,22 @@ REMEMBERED_SCHEMA = pa.schema(
         ("payload_attributes", pa.int32()),
     ]
 )
+#: Each of those columns in SQL, never null (both backends).
+REMEMBERED_SQL = {
+    "user_key": "user_key",
+    "payload_hash": "payload_hash",
+    "attributes": "coalesce(attributes, '{}') AS attributes",
+    "payload_attributes": "coalesce(payload_attributes, 0) AS payload_attributes",
+}
+
+
+def remembered_schema(attributes: bool) -> pa.Schema:
+    """`REMEMBERED_SCHEMA`, without the `attributes` column unless asked."""
+    if attributes:
+        return REMEMBERED_SCHEMA
+    return REMEMBERED_SCHEMA.remove(REMEMBERED_SCHEMA.get_field_index("attributes"))
+
+
 #: Columns of a planned row.
 PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "identifier_hash", "run_id")
 

@@ -34,12 +34,13 @@ from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles, delta_root
 from braze_assets.state.base import (
     REMEMBERED_COLUMNS,
-    REMEMBERED_SCHEMA,
+    REMEMBERED_SQL,
     Journal,
     LedgerSession,
     StateStore,
     SyncBusyError,
     Watermark,
+    remembered_schema,
 )
 from braze_assets.state.embedded_log import EmbeddedSyncLog
 from braze_assets.state.held import held_details_table
@@ -138,23 +139,6 @@ def _one_row(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
     return row
 
 
-#: The columns of a remembered user (`LedgerSession.remembered_table`), never null.
-_REMEMBERED = {
-    "user_key": "user_key",
-    "payload_hash": "payload_hash",
-    "attributes": "coalesce(attributes, '{}') AS attributes",
-    "payload_attributes": "coalesce(payload_attributes, 0) AS payload_attributes",
-}
-
-
-def _remembered_schema(attributes: bool) -> pa.Schema:
-    return (
-        REMEMBERED_SCHEMA
-        if attributes
-        else REMEMBERED_SCHEMA.remove(REMEMBERED_SCHEMA.get_field_index("attributes"))
-    )
-
-
 class DuckDBLedgerSession(LedgerSession):
     """A ledger session on one DuckDB connection."""
 
@@ -207,10 +191,10 @@ class DuckDBLedgerSession(LedgerSession):
         self.con.execute("DELETE FROM planned WHERE batch_id LIKE ?", [f"{prefix}-%"])
 
     def remembered_table(self, user_keys: pa.Array, attributes: bool = True) -> pa.Table:
-        schema = _remembered_schema(attributes)
+        schema = remembered_schema(attributes)
         if not len(user_keys):
             return schema.empty_table()
-        columns = ", ".join(_REMEMBERED[name] for name in schema.names)
+        columns = ", ".join(REMEMBERED_SQL[name] for name in schema.names)
         pending = self._pending_remembered()
         self.con.register("wanted", pa.table({"user_key": user_keys}))
         try:

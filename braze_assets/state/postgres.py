@@ -39,12 +39,13 @@ from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.base import (
     PLANNED_COLUMNS,
     REMEMBERED_COLUMNS,
-    REMEMBERED_SCHEMA,
+    REMEMBERED_SQL,
     Journal,
     LedgerSession,
     StateStore,
     SyncBusyError,
     Watermark,
+    remembered_schema,
 )
 from braze_assets.state.held import held_details_table
 from braze_assets.state.postgres_log import PostgresSyncLog
@@ -186,20 +187,13 @@ class PostgresLedgerSession(LedgerSession):
             cursor.execute("DELETE FROM planned WHERE sync = %s AND prefix = %s", (self.sync, prefix))
 
     def remembered_table(self, user_keys: pa.Array, attributes: bool = True) -> pa.Table:
-        schema = REMEMBERED_SCHEMA
-        if not attributes:
-            schema = schema.remove(schema.get_field_index("attributes"))
+        schema = remembered_schema(attributes)
         if not len(user_keys):
             return schema.empty_table()
-        columns = {
-            "user_key": "user_key",
-            "payload_hash": "payload_hash",
-            "attributes": "coalesce(attributes, '{}')",
-            "payload_attributes": "coalesce(payload_attributes, 0)",
-        }
+        columns = ", ".join(REMEMBERED_SQL[name] for name in schema.names)
         with self._unit() as cursor:
             cursor.execute(  # user keys are hex digests: one text parameter, split by the server
-                f"SELECT {', '.join(columns[name] for name in schema.names)} FROM remembered_attributes "
+                f"SELECT {columns} FROM remembered_attributes "
                 "WHERE sync = %s AND user_key = ANY(string_to_array(%s, ','))",
                 (self.sync, ",".join(user_keys.to_pylist())),
             )
