@@ -107,13 +107,7 @@ def column_payload_hashes(values: pa.Array | pa.ChunkedArray) -> list[str | None
         raw = values.cast(pa.binary()).to_pylist()
     else:
         raw = [payload_text(v) for v in values.to_pylist()]
-    blake2b = hashlib.blake2b
-    return [
-        None
-        if data is None
-        else blake2b(data.encode() if isinstance(data, str) else data, digest_size=16).hexdigest()
-        for data in raw
-    ]
+    return [payload_hash(data) for data in raw]
 
 
 def _value_hash(value: object) -> str:

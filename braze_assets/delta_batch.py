@@ -202,7 +202,7 @@ def _prepare(
         unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
         if unchanged:
             saved = [diffed[i].saved for i in unchanged]
-            _set_aside_unchanged(job, batch, hashes, unchanged, saved, prepared)
+            _set_aside_unchanged(job, rows, hashes, unchanged, saved, prepared)
             set_aside = set(unchanged)
             valid = [i for i in valid if i not in set_aside]
     if valid:
@@ -296,23 +296,16 @@ def _prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> Prepar
 
 def _set_aside_unchanged(
     job: BatchJob,
-    rows: pa.RecordBatch | pa.Table | RowBatch,
+    rows: pa.RecordBatch | pa.Table,
     hashes: list[str],
     positions: list[int],
     saved: list[int],
     prepared: Prepared,
 ) -> None:
     """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
-    take = pa.array(positions, pa.int64())
-    if isinstance(rows, RowBatch):
-        columns: dict[str, list[str | None]] | dict[str, pa.Array] = {
-            kind: [values[i] for i in positions] for kind, values in rows.columns.items()
-        }
-        stamps = rows.updated_at.take(take)
-    else:
-        picked = rows.take(take)
-        columns = identifier_arrays(picked)[0]
-        stamps = picked.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
+    picked = rows.take(pa.array(positions, pa.int64()))
+    columns = identifier_arrays(picked)[0]
+    stamps = picked.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
     table = pa.table(
         {
             "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
