@@ -263,8 +263,11 @@ def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
-    chosen = rows.filter(pc.fill_null(accepted, False))
-    if chosen.num_rows:
+    # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
+    # each accepted once (the usual case) needs no sort.
+    chosen = rows.select(["user_key", "payload_hash", "remember", "payload_attributes", "updated_at"])
+    chosen = chosen.filter(pc.fill_null(accepted, False))
+    if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
         # Newest first within each user; on a tie the later row of the chunk wins.
         chosen = chosen.append_column("position", pa.array(range(chosen.num_rows), pa.int64()))
         order = pc.sort_indices(

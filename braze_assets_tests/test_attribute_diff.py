@@ -207,6 +207,34 @@ def test_a_user_seen_twice_in_one_run_is_remembered_from_the_newest_row(tmp_path
     assert again.outcome.unchanged == 1 and spy.take() == []
 
 
+def _chunk(rows: list[tuple[str, int, str]]) -> pa.Table:
+    """A delivered chunk's diff columns: (user key, hour stamped, remembered text) per row."""
+    return pa.table(
+        {
+            "user_key": [key for key, _, _ in rows],
+            "payload_hash": [f"p-{text}" for _, _, text in rows],
+            "remember": [text for _, _, text in rows],
+            "payload_attributes": pa.array([1] * len(rows), pa.int32()),
+            "updated_at": [NOW + dt.timedelta(hours=hour) for _, hour, _ in rows],
+            "object": [b"{}"] * len(rows),
+        }
+    )
+
+
+@pytest.mark.parametrize("repeated", [False, True])
+def test_a_chunk_remembers_each_accepted_user_once_from_the_newest_row(repeated):
+    from braze_assets.delivery import accepted_attributes
+
+    rows = [("a", 1, "a1"), ("b", 1, "b1"), ("c", 1, "c1")]
+    if repeated:  # a newer row accepted, a newest one not; a tie goes to the later row
+        rows += [("a", 2, "a2"), ("a", 3, "a3"), ("b", 1, "b1-later")]
+    status = ["accepted", "accepted", None] + (["accepted", "failed", "accepted"] if repeated else [])
+    kept = accepted_attributes(_chunk(rows), status).to_pylist()
+    assert sorted((r["user_key"], r["attributes"]) for r in kept) == (
+        [("a", "a2"), ("b", "b1-later")] if repeated else [("a", "a1"), ("b", "b1")]
+    )
+
+
 @both_backends
 def test_forgetting_a_user_forgets_what_braze_holds_of_them(harness, emulator):
     from braze_assets.attribute_diff import user_key

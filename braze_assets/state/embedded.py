@@ -91,6 +91,12 @@ CREATE TABLE IF NOT EXISTS held_details (
 """
 #: DuckDB's buffer pool for a ledger connection: scans stream, so this bounds memory, not size.
 LEDGER_MEMORY_LIMIT = "256MB"
+#: The write-ahead log's size at which DuckDB folds it into the file (its default is 16 MB).
+#: Each fold rewrites the ledger's changed blocks and its primary-key index, so with the default
+#: a delivery of a million rows folded dozens of times: measured, delivery of a million
+#: attributes with the diff took 27.6-33 s at 16 MB and 20.8 s at 256 MB (14.3 s without the
+#: diff). A larger log only lengthens the replay after a crash, which loses nothing.
+LEDGER_CHECKPOINT_THRESHOLD = "256MB"
 
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
@@ -317,6 +323,7 @@ class EmbeddedStateStore(StateStore):
                 time.sleep(0.2)
         try:
             con.execute(f"SET memory_limit = '{LEDGER_MEMORY_LIMIT}'")
+            con.execute(f"SET checkpoint_threshold = '{LEDGER_CHECKPOINT_THRESHOLD}'")
             if not read_only:
                 con.execute(_SCHEMA)
                 _migrate(con)
