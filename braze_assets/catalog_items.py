@@ -22,6 +22,7 @@ import orjson
 import pyarrow as pa
 
 from braze_assets.braze import contract
+from braze_assets.json_bytes import json_bytes
 from braze_assets.masking import mask_payload
 
 CATALOG_COLUMNS = ("UPDATED_AT", "ID", "PAYLOAD")
@@ -139,7 +140,7 @@ def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
             checked.failures[i] = reasons
             continue
         item = {"id": item_id} if remove else {"id": item_id, **fields}
-        checked.objects[i] = orjson.dumps(["DELETE" if remove else "PUT", item])
+        checked.objects[i] = json_bytes(["DELETE" if remove else "PUT", item])
     return checked
 
 

@@ -30,6 +30,7 @@ import pyarrow
 import pyarrow.compute as pc
 
 from braze_assets.braze import contract
+from braze_assets.json_bytes import json_bytes
 from braze_assets.masking import mask
 
 IDENTIFIER_COLUMNS = ("EXTERNAL_ID", "ALIAS_NAME", "ALIAS_LABEL", "BRAZE_ID", "EMAIL", "PHONE")
@@ -798,7 +799,7 @@ def build_objects(
     be serialized (nested deeper than the serializer goes) gets None here and its reason in
     `checked.failures`."""
     batch, payloads = checked.batch, checked.payloads
-    dumps = orjson.dumps
+    dumps = json_bytes
     objects: list[bytes | None] = []
     if spec.name == "deletions":
         for i in positions:

@@ -39,6 +39,7 @@ from braze_assets.catalog_requests import (
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
+from braze_assets.json_bytes import json_bytes
 from braze_assets.state import LedgerSession, StateStore
 from braze_assets.state.base import REMEMBERED_COLUMNS, Journal
 
@@ -221,7 +222,7 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
         for i, raw in enumerate(objects):
             key, value = orjson.loads(raw)
             groups.setdefault(key, []).append(i)
-            payloads.append(orjson.dumps(value))
+            payloads.append(json_bytes(value))
     requests: list[_Request] = []
     for array, positions in groups.items():
         head = b'{"' + (spec.request_key or array).encode() + b'":['

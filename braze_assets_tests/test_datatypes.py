@@ -748,3 +748,20 @@ def test_braze_times_are_utc_milliseconds_truncated():
         "1999-12-31T23:59:59.999Z",
         None,
     ]
+
+
+def test_objects_kept_per_row_hold_their_own_length_only():
+    """orjson's own buffer is at least 4 KB per call: kept per row, a batch held 80 MB."""
+    import tracemalloc
+
+    from braze_assets.json_bytes import json_bytes
+
+    value = {"external_id": "u-1", "plan": "gold", "points": 7}
+    tracemalloc.start()
+    try:
+        kept = [json_bytes(value) for _ in range(1_000)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept[0] == orjson.dumps(value)
+    assert held < 200_000  # 1,000 objects of ~50 bytes; orjson's buffers would hold ~4 MB
