@@ -41,7 +41,6 @@ from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
-from braze_assets.state.base import remembered_schema
 
 __all__ = [
     "DIFF_COLUMNS",
@@ -182,16 +181,15 @@ class DeltaWriter:
         pool_after_rows: int | None = None,
     ):
         """`paths`: the local (valid, rejected[, unchanged]) files to write, when not the
-        manifest's own. `diff` (with `remembered`, the state's lookup): send only what changed."""
+        manifest's own. `diff`: send only what changed, against what the state's lookup
+        `remembered` finds (None: nothing is remembered, so no row is looked up)."""
         self.manifest, self.spec = manifest, spec
         own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
         valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
         self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
         self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
         self.diff = diff
-        self._remembered: Lookup = remembered or (
-            lambda keys, attributes: remembered_schema(attributes).empty_table()
-        )
+        self._remembered = remembered
         self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
@@ -205,7 +203,7 @@ class DeltaWriter:
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
         """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due.
         With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once."""
-        if self.diff is None or self.spec.name == "catalogs":
+        if self.diff is None or self.spec.name == "catalogs" or self._remembered is None:
             self._prepare(rows, hashes, None)
             return
         self._waiting.append((rows, hashes))
@@ -216,7 +214,7 @@ class DeltaWriter:
     def _look_up(self) -> None:
         """Look the waiting batches' users up, then prepare the batches in scan order."""
         waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
-        if waiting:
+        if waiting and self._remembered is not None:
             found = KnownUsers.find([rows for rows, _ in waiting], self._remembered)
             for (rows, hashes), known in zip(waiting, found, strict=True):
                 self._prepare(rows, hashes, known)
@@ -357,7 +355,13 @@ def _write_delta(
     newest: dt.datetime | None = None
     with store.session() as ledger:
         writer = DeltaWriter(
-            manifest, spec, update_existing_only, paths, diff, ledger.remembered_table, workers=workers
+            manifest,
+            spec,
+            update_existing_only,
+            paths,
+            diff,
+            ledger.remembered_table if diff is not None and ledger.remembers_anyone() else None,
+            workers=workers,
         )
         try:
             for batch in source.scan(

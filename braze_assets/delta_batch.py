@@ -194,11 +194,23 @@ def _prepare(
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]
     diffed: dict[int, Trimmed] = {}
     if valid and job.diff is not None:
+        first: list[int] = []  # users nothing is remembered of: every attribute goes
+        fresh: list[dict[str, Any]] = []
         for i in valid:
             payload = checked.payloads[i]
-            if payload is not None:
-                diffed[i] = trimmed = job.diff.trim(payload, before.get(user_keys[i]))
+            if payload is None:
+                continue
+            known_before = before.get(user_keys[i])
+            if known_before is None:
+                first.append(i)
+                fresh.append(payload)
+            else:
+                diffed[i] = trimmed = job.diff.trim(payload, known_before)
                 checked.payloads[i] = trimmed.payload
+        if first:
+            remember, sent = job.diff.first_rows(fresh)
+            for i, payload, text, count in zip(first, fresh, remember, sent, strict=True):
+                diffed[i] = Trimmed(payload, text, count, 0, False)
         unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
         if unchanged:
             saved = [diffed[i].saved for i in unchanged]

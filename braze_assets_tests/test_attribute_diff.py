@@ -308,6 +308,39 @@ def test_user_keys_built_column_wise_from_arrow_match_each_rows(rows):
     ]
 
 
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.sampled_from([2**63 - 1, -(2**63)]),  # the ends of 64 bits (validation rejects beyond)
+    st.sampled_from([0.0, -0.0, 1.0, 1.5]),
+    st.sampled_from(["", "gold", "Gold", "x" * 80, "é", '"quoted"']),
+    st.sampled_from([{"inc": 1}, {"$add": ["a"]}, {"remove": [1]}, {"nested": {"b": 1, "a": 2}}, [1, "a"]]),
+)
+_KEYS = ["plan", "points", "city", "_update_existing_only", "subscription_groups", "listed", 'quo"te']
+
+
+@given(
+    keys=st.lists(st.sampled_from(_KEYS), min_size=0, max_size=5, unique=True),
+    columns=st.lists(st.lists(_VALUES, min_size=1, max_size=3), min_size=5, max_size=5),
+    rows=st.integers(0, 40),
+    odd=st.lists(st.integers(0, 39), max_size=3),
+)
+@settings(max_examples=300, deadline=None)
+def test_first_rows_hashed_a_column_at_a_time_remember_what_each_row_would(keys, columns, rows, odd):
+    """A first sync's rows are hashed a column at a time, each distinct value once: what is
+    remembered and counted must be what the per-row diff gives, whatever the values' types."""
+    diff = AttributeDiff(always_send=["listed"])
+    payloads = [{key: columns[k][i % len(columns[k])] for k, key in enumerate(keys)} for i in range(rows)]
+    for i in odd:  # a few rows with keys of their own
+        if i < rows:
+            payloads[i] = {**payloads[i], "extra": i}
+    remember, sent = diff.first_rows(payloads)
+    each = [AttributeDiff(always_send=["listed"]).trim(p, None) for p in payloads]
+    assert [orjson.loads(text) for text in remember] == [orjson.loads(t.remember) for t in each]
+    assert sent == [t.sent for t in each]
+
+
 def test_exact_copies_of_an_unchanged_row_are_settled_once(tmp_path, emulator):
     harness = Harness(tmp_path, emulator)
     harness.syncs = [sync_config("users", "attributes", "main.users")]
@@ -352,6 +385,20 @@ def test_embedded_memory_is_set_aside_per_chunk_and_folded_once(tmp_path):
             ("u1", "new"),
             ("u2", "h2"),
         ]
+
+
+@both_backends
+def test_a_state_tells_whether_it_remembers_anyone(harness):
+    """A first sync's delta skips the lookups only while nothing is remembered, folded or not."""
+    store = harness.delivery_state().store("users")
+    with store.session() as ledger:
+        assert not ledger.remembers_anyone()
+        ledger.remember(_accepted(("u1", "h1", 1)))  # set aside, not folded yet
+        assert ledger.remembers_anyone()
+        ledger.merge_remembered()
+        assert ledger.remembers_anyone()
+    with harness.delivery_state().store("others").session() as other:  # another sync's state
+        assert not other.remembers_anyone()
 
 
 def test_an_embedded_memory_with_the_first_layout_is_kept_without_its_key(tmp_path):

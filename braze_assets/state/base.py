@@ -184,6 +184,11 @@ class LedgerSession(ABC):
         column unless asked, as a PAYLOAD that did not change never needs it. Arrow, because a
         delta asks it for every batch of a snapshot table."""
 
+    @abstractmethod
+    def remembers_anyone(self) -> bool:
+        """Whether anything is remembered of this sync's users: a delta that finds nothing
+        (a first sync) skips the lookups, and its workers key the rows themselves."""
+
     def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
         """`remembered_table` by user key."""
         table = self.remembered_table(pa.array(user_keys, pa.string()))

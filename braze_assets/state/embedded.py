@@ -233,6 +233,11 @@ class DuckDBLedgerSession(LedgerSession):
         finally:
             self.con.unregister("accepted")
 
+    def remembers_anyone(self) -> bool:
+        return self._pending_remembered() or bool(
+            self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_attributes)").fetchall()[0][0]
+        )
+
     def _pending_remembered(self) -> bool:
         """Whether `remember` set anything aside that is not folded yet (normally not)."""
         return bool(self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_pending)").fetchall()[0][0])

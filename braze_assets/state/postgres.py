@@ -202,6 +202,14 @@ class PostgresLedgerSession(LedgerSession):
             [dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema
         )
 
+    def remembers_anyone(self) -> bool:
+        with self._unit() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM remembered_attributes WHERE sync = %s)", (self.sync,)
+            )
+            row = cursor.fetchone()
+        return bool(row and row[0])
+
     def merge_remembered(self) -> None:
         """Nothing to fold: `remember` upserts at once, through the table's primary key."""
 
