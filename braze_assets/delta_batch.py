@@ -28,7 +28,6 @@ import pyarrow as pa
 from braze_assets.attribute_diff import (
     AttributeDiff,
     Remembered,
-    Trimmed,
     payload_hash,
 )
 from braze_assets.catalog_items import check_catalog_rows
@@ -192,30 +191,13 @@ def _prepare(
         ]
     checked = validate_batch(batch, job.spec)
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]
-    diffed: dict[int, Trimmed] = {}
+    diffed: _Diffed | None = None
     if valid and job.diff is not None:
-        first: list[int] = []  # users nothing is remembered of: every attribute goes
-        fresh: list[dict[str, Any]] = []
-        for i in valid:
-            payload = checked.payloads[i]
-            if payload is None:
-                continue
-            known_before = before.get(user_keys[i])
-            if known_before is None:
-                first.append(i)
-                fresh.append(payload)
-            else:
-                diffed[i] = trimmed = job.diff.trim(payload, known_before)
-                checked.payloads[i] = trimmed.payload
-        if first:
-            remember, sent = job.diff.first_rows(fresh)
-            for i, payload, text, count in zip(first, fresh, remember, sent, strict=True):
-                diffed[i] = Trimmed(payload, text, count, 0, False)
-        unchanged = [i for i in valid if i in diffed and diffed[i].unchanged]
-        if unchanged:
-            saved = [diffed[i].saved for i in unchanged]
-            _set_aside_unchanged(job, rows, hashes, unchanged, saved, prepared)
-            set_aside = set(unchanged)
+        diffed = _diff_rows(job.diff, checked, valid, user_keys, before)
+        if diffed.unchanged:
+            saved = [diffed.saved.get(i, 0) for i in diffed.unchanged]
+            _set_aside_unchanged(job, rows, hashes, diffed.unchanged, saved, prepared)
+            set_aside = set(diffed.unchanged)
             valid = [i for i in valid if i not in set_aside]
     if valid:
         objects = build_objects(checked, job.spec, valid, job.update_existing_only)
@@ -224,15 +206,15 @@ def _prepare(
             valid = [i for i in valid if i not in checked.failures]
         shown = mask_identifier_columns(batch.columns, batch.num_rows)
         hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
-        if diffed:
-            points = np.array([diffed[i].sent for i in valid], dtype=np.int64)
-            kept = np.array([diffed[i].saved for i in valid], dtype=np.int64)
-            whole = [diffed[i].sent + diffed[i].saved for i in valid]
+        if diffed is not None:
+            sent_of, saved_of = diffed.sent, diffed.saved
+            points = np.array([sent_of[i] for i in valid], dtype=np.int64)
+            kept = np.array([saved_of.get(i, 0) for i in valid], dtype=np.int64)
             diff_columns = {
                 "user_key": pa.array([user_keys[i] for i in valid], pa.string()),
                 "payload_hash": pa.array([payload_hashes[i] for i in valid], pa.string()),
-                "remember": pa.array([diffed[i].remember for i in valid], pa.string()),
-                "payload_attributes": pa.array(whole, pa.int32()),
+                "remember": pa.array([diffed.remember[i] for i in valid], pa.string()),
+                "payload_attributes": pa.array(points + kept, pa.int32()),
                 "data_points_saved": pa.array(kept, pa.int32()),
             }
             prepared.data_points_saved += int(kept.sum())
@@ -255,6 +237,50 @@ def _prepare(
     if checked.failures:
         _prepare_rejected(job, rows, checked, hashes, prepared)
     return prepared
+
+
+@dataclass
+class _Diffed:
+    """The diff of a batch's valid rows, by position: what to remember of each, its attributes
+    sent and saved (0 when absent), and the rows left with nothing to send."""
+
+    remember: dict[int, str] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)
+    saved: dict[int, int] = field(default_factory=dict)
+    unchanged: list[int] = field(default_factory=list)
+
+
+def _diff_rows(
+    diff: AttributeDiff,
+    checked: CheckedRows,
+    valid: list[int],
+    user_keys: list[str],
+    before: dict[str, Remembered],
+) -> _Diffed:
+    """Trim the valid rows' payloads (in `checked`) to what changed. The users nothing is
+    remembered of (every user of a first sync) go whole, hashed together (`first_rows`)."""
+    diffed = _Diffed()
+    first: list[int] = []
+    fresh: list[dict[str, Any]] = []
+    for i in valid:
+        payload = checked.payloads[i]
+        if payload is None:
+            continue
+        known = before.get(user_keys[i])
+        if known is None:
+            first.append(i)
+            fresh.append(payload)
+            continue
+        trimmed = diff.trim(payload, known)
+        checked.payloads[i] = trimmed.payload
+        diffed.remember[i], diffed.sent[i], diffed.saved[i] = trimmed.remember, trimmed.sent, trimmed.saved
+        if trimmed.unchanged:
+            diffed.unchanged.append(i)
+    if first:
+        remember, sent = diff.first_rows(fresh)
+        diffed.remember.update(zip(first, remember, strict=True))
+        diffed.sent.update(zip(first, sent, strict=True))
+    return diffed
 
 
 def _prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> Prepared:
