@@ -159,6 +159,20 @@ def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[s
     return [blake2b(text, digest_size=16).hexdigest() for text in joined]
 
 
+#: Delta columns whose values repeat (stamps, counts, masked identifiers): dictionary-encoded.
+#: The others are hashes, objects and remembered texts, nearly all distinct: trying a dictionary
+#: on them first was a third of the run's Parquet writing (measured: 0.34 s against 0.20 s per
+#: 200,000 rows of an attributes delta with the diff, files the same size).
+_DICTIONARY_COLUMNS = frozenset(
+    {"updated_at", "identifier", "data_points", "payload_attributes", "data_points_saved", "reasons"}
+)
+
+
+def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
+    dictionary = [name for name in schema.names if name in _DICTIONARY_COLUMNS]
+    return pq.ParquetWriter(path, schema, use_dictionary=dictionary)
+
+
 class DeltaWriter:
     """Prepares scanned batches (`delta_batch.py`) and appends them, in scan order, to the valid,
     rejected and unchanged Parquet files.
@@ -186,11 +200,11 @@ class DeltaWriter:
         self.manifest, self.spec = manifest, spec
         own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
         valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
-        self._valid = pq.ParquetWriter(valid_path, VALID_SCHEMA)
-        self._rejected = pq.ParquetWriter(rejected_path, REJECTED_SCHEMA)
+        self._valid = _parquet_writer(valid_path, VALID_SCHEMA)
+        self._rejected = _parquet_writer(rejected_path, REJECTED_SCHEMA)
         self.diff = diff
         self._remembered = remembered
-        self._unchanged = pq.ParquetWriter(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
+        self._unchanged = _parquet_writer(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
         self._workers = workers
