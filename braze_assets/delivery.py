@@ -268,7 +268,8 @@ def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
     accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
-    chosen = rows.select(["user_key", "payload_hash", "remember", "payload_attributes", "updated_at"])
+    remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
+    chosen = rows.select([*remembered, "updated_at"])
     chosen = chosen.filter(pc.fill_null(accepted, False))
     if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
         # Newest first within each user; on a tie the later row of the chunk wins.
@@ -281,9 +282,7 @@ def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
         keys = chosen["user_key"].combine_chunks()
         first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
         chosen = chosen.filter(pa.concat_arrays([pa.array([True]), first.cast(pa.bool_())]))
-    return chosen.select(["user_key", "payload_hash", "remember", "payload_attributes"]).rename_columns(
-        list(REMEMBERED_COLUMNS)
-    )
+    return chosen.select(remembered).rename_columns(list(REMEMBERED_COLUMNS))
 
 
 def _progress_bar(total: int, sync: str) -> tqdm[NoReturn] | None:
