@@ -14,7 +14,6 @@ from typing import Any
 
 import dagster as dg
 import pandera.pandas as pa
-import pyarrow.parquet as pq
 
 from braze_assets import delta_store
 from braze_assets.assets import SyncAssets
@@ -89,7 +88,7 @@ def build_checks(assets: SyncAssets) -> list[dg.AssetChecksDefinition]:
     ) -> Iterator[dg.AssetCheckResult | dg.AssetCheckEvaluation]:
         output_failures = 0
         with delta_store.open_input(delta.valid_path) as source:
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=50_000):
+            for batch in delta_store.parquet_batches(source, 50_000):
                 try:
                     DELTA_OUTPUT_SCHEMA.validate(batch.to_pandas(), lazy=True)
                 except pa.errors.SchemaErrors as err:

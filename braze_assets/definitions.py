@@ -38,6 +38,7 @@ from braze_assets.resources import (
     manifest_root,
     rate_share_from_environment,
 )
+from braze_assets.sources.duckdb_source import SCAN_MEMORY_LIMIT
 from braze_assets.sources.factory import resource_key
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:4545"
@@ -50,7 +51,7 @@ def warehouse_resource(kind: str):
     if kind == "duckdb":
         return DuckDBResource(
             database=env("BRAZE_ASSETS_DUCKDB") or str(home_dir() / "warehouse.duckdb"),
-            connection_config={"access_mode": "READ_ONLY"},
+            connection_config={"access_mode": "READ_ONLY", "memory_limit": SCAN_MEMORY_LIMIT},
         )
     if kind == "snowflake":
         from dagster_snowflake import SnowflakeResource

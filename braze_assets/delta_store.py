@@ -24,10 +24,12 @@ import functools
 import os
 import shutil
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 DELTA_URL_ENV = "BRAZE_ASSETS_DELTA_URL"
 #: Object stores, by URI scheme; any other scheme is refused when the setting is read.
@@ -166,6 +168,16 @@ def open_input(uri: str) -> pa.NativeFile:
         if is_remote(uri):
             raise _error("open", uri, exc) from None
         raise
+
+
+def parquet_batches(
+    source: pa.NativeFile | str, batch_rows: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """A delta file's record batches in file order, `batch_rows` rows each, holding about one
+    at a time. pyarrow's reader pre-buffers by default and keeps every buffer it read until the
+    file is closed: a delivery reading a 4M-row delta that way held 374 MB more at its end than
+    at its start, growing with the delta."""
+    return pq.ParquetFile(source, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def exists(uri: str) -> bool:

@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from braze_assets import delta_store
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.braze import contract
 from braze_assets.config import SyncConfig
@@ -131,7 +130,7 @@ def dry_run(
             diff=AttributeDiff(sync.always_send) if sync.diff_attributes else None,
         )
         requests = 0
-        for batch in pq.ParquetFile(manifest.valid_path).iter_batches(batch_size=20_000, columns=["object"]):
+        for batch in delta_store.parquet_batches(manifest.valid_path, 20_000, columns=["object"]):
             requests += len(plan_requests(spec, batch.column("object").to_pylist(), "dry"))
     budget = contract.CATALOG_ITEMS_BUDGET if sync.data_type == "catalogs" else spec.endpoint
     rate = DOCUMENTED_RATE_PER_S.get(budget, 0.0) * rate_share
