@@ -35,7 +35,7 @@ from braze_assets.delta_batch import (
     reason_key,
 )
 from braze_assets.delta_files import staged
-from braze_assets.delta_workers import PreparePool, configured_workers
+from braze_assets.delta_workers import PreparePool, configured_workers, warm_up
 from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
 from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
@@ -210,6 +210,10 @@ class DeltaWriter:
         self._workers = workers
         self._pool_after_rows = POOL_AFTER_ROWS if pool_after_rows is None else pool_after_rows
         self._pool: PreparePool | None = None
+        # the fork server starts loading once a delta has filled a scan batch: a delta that big
+        # likely goes on to need the pool, and the server is then ready when the pool starts
+        self._warm_after_rows = self._pool_after_rows * 2 // 5
+        self._warmed = False
         self._rows_added = 0
         self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str]]] = []
         self._waiting_rows = 0
@@ -235,6 +239,14 @@ class DeltaWriter:
 
     def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None) -> None:
         self._rows_added += rows.num_rows
+        if (
+            self._pool is None
+            and self._workers
+            and not self._warmed
+            and self._rows_added >= self._warm_after_rows
+        ):
+            warm_up()
+            self._warmed = True
         if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
             self._pool = PreparePool(self.job, self._workers)
         if self._pool is not None:
