@@ -69,6 +69,13 @@ class EmulatorProcess:
                 self._proc.kill()
                 self._proc.wait()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the emulator's process has used so far (user and system)."""
+        if self._proc is None:
+            return 0.0
+        fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _get(self, name: str) -> dict:
         with urllib.request.urlopen(f"{self.base_url}/_emulator/{name}", timeout=10) as answer:
             return json.loads(answer.read())

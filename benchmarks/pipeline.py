@@ -70,9 +70,9 @@ def end_to_end(
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     manifest = _compute_delta(db, table, data_type, run_dir, run_id, store, diff=diff)
-    delta_s = time.perf_counter() - started
+    delta_s, delta_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     rss_after_delta = peak_rss_mib()
     client = BrazeClient(base_url, api_key, max_connections=in_flight)
     delivery = Delivery(
@@ -87,6 +87,7 @@ def end_to_end(
     )
     outcome = delivery.run()
     total_s = time.perf_counter() - started
+    delivery_cpu_s = time.process_time() - cpu_started - delta_cpu_s
     (run_dir / "manifest.json").write_bytes(orjson.dumps(manifest.to_dict()))
     result = {
         "objects": outcome.accepted,
@@ -96,6 +97,9 @@ def end_to_end(
         "r429": outcome.rate_limited,
         "delta_s": delta_s,
         "delivery_s": total_s - delta_s,
+        # this process's CPU, every thread (the delta's worker processes are not counted)
+        "delta_cpu_s": delta_cpu_s,
+        "delivery_cpu_s": delivery_cpu_s,
         "peak_rss_delta_mib": rss_after_delta,
         "valid": manifest.valid,
         "rejected": manifest.rejected,
@@ -196,7 +200,7 @@ def deliver_only(
     )
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     outcome = delivery.run()
     budget = client.shared_budget(DATA_TYPES[delta.data_type].endpoint)
     return {
@@ -204,6 +208,7 @@ def deliver_only(
         "rows": delta.valid,
         "requests": outcome.requests,
         "seconds": time.perf_counter() - started,
+        "delivery_cpu_s": time.process_time() - cpu_started,
         "r429": outcome.rate_limited,
         "attempts": outcome.attempts,
         "not_sent": outcome.not_sent,

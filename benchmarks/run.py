@@ -13,14 +13,15 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
   that row says so);
 * rate-limited - Braze's real limit (3,000 requests / 3 s): share of it used, share of 429s;
   and a pacing check at a limit below the sender's speed, so the share measures the pacing;
-* validation + payload building alone; memory at 1x and 5x rows;
+* validation + payload building alone; memory at 1x, 5x and 20x rows (`--case throughput`: 5x);
 * one Braze budget per workspace (shared_budget.py): one process with and without the budget
   shared by processes, and three syncs in three processes sharing it (`--case shared-budget`
   runs only this one);
 * the state backends (state_backends.py, `--case state-backends` only): embedded against
   PostgreSQL, delivery throughput and the ledger probe at 10M rows;
 * sending only what changed (attribute_diff.py, `--case attribute-diff` only): a restamped
-  snapshot's second sync against its first, and the diff's cost in the delta phase.
+  snapshot's second sync against its first, and the diff's cost in the delta phase;
+* memory (`--case memory` only): peak RSS of one run at 5x and 20x rows (attributes).
 Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
@@ -41,12 +42,13 @@ from benchmarks.child import run_children
 from benchmarks.emulator import API_KEY, EmulatorProcess
 from benchmarks.rate import StatsSampler, window_share
 from benchmarks.report import Row
-from benchmarks.summary import summary
+from benchmarks.summary import summary, targets_table
 from braze_assets.delta_workers import configured_workers
 
 HERE = Path(__file__).resolve().parent
 BRAZE_LIMIT, BRAZE_WINDOW_S = 3000, 3.0
 PACING_LIMIT = 300  # per 3 s: 100 requests/s, below what braze_assets sends unlimited here
+MEMORY_MULTIPLES = (5, 20)  # memory cases (the whole run and `--case memory`), times --rows
 SMALL_TABLE = f"{data.TABLES['attributes']}_small"  # min(rows, 200k): pacing check and profile
 
 
@@ -91,7 +93,10 @@ class Bench:
         if emu is not None:
             emu.reset()
             params = {**params, "base_url": emu.base_url, "api_key": API_KEY}
+        emulator_cpu = emu.cpu_s() if emu is not None else 0.0
         result = run_child(params)
+        if emu is not None:
+            result["emulator_cpu_s"] = emu.cpu_s() - emulator_cpu
         row = Row(
             name,
             data_type,
@@ -285,9 +290,9 @@ class Bench:
             self.state_rows, before, os.getloadavg(), (time.monotonic() - started) / 60
         )
 
-    def at_zero_latency(self, emu: EmulatorProcess) -> None:
+    def at_zero_latency(self, emu: EmulatorProcess, sizes: tuple[int, ...] = (5,)) -> None:
         """The ceiling, end to end per data type (the attributes delta is kept for the rate-limited
-        cases) and memory at 5x rows, on one emulator at 0 ms."""
+        cases) and memory at `sizes` times the rows, on one emulator at 0 ms."""
         self.raw_ceiling(emu)
         first = self.e2e(emu, "attributes")
         self.manifest = first.extra.get("manifest")
@@ -303,7 +308,9 @@ class Bench:
                 )
             )
         else:
-            self.e2e(emu, "attributes", table=f"{data.TABLES['attributes']}_5x", name="memory at 5x rows")
+            for times in sizes:
+                table = f"{data.TABLES['attributes']}_{times}x"
+                self.e2e(emu, "attributes", table=table, name=f"memory at {times}x rows")
 
     def under_braze_limit(self) -> None:
         """Braze's real limit, on the 1x attributes delta `at_zero_latency` computed; --quick: a
@@ -317,6 +324,14 @@ class Bench:
                 f"rate-limited {limit}/{window:g} s",
                 {"case": "deliver_only", "manifest": self.manifest},
             )
+
+    def memory(self) -> None:
+        """Peak RSS of one run's process at 5x and 20x rows (attributes, e2e at 0 ms): how memory
+        grows with the table (the 20x run takes about ten minutes here)."""
+        with EmulatorProcess(latency_ms=0) as emu:
+            for times in MEMORY_MULTIPLES:
+                table = f"{data.TABLES['attributes']}_{times}x"
+                self.e2e(emu, "attributes", table=table, name=f"memory at {times}x rows")
 
     def throughput(self) -> None:
         """The throughput cases alone: ceiling and e2e at 0 ms, delivery under Braze's limit, the
@@ -333,7 +348,7 @@ class Bench:
             self.throughput()
             return
         with EmulatorProcess(latency_ms=0) as emu:
-            self.at_zero_latency(emu)
+            self.at_zero_latency(emu, MEMORY_MULTIPLES)  # the whole run: memory at 20x too
             self.sequential(emu, "naive_requests", "naive sequential requests")
             self.sequential(emu, "braze_client", "braze-client")
         with EmulatorProcess(latency_ms=50) as emu:
@@ -369,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", type=int, help="rows per table (default 1,000,000; --quick 100,000)")
     parser.add_argument(
-        "--quick", action="store_true", help="short time boxes, no 5x memory case, a small rate limit"
+        "--quick", action="store_true", help="short time boxes, no 5x or 20x memory case, a small rate limit"
     )
     parser.add_argument("--in-flight", type=int, default=64, help="braze_assets max_in_flight")
     parser.add_argument("--time-box", type=float, help="seconds per sequential sender (30; --quick 1)")
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--case",
-        choices=("all", "throughput", "shared-budget", "state-backends", "attribute-diff"),
+        choices=("all", "throughput", "shared-budget", "state-backends", "attribute-diff", "memory"),
         default="all",
         help="run every case (default), or only one; a single case prints its section and "
         "writes --results only when it is given",
@@ -400,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     only_budget = args.case == "shared-budget"
     only_states = args.case == "state-backends"
     only_throughput = args.case == "throughput"
+    only_memory = args.case == "memory"
     if args.case == "attribute-diff":
         try:
             diff_rows, text = attribute_diff.run(workdir, args.rows, args.in_flight)
@@ -415,10 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         tables = shared_budget.tables(args.quick) if budget_tables else {}
         if only_states:
             tables[data.TABLES["events"]] = args.rows
+        elif only_memory:
+            tables.update({f"{data.TABLES['attributes']}_{n}x": n * args.rows for n in MEMORY_MULTIPLES})
         elif not only_budget:
             tables.update({table: args.rows for table in data.TABLES.values()})
             if not args.quick:
-                tables[f"{data.TABLES['attributes']}_5x"] = 5 * args.rows
+                sizes = MEMORY_MULTIPLES if args.case == "all" else (5,)
+                tables.update({f"{data.TABLES['attributes']}_{n}x": n * args.rows for n in sizes})
             tables[SMALL_TABLE] = min(args.rows, 200_000)
         print(f"generating {sum(tables.values()):,} rows in DuckDB ...", file=sys.stderr)
         data.generate(workdir / "warehouse.duckdb", tables, dt.datetime.now(dt.UTC))
@@ -427,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.shared_budget()
         elif only_states:
             bench.state_backends()
+        elif only_memory:
+            bench.memory()
         else:
             bench.run()
     finally:
@@ -437,16 +458,36 @@ def main(argv: list[str] | None = None) -> int:
         text = bench.budget_section
     elif only_states:
         text = bench.state_section
+    elif only_memory:
+        text = memory_section(bench, argv, load_before, os.getloadavg(), time.monotonic() - started)
     else:
         text = render(bench, args, argv, load_before, os.getloadavg(), time.monotonic() - started)
     print(text)
-    results = args.results or (None if only_budget or only_states or only_throughput else HERE / "RESULTS.md")
+    single = only_budget or only_states or only_throughput or only_memory
+    results = args.results or (None if single else HERE / "RESULTS.md")
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(text + "\n")
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=1))
     return 0 if all("error" not in r.extra for r in rows) else 1
+
+
+def memory_section(bench: Bench, argv: list[str], load_before, load_after, seconds: float) -> str:
+    command = "python -m benchmarks.run " + " ".join(argv)
+    return "\n".join(
+        [
+            "## Memory at 5x and 20x rows",
+            "",
+            f"`{command.strip()}` — {seconds / 60:.1f} min; peak RSS is the run's own process (VmHWM).",
+            "",
+            report.machine(load_before, load_after),
+            "",
+            report.table(bench.rows),
+            "",
+            *targets_table(bench.rows, "peak RSS"),
+        ]
+    )
 
 
 def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds: float) -> str:

@@ -92,3 +92,14 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         assert heading in text
     assert "| raw ceiling |" in text and "| braze_assets e2e |" in text
     assert proc.stdout.strip().endswith(text.strip().splitlines()[-1])  # the table was printed
+    # every unmet target says why from this run's own figures (the CPU per request where sending
+    # decides), not a blank
+    targets = text.split("## Targets", 1)[1]
+    unmet = [line for line in targets.splitlines() if line.startswith("| ") and "| no |" in line]
+    assert unmet, "a --quick run meets no throughput target at these sizes"
+    for line in unmet:
+        assert line.split("|")[4].strip(), f"an unmet target without its why: {line}"
+    assert "ms in the run's process" in targets and "ms in the emulator" in targets
+    for row in measured.values():
+        if row["case"].startswith(("braze_assets e2e", "rate-limited")):
+            assert row["extra"]["delivery_cpu_s"] > 0 and row["extra"]["emulator_cpu_s"] > 0, row["case"]
