@@ -172,13 +172,17 @@ def deliver_only(
     start_at: float | None = None,
     max_rate_share: float | None = None,
     state_dir: str | None = None,
+    state_url: str | None = None,
 ) -> dict:
-    """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled).
+    """`Delivery.run()` of a delta another case computed, with a fresh ledger (nothing settled;
+    embedded, or PostgreSQL at `state_url` in a schema of its own).
     With `max_rate_share`, through the budget shared by processes (in `state_dir`, or PostgreSQL
     when BRAZE_ASSETS_STATE_URL is set); `start_at` (epoch seconds) lines up several processes."""
     delta = DeltaManifest(**orjson.loads(Path(manifest).read_bytes()))
     run_id = uuid.uuid4().hex
-    store = EmbeddedStateStore(Path(workdir) / run_id / "state", f"bench_{delta.data_type}")
+    store = open_state_store(
+        Path(workdir) / run_id / "state", f"bench_{delta.data_type}", state_url=_own_schema(state_url, run_id)
+    )
     client = BrazeClient(
         base_url,
         api_key,

@@ -22,12 +22,14 @@ writes `benchmarks/RESULTS.md`. Cases (ratios are always taken within one run):
 * sending only what changed (attribute_diff.py, `--case attribute-diff` only): a restamped
   snapshot's second sync against its first, and the diff's cost in the delta phase;
 * memory (`--case memory` only): peak RSS of one run at 5x and 20x rows (attributes).
+`--state postgresql` keeps every run's state in a local PostgreSQL server instead.
 Each at 0 ms and at 50 ms of emulator latency where it makes sense (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -48,6 +50,7 @@ from braze_assets.delta_workers import configured_workers
 HERE = Path(__file__).resolve().parent
 BRAZE_LIMIT, BRAZE_WINDOW_S = 3000, 3.0
 PACING_LIMIT = 300  # per 3 s: 100 requests/s, below what braze_assets sends unlimited here
+STATE_SHOWN = {"embedded": "embedded", "postgresql": "PostgreSQL (local server, fsync on)"}
 MEMORY_MULTIPLES = (5, 20)  # memory cases (the whole run and `--case memory`), times --rows
 SMALL_TABLE = f"{data.TABLES['attributes']}_small"  # min(rows, 200k): pacing check and profile
 
@@ -68,6 +71,8 @@ class Bench:
         self.state_rows: list[Row] = []
         self.state_section = ""
         self.budget_section = ""
+        #: `--state postgresql`: the PostgreSQL URL every run's state goes to (None: embedded)
+        self.state_url: str | None = None
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -93,6 +98,8 @@ class Bench:
         if emu is not None:
             emu.reset()
             params = {**params, "base_url": emu.base_url, "api_key": API_KEY}
+        if self.state_url and params["case"] in ("end_to_end", "deliver_only"):
+            params = {**params, "state_url": self.state_url}
         emulator_cpu = emu.cpu_s() if emu is not None else 0.0
         result = run_child(params)
         if emu is not None:
@@ -398,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run every case (default), or only one; a single case prints its section and "
         "writes --results only when it is given",
     )
+    parser.add_argument(
+        "--state",
+        choices=("embedded", "postgresql"),
+        default="embedded",
+        help="the state backend of every run: embedded (default), or PostgreSQL (a local throw-away "
+        "server with fsync on, started for the benchmark)",
+    )
     parser.add_argument("--results", type=Path, help="where to write the results (benchmarks/RESULTS.md)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(
@@ -442,14 +456,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generating {sum(tables.values()):,} rows in DuckDB ...", file=sys.stderr)
         data.generate(workdir / "warehouse.duckdb", tables, dt.datetime.now(dt.UTC))
         bench = Bench(args, workdir)
-        if only_budget:
-            bench.shared_budget()
-        elif only_states:
-            bench.state_backends()
-        elif only_memory:
-            bench.memory()
-        else:
-            bench.run()
+        with contextlib.ExitStack() as stack:
+            if args.state == "postgresql":
+                from braze_assets_tests.postgres_server import throwaway_postgres
+
+                pg = stack.enter_context(throwaway_postgres(fsync=True))
+                bench.state_url = f"postgresql://{pg['user']}@{pg['host']}:{pg['port']}/{pg['database']}"
+            if only_budget:
+                bench.shared_budget()
+            elif only_states:
+                bench.state_backends()
+            elif only_memory:
+                bench.memory()
+            else:
+                bench.run()
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -475,11 +495,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def memory_section(bench: Bench, argv: list[str], load_before, load_after, seconds: float) -> str:
     command = "python -m benchmarks.run " + " ".join(argv)
+    state = STATE_SHOWN[bench.args.state]
     return "\n".join(
         [
             "## Memory at 5x and 20x rows",
             "",
-            f"`{command.strip()}` — {seconds / 60:.1f} min; peak RSS is the run's own process (VmHWM).",
+            f"`{command.strip()}` — {seconds / 60:.1f} min; state: {state}; peak RSS is the run's own "
+            "process (VmHWM).",
             "",
             report.machine(load_before, load_after),
             "",
@@ -497,6 +519,7 @@ def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds
         "",
         (
             f"`{command.strip()}` — {seconds / 60:.1f} min; {args.rows:,} rows per table; "
+            f"state: {STATE_SHOWN[args.state]}; "
             f"braze_assets with max_in_flight={args.in_flight} (the sync default is 32); emulator "
             "in its own process, `--lean`; every case in a process of its own (peak RSS = its "
             "VmHWM); `load` = 1-minute load average when the case ended."

@@ -103,3 +103,46 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
     for row in measured.values():
         if row["case"].startswith(("braze_assets e2e", "rate-limited")):
             assert row["extra"]["delivery_cpu_s"] > 0 and row["extra"]["emulator_cpu_s"] > 0, row["case"]
+
+
+def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
+    """`--case memory --state postgresql`: the runs keep their state in a local PostgreSQL server
+    the benchmark starts (each run in a schema of its own), and the section says so."""
+    results, rows_json = tmp_path / "memory.md", tmp_path / "memory.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--case",
+            "memory",
+            "--rows",
+            "1000",
+            "--state",
+            "postgresql",
+            "--results",
+            str(results),
+            "--json",
+            str(rows_json),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_json.read_text())
+    assert [r["case"] for r in rows] == ["memory at 5x rows", "memory at 20x rows"]
+    for row in rows:
+        assert "error" not in row["extra"], row["extra"]
+        assert row["objects"] == row["rows"] and row["peak_rss_mib"] > 0, row
+        # the delta ran before delivery; its phase and the CPU of both are recorded
+        assert row["extra"]["delta_s"] > 0 and row["extra"]["delivery_cpu_s"] > 0, row
+    text = results.read_text()
+    assert "state: PostgreSQL" in text and "| peak RSS ≤ 1.2 GiB at 20,000 rows |" in text
+    # the runs' state went to PostgreSQL: the only DuckDB file left is the warehouse
+    state_files = [p for p in (tmp_path / "work").rglob("*.duckdb") if p.name != "warehouse.duckdb"]
+    assert not state_files, state_files
