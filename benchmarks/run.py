@@ -101,9 +101,12 @@ class Bench:
         if self.state_url and params["case"] in ("end_to_end", "deliver_only"):
             params = {**params, "state_url": self.state_url}
         emulator_cpu = emu.cpu_s() if emu is not None else 0.0
+        server_cpu = state_backends.server_cpu_s() if self.state_url else 0.0
         result = run_child(params)
         if emu is not None:
             result["emulator_cpu_s"] = emu.cpu_s() - emulator_cpu
+        if self.state_url:  # the state's server shares the cores too
+            result["state_server_cpu_s"] = state_backends.server_cpu_s() - server_cpu
         row = Row(
             name,
             data_type,

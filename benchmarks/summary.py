@@ -135,10 +135,14 @@ def _sending_cpu(row: Row | None) -> str:
         return "CPU not measured"
     run_ms = 1000 * row.extra["delivery_cpu_s"] / row.requests
     emulator_ms = 1000 * row.extra.get("emulator_cpu_s", 0.0) / row.requests
-    most = 1000 * _cores() / (run_ms + emulator_ms) if run_ms + emulator_ms else 0
+    # with the state in PostgreSQL, its server's CPU over the whole case (delta included)
+    server_ms = 1000 * row.extra.get("state_server_cpu_s", 0.0) / row.requests
+    server = f", {server_ms:.2f} ms in the PostgreSQL server" if "state_server_cpu_s" in row.extra else ""
+    per_request = run_ms + emulator_ms + server_ms
+    most = 1000 * _cores() / per_request if per_request else 0
     return (
         f"CPU per request: {run_ms:.2f} ms in the run's process, {emulator_ms:.2f} ms in the "
-        f"emulator, so {_cores()} cores carry at most {most:,.0f} requests/s"
+        f"emulator{server}, so {_cores()} cores carry at most {most:,.0f} requests/s"
     )
 
 

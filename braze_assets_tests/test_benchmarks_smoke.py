@@ -141,6 +141,7 @@ def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
         assert row["objects"] == row["rows"] and row["peak_rss_mib"] > 0, row
         # the delta ran before delivery; its phase and the CPU of both are recorded
         assert row["extra"]["delta_s"] > 0 and row["extra"]["delivery_cpu_s"] > 0, row
+        assert row["extra"]["state_server_cpu_s"] > 0, row  # the server's share of the cores
     text = results.read_text()
     assert "state: PostgreSQL" in text and "| peak RSS ≤ 1.2 GiB at 20,000 rows |" in text
     # the runs' state went to PostgreSQL: the only DuckDB file left is the warehouse
