@@ -37,23 +37,12 @@ ON_WORKERS = {
 }
 
 
-def test_quick_benchmark_run_reports_every_case(tmp_path):
+def _benchmark(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str, list[dict]]:
+    """Run `python -m benchmarks.run *args` into tmp_path: (the process, the results text, rows)."""
     results, rows_json = tmp_path / "RESULTS.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--rows",
-            "3000",
-            "--results",
-            str(results),
-            "--json",
-            str(rows_json),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
+        [sys.executable, "-m", "benchmarks.run", *args, "--results", str(results), "--json", str(rows_json)]
+        + ["--workdir", str(tmp_path / "work")],
         check=False,
         cwd=ROOT,
         capture_output=True,
@@ -61,7 +50,11 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         timeout=280,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(rows_json.read_text())
+    return proc, results.read_text(), json.loads(rows_json.read_text())
+
+
+def test_quick_benchmark_run_reports_every_case(tmp_path):
+    proc, text, rows = _benchmark(tmp_path, "--quick", "--rows", "3000")
 
     def key(row):  # "braze-client 2.3.3" -> "braze-client"; "..., 2 workers" -> "..., on workers"
         case = row["case"]
@@ -87,7 +80,6 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         rate = measured[(case, "attributes", 50.0)]["extra"]
         assert rate["windows"] >= 1 and rate["share"] > 0, case
 
-    text = results.read_text()
     for heading in ("## Machine", "## Results", "## Ratios (same run)", "## Phase split", "## Targets"):
         assert heading in text
     assert "| raw ceiling |" in text and "| braze_assets e2e |" in text
@@ -108,33 +100,7 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
 def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
     """`--case memory --state postgresql`: the runs keep their state in a local PostgreSQL server
     the benchmark starts (each run in a schema of its own), and the section says so."""
-    results, rows_json = tmp_path / "memory.md", tmp_path / "memory.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--case",
-            "memory",
-            "--rows",
-            "1000",
-            "--state",
-            "postgresql",
-            "--results",
-            str(results),
-            "--json",
-            str(rows_json),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(rows_json.read_text())
+    _, text, rows = _benchmark(tmp_path, "--case", "memory", "--rows", "1000", "--state", "postgresql")
     assert [r["case"] for r in rows] == ["memory at 5x rows", "memory at 20x rows"]
     for row in rows:
         assert "error" not in row["extra"], row["extra"]
@@ -142,7 +108,6 @@ def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
         # the delta ran before delivery; its phase and the CPU of both are recorded
         assert row["extra"]["delta_s"] > 0 and row["extra"]["delivery_cpu_s"] > 0, row
         assert row["extra"]["state_server_cpu_s"] > 0, row  # the server's share of the cores
-    text = results.read_text()
     assert "state: PostgreSQL" in text and "| peak RSS ≤ 1.2 GiB at 20,000 rows |" in text
     # the runs' state went to PostgreSQL: the only DuckDB file left is the warehouse
     state_files = [p for p in (tmp_path / "work").rglob("*.duckdb") if p.name != "warehouse.duckdb"]
