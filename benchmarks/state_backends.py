@@ -108,7 +108,9 @@ def server_cpu_s() -> float:
     total = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if b"postgres" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            # the executable's name, not the command line: `benchmarks.run --state postgresql`
+            # has it too, and its CPU includes every finished case's (children's) CPU
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
                 continue
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from braze_assets.delta_workers import configured_workers
@@ -112,3 +113,19 @@ def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
     # the runs' state went to PostgreSQL: the only DuckDB file left is the warehouse
     state_files = [p for p in (tmp_path / "work").rglob("*.duckdb") if p.name != "warehouse.duckdb"]
     assert not state_files, state_files
+
+
+def test_the_state_server_cpu_counts_postgres_processes_only():
+    """A process whose command line merely mentions postgres (`benchmarks.run --state
+    postgresql`, whose CPU includes every finished case's) is not the server."""
+    from benchmarks.state_backends import server_cpu_s
+
+    burn = "import time\nwhile True: pass"
+    before = server_cpu_s()
+    busy = subprocess.Popen([sys.executable, "-c", burn, "--state", "postgresql"])
+    try:
+        time.sleep(1.5)  # a second and more of CPU, alive and named in its command line
+        assert server_cpu_s() - before < 0.5
+    finally:
+        busy.kill()
+        busy.wait()
