@@ -55,6 +55,11 @@ MEMORY_MULTIPLES = (5, 20)  # memory cases (the whole run and `--case memory`), 
 SMALL_TABLE = f"{data.TABLES['attributes']}_small"  # min(rows, 200k): pacing check and profile
 
 
+def sized_table(times: int) -> str:
+    """The attributes table of `times` x --rows rows (the memory cases)."""
+    return f"{data.TABLES['attributes']}_{times}x"
+
+
 def run_child(params: dict) -> dict:
     """Run one case in a fresh interpreter; its progress goes to our stderr."""
     return run_children([params])[0]
@@ -318,9 +323,7 @@ class Bench:
                 )
             )
         else:
-            for times in sizes:
-                table = f"{data.TABLES['attributes']}_{times}x"
-                self.e2e(emu, "attributes", table=table, name=f"memory at {times}x rows")
+            self.memory_cases(emu, sizes)
 
     def under_braze_limit(self) -> None:
         """Braze's real limit, on the 1x attributes delta `at_zero_latency` computed; --quick: a
@@ -339,9 +342,11 @@ class Bench:
         """Peak RSS of one run's process at 5x and 20x rows (attributes, e2e at 0 ms): how memory
         grows with the table (the 20x run takes about ten minutes here)."""
         with EmulatorProcess(latency_ms=0) as emu:
-            for times in MEMORY_MULTIPLES:
-                table = f"{data.TABLES['attributes']}_{times}x"
-                self.e2e(emu, "attributes", table=table, name=f"memory at {times}x rows")
+            self.memory_cases(emu, MEMORY_MULTIPLES)
+
+    def memory_cases(self, emu: EmulatorProcess, sizes: tuple[int, ...]) -> None:
+        for times in sizes:
+            self.e2e(emu, "attributes", table=sized_table(times), name=f"memory at {times}x rows")
 
     def throughput(self) -> None:
         """The throughput cases alone: ceiling and e2e at 0 ms, delivery under Braze's limit, the
@@ -449,12 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         if only_states:
             tables[data.TABLES["events"]] = args.rows
         elif only_memory:
-            tables.update({f"{data.TABLES['attributes']}_{n}x": n * args.rows for n in MEMORY_MULTIPLES})
+            tables.update({sized_table(n): n * args.rows for n in MEMORY_MULTIPLES})
         elif not only_budget:
             tables.update({table: args.rows for table in data.TABLES.values()})
             if not args.quick:
                 sizes = MEMORY_MULTIPLES if args.case == "all" else (5,)
-                tables.update({f"{data.TABLES['attributes']}_{n}x": n * args.rows for n in sizes})
+                tables.update({sized_table(n): n * args.rows for n in sizes})
             tables[SMALL_TABLE] = min(args.rows, 200_000)
         print(f"generating {sum(tables.values()):,} rows in DuckDB ...", file=sys.stderr)
         data.generate(workdir / "warehouse.duckdb", tables, dt.datetime.now(dt.UTC))
