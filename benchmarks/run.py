@@ -72,6 +72,7 @@ class Bench:
         self.rows: list[Row] = []
         self.manifest: str | None = None  # the 0 ms attributes delta, re-delivered rate-limited
         self.profile = ""
+        self.validation_profiles: dict[str, str] = {}
         self.budget_rows: list[Row] = []
         self.state_rows: list[Row] = []
         self.state_section = ""
@@ -389,6 +390,24 @@ class Bench:
         if args.profile:
             with EmulatorProcess(latency_ms=0) as emu:
                 self.e2e(emu, "attributes", table=SMALL_TABLE, name="profiled e2e (cProfile)", profile=True)
+            self.profile_validation()
+
+    def profile_validation(self) -> None:
+        """cProfile of validation + payload in one process, per data type: where each row's
+        microseconds go (the run is slower under the profiler, so it adds no table row)."""
+        for data_type, table in data.TABLES.items():
+            print(f"- profiled validation + payload [{data_type}] ...", file=sys.stderr, flush=True)
+            result = run_child(
+                {
+                    "case": "validation_only",
+                    "db": self.db,
+                    "table": table,
+                    "data_type": data_type,
+                    "rows": min(self.args.rows, 200_000),
+                    "profile": True,
+                }
+            )
+            self.validation_profiles[data_type] = result.get("profile") or result.get("error", "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=64, help="braze_assets max_in_flight")
     parser.add_argument("--time-box", type=float, help="seconds per sequential sender (30; --quick 1)")
     parser.add_argument(
-        "--profile", action="store_true", help="also cProfile one e2e run (attributes, min(rows, 200k))"
+        "--profile",
+        action="store_true",
+        help="also cProfile one e2e run (attributes, min(rows, 200k)) and validation + payload per data type",
     )
     parser.add_argument(
         "--case",
@@ -550,6 +571,15 @@ def render(bench: Bench, args, argv: list[str], load_before, load_after, seconds
             "",
             "```",
             bench.profile.strip(),
+            "```",
+        ]
+    for data_type, profile in bench.validation_profiles.items():
+        parts += [
+            f"## Profile of validation + payload, {data_type}, one process "
+            "(cProfile, top by own time, then cumulative)",
+            "",
+            "```",
+            profile.strip(),
             "```",
         ]
     return "\n".join(parts)

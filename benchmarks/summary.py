@@ -206,7 +206,8 @@ def _targets(rows: list[Row]):
                 f"{alone.objects_per_s:,.0f}",
                 alone.objects_per_s >= 200_000,
                 f"{per_row_us:.1f} µs per row in each of {workers} process(es) on {_cores()} cores "
-                "(Python per row: parse, check, build the object); what would move it: more cores "
+                "(Python per row: parse, check, build the object; `--profile` lists the functions); "
+                "what would move it: more cores "
                 "(the workers scale), checks done column-wise instead of per row",
             )
     first = next((r for r in rows if r.case.startswith("first sync") and "floor_s" in r.extra), None)

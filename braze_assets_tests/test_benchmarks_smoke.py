@@ -55,7 +55,7 @@ def _benchmark(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[
 
 
 def test_quick_benchmark_run_reports_every_case(tmp_path):
-    proc, text, rows = _benchmark(tmp_path, "--quick", "--rows", "3000")
+    proc, text, rows = _benchmark(tmp_path, "--quick", "--rows", "3000", "--profile")
 
     def key(row):  # "braze-client 2.3.3" -> "braze-client"; "..., 2 workers" -> "..., on workers"
         case = row["case"]
@@ -96,6 +96,15 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
     for row in measured.values():
         if row["case"].startswith(("braze_assets e2e", "rate-limited")):
             assert row["extra"]["delivery_cpu_s"] > 0 and row["extra"]["emulator_cpu_s"] > 0, row["case"]
+    # --profile: where one e2e run's and each data type's validation time goes, function by function
+    assert (
+        "## Profile of one e2e run" in text and "delivery.py" in text.split("## Profile of one e2e run", 1)[1]
+    )
+    for data_type in ("attributes", "events", "purchases"):
+        heading = f"## Profile of validation + payload, {data_type}, one process"
+        assert heading in text, heading
+        profile = text.split(heading, 1)[1].split("## ", 1)[0]
+        assert "function calls" in profile and "validate_batch" in profile, profile[:500]
 
 
 def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
