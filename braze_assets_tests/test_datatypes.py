@@ -1,4 +1,4 @@
-"""Row validation and Braze objects (`braze_assets/datatypes.py`), through the real delta path.
+"""Row validation and Braze objects (`braze_assets/datatypes/`), through the real delta path.
 
 Every case writes CDI-shaped rows into its own table of a real DuckDB file and reads them back with
 `DuckDBSource`. Single-row cases go through `DeltaWriter` (`validate_batch`: facts + the pandera schema,
