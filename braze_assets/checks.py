@@ -18,9 +18,9 @@ import pandera.pandas as pa
 from braze_assets import delta_store
 from braze_assets.assets import SyncAssets
 from braze_assets.config import SyncConfig
-from braze_assets.delivery import SyncOutcome
 from braze_assets.delta import DeltaManifest
 from braze_assets.partition_reports import check_for_each_partition
+from braze_assets.sync_outcome import SyncOutcome
 
 #: What `<sync>_delta` hands downstream: one ready Braze object per settled-to-be row.
 DELTA_OUTPUT_SCHEMA = pa.DataFrameSchema(

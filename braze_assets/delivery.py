@@ -18,10 +18,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,12 +37,28 @@ from braze_assets.catalog_requests import (
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta import DeltaManifest, reason_key
-from braze_assets.json_bytes import json_bytes
+from braze_assets.request_plan import PlannedRequest, plan_requests
 from braze_assets.state import LedgerSession, StateStore
 from braze_assets.state.base import REMEMBERED_COLUMNS, Journal
+from braze_assets.sync_outcome import EXIT_CODES, RUN_STATUSES, SyncOutcome, classify, worst_status
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+#: The run's outcome and request planning live in `sync_outcome.py` and `request_plan.py`; they
+#: are importable from here too, where they were first.
+__all__ = [
+    "EXIT_CODES",
+    "RUN_STATUSES",
+    "BrazeRequestError",
+    "Delivery",
+    "SyncOutcome",
+    "accepted_attributes",
+    "classify",
+    "lookup_column",
+    "plan_requests",
+    "worst_status",
+]
 
 EXAMPLES_KEPT = 5
 #: Rows read at a time from a delta's files of rows never sent (invalid, unchanged).
@@ -55,146 +70,6 @@ class BrazeRequestError(RuntimeError):
 
 
 @dataclass
-class SyncOutcome:
-    """What `<sync>_sync_results` reports for one run."""
-
-    sync: str
-    data_type: str
-    run_id: str
-    rows_in_delta: int = 0
-    settled_since_delta: int = 0
-    invalid_recorded: int = 0
-    accepted: int = 0
-    failed: int = 0
-    held: int = 0
-    ambiguous: int = 0
-    not_sent: int = 0
-    requests: int = 0
-    attempts: int = 0
-    rate_limited: int = 0
-    unattributed_errors: int = 0
-    recovered_settled: int = 0
-    recovered_ambiguous: int = 0
-    recovered_unsent: int = 0
-    #: of `recovered_ambiguous`, the rows parked as held (the `hold` policy)
-    recovered_held: int = 0
-    #: attributes syncs sending only what changed: rows with nothing new for Braze (never sent),
-    #: and the data points not billed (those rows, and unchanged attributes of the rows sent)
-    unchanged: int = 0
-    data_points_saved: int = 0
-    failed_reasons: dict[str, int] = field(default_factory=dict)
-    failed_examples: list[dict[str, str]] = field(default_factory=list)
-    earliest_unsettled: str | None = None
-    estimated_data_points: int = 0
-    seconds: float = 0.0
-    watermark_before: str | None = None
-    watermark_after: str | None = None
-    #: CDI-style run status (`RUN_STATUSES`) and one sentence saying why
-    status: str = ""
-    status_detail: str = ""
-    #: the delta's own counts, so the run's record in the sync log is whole
-    rows_read: int = 0
-    rows_rejected: int = 0
-    #: when the run's delta scan began and when its results were in (ISO 8601, UTC)
-    started_at: str | None = None
-    finished_at: str | None = None
-
-    @property
-    def held_total(self) -> int:
-        """Rows parked for a person by this run: held in flight, or by recovering a crashed run."""
-        return self.held + self.recovered_held
-
-    @property
-    def objects_per_second(self) -> float:
-        return (self.accepted + self.failed) / self.seconds if self.seconds else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def failed_before_delivery(
-        cls, sync: str, data_type: str, run_id: str, detail: str, delta: DeltaManifest | None = None
-    ) -> SyncOutcome:
-        """A run that ended in `error` before sending anything (source unreachable, a blocking
-        check failed), as the sync log records it."""
-        return cls(
-            sync=sync,
-            data_type=data_type,
-            run_id=run_id,
-            status="error",
-            status_detail=detail,
-            rows_read=delta.rows_read if delta else 0,
-            rows_rejected=delta.rejected if delta else 0,
-            started_at=delta.computed_at if delta else None,
-            finished_at=dt.datetime.now(dt.UTC).isoformat(),
-        )
-
-
-#: CDI-style run statuses, worst last, and the `braze-assets run` exit code of each (2 is argparse's
-#: usage error). A run with several syncs exits with the worst.
-RUN_STATUSES = ("success", "partial_success", "held", "error")
-EXIT_CODES = {"success": 0, "partial_success": 3, "held": 4, "error": 1}
-
-
-def worst_status(statuses: list[str]) -> str:
-    return max(statuses, key=RUN_STATUSES.index, default="success")
-
-
-def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
-    """The run's status and why, from what happened to every row it was responsible for.
-
-    `error`: rows were due and none reached Braze (unreachable, every request refused);
-    `held`: rows are parked for a person (outcome unknown); `partial_success`: some rows failed
-    validation, failed at Braze or wait for the next run; `success`: everything due is settled.
-    """
-    due = outcome.rows_in_delta - outcome.settled_since_delta
-    reached = outcome.accepted + outcome.failed + outcome.held
-    if due > 0 and reached == 0 and outcome.not_sent:
-        return "error", (
-            f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
-            "(Braze unreachable or refusing); they are sent by the next run"
-        )
-    problems = []
-    if outcome.held_total:
-        problems.append(
-            f"{outcome.held_total:,} held with an unknown outcome (release them from the release_held_job)"
-        )
-    if outcome.not_sent:
-        problems.append(f"{outcome.not_sent:,} not sent (retried by the next run)")
-    if outcome.failed:
-        problems.append(f"{outcome.failed:,} failed at Braze")
-    if delta.rejected:
-        problems.append(f"{delta.rejected:,} rejected by validation")
-    if outcome.unattributed_errors:
-        problems.append(f"{outcome.unattributed_errors:,} Braze errors without a row index")
-    if outcome.held_total:
-        return "held", "; ".join(problems)
-    if problems:
-        return "partial_success", "; ".join(problems)
-    if due <= 0 and outcome.settled_since_delta:
-        return "success", (
-            f"nothing to send: all {outcome.settled_since_delta:,} rows of this "
-            "delta were already delivered by another run"
-        )
-    if outcome.rows_in_delta == 0 and outcome.unchanged:
-        return "success", (
-            f"{outcome.unchanged:,} rows hold nothing Braze has not already accepted: nothing sent "
-            f"({outcome.data_points_saved:,} data points saved)"
-        )
-    if outcome.rows_in_delta == 0:
-        return "success", "nothing new or changed to send"
-    return "success", f"all {outcome.accepted:,} rows accepted by Braze"
-
-
-@dataclass
-class _Request:
-    batch_id: str
-    body: bytes
-    rows: list[int]  # positions in the chunk
-    array: str  # track array, or the delete id key
-
-
-@dataclass
 class _Chunk:
     """One chunk of the delta on its way: its rows, requests and the outcome of each row."""
 
@@ -202,7 +77,7 @@ class _Chunk:
     table: pa.Table
     hashes: list[str]
     batch_of: list[str]
-    requests: list[_Request]
+    requests: list[PlannedRequest]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     status: list[str | None] = field(default_factory=list)
     messages: list[str | None] = field(default_factory=list)
@@ -210,45 +85,6 @@ class _Chunk:
     def __post_init__(self) -> None:
         self.status = [None] * self.table.num_rows
         self.messages = [None] * self.table.num_rows
-
-
-def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -> list[_Request]:
-    """Group serialized objects into requests within Braze's per-request limits [B1.2][B2]."""
-    groups: dict[str, list[int]] = {}
-    if spec.track_array:
-        groups[spec.track_array] = list(range(len(objects)))
-        payloads = objects
-    else:  # deletions: one identifier type per request; catalogs: one op (PUT, DELETE)
-        payloads = []
-        for i, raw in enumerate(objects):
-            key, value = orjson.loads(raw)
-            groups.setdefault(key, []).append(i)
-            payloads.append(json_bytes(value))
-    requests: list[_Request] = []
-    for array, positions in groups.items():
-        head = b'{"' + (spec.request_key or array).encode() + b'":['
-        for rows in _fill(positions, payloads, spec.max_per_request, len(head) + 2):
-            body = head + b",".join(payloads[i] for i in rows) + b"]}"
-            requests.append(_Request(f"{batch_prefix}-{len(requests)}", body, rows, array))
-    return requests
-
-
-def _fill(positions: list[int], payloads: list[bytes], max_objects: int, overhead: int) -> list[list[int]]:
-    """Consecutive groups of `positions`, each at most `max_objects` long and whose payloads,
-    comma-joined plus `overhead` bytes, fit Braze's body limit."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    size = overhead
-    for i in positions:
-        extra = len(payloads[i]) + 1
-        if current and (len(current) == max_objects or size + extra > contract.SEND_BODY_MAX_BYTES):
-            groups.append(current)
-            current, size = [], overhead
-        current.append(i)
-        size += extra
-    if current:
-        groups.append(current)
-    return groups
 
 
 def lookup_column(rows: pa.Table) -> pa.Array | pa.ChunkedArray:
@@ -513,7 +349,7 @@ class Delivery:
         return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
     async def _send(
-        self, chunk: _Chunk, request: _Request, journal: Journal, window: asyncio.Semaphore
+        self, chunk: _Chunk, request: PlannedRequest, journal: Journal, window: asyncio.Semaphore
     ) -> None:
         original = request
         async with window:
@@ -537,7 +373,7 @@ class Delivery:
             ],
         )
 
-    def _post(self, request: _Request, journal: Journal | None = None) -> Awaitable[RequestOutcome]:
+    def _post(self, request: PlannedRequest, journal: Journal | None = None) -> Awaitable[RequestOutcome]:
         catalog = self.spec.request_key is not None  # items go by PUT or DELETE, one shared budget
         return self.client.post(
             self.endpoint,
@@ -549,8 +385,8 @@ class Delivery:
         )
 
     async def _without_items_at_fault(
-        self, chunk: _Chunk, request: _Request, result: RequestOutcome
-    ) -> tuple[_Request, RequestOutcome]:
+        self, chunk: _Chunk, request: PlannedRequest, result: RequestOutcome
+    ) -> tuple[PlannedRequest, RequestOutcome]:
         """The items a 400 names fail with Braze's words; the rest of the request goes again
         without them (`catalog_requests.py`). A missing catalog stops the sync."""
         objects: list[bytes] | None = None
@@ -571,7 +407,7 @@ class Delivery:
                 self.outcome.failed += 1
                 self._failed_reasons[reason_key(message)] += 1
             rest = [i for i in request.rows if i not in named]
-            request = _Request(
+            request = PlannedRequest(
                 request.batch_id, items_body(objects, rest) if rest else b"", rest, request.array
             )
             if not rest:
@@ -652,7 +488,7 @@ class Delivery:
 
     def _apply(
         self,
-        request: _Request,
+        request: PlannedRequest,
         result: RequestOutcome,
         status: list[str | None],
         messages: list[str | None],

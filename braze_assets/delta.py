@@ -9,14 +9,12 @@ bounded by the batch size whatever the size of the delta.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,6 +37,7 @@ from braze_assets.delta_workers import PreparePool, configured_workers, warm_up
 from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
 from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
+from braze_assets.row_identity import batch_hashes
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 
@@ -106,57 +105,6 @@ class DeltaManifest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def row_hash(row: dict[str, Any], columns: list[str]) -> str:
-    """Stable identity of a CDI row: identifier columns, UPDATED_AT and PAYLOAD
-    (docs/architecture.md, Delivery guarantees)."""
-    parts = []
-    for column in columns:
-        value = row.get(column)
-        if column == "UPDATED_AT" and value is not None:
-            value = value.astimezone(dt.UTC).isoformat()
-        elif isinstance(value, (dict, list)):
-            value = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        parts.append(f"{column}={'' if value is None else value}")
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
-
-
-def _hash_text(column: str, values: pa.Array) -> pa.Array:
-    """`row_hash`'s `COLUMN=value` text for a whole column (string, integer and timestamp columns
-    column-wise; anything else through Python, exactly as `row_hash` formats it)."""
-    if column == "UPDATED_AT":
-        # "YYYY-MM-DD HH:MM:SS.ffffff" (UTC) -> isoformat(): "T", no zero micros, "+00:00"
-        text = values.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
-        text = pc.replace_substring(text, " ", "T", max_replacements=1)
-        text = pc.replace_substring_regex(text, r"\.000000$", "")
-        text = pc.binary_join_element_wise(text, "+00:00", "")
-    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        text = values
-    elif pa.types.is_integer(values.type):
-        text = values.cast(pa.string())
-    else:
-        text = pa.array([_python_text(v) for v in values.to_pylist()], pa.string())
-    return pc.binary_join_element_wise(f"{column}=", pc.fill_null(text, ""), "")
-
-
-def _python_text(value: Any) -> str | None:
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    return None if value is None else str(value)
-
-
-def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[str]:
-    """`row_hash` of every row of a batch, the row text built column-wise."""
-    parts = []
-    for column in columns:
-        values = batch.column(column)
-        if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks()
-        parts.append(_hash_text(column, values))
-    joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary()).to_pylist()
-    blake2b = hashlib.blake2b
-    return [blake2b(text, digest_size=16).hexdigest() for text in joined]
 
 
 #: Delta columns whose values repeat (stamps, counts, masked identifiers): dictionary-encoded.

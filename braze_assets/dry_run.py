@@ -20,8 +20,8 @@ from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.braze import contract
 from braze_assets.config import SyncConfig
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delivery import plan_requests
 from braze_assets.delta import DeltaManifest, compute_delta
+from braze_assets.request_plan import plan_requests
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import StateStore
 

@@ -14,9 +14,9 @@ from pydantic import Field, field_validator
 from braze_assets import delta_store
 from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
-from braze_assets.delivery import SyncOutcome
 from braze_assets.delta import DeltaManifest
 from braze_assets.state import STATE_URL_ENV, StateStore, open_state_store, state_url_from_environment
+from braze_assets.sync_outcome import SyncOutcome
 
 
 def home_dir() -> Path:

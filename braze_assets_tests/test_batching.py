@@ -1,4 +1,4 @@
-"""Request planning (`braze_assets.delivery.plan_requests`) against Braze's per-request limits.
+"""Request planning (`braze_assets.request_plan.plan_requests`) against Braze's per-request limits.
 
 `/users/track`: at most 75 objects in total per request and a body of at most 4 MB [B1.2].
 `/users/delete`: at most 50 identifiers per request, of exactly one identifier type [B2].
@@ -15,7 +15,7 @@ import pytest
 
 from braze_assets.braze import contract
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delivery import plan_requests
+from braze_assets.request_plan import plan_requests
 
 TRACK_MAX_OBJECTS = 75  # [B1.2] current default, combined across the three arrays
 # [B1.2] "bodies up to 4 MB": the sender keeps under 4,000,000 bytes, within either reading.

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
-from braze_assets.delivery import EXIT_CODES
+from braze_assets.sync_outcome import EXIT_CODES
 from braze_assets_tests.cli_project import ROOT, CliProject, cli_project, summaries
 from braze_assets_tests.conftest import API_KEY, events_rows, sync_config
 

@@ -24,13 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delta import (
-    DeltaManifest,
-    DeltaWriter,
-    batch_hashes,
-    compute_delta,
-    row_hash,
-)
+from braze_assets.delta import DeltaManifest, DeltaWriter, compute_delta
+from braze_assets.row_identity import batch_hashes, row_hash
 from braze_assets.sources import DuckDBSource
 from braze_assets.state import EmbeddedStateStore
 

@@ -21,9 +21,10 @@ from braze_assets import delta
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import accepted_attributes
-from braze_assets.delta import DeltaManifest, batch_hashes, compute_delta
+from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.delta_batch import BatchJob, prepare_batch
 from braze_assets.delta_workers import WORKERS_ENV, PreparePool, configured_workers
+from braze_assets.row_identity import batch_hashes
 from braze_assets.sources import DuckDBSource
 from braze_assets.state import EmbeddedStateStore
 from braze_assets_tests.test_hostile_rows import NOW, T0, _cdi_rows, _row, _table
