@@ -17,7 +17,7 @@ from braze_assets import delta_store
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.config import SyncConfig, source_key_path
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delivery import Delivery, SyncOutcome
+from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.log_view import sync_log_markdown
 from braze_assets.partition_reports import (
@@ -31,6 +31,7 @@ from braze_assets.resources import BrazeResource, DeliveryStateResource
 from braze_assets.sources.base import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 from braze_assets.state import StateStore
+from braze_assets.sync_outcome import SyncOutcome
 
 UTC = dt.UTC
 
@@ -90,17 +91,26 @@ RUN_LEVEL_METADATA = frozenset(
     }
 )
 #: The run's totals, kept once per run on its `delivery_complete` check result.
+#: Every row count of the results is here: a run over several days carries none on its results.
 RUN_TOTALS = (
     "status",
     "status_detail",
     "rows_read",
     "rows_valid",
     "rows_rejected_by_validation",
+    "rows_sent",
     "rows_accepted",
     "rows_failed_at_braze",
     "rows_held_ambiguous",
+    "rows_held_in_flight",
+    "rows_held_by_crash_recovery",
+    "rows_ambiguous",
     "rows_not_sent_retry_next_run",
+    "rows_settled_by_another_run",
     "rows_unchanged_not_sent",
+    "recovered_from_crash_settled",
+    "recovered_from_crash_ambiguous",
+    "recovered_from_crash_unsent",
     "data_points_sent",
     "data_points_saved",
 )

@@ -227,7 +227,8 @@ def _summary(name: str, keys, result, reclaimed: list[str] | None = None) -> dic
         checks = [
             e for e in result.get_asset_check_evaluations() if not e.passed and e.severity.value == "ERROR"
         ]
-        summary["blocked_by"] = [e.check_name for e in checks]
+        # a run over several days records each check once per day: name each check once
+        summary["blocked_by"] = list(dict.fromkeys(e.check_name for e in checks))
         if checks:
             summary["status_detail"] = (
                 f"delivery blocked by check(s) {', '.join(summary['blocked_by'])}: nothing was sent"
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")
         if not args.json:
             print_summaries(summaries)
-        from braze_assets.delivery import EXIT_CODES, worst_status
+        from braze_assets.sync_outcome import EXIT_CODES, worst_status
 
         return EXIT_CODES[worst_status([s["status"] for s in summaries])]
     _seed_if_needed(home)

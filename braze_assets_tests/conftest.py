@@ -201,6 +201,14 @@ def harness(tmp_path, emulator, state_url) -> Harness:
     return Harness(tmp_path, emulator, state_url=state_url)
 
 
+def earlier_today(before: dt.timedelta, now: dt.datetime | None = None) -> dt.datetime:
+    """`now - before`, or today's midnight (UTC) when that falls on yesterday: rows stamped so make a
+    first sync's run cover today only, at any time of day. A run over two days reports each day
+    apart (its checks once per day), which a test of a one-day run must not depend on."""
+    now = now or dt.datetime.now(UTC).replace(microsecond=0)
+    return max(now - before, now.replace(hour=0, minute=0, second=0, microsecond=0))
+
+
 def events_rows(n: int, ts: dt.datetime, start: int = 0, prefix: str = "user") -> list[dict]:
     """`n` distinct valid events at `ts` (naive UTC in the table), numbered by `seq`."""
     return [

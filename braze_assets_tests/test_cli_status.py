@@ -8,16 +8,16 @@ import socket
 
 from braze_assets import cli
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
-from braze_assets.delivery import EXIT_CODES
+from braze_assets.sync_outcome import EXIT_CODES
 from braze_assets_tests.cli_project import cli_project, summaries
-from braze_assets_tests.conftest import API_KEY, cdi_row, events_rows, sync_config
+from braze_assets_tests.conftest import API_KEY, cdi_row, earlier_today, events_rows, sync_config
 
 UTC = dt.UTC
-HOUR_AGO = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+HOUR_AGO = earlier_today(dt.timedelta(hours=1))  # every run here covers one day
 
 
-def _bad_rows(n: int) -> list[dict]:
-    return [cdi_row(HOUR_AGO.replace(tzinfo=None), "{not json", external_id=f"bad-{i}") for i in range(n)]
+def _bad_rows(n: int, ts: dt.datetime = HOUR_AGO) -> list[dict]:
+    return [cdi_row(ts.replace(tzinfo=None), "{not json", external_id=f"bad-{i}") for i in range(n)]
 
 
 def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path, emulator):
@@ -63,6 +63,18 @@ def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path,
     assert "== missing  [error]" in text.stdout
     assert "table main.nope in warehouse.duckdb does not exist" in text.stdout, text.stdout[-2000:]
     assert "Error occurred while executing" not in text.stdout
+
+
+def test_a_run_over_several_days_names_each_blocking_check_once(tmp_path, emulator):
+    """A check of a run over several days is recorded once per day; the run was blocked by it once."""
+    project = cli_project(
+        tmp_path, emulator, [sync_config("blocked", "events", "main.blocked", min_rows_for_error_rate=0)]
+    )
+    two_days_ago = HOUR_AGO - dt.timedelta(days=2)
+    project.harness.table("blocked", events_rows(1, two_days_ago) + _bad_rows(2, two_days_ago) + _bad_rows(1))
+    [summary] = summaries(project.run("run", "--json"))
+    assert summary["partitions"].count("..") == 1, summary  # a run over a range of days
+    assert summary["status"] == "error" and summary["blocked_by"] == ["row_error_rate"], summary
 
 
 def test_held_rows_make_the_run_held_with_exit_4(tmp_path):

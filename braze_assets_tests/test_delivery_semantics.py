@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from braze_assets_tests.conftest import both_backends, cdi_row, events_rows, seqs, sync_config
+from braze_assets_tests.conftest import both_backends, cdi_row, earlier_today, events_rows, seqs, sync_config
 
 UTC = dt.UTC
 
@@ -131,7 +131,7 @@ def test_bad_rows_are_reported_with_reasons_and_never_sent(harness, emulator):
 
 @both_backends
 def test_row_error_rate_check_blocks_delivery_and_changes_no_state(harness, emulator):
-    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    ts = earlier_today(dt.timedelta(hours=2)).replace(tzinfo=None)
     rows = events_rows(20, ts) + [cdi_row(ts, "{broken", external_id=f"b{i}") for i in range(20)]
     harness.table("ev", rows)
     harness.syncs = [sync_config("ev_sync", "events", "main.ev", max_row_error_rate=0.2)]
@@ -148,7 +148,7 @@ def test_row_error_rate_check_blocks_delivery_and_changes_no_state(harness, emul
 def test_row_error_rate_does_not_judge_a_tiny_sample(harness, emulator):
     """1 bad row of 3 is 33%, but no trend: below min_rows_for_error_rate the check passes and
     says why; the bad row is still rejected and listed, the good ones go out."""
-    ts = (_now() - dt.timedelta(hours=2)).replace(tzinfo=None)
+    ts = earlier_today(dt.timedelta(hours=2)).replace(tzinfo=None)
     harness.table("ev", events_rows(2, ts) + [cdi_row(ts, "{broken", external_id="b0")])
     harness.syncs = [sync_config("ev_sync", "events", "main.ev", max_row_error_rate=0.2)]
     run = harness.run("ev_sync")

@@ -10,19 +10,21 @@ from dagster._core.storage.asset_check_execution_record import (  # no public na
     AssetCheckExecutionRecordStatus,
 )
 
-from braze_assets.assets import RUN_LEVEL_METADATA
-from braze_assets_tests.conftest import Harness, events_rows, sync_config
+from braze_assets.assets import RUN_LEVEL_METADATA, results_metadata
+from braze_assets.delta import DeltaManifest
+from braze_assets_tests.conftest import Harness, earlier_today, events_rows, sync_config
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
 TWO_DAYS_AGO = NOW - dt.timedelta(days=2)
 DAYS = [(NOW - dt.timedelta(days=n)).strftime("%Y-%m-%d") for n in (3, 2, 1, 0)]
+LATEST = earlier_today(dt.timedelta(minutes=30), NOW)  # on DAYS[-1] at any time of day
 
 
 def _ranged_run(harness: Harness, instance: dg.DagsterInstance):
     harness.table(
         "ev",
-        [*events_rows(30, TWO_DAYS_AGO), *events_rows(20, NOW - dt.timedelta(minutes=30), start=30)],
+        [*events_rows(30, TWO_DAYS_AGO), *events_rows(20, LATEST, start=30)],
     )
     harness.syncs = [sync_config("ev", "events", "main.ev")]
     return harness.run("ev", keys=dg.PartitionKeyRange(DAYS[0], DAYS[-1]), instance=instance)
@@ -79,6 +81,26 @@ def test_a_ranged_runs_checks_are_recorded_for_every_day_it_covered(harness):
         assert AssetCheckExecutionRecordStatus.PLANNED not in by_partition.values(), (check, by_partition)
         for day in DAYS:
             assert by_partition[day] == AssetCheckExecutionRecordStatus.SUCCEEDED, (check, day)
+
+
+def test_a_ranged_runs_delivery_complete_check_has_every_run_count(harness):
+    """A run over several days carries no counts on its results (Dagster would copy them into every
+    day), so its run-level `delivery_complete` result must hold all of them: the rows settled
+    from a crashed run's journal or by another run too, not only the headline counts."""
+    run = _ranged_run(harness, dg.DagsterInstance.ephemeral())
+    assert run.result.success
+    [check] = [
+        e
+        for e in run.result.get_asset_check_evaluations()
+        if e.check_name == "delivery_complete" and e.partition is None
+    ]
+    one_day = results_metadata(
+        run.outcome, DeltaManifest("ev", "events", "r", None, NOW.isoformat(), True, "v", "r")
+    )
+    counts = {k for k in one_day if k.startswith(("rows_", "recovered_", "data_points_"))}
+    assert counts - set(check.metadata) == set()
+    assert check.metadata["rows_accepted"].value == 50
+    assert check.metadata["recovered_from_crash_ambiguous"].value == 0
 
 
 def test_a_run_with_nothing_to_send_has_no_row_count_headline(harness):

@@ -310,13 +310,29 @@ def _step_pids(instance: dg.DagsterInstance, run_id: str) -> dict[str, set[str]]
 
 
 def _results_metadata(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict:
+    """The run's counts: on its results when it covered one day, and always on its run-level
+    `delivery_complete` check result (a run over several days, e.g. just after midnight, carries
+    none on its results)."""
+    found: dict = {}
     for record in instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
     ).records:
         materialization = record.asset_materialization
         if materialization and materialization.asset_key == dg.AssetKey(f"{sync}_sync_results"):
-            return {k: v.value for k, v in materialization.metadata.items()}
-    return {}
+            found.update({k: v.value for k, v in materialization.metadata.items()})
+    for record in instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=10_000
+    ).records:
+        event = record.event_log_entry.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if (
+            isinstance(evaluation, dg.AssetCheckEvaluation)
+            and evaluation.asset_key == dg.AssetKey(f"{sync}_sync_results")
+            and evaluation.check_name == "delivery_complete"
+            and evaluation.partition is None
+        ):
+            found.update({k: v.value for k, v in evaluation.metadata.items()})
+    return found
 
 
 # ---------------------------------------------------------------------------------- the deployment

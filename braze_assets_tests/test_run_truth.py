@@ -12,10 +12,11 @@ import datetime as dt
 from braze_assets.braze.client import BrazeClient
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delivery import EXIT_CODES, Delivery, worst_status
+from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest
 from braze_assets.state import EmbeddedStateStore
-from braze_assets_tests.conftest import API_KEY, Harness, events_rows, sync_config
+from braze_assets.sync_outcome import EXIT_CODES, worst_status
+from braze_assets_tests.conftest import API_KEY, Harness, earlier_today, events_rows, sync_config
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
@@ -75,7 +76,7 @@ def test_held_rows_make_the_run_held_not_success(tmp_path):
 
 def test_partial_success_names_what_did_not_go(tmp_path, emulator):
     harness = Harness(tmp_path, emulator)
-    rows = events_rows(20, NOW - dt.timedelta(hours=1))
+    rows = events_rows(20, earlier_today(dt.timedelta(hours=1), NOW))
     rows[0]["PAYLOAD"] = "{not json"
     harness.table("events", rows)
     harness.syncs = [sync_config("events", "events", "main.events")]
