@@ -10,7 +10,7 @@ from dagster._core.storage.asset_check_execution_record import (  # no public na
     AssetCheckExecutionRecordStatus,
 )
 
-from braze_assets.assets import RUN_LEVEL_METADATA, results_metadata
+from braze_assets.asset_metadata import RUN_LEVEL_METADATA, results_metadata
 from braze_assets.delta import DeltaManifest
 from braze_assets_tests.conftest import Harness, earlier_today, events_rows, sync_config
 
