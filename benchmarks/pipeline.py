@@ -18,10 +18,10 @@ from benchmarks.child import peak_rss_mib
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.braze.budget_stores import budget_store_from_environment
 from braze_assets.braze.client import BrazeClient
-from braze_assets.datatypes import DATA_TYPES, RowBatch, build_objects, validate_batch
+from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery
 from braze_assets.delta import DeltaManifest, compute_delta
-from braze_assets.delta_batch import BatchJob
+from braze_assets.delta_batch import BatchJob, prepare_batch
 from braze_assets.delta_workers import PreparePool
 from braze_assets.sources.duckdb_source import DuckDBSource
 from braze_assets.state import EmbeddedStateStore, StateStore, open_state_store
@@ -232,12 +232,14 @@ def _top(profiler: cProfile.Profile, lines: int = 30) -> str:
 def validation_only(
     db: str, table: str, data_type: str, rows: int, workers: int = 0, profile: bool = False
 ) -> dict:
-    """Batch preparation over Arrow batches already in memory, without hashing and Parquet.
+    """Batch preparation over Arrow batches already in memory, without row hashes and Parquet.
 
-    `workers=0`: `validate_batch` (row facts + pandera) + `build_objects` (orjson) in this
-    process. Otherwise the product's own path: `prepare_batch` (the same, plus masking and lookup
-    hashes) on a `PreparePool` of that many worker processes, started and warmed up before the
-    clock starts, as it is by the time a large delta needs it. `profile` (one process only):
+    The product's own path, `prepare_batch`: row facts + pandera (`validate_batch`), the objects
+    (`build_objects`, orjson), masking and lookup hashes, with Python's cycle collector paused
+    per batch as the product pauses it (left on, it took a quarter of the time). `workers=0`: in
+    this process, as a small delta does; otherwise on a `PreparePool` of that many worker
+    processes, started and warmed up before the clock starts, as it is by the time a large delta
+    needs it. `profile` (one process only):
     cProfile the timed loop, for the functions each row's time goes to (and a slower run)."""
     spec = DATA_TYPES[data_type]
     source = DuckDBSource(db, table)
@@ -248,9 +250,9 @@ def validation_only(
         if loaded >= rows:
             break
     valid = 0
+    job = BatchJob(spec, update_existing_only=False)
+    hashes = [[f"{n}-{i}" for i in range(batch.num_rows)] for n, batch in enumerate(batches)]
     if workers:
-        job = BatchJob(spec, update_existing_only=False)
-        hashes = [[f"{n}-{i}" for i in range(batch.num_rows)] for n, batch in enumerate(batches)]
         pool = PreparePool(job, workers)
         try:
             for _ in range(workers):  # every worker forked and its imports warm
@@ -264,15 +266,13 @@ def validation_only(
         finally:
             pool.close()
         return {"objects": valid, "rows": loaded, "seconds": seconds, "workers": workers}
-    validate_batch(RowBatch.from_arrow(batches[0]), spec)  # warm, as the pool is
+    prepare_batch(job, batches[0], hashes[0])  # warm, as the pool is
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     started = time.perf_counter()
-    for batch in batches:
-        checked = validate_batch(RowBatch.from_arrow(batch), spec)
-        positions = [i for i in range(batch.num_rows) if i not in checked.failures]
-        valid += len(build_objects(checked, spec, positions, False))
+    for batch, names in zip(batches, hashes, strict=True):
+        valid += sum(p.valid.num_rows for p in prepare_batch(job, batch, names) if p.valid is not None)
     seconds = time.perf_counter() - started
     result: dict[str, object] = {"objects": valid, "rows": loaded, "seconds": seconds, "workers": 0}
     if profiler:

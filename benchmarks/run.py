@@ -244,10 +244,11 @@ class Bench:
                     },
                     data_type=data_type,
                     note=(
-                        f"prepare_batch on a PreparePool of {count} processes (also masks and hashes "
-                        "identifiers), Arrow batches in memory, pool warm"
+                        f"prepare_batch on a PreparePool of {count} processes (pandera, objects, masking, "
+                        "lookup hashes), Arrow batches in memory, pool warm"
                         if count
-                        else "validate_batch (pandera) + build_objects (orjson), Arrow batches in memory"
+                        else "prepare_batch in this process (pandera, objects, masking, lookup hashes), "
+                        "Arrow batches in memory"
                     ),
                 )
 
