@@ -358,6 +358,7 @@ class Bench:
         self.under_braze_limit()
         self.first_sync_limited()
         self.validation()
+        self.profiles()
 
     def run(self) -> None:
         args = self.args
@@ -388,7 +389,11 @@ class Bench:
         self.validation()
         if not args.quick:  # a minute and a half of waiting out windows: too slow for a smoke run
             self.shared_budget()
-        if args.profile:
+        self.profiles()
+
+    def profiles(self) -> None:
+        """`--profile`: cProfile one e2e run and validation + payload per data type."""
+        if self.args.profile:
             with EmulatorProcess(latency_ms=0) as emu:
                 self.e2e(emu, "attributes", table=SMALL_TABLE, name="profiled e2e (cProfile)", profile=True)
             self.profile_validation()
