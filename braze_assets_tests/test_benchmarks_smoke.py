@@ -107,6 +107,15 @@ def test_quick_benchmark_run_reports_every_case(tmp_path):
         assert "function calls" in profile and "validate_batch" in profile, profile[:500]
 
 
+def test_throughput_case_profiles_when_asked(tmp_path):
+    """`--case throughput --profile` profiles one e2e run and validation per data type, as the
+    whole run does (it once ignored the flag)."""
+    _, text, _ = _benchmark(tmp_path, "--case", "throughput", "--quick", "--rows", "3000", "--profile")
+    assert "## Profile of one e2e run" in text
+    for data_type in ("attributes", "events", "purchases"):
+        assert f"## Profile of validation + payload, {data_type}, one process" in text
+
+
 def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
     """`--case memory --state postgresql`: the runs keep their state in a local PostgreSQL server
     the benchmark starts (each run in a schema of its own), and the section says so."""
