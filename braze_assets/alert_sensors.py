@@ -28,7 +28,7 @@ def syncs_of_run(run: dg.DagsterRun, names: set[str]) -> list[str]:
     return sorted(found)
 
 
-def _results_metadata(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict[str, Any] | None:
+def run_totals(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict[str, Any] | None:
     """The run's totals: its `delivery_complete` check result on `<sync>_sync_results`, recorded
     once per run however many days it covered (`partition_reports.py`)."""
     records = instance.get_records_for_run(
@@ -78,7 +78,7 @@ def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
         for name in syncs_of_run(run, set(by_name)):
             context.log.error(f"braze_assets sync {name} failed in run {run.run_id}: {detail}")
             if name in alerted:
-                counts = _counts(_results_metadata(context.instance, run.run_id, name) or {})
+                counts = _counts(run_totals(context.instance, run.run_id, name) or {})
                 alert = Alert(name, run.run_id, "error", "error", detail, counts)
                 _deliver(context, alert, alerted[name])
 
@@ -93,7 +93,7 @@ def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
         run = context.dagster_run
         for name in syncs_of_run(run, set(alerted)):
             sync = alerted[name]
-            metadata = _results_metadata(context.instance, run.run_id, name)
+            metadata = run_totals(context.instance, run.run_id, name)
             if metadata is None:
                 continue  # the run did not deliver this sync (a check blocked it: a failure)
             counts = _counts(metadata)

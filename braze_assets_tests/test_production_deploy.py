@@ -37,6 +37,7 @@ import pytest
 import yaml
 from dagster_duckdb import DuckDBResource
 
+from braze_assets.alert_sensors import run_totals
 from braze_assets.automation import incremental_range, range_tags
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.config import parse_syncs
@@ -309,32 +310,6 @@ def _step_pids(instance: dg.DagsterInstance, run_id: str) -> dict[str, set[str]]
     return pids
 
 
-def _results_metadata(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict:
-    """The run's counts: on its results when it covered one day, and always on its run-level
-    `delivery_complete` check result (a run over several days, e.g. just after midnight, carries
-    none on its results)."""
-    found: dict = {}
-    for record in instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
-    ).records:
-        materialization = record.asset_materialization
-        if materialization and materialization.asset_key == dg.AssetKey(f"{sync}_sync_results"):
-            found.update({k: v.value for k, v in materialization.metadata.items()})
-    for record in instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=10_000
-    ).records:
-        event = record.event_log_entry.dagster_event
-        evaluation = event.event_specific_data if event is not None else None
-        if (
-            isinstance(evaluation, dg.AssetCheckEvaluation)
-            and evaluation.asset_key == dg.AssetKey(f"{sync}_sync_results")
-            and evaluation.check_name == "delivery_complete"
-            and evaluation.partition is None
-        ):
-            found.update({k: v.value for k, v in evaluation.metadata.items()})
-    return found
-
-
 # ---------------------------------------------------------------------------------- the deployment
 def test_runs_are_queued_dequeued_and_executed_in_fresh_directories(deployment):
     """Every run went through the queue, ran in its own new directory, and the first attempt of
@@ -420,7 +395,8 @@ def test_outcome_equals_a_single_process_run(deployment):
     assert set(purchases) == set(range(PURCHASES))
 
     second = deployment.runs["prod_events"][1]
-    metadata = _results_metadata(instance, second, "prod_events")
+    # the run's totals, where the product keeps them for any run (one day or several)
+    metadata = run_totals(instance, second, "prod_events")
     assert metadata, "the resumed events run reported no results"
     missing = set(range(EVENTS)) - set(events)
     # rows of requests in flight at the kill that never reached Braze: ambiguous, and held
