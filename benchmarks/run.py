@@ -226,22 +226,25 @@ class Bench:
             )
         return row
 
+    def _validation_params(self, data_type: str, **extra: object) -> dict:
+        """One `validation_only` child: the data type's table, at most 200k rows in memory."""
+        return {
+            "case": "validation_only",
+            "db": self.db,
+            "table": data.TABLES[data_type],
+            "data_type": data_type,
+            "rows": min(self.args.rows, 200_000),
+            **extra,
+        }
+
     def validation(self) -> None:
-        limit = min(self.args.rows, 200_000)
         workers = configured_workers()
-        for data_type, table in data.TABLES.items():
+        for data_type in data.TABLES:
             for count in (0, workers) if workers else (0,):
                 self.case(
                     None,
                     f"validation + payload, {count} workers" if count else "validation + payload, 1 process",
-                    {
-                        "case": "validation_only",
-                        "db": self.db,
-                        "table": table,
-                        "data_type": data_type,
-                        "rows": limit,
-                        "workers": count,
-                    },
+                    self._validation_params(data_type, workers=count),
                     data_type=data_type,
                     note=(
                         f"prepare_batch on a PreparePool of {count} processes (pandera, objects, masking, "
@@ -401,18 +404,9 @@ class Bench:
     def profile_validation(self) -> None:
         """cProfile of validation + payload in one process, per data type: where each row's
         microseconds go (the run is slower under the profiler, so it adds no table row)."""
-        for data_type, table in data.TABLES.items():
+        for data_type in data.TABLES:
             print(f"- profiled validation + payload [{data_type}] ...", file=sys.stderr, flush=True)
-            result = run_child(
-                {
-                    "case": "validation_only",
-                    "db": self.db,
-                    "table": table,
-                    "data_type": data_type,
-                    "rows": min(self.args.rows, 200_000),
-                    "profile": True,
-                }
-            )
+            result = run_child(self._validation_params(data_type, profile=True))
             self.validation_profiles[data_type] = result.get("profile") or result.get("error", "")
 
 
