@@ -142,6 +142,7 @@ def measure(plan: Plan, workdir: Path, in_flight: int) -> Row:
         of_allowed=used["share"] / allowed,
         windows=used["windows"],
         leases=sum(result.get("leases", 0) for result in results),
+        looks=sum(result.get("looks", 0) for result in results),
     )
     row.note = (
         f"{used['share']:.1%} of the limit used over {used['windows']} whole windows "
@@ -149,7 +150,7 @@ def measure(plan: Plan, workdir: Path, in_flight: int) -> Row:
         f"{refused / max(requests, 1):.2%} of requests answered 429"
     )
     if plan.share is not None:
-        row.note += f"; {row.extra['leases']:,} leases"
+        row.note += f"; {row.extra['leases']:,} leases, {row.extra['looks']:,} store looks"
     print(f"  {row.note}", file=sys.stderr, flush=True)
     return row
 

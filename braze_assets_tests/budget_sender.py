@@ -63,6 +63,7 @@ async def send_all(params: dict[str, Any]) -> dict[str, Any]:
         "attempts": client.attempts,
         "answered": kinds.count("answered"),
         "leases": shared.leases,
+        "looks": shared.looks,
         "store_s": shared.store_s,
     }
 

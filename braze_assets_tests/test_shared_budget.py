@@ -221,6 +221,9 @@ def run_senders(emulator: BrazeEmulator, env: dict, share: float, requests: int,
         "whole_windows": whole,
         "share_used": used / (whole * LIMIT) if whole else 0.0,
         "leases": sum(result["leases"] for result in results),
+        "looks": sum(result["looks"] for result in results),
+        "seconds": attempts[-1][0] - attempts[0][0],
+        "processes": procs,
     }
 
 
@@ -232,7 +235,12 @@ def check(result: dict, share: float, requests: int) -> None:
     assert result["whole_windows"] >= 1
     # the processes together use most of their share (the store gives up ~3% of each window)
     assert share * 0.8 <= result["share_used"] <= share + 0.01, result
-    assert result["leases"] < result["attempts"] / 3, result  # tokens go in blocks
+    assert result["leases"] < result["attempts"] / 3, result  # tokens are granted in blocks
+    # while the budget is used up a process looks again about every MAX_WAIT_S (sooner when the
+    # store says capacity frees up sooner): a handful of store exchanges per process and second,
+    # bounded by time, not by the requests sent
+    per_process_second = result["looks"] / (result["processes"] * max(result["seconds"], WINDOW_S))
+    assert per_process_second <= 3 / SharedBudget.MAX_WAIT_S, result
 
 
 @pytest.fixture

@@ -238,7 +238,8 @@ class SharedBudget:
         self._renewal: asyncio.Future[None] | None = None
         self._next_look = 0.0  # time.monotonic() before which the store has nothing for us
         # what the benchmarks and tests report
-        self.leases = 0
+        self.leases = 0  # store exchanges that granted tokens
+        self.looks = 0  # every store exchange for a lease, granted or not
         self.store_s = 0.0
         self.waited_s = 0.0
 
@@ -299,7 +300,9 @@ class SharedBudget:
             self._renewal = None
             renewal.set_result(None)
             self.store_s += time.monotonic() - started
-        self.leases += 1
+        self.looks += 1
+        if lease.tokens and lease.metered:
+            self.leases += 1
         if request.sent_unmetered:
             self.unmetered = 0
         self.tokens, self.grant_id = (lease.tokens, lease.grant_id) if lease.metered else (0, 0)
