@@ -262,7 +262,11 @@ def _diff_rows(
     diffed = _Diffed()
     first: list[int] = []
     fresh: list[dict[str, Any]] = []
-    for i in valid:
+    payloads = checked.payloads
+    if not before:  # nothing remembered of any of them (a first sync): no row to look up
+        first = [i for i in valid if payloads[i] is not None]
+        fresh = [payloads[i] for i in first]  # type: ignore[misc]
+    for i in valid if before else ():
         payload = checked.payloads[i]
         if payload is None:
             continue
