@@ -16,7 +16,6 @@ import datetime as dt
 import itertools
 import os
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
@@ -36,17 +35,26 @@ from braze_assets.catalog_requests import (
 )
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.datatypes import DataTypeSpec
-from braze_assets.delta import DeltaManifest, reason_key
+from braze_assets.delivery_answers import AnswerReader, BrazeRequestError
+from braze_assets.delivery_rows import (
+    accepted_attributes,
+    ledger_rows,
+    lookup_column,
+    planned_rows,
+    unsent_rows,
+)
+from braze_assets.delta import DeltaManifest
 from braze_assets.request_plan import PlannedRequest, plan_requests
 from braze_assets.state import LedgerSession, StateStore
-from braze_assets.state.base import REMEMBERED_COLUMNS, Journal
+from braze_assets.state.base import Journal
 from braze_assets.sync_outcome import EXIT_CODES, RUN_STATUSES, SyncOutcome, classify, worst_status
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-#: The run's outcome and request planning live in `sync_outcome.py` and `request_plan.py`; they
-#: are importable from here too, where they were first.
+#: The run's outcome, request planning, the reading of Braze's answers and the state's rows live
+#: in `sync_outcome.py`, `request_plan.py`, `delivery_answers.py` and `delivery_rows.py`; they are
+#: importable from here too, where they were first.
 __all__ = [
     "EXIT_CODES",
     "RUN_STATUSES",
@@ -65,10 +73,6 @@ EXAMPLES_KEPT = 5
 UNSENT_BATCH_ROWS = 100_000
 
 
-class BrazeRequestError(RuntimeError):
-    """Braze refused a request in a way no row can fix (wrong URL): a global error."""
-
-
 @dataclass
 class _Chunk:
     """One chunk of the delta on its way: its rows, requests and the outcome of each row."""
@@ -85,39 +89,6 @@ class _Chunk:
     def __post_init__(self) -> None:
         self.status = [None] * self.table.num_rows
         self.messages = [None] * self.table.num_rows
-
-
-def lookup_column(rows: pa.Table) -> pa.Array | pa.ChunkedArray:
-    """The rows' lookup hashes (`lookup.py`); null for a delta written before they were kept."""
-    if "identifier_hash" in rows.column_names:
-        return rows["identifier_hash"]
-    return pa.nulls(rows.num_rows, pa.string())
-
-
-def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
-    """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
-    user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff.
-    Column-wise: a chunk is 20,000 rows, and a per-row loop here cost more than sending them."""
-    if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
-        return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
-    accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
-    # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
-    # each accepted once (the usual case) needs no sort.
-    remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
-    chosen = rows.select([*remembered, "updated_at"])
-    chosen = chosen.filter(pc.fill_null(accepted, False))
-    if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
-        # Newest first within each user; on a tie the later row of the chunk wins.
-        chosen = chosen.append_column("position", pa.array(range(chosen.num_rows), pa.int64()))
-        order = pc.sort_indices(
-            chosen,
-            sort_keys=[("user_key", "ascending"), ("updated_at", "descending"), ("position", "descending")],
-        )
-        chosen = chosen.take(order)
-        keys = chosen["user_key"].combine_chunks()
-        first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
-        chosen = chosen.filter(pa.concat_arrays([pa.array([True]), first.cast(pa.bool_())]))
-    return chosen.select(remembered).rename_columns(list(REMEMBERED_COLUMNS))
 
 
 def _progress_bar(total: int, sync: str) -> tqdm[NoReturn] | None:
@@ -159,7 +130,7 @@ class Delivery:
         self.run_id, self.chunk_rows, self.log = run_id, chunk_rows, log
         self.endpoint = endpoint or spec.endpoint
         self.outcome = SyncOutcome(manifest.sync, manifest.data_type, run_id, rows_in_delta=manifest.valid)
-        self._failed_reasons: Counter[str] = Counter()
+        self.answers = AnswerReader(self.outcome, self.endpoint, policy == "hold", log)
         self._earliest_unsettled: dt.datetime | None = None
         self._auth_error: BrazeAuthError | None = None
         self._live: set[asyncio.Task[None]] = set()
@@ -191,7 +162,7 @@ class Delivery:
                 asyncio.run(self._send_all(ledger, settler))
                 ledger.merge_remembered()  # after a failure, the next delivery does it
         self.outcome.seconds = round(time.monotonic() - started, 3)
-        self.outcome.failed_reasons = dict(self._failed_reasons.most_common())
+        self.outcome.failed_reasons = dict(self.answers.failed_reasons.most_common())
         if self._earliest_unsettled is not None:
             self.outcome.earliest_unsettled = self._earliest_unsettled.isoformat()
         self.outcome.status, self.outcome.status_detail = classify(self.outcome, self.manifest)
@@ -243,20 +214,7 @@ class Delivery:
                     rows = rows.filter(
                         pc.invert(pc.is_in(rows["row_hash"], pa.array(list(known), pa.string())))
                     )
-                ledger.append(
-                    pa.table(
-                        {
-                            "row_hash": rows["row_hash"],
-                            "updated_at": rows["updated_at"],
-                            "status": pa.array([status] * rows.num_rows, pa.string()),
-                            "batch_id": pa.nulls(rows.num_rows, pa.string()),
-                            "identifier": rows["identifier"],
-                            "identifier_hash": lookup_column(rows),
-                            "message": message(rows),
-                            "run_id": pa.array([self.run_id] * rows.num_rows, pa.string()),
-                        }
-                    ),
-                )
+                ledger.append(unsent_rows(rows, status, message(rows), self.run_id))
                 recorded += rows.num_rows
                 if saved:
                     self.outcome.data_points_saved += int(pc.sum(rows["data_points_saved"]).as_py() or 0)
@@ -334,18 +292,7 @@ class Delivery:
         for request in requests:
             for i in request.rows:
                 batch_of[i] = request.batch_id
-        ledger.plan(
-            pa.table(
-                {
-                    "row_hash": chunk["row_hash"],
-                    "updated_at": chunk["updated_at"],
-                    "batch_id": pa.array(batch_of, pa.string()),
-                    "identifier": chunk["identifier"],
-                    "identifier_hash": lookup_column(chunk),
-                    "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
-                }
-            ),
-        )
+        ledger.plan(planned_rows(chunk, batch_of, self.run_id))
         return _Chunk(prefix, chunk, hashes, batch_of, requests)
 
     async def _send(
@@ -361,7 +308,7 @@ class Delivery:
                 self._stop_all(exc)
                 raise
         if request.rows:
-            self._apply(request, result, chunk.status, chunk.messages)
+            self.answers.apply(request, result, chunk.status, chunk.messages)
         # Known outcomes reach the journal at once, so a crash before the chunk is written to the
         # ledger does not turn answered requests into ambiguous ones.
         await journal.done(
@@ -401,11 +348,9 @@ class Delivery:
             if not named:  # the request itself is wrong: every item fails, in Braze's words
                 result.message = request_message(result)
                 return request, result
-            self._count(result)
+            self.answers.count(result)
             for i, message in named.items():
-                chunk.status[i], chunk.messages[i] = "failed", message
-                self.outcome.failed += 1
-                self._failed_reasons[reason_key(message)] += 1
+                self.answers.fail(chunk.status, chunk.messages, i, message)
             rest = [i for i in request.rows if i not in named]
             request = PlannedRequest(
                 request.batch_id, items_body(objects, rest) if rest else b"", rest, request.array
@@ -471,11 +416,12 @@ class Delivery:
         # or its outcomes in the ledger, never both.
         with ledger.transaction():
             ledger.append(
-                self._ledger_rows(
+                ledger_rows(
                     chunk.table.take(pa.array(settled, pa.int64())),
                     [status[i] for i in settled],
                     [chunk.batch_of[i] for i in settled],
                     [messages[i] for i in settled],
+                    self.run_id,
                 ),
             )
             ledger.clear_planned(chunk.prefix)  # the rest is sent again by a later run
@@ -485,84 +431,3 @@ class Delivery:
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)
             if self._earliest_unsettled is None or earliest < self._earliest_unsettled:
                 self._earliest_unsettled = earliest
-
-    def _apply(
-        self,
-        request: PlannedRequest,
-        result: RequestOutcome,
-        status: list[str | None],
-        messages: list[str | None],
-    ) -> None:
-        out = self.outcome
-        self._count(result)
-        rows = request.rows
-        if result.kind == "refused":
-            out.not_sent += len(rows)
-            return
-        if result.kind == "ambiguous":
-            out.ambiguous += len(rows)
-            if self.policy == "hold":
-                out.held += len(rows)
-                for i in rows:
-                    status[i] = "held"
-                    messages[i] = f"outcome unknown after sending ({result.message}); held"
-            else:
-                out.not_sent += len(rows)  # resend policy: forgotten, sent again next run
-            return
-        if result.ambiguous_attempts:
-            out.ambiguous += len(rows)  # a retried attempt may also have been processed
-        if result.kind == "rejected" and result.status == 404:
-            raise BrazeRequestError(f"Braze answered 404 for {self.endpoint}: check the REST endpoint URL")
-        errors = result.body.get("errors") if isinstance(result.body, dict) else None
-        if result.kind == "answered" and not errors:  # the usual answer: every row accepted
-            for i in rows:
-                status[i] = "accepted"
-            out.accepted += len(rows)
-            return
-        by_index: dict[int, str] = {}
-        for error in errors or []:
-            index = error.get("index") if isinstance(error, dict) else None
-            if isinstance(index, int) and 0 <= index < len(rows):
-                by_index[index] = str(error.get("type") or error.get("message") or error)
-            else:
-                out.unattributed_errors += 1
-                self.log(
-                    f"{self.manifest.sync}: Braze reported an error without a row index: {str(error)[:200]}"
-                )
-        for position, i in enumerate(rows):
-            message = by_index.get(position)
-            if result.kind == "rejected":
-                message = message or f"Braze refused the request: {result.message}"
-            if message:
-                status[i], messages[i] = "failed", message
-                out.failed += 1
-                self._failed_reasons[reason_key(message)] += 1
-            else:
-                status[i] = "accepted"
-                out.accepted += 1
-
-    def _count(self, result: RequestOutcome) -> None:
-        self.outcome.requests += 1
-        self.outcome.attempts += result.attempts
-        self.outcome.rate_limited += result.rate_limited
-
-    def _ledger_rows(
-        self,
-        chunk: pa.Table,
-        status: list[str | None],
-        batch_ids: list[str],
-        messages: list[str | None],
-    ) -> pa.Table:
-        return pa.table(
-            {
-                "row_hash": chunk["row_hash"],
-                "updated_at": chunk["updated_at"],
-                "status": pa.array(status, pa.string()),
-                "batch_id": pa.array(batch_ids, pa.string()),
-                "identifier": chunk["identifier"],
-                "identifier_hash": lookup_column(chunk),
-                "message": pa.array(messages, pa.string()),
-                "run_id": pa.array([self.run_id] * chunk.num_rows, pa.string()),
-                "object": chunk["object"],  # StateStore.append keeps held rows' details from it
-            }
-        )

@@ -1,0 +1,98 @@
+"""What one Braze answer means for the rows of its request.
+
+Kept apart from the sending loop (`delivery.py`) because it is the part of delivery that decides
+truth: which rows Braze accepted, which failed and why, which are unknown (ambiguous) and, under
+the `hold` policy, held for a person to decide. It only reads the answer and writes each row's
+status and message and the run's counts; the loop settles them in the ledger.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from braze_assets.braze.client import RequestOutcome
+from braze_assets.delta import reason_key
+from braze_assets.request_plan import PlannedRequest
+from braze_assets.sync_outcome import SyncOutcome
+
+
+class BrazeRequestError(RuntimeError):
+    """Braze refused a request in a way no row can fix (wrong URL): a global error."""
+
+
+@dataclass
+class AnswerReader:
+    """Reads the answers of one delivery into its outcome (`hold`: the ambiguous policy is
+    `hold`, so rows whose outcome is unknown are held rather than sent again)."""
+
+    outcome: SyncOutcome
+    endpoint: str
+    hold: bool
+    log: Callable[[str], None]
+    failed_reasons: Counter[str] = field(default_factory=Counter)
+
+    def count(self, result: RequestOutcome) -> None:
+        """One request answered (after its retries)."""
+        self.outcome.requests += 1
+        self.outcome.attempts += result.attempts
+        self.outcome.rate_limited += result.rate_limited
+
+    def fail(self, status: list[str | None], messages: list[str | None], i: int, message: str) -> None:
+        """Row `i` failed with `message` (Braze's words)."""
+        status[i], messages[i] = "failed", message
+        self.outcome.failed += 1
+        self.failed_reasons[reason_key(message)] += 1
+
+    def apply(
+        self,
+        request: PlannedRequest,
+        result: RequestOutcome,
+        status: list[str | None],
+        messages: list[str | None],
+    ) -> None:
+        """Each row of `request` after `result`: its status and message (None: not settled)."""
+        out = self.outcome
+        self.count(result)
+        rows = request.rows
+        if result.kind == "refused":
+            out.not_sent += len(rows)
+            return
+        if result.kind == "ambiguous":
+            out.ambiguous += len(rows)
+            if self.hold:
+                out.held += len(rows)
+                for i in rows:
+                    status[i] = "held"
+                    messages[i] = f"outcome unknown after sending ({result.message}); held"
+            else:
+                out.not_sent += len(rows)  # resend policy: forgotten, sent again next run
+            return
+        if result.ambiguous_attempts:
+            out.ambiguous += len(rows)  # a retried attempt may also have been processed
+        if result.kind == "rejected" and result.status == 404:
+            raise BrazeRequestError(f"Braze answered 404 for {self.endpoint}: check the REST endpoint URL")
+        errors = result.body.get("errors") if isinstance(result.body, dict) else None
+        if result.kind == "answered" and not errors:  # the usual answer: every row accepted
+            for i in rows:
+                status[i] = "accepted"
+            out.accepted += len(rows)
+            return
+        by_index: dict[int, str] = {}
+        for error in errors or []:
+            index = error.get("index") if isinstance(error, dict) else None
+            if isinstance(index, int) and 0 <= index < len(rows):
+                by_index[index] = str(error.get("type") or error.get("message") or error)
+            else:
+                out.unattributed_errors += 1
+                self.log(f"{out.sync}: Braze reported an error without a row index: {str(error)[:200]}")
+        for position, i in enumerate(rows):
+            message = by_index.get(position)
+            if result.kind == "rejected":
+                message = message or f"Braze refused the request: {result.message}"
+            if message:
+                self.fail(status, messages, i, message)
+            else:
+                status[i] = "accepted"
+                out.accepted += 1

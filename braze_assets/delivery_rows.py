@@ -1,0 +1,99 @@
+"""The rows delivery writes to the state, built column-wise from a chunk of the delta.
+
+A chunk is 20,000 rows; building these tables with a loop per row cost more than sending the
+chunk, so every function here works on Arrow columns. What each ledger status means is in
+`state/base.py`; what the remembered attributes are is in `attribute_diff.py`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from braze_assets.state.base import REMEMBERED_COLUMNS
+
+
+def lookup_column(rows: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """The rows' lookup hashes (`lookup.py`); null for a delta written before they were kept."""
+    if "identifier_hash" in rows.column_names:
+        return rows["identifier_hash"]
+    return pa.nulls(rows.num_rows, pa.string())
+
+
+def ledger_rows(
+    chunk: pa.Table,
+    status: list[str | None],
+    batch_ids: list[str],
+    messages: list[str | None],
+    run_id: str,
+) -> pa.Table:
+    """A chunk's settled rows, one status, request and message each. The objects go along:
+    `StateStore.append` keeps held rows' details from them."""
+    return pa.table(
+        {
+            "row_hash": chunk["row_hash"],
+            "updated_at": chunk["updated_at"],
+            "status": pa.array(status, pa.string()),
+            "batch_id": pa.array(batch_ids, pa.string()),
+            "identifier": chunk["identifier"],
+            "identifier_hash": lookup_column(chunk),
+            "message": pa.array(messages, pa.string()),
+            "run_id": pa.array([run_id] * chunk.num_rows, pa.string()),
+            "object": chunk["object"],
+        }
+    )
+
+
+def unsent_rows(rows: pa.Table, status: str, message: pa.Array | pa.ChunkedArray, run_id: str) -> pa.Table:
+    """Rows of a delta file settled without being sent (`invalid`, `unchanged`): no request."""
+    return pa.table(
+        {
+            "row_hash": rows["row_hash"],
+            "updated_at": rows["updated_at"],
+            "status": pa.array([status] * rows.num_rows, pa.string()),
+            "batch_id": pa.nulls(rows.num_rows, pa.string()),
+            "identifier": rows["identifier"],
+            "identifier_hash": lookup_column(rows),
+            "message": message,
+            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
+        }
+    )
+
+
+def planned_rows(chunk: pa.Table, batch_of: list[str], run_id: str) -> pa.Table:
+    """A chunk's rows as planned: each with the request it goes in."""
+    return pa.table(
+        {
+            "row_hash": chunk["row_hash"],
+            "updated_at": chunk["updated_at"],
+            "batch_id": pa.array(batch_of, pa.string()),
+            "identifier": chunk["identifier"],
+            "identifier_hash": lookup_column(chunk),
+            "run_id": pa.array([run_id] * chunk.num_rows, pa.string()),
+        }
+    )
+
+
+def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
+    """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
+    user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff."""
+    if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
+        return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
+    accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
+    # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
+    # each accepted once (the usual case) needs no sort.
+    remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
+    chosen = rows.select([*remembered, "updated_at"])
+    chosen = chosen.filter(pc.fill_null(accepted, False))
+    if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
+        # Newest first within each user; on a tie the later row of the chunk wins.
+        chosen = chosen.append_column("position", pa.array(range(chosen.num_rows), pa.int64()))
+        order = pc.sort_indices(
+            chosen,
+            sort_keys=[("user_key", "ascending"), ("updated_at", "descending"), ("position", "descending")],
+        )
+        chosen = chosen.take(order)
+        keys = chosen["user_key"].combine_chunks()
+        first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
+        chosen = chosen.filter(pa.concat_arrays([pa.array([True]), first.cast(pa.bool_())]))
+    return chosen.select(remembered).rename_columns(list(REMEMBERED_COLUMNS))
