@@ -2,15 +2,17 @@
 ``/users/export/ids``) and its catalogs (``/catalogs``, ``/catalogs/{name}/items``), like moto for AWS.
 
 A real ``aiohttp`` HTTP server on loopback that enforces the documented contract (``docs/braze-contract.md``
-B1-B3; object rules live in :mod:`braze_assets.braze.emulator_validation`), stores what it accepted so tests
-and the demo can query it, and injects faults both before and after processing a request
-(docs/architecture.md, Delivery guarantees)
-on every API endpoint alike. ``/users/export/ids`` answers from what was stored (identifiers, attributes,
-and per event name and product_id the ``first``/``last`` time and ``count``); it has its own rate-limit
-window (``export_rate_limit``, Braze's default being 250 requests per minute), unlimited unless set.
-Catalogs (B2a; checks in :mod:`braze_assets.braze.emulator_catalogs`) are created with ``POST /catalogs``
-or exist from the start (``EmulatorConfig.catalogs``, ``--catalog``); ``PUT``/``DELETE`` of their items
-share one rate-limit window of their own (``catalog_rate_limit``; Braze: 16,000 per minute).
+B1-B3; the endpoints live in :mod:`braze_assets.braze.emulator_api`, object rules in
+:mod:`braze_assets.braze.emulator_validation`), stores what it accepted so tests and the demo can query
+it, and injects faults (:mod:`braze_assets.braze.emulator_faults`) both before and after processing a
+request (docs/architecture.md, Delivery guarantees) on every API endpoint alike. ``/users/export/ids``
+answers from what was stored (identifiers, attributes, and per event name and product_id the
+``first``/``last`` time and ``count``); it has its own rate-limit window (``export_rate_limit``, Braze's
+default being 250 requests per minute), unlimited unless set. Catalogs (B2a; checks in
+:mod:`braze_assets.braze.emulator_catalogs`) are created with ``POST /catalogs`` or exist from the start
+(``EmulatorConfig.catalogs``, ``--catalog``); ``PUT``/``DELETE`` of their items share one rate-limit
+window of their own (``catalog_rate_limit``; Braze: 16,000 per minute). This module holds the settings,
+the server's lifecycle, its routes, the control methods, the admin endpoints and the command line.
 
 Python::
 
@@ -28,88 +30,28 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
-import math
 import os
 import random
 import signal
 import threading
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from braze_assets.braze.contract import MAX_BODY_BYTES
-from braze_assets.braze.emulator_catalogs import (
-    CATALOG_ITEMS_PATH,
-    catalog_not_found,
-    check_items,
-    configured_catalog,
-    invalid_request,
-    name_taken,
-    new_catalog,
-    parse_catalog_option,
-)
+from braze_assets.braze.emulator_api import REASONS, EmulatorApi, json_response
+from braze_assets.braze.emulator_catalogs import configured_catalog, parse_catalog_option
+from braze_assets.braze.emulator_faults import FaultConfig, RateWindow
 from braze_assets.braze.emulator_store import EmulatorStore
-from braze_assets.braze.emulator_validation import (
-    MSG_ALL_INVALID,
-    Identity,
-    RequestError,
-    delete_ids,
-    export_request,
-    is_number,
-    track_arrays,
-    validate_object,
-)
+
+#: The API pipeline and endpoint handlers live in `emulator_api.py`, the fault and rate-limit rules in
+#: `emulator_faults.py`; the public names stay importable from here, where they were first.
+__all__ = ["DEFAULT_API_KEY", "BrazeEmulator", "EmulatorConfig", "FaultConfig", "main"]
 
 DEFAULT_API_KEY = "local-emulator-key"
-_REASONS = {
-    401: "Invalid API Key",  # B1.5
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Rate Limit Exceeded",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-
-@dataclass
-class FaultConfig:
-    """Fault injection rates (0..1), drawn for every API request (``/users/track``, ``/users/delete``,
-    ``/users/export/ids``, the catalog endpoints). "before" faults refuse a request unprocessed (429,
-    502/503, dropped connection); "after" faults process (store) it and then lose or spoil the answer
-    (500/504, dropped connection, a stall past the client's timeout), the ambiguous case of
-    docs/architecture.md."""
-
-    rate_429: float = 0.0
-    rate_5xx_before: float = 0.0
-    rate_drop_before: float = 0.0
-    rate_5xx_after: float = 0.0
-    rate_drop_after: float = 0.0
-    rate_timeout_after: float = 0.0
-    timeout_s: float = 30.0
-    retry_after_s: int = 1
-    latency_ms: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        rates = [value for name, value in vars(self).items() if name.startswith("rate_")]
-        if (
-            not all(is_number(rate) and 0 <= rate <= 1 for rate in rates)
-            or sum(rates[:3]) > 1
-            or sum(rates[3:]) > 1
-        ):
-            raise ValueError("fault rates must be numbers in 0..1, summing to at most 1 before and after")
-        if not (
-            is_number(self.timeout_s) and is_number(self.latency_ms) and isinstance(self.retry_after_s, int)
-        ):
-            raise ValueError("timeout_s and latency_ms must be numbers, retry_after_s an integer")
 
 
 @dataclass
@@ -138,62 +80,6 @@ class EmulatorConfig:
     catalogs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-@dataclass
-class _RateWindow:
-    """Fixed window starting at the first request (B3); every API request counts, refused ones too."""
-
-    limit: int | None
-    window_s: float
-    resets_at: float = 0.0
-    used: int = 0
-
-    def take(self, now: float) -> bool:
-        if now >= self.resets_at:
-            self.resets_at, self.used = now + self.window_s, 0
-        self.used += 1
-        return self.limit is None or self.used <= self.limit
-
-    def headers(self) -> dict[str, str]:
-        """The `X-RateLimit-*` headers of a limited window (none when unlimited)."""
-        if self.limit is None:
-            return {}
-        return {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Remaining": str(max(0, self.limit - self.used)),
-            "X-RateLimit-Reset": str(math.ceil(self.resets_at)),  # UTC epoch seconds (B3)
-        }
-
-
-def _draw(rng: random.Random, *rates: float) -> int:
-    """One uniform draw against cumulative ``rates``; the index of the fault hit, or -1 for none."""
-    if not any(rates):
-        return -1
-    point, edge = rng.random(), 0.0
-    for index, rate in enumerate(rates):
-        edge += rate
-        if point < edge:
-            return index
-    return -1
-
-
-def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json"
-    )
-
-
-def _drop(request: web.Request) -> web.Response:
-    """Close the connection without answering; aiohttp then fails to write the returned response and
-    ignores that, so the client sees a disconnect."""
-    if request.transport is not None:
-        request.transport.close()
-    return web.Response()
-
-
-_EXPORT_PATH = "/users/export/ids"
-_Processor = Callable[[web.Request], Awaitable[tuple[int, dict]]]
-
-
 class BrazeEmulator:
     """The server: runs in a background thread with its own event loop (``start``/``stop`` or ``with``)."""
 
@@ -202,7 +88,7 @@ class BrazeEmulator:
         catalogs = [configured_catalog(name, fields) for name, fields in self.config.catalogs.items()]
         self.store = EmulatorStore(lean=self.config.lean, catalogs=catalogs)
         self.base_url = ""
-        self._auth = f"Bearer {self.config.api_key}"
+        self._api = EmulatorApi(self.config, self.store)
         self.set_faults(self.config.faults)
         self.set_rate_limit(self.config.rate_limit, self.config.rate_window_s)
         self.set_export_rate_limit(self.config.export_rate_limit, self.config.export_rate_window_s)
@@ -213,19 +99,19 @@ class BrazeEmulator:
     # --- control -----------------------------------------------------------------------------------
     def set_faults(self, faults: FaultConfig) -> None:
         """Swap the fault configuration (thread-safe: one attribute assignment); reseeds the draws."""
-        self._faults = (faults, random.Random(faults.seed))
+        self._api.faults = (faults, random.Random(faults.seed))
 
     def set_rate_limit(self, limit: int | None, window_s: float = 3.0) -> None:
         """Swap the rate limit (``None`` = unlimited) and start a fresh window."""
-        self._window = _RateWindow(limit, window_s)
+        self._api.windows["users"] = RateWindow(limit, window_s)
 
     def set_export_rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
         """Swap ``/users/export/ids``'s own rate limit (``None`` = unlimited; Braze: 250 per minute)."""
-        self._export_window = _RateWindow(limit, window_s)
+        self._api.windows["export"] = RateWindow(limit, window_s)
 
     def set_catalog_rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
         """Swap the window the catalog item endpoints share (``None`` = unlimited; Braze: 16,000/minute)."""
-        self._catalog_window = _RateWindow(limit, window_s)
+        self._api.windows["items"] = RateWindow(limit, window_s)
 
     def start(self) -> str:
         """Listen on ``config.host:config.port`` and return the base URL once the socket is bound."""
@@ -291,215 +177,73 @@ class BrazeEmulator:
         loop.close()
 
     def _app(self) -> web.Application:
+        api = self._api
         app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.router.add_post("/users/track", partial(self._api, process=self._track))
-        app.router.add_post("/users/delete", partial(self._api, process=self._delete))
-        app.router.add_post("/users/export/ids", partial(self._api, process=self._export, bucket="export"))
-        app.router.add_post("/catalogs", partial(self._api, process=self._catalog_create, bucket=None))
-        app.router.add_get("/catalogs", partial(self._api, process=self._catalog_list, bucket=None))
+        app.router.add_post("/users/track", partial(api.handle, process=api.track))
+        app.router.add_post("/users/delete", partial(api.handle, process=api.delete))
+        app.router.add_post("/users/export/ids", partial(api.handle, process=api.export, bucket="export"))
+        app.router.add_post("/catalogs", partial(api.handle, process=api.catalog_create, bucket=None))
+        app.router.add_get("/catalogs", partial(api.handle, process=api.catalog_list, bucket=None))
         for method in ("PUT", "DELETE"):
-            items = partial(self._catalog_items, method=method)
+            items = partial(api.catalog_items, method=method)
             app.router.add_route(
-                method, "/catalogs/{catalog}/items", partial(self._api, process=items, bucket="items")
+                method, "/catalogs/{catalog}/items", partial(api.handle, process=items, bucket="items")
             )
         app.router.add_get("/_emulator/{name}", self._admin_read)
         app.router.add_get("/_emulator/catalogs/{catalog}", self._admin_catalog)
         app.router.add_post("/_emulator/reset", self._admin_reset)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         app.router.add_post("/_emulator/rate_limit", self._admin_rate_limit)
-        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        app.router.add_route("*", "/{tail:.*}", api.unknown)
         return app
-
-    # --- API pipeline ------------------------------------------------------------------------------
-    def _admit(self, request: web.Request, headers: dict[str, str], bucket: str | None) -> int:
-        """B3 rate limit of the ``bucket``'s window (``None``: not limited), then B4 auth: 429 or 401 (or
-        0 when admitted). Every API request counts toward its window; with a limit set every answer carries
-        ``X-RateLimit-*`` except MAU-style 429s, which carry only ``X-Ratelimit-Retry-After``."""
-        windows = {"users": self._window, "export": self._export_window, "items": self._catalog_window}
-        window = windows[bucket] if bucket else None
-        if window is not None and window.limit is not None:
-            now = time.time()
-            allowed = window.take(now)
-            if allowed or not self.config.mau_style_429:
-                headers.update(window.headers())
-            if not allowed:
-                headers["X-Ratelimit-Retry-After"] = str(max(1, math.ceil(window.resets_at - now)))
-                return 429
-        return 0 if request.headers.get("Authorization") == self._auth else 401
-
-    async def _api(
-        self, request: web.Request, process: _Processor, bucket: str | None = "users"
-    ) -> web.StreamResponse:
-        """Admission, "before" faults, processing, "after" faults, latency, answer (B1-B3; the
-        ambiguous case: docs/architecture.md, Delivery guarantees). ``bucket`` names the rate-limit
-        window: ``users`` (``/users/track``, ``/users/delete``), ``export``, ``items`` (catalog items)."""
-        faults, rng = self._faults
-        headers: dict[str, str] = {}
-        body: dict = {}
-        if bucket == "items":
-            self.store.record_catalog_request()
-        status = self._admit(request, headers, bucket)
-        if not status:
-            before = _draw(rng, faults.rate_429, faults.rate_5xx_before, faults.rate_drop_before)
-            if before == 0:
-                status, headers["X-Ratelimit-Retry-After"] = 429, str(faults.retry_after_s)
-            elif before == 1:
-                status = rng.choice((502, 503))
-            elif before == 2:
-                self.store.record_request("dropped")
-                return _drop(request)
-        if not status:
-            try:
-                status, body = await process(request)
-            except RequestError as error:
-                status, body = error.status, {"message": error.message}
-            after = _draw(rng, faults.rate_5xx_after, faults.rate_drop_after, faults.rate_timeout_after)
-            if after == 0:
-                status, body = rng.choice((500, 504)), {}
-            elif after == 1:
-                self.store.record_request("dropped")
-                return _drop(request)
-            elif after == 2:
-                self.store.record_request("timeout")
-                await asyncio.sleep(faults.timeout_s)  # the client has given up by now
-                return _json(504, {"message": _REASONS[504]}, headers)
-        self.store.record_request(str(status))
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
-        return _json(status, body or {"message": _REASONS[status]}, headers)
-
-    async def _read_json(self, request: web.Request) -> Any:
-        """B1.2: bodies over 4 MB -> 413; unparsable JSON -> 400."""
-        too_large = RequestError(413, "Request Entity Too Large")
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise too_large
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise RequestError(400, "Invalid JSON") from None
-
-    async def _track(self, request: web.Request) -> tuple[int, dict]:
-        """``POST /users/track`` (B1): validate every object, apply the valid ones, report the rest."""
-        arrays = track_arrays(await self._read_json(request), self.config.legacy_batching)
-        full = not self.config.lean
-        body: dict[str, Any] = {"message": "success"}
-        accepted: list[tuple[str, dict, Identity]] = []
-        errors: list[dict] = []
-        for array, objects in arrays.items():
-            accepted_before = len(accepted)
-            for index, obj in enumerate(objects):
-                result = validate_object(array, obj, full)
-                if isinstance(result, str):
-                    errors.append({"type": result, "input_array": array, "index": index})
-                else:
-                    accepted.append((array, obj, result))
-            body[f"{array}_processed"] = len(accepted) - accepted_before
-        self.store.record_track(accepted, len(errors))
-        if not accepted:  # B1.4: nothing valid -> 400 with every error
-            return 400, {"message": MSG_ALL_INVALID, **({"errors": errors} if errors else {})}
-        if errors:
-            body["errors"] = errors
-        return 201, body
-
-    async def _delete(self, request: web.Request) -> tuple[int, dict]:
-        """``POST /users/delete`` (B2): one identifier kind, at most 50; answers the number queued."""
-        ids = delete_ids(await self._read_json(request))
-        self.store.record_deletions(ids)
-        return 201, {"deleted": len(ids), "message": "success"}
-
-    async def _export(self, request: web.Request) -> tuple[int, dict]:
-        """``POST /users/export/ids``: the users found with the requested fields, and the ids that
-        match nobody. Read-only, so an "after" fault loses only the answer."""
-        users, invalid = self.store.export(export_request(await self._read_json(request)))
-        missing = {"invalid_user_ids": invalid} if invalid else {}
-        return 201, {"users": users, **missing, "message": "success"}
-
-    async def _catalog_create(self, request: web.Request) -> tuple[int, dict]:
-        """``POST /catalogs`` (B2a): one catalog and its fields; 201 with the catalog as listed."""
-        catalog = new_catalog(await self._read_json(request))
-        if isinstance(catalog, list):
-            return 400, invalid_request(catalog)
-        created = self.store.create_catalog(catalog)
-        if created is None:
-            return 400, name_taken(catalog.name)
-        return 201, {"catalogs": [created], "message": "success"}
-
-    async def _catalog_list(self, _request: web.Request) -> tuple[int, dict]:
-        """``GET /catalogs``: every catalog, in one page."""
-        return 200, {"catalogs": self.store.catalogs(), "message": "success"}
-
-    async def _catalog_items(self, request: web.Request, method: str) -> tuple[int, dict]:
-        """``PUT`` (replace, creating missing items) or ``DELETE /catalogs/{catalog}/items`` (B2a): 404 for
-        an unknown catalog; one bad item refuses the whole request with 400 and errors naming the items;
-        else all are stored and the answer is 202, queued."""
-        name = request.match_info["catalog"]
-        fields = self.store.catalog_fields(name)
-        if fields is None:
-            return 404, catalog_not_found(name)
-        items, errors = check_items(method, fields, await self._read_json(request))
-        if errors:
-            self.store.record_catalog_refusal()
-            return 400, invalid_request(errors)
-        if not self.store.record_catalog_items(name, method, items):
-            return 404, catalog_not_found(name)
-        return 202, {"message": "success"}
-
-    async def _unknown(self, request: web.Request) -> web.Response:
-        """Any other path: 404 (405 for a wrong method on an API path); counted, never rate limited."""
-        path = request.path
-        api = path in ("/users/track", "/users/delete", _EXPORT_PATH, "/catalogs")
-        status = 405 if api or CATALOG_ITEMS_PATH.fullmatch(path) else 404
-        self.store.record_request(str(status))
-        return _json(status, {"message": _REASONS[status]})
 
     # --- admin -------------------------------------------------------------------------------------
     async def _admin_read(self, request: web.Request) -> web.Response:
         """``GET /_emulator/{health,stats,profiles,events,purchases,deletions,catalogs}``."""
         name = request.match_info["name"]
         if name == "health":
-            return _json(200, {"status": "ok"})
+            return json_response(200, {"status": "ok"})
         if name not in ("stats", "profiles", "events", "purchases", "deletions", "catalogs"):
-            return _json(404, {"message": _REASONS[404]})
-        return _json(200, getattr(self.store, name)())
+            return json_response(404, {"message": REASONS[404]})
+        return json_response(200, getattr(self.store, name)())
 
     async def _admin_catalog(self, request: web.Request) -> web.Response:
         """``GET /_emulator/catalogs/{catalog}``: its items by id (404 if there is no such catalog)."""
         try:
-            return _json(200, self.store.catalog_items(request.match_info["catalog"]))
+            return json_response(200, self.store.catalog_items(request.match_info["catalog"]))
         except KeyError:
-            return _json(404, {"message": _REASONS[404]})
+            return json_response(404, {"message": REASONS[404]})
 
     async def _admin_reset(self, _request: web.Request) -> web.Response:
         """Forget everything stored and counted (configured catalogs come back empty), and start fresh
         rate-limit windows."""
         self.store.reset()
-        self.set_rate_limit(self._window.limit, self._window.window_s)
-        self.set_export_rate_limit(self._export_window.limit, self._export_window.window_s)
-        self.set_catalog_rate_limit(self._catalog_window.limit, self._catalog_window.window_s)
-        return _json(200, {"message": "reset"})
+        users, export, items = (self._api.windows[bucket] for bucket in ("users", "export", "items"))
+        self.set_rate_limit(users.limit, users.window_s)
+        self.set_export_rate_limit(export.limit, export.window_s)
+        self.set_catalog_rate_limit(items.limit, items.window_s)
+        return json_response(200, {"message": "reset"})
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
         try:
             faults = FaultConfig(**orjson.loads(await request.read()))
         except (orjson.JSONDecodeError, TypeError, ValueError) as error:
-            return _json(400, {"message": f"Invalid fault configuration: {error}"})
+            return json_response(400, {"message": f"Invalid fault configuration: {error}"})
         self.set_faults(faults)
-        return _json(200, dataclasses.asdict(faults))
+        return json_response(200, dataclasses.asdict(faults))
 
     async def _admin_rate_limit(self, request: web.Request) -> web.Response:
         try:
             body = orjson.loads(await request.read())
             limit, window_s = body.get("limit"), float(body.get("window_s", 3.0))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-            return _json(400, {"message": 'Expected {"limit": int | null, "window_s": number}'})
+            return json_response(400, {"message": 'Expected {"limit": int | null, "window_s": number}'})
         if not (limit is None or (isinstance(limit, int) and limit > 0)) or window_s <= 0:
-            return _json(400, {"message": "'limit' must be a positive integer or null, 'window_s' positive"})
+            return json_response(
+                400, {"message": "'limit' must be a positive integer or null, 'window_s' positive"}
+            )
         self.set_rate_limit(limit, window_s)
-        return _json(200, {"limit": limit, "window_s": window_s})
+        return json_response(200, {"limit": limit, "window_s": window_s})
 
 
 _FAULT_FLAGS = {  # command-line flag -> FaultConfig field
