@@ -30,6 +30,9 @@ from braze_assets.attribute_diff import (
     Remembered,
     payload_hash,
 )
+from braze_assets.attribute_diff import (
+    payload_hashes as payload_hashes_of,
+)
 from braze_assets.catalog_items import check_catalog_rows
 from braze_assets.datatypes import (
     CheckedRows,
@@ -185,10 +188,14 @@ def _prepare(
     batch = RowBatch.from_arrow(rows)
     if job.diff is not None:
         payloads = batch.payload or [None] * batch.num_rows
-        payload_hashes = [
-            given if given is not None else payload_hash(raw)
-            for given, raw in zip(known.payload_hashes if known else [], payloads, strict=True)
-        ]
+        given_hashes = known.payload_hashes if known else []
+        if all(given is None for given in given_hashes):  # none hashed yet (a first sync's rows)
+            payload_hashes = payload_hashes_of(payloads)
+        else:
+            payload_hashes = [
+                given if given is not None else payload_hash(raw)
+                for given, raw in zip(given_hashes, payloads, strict=True)
+            ]
     checked = validate_batch(batch, job.spec)
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]
     diffed: _Diffed | None = None

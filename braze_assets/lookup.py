@@ -20,6 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from braze_assets.digests import hex_digests_or_none
 
 LOOKUP_KEY_ENV = "BRAZE_ASSETS_LOOKUP_KEY"
 #: The identifier kinds a search can name, as rows carry them.
@@ -52,11 +55,23 @@ def row_lookup_hashes(identifiers: Mapping[str, Any], key: bytes | None = None) 
     return " ".join(found) or None
 
 
-def _non_null(values: Sequence[str | None] | pa.Array) -> Sequence[str | None] | None:
-    """A column's values as Python text, or None when every one is null."""
+def _non_null(values: Sequence[str | None] | pa.Array) -> Sequence[str | None] | pa.Array | None:
+    """A column's values, or None when every one is null."""
     if isinstance(values, pa.Array):
-        return values.to_pylist() if values.null_count < len(values) else None
+        return values if values.null_count < len(values) else None
     return values if any(v is not None for v in values) else None
+
+
+def _text_array(values: Sequence[str | None] | pa.Array) -> pa.Array:
+    if not isinstance(values, pa.Array):
+        return pa.array(values, pa.string())
+    return values if pa.types.is_string(values.type) else values.cast(pa.string())
+
+
+def _text_list(values: Sequence[str | None] | pa.Array | None, num_rows: int) -> Sequence[str | None]:
+    if values is None:
+        return [None] * num_rows
+    return values.to_pylist() if isinstance(values, pa.Array) else values
 
 
 def column_lookup_hashes(
@@ -68,23 +83,17 @@ def column_lookup_hashes(
     hashed in a single pass."""
     key = lookup_key() if key is None else key
     base = hashlib.blake2b(digest_size=16, key=key, person=_PERSON)
-
-    def digest(text: str) -> str:
-        hasher = base.copy()
-        hasher.update(text.encode())
-        return hasher.hexdigest()
-
     # Columns null in every row add nothing to any row (a table usually carries one kind).
     columns = {kind: texts for kind, values in columns.items() if (texts := _non_null(values)) is not None}
     found: list[list[str | None]] = []
     for kind in ("EXTERNAL_ID", "BRAZE_ID", "EMAIL", "PHONE"):
         values = columns.get(kind)
-        if values is not None:
-            prefix = f"{kind}\x1f"
-            found.append([None if v is None else digest(f"{prefix}{v}") for v in values])
+        if values is not None:  # "KIND\x1fvalue" built column-wise (null stays null), then hashed
+            texts = pc.binary_join_element_wise(f"{kind}\x1f", _text_array(values), "")
+            found.append(hex_digests_or_none(base, texts.cast(pa.binary()).to_pylist()))
     if "ALIAS_NAME" in columns or "ALIAS_LABEL" in columns:
-        names = columns.get("ALIAS_NAME") or [None] * num_rows
-        labels = columns.get("ALIAS_LABEL") or [None] * num_rows
+        names = _text_list(columns.get("ALIAS_NAME"), num_rows)
+        labels = _text_list(columns.get("ALIAS_LABEL"), num_rows)
         found.append(
             [
                 None if name is None and label is None else lookup_hash("ALIAS", (name, label), key)

@@ -16,6 +16,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from braze_assets.digests import hex_digests
+
 
 def row_hash(row: dict[str, Any], columns: list[str]) -> str:
     """Stable identity of a CDI row: identifier columns, UPDATED_AT and PAYLOAD
@@ -64,5 +66,4 @@ def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[s
             values = values.combine_chunks()
         parts.append(_hash_text(column, values))
     joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary()).to_pylist()
-    blake2b = hashlib.blake2b
-    return [blake2b(text, digest_size=16).hexdigest() for text in joined]
+    return hex_digests(hashlib.blake2b(digest_size=16), joined)
