@@ -243,8 +243,8 @@ class SyncConfig(_Strict):
     data_type: DataType
     source: SourceConfig
     description: str | None = None
-    schedule: ScheduleConfig = ScheduleConfig()
-    sensor: SensorConfig = SensorConfig()
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    sensor: SensorConfig = Field(default_factory=SensorConfig)
     #: Rows older than the watermark but within this window are still delivered (late arrivals).
     lookback: dt.timedelta = dt.timedelta(days=1)
     #: First day of the UPDATED_AT daily partitions (backfills can reach back to here).
@@ -260,13 +260,13 @@ class SyncConfig(_Strict):
     #: ... judged only when a run evaluates at least this many rows: 1 bad row of 3 is no trend.
     min_rows_for_error_rate: int = Field(default=20, ge=0)
     #: who hears about this sync's runs (email, Slack); none by default
-    alerts: AlertsConfig = AlertsConfig()
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
     max_deletions: int = Field(default=1_000, ge=1)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).
     max_in_flight: int = Field(default=32, ge=1, le=256)
     #: Retention of the sync log (runs and rows), applied after every run
-    sync_log: SyncLogConfig = SyncLogConfig()
+    sync_log: SyncLogConfig = Field(default_factory=SyncLogConfig)
     #: Attributes syncs: `changed` sends only attributes whose value differs from what Braze last
     #: accepted from this sync (attribute_diff.py); `full_payload` sends every row whole, as CDI.
     send: Literal["changed", "full_payload"] = "changed"

@@ -9,6 +9,8 @@ run. Done once in the fork server, every worker starts with it done.
 
 from __future__ import annotations
 
+from multiprocessing import spawn as mp_spawn
+
 import pandas as pd
 import pandera.pandas as pa
 
@@ -16,3 +18,20 @@ import braze_assets.delta_batch  # noqa: F401  (the preparation code itself)
 
 # An empty frame through an empty schema: the registration alone, nothing of a real batch.
 pa.DataFrameSchema({}).validate(pd.DataFrame())
+
+
+def _skip_main_module(*_args: object) -> None:
+    """In place of multiprocessing's re-import of the parent's main module in a new worker."""
+
+
+# A worker forked from this server would first import the parent's main module again, as
+# multiprocessing does for every child it does not fork from the parent itself: the `dagster`
+# or `braze-assets` command, the benchmark's runner. That is all of Dagster and this project,
+# measured at 2-3.5 CPU-seconds per worker, paid by every worker of every delta: more than a
+# worker's share of preparing a million restamped rows. A worker needs none of it (its tasks
+# are `delta_batch` functions on Arrow batches), so the fork server, whose children are only
+# delta workers, leaves the main module alone. These are private hooks of CPython's
+# multiprocessing (3.11: `spawn.prepare` calls them); if they are gone, nothing changes.
+for _hook in ("_fixup_main_from_path", "_fixup_main_from_name"):
+    if hasattr(mp_spawn, _hook):
+        setattr(mp_spawn, _hook, _skip_main_module)

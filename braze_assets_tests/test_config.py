@@ -305,3 +305,16 @@ def test_file_without_a_syncs_mapping(tmp_path, text):
     with pytest.raises(ConfigError) as caught:
         load_syncs(path)
     assert str(caught.value) == f"{path}: expected a mapping with a 'syncs' list"
+
+
+def test_importing_the_config_builds_no_default_and_no_dagster():
+    """Defaults are built when a sync is, not when the module is imported: a default schedule
+    validated at import walked a year of cron ticks and imported all of Dagster, in every
+    process that reads a config (the CLI, each run, each delta worker): about a second each."""
+    import subprocess
+    import sys
+
+    probe = "import sys, braze_assets.config; print(sorted(m for m in ('dagster',) if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

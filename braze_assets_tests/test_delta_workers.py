@@ -249,3 +249,51 @@ def test_workers_start_with_validation_loaded():
         assert pool._executor.submit(_validation_ready).result(timeout=60)
     finally:
         pool.close()
+
+
+_MAIN_SCRIPT = """
+import os
+import sys
+
+if __name__ != "__main__":  # multiprocessing importing this module again in a child
+    with open(os.environ["MAIN_IMPORTED"], "a") as marker:
+        marker.write(f"{os.getpid()} {__name__}\\n")
+else:
+    from braze_assets.datatypes import DATA_TYPES
+    from braze_assets.delta_batch import BatchJob
+    from braze_assets.delta_workers import PreparePool
+
+    pool = PreparePool(BatchJob(DATA_TYPES["events"], update_existing_only=False), workers=1)
+    try:
+        assert pool._executor is not None
+        print("worker", pool._executor.submit(os.getpid).result(timeout=60))
+    finally:
+        pool.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_workers_never_import_the_parent_main_module(tmp_path, how):
+    """A worker does not import the run's main module again (multiprocessing does so for every
+    child it does not fork from the parent): for `braze-assets run`, `dagster` or the benchmark
+    that is all of Dagster and the project, seconds of CPU per worker and delta. Both ways a main
+    module is named: a script's path and `python -m`."""
+    import subprocess
+    import sys
+
+    (tmp_path / "heavy_main.py").write_text(_MAIN_SCRIPT)
+    marker = tmp_path / "imported"
+    command = [sys.executable, str(tmp_path / "heavy_main.py")]
+    if how == "module":
+        command = [sys.executable, "-m", "heavy_main"]
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "MAIN_IMPORTED": str(marker), "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "worker " in done.stdout  # the worker ran the task
+    assert not marker.exists(), marker.read_text()
