@@ -1,7 +1,8 @@
 """The sync configuration (`syncs.yaml`): one entry per integration, like CDI's dashboard.
 
 Loaded and validated once when Definitions are built; a wrong file fails at load with an error that
-names the sync and the field.
+names the sync and the field. This module holds what every sync has and the file itself; where a
+sync reads from (one model per warehouse type) is in `config_sources.py`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,56 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
+
+from braze_assets.config_sources import (
+    BUCKET_NAME,
+    SOURCE_TYPES,
+    TABLE_NAME,
+    BigQuerySourceConfig,
+    DatabricksSourceConfig,
+    DuckDBSourceConfig,
+    RedshiftSourceConfig,
+    S3SourceConfig,
+    SnowflakeSourceConfig,
+    SourceConfig,
+    StrictModel,
+)
+
+#: The source models live in `config_sources.py`; they are importable from here too, where they were first.
+__all__ = [
+    "BUCKET_NAME",
+    "DEFAULT_SYNCS_FILE",
+    "MAX_SCHEDULE_INTERVAL",
+    "MIN_SCHEDULE_INTERVAL",
+    "SOURCE_TYPES",
+    "SYNC_NAME",
+    "TABLE_NAME",
+    "AlertsConfig",
+    "AmbiguousPolicy",
+    "BigQuerySourceConfig",
+    "ConfigError",
+    "DataType",
+    "DatabricksSourceConfig",
+    "DuckDBSourceConfig",
+    "RedshiftSourceConfig",
+    "S3SourceConfig",
+    "ScheduleConfig",
+    "SensorConfig",
+    "SnowflakeSourceConfig",
+    "SourceConfig",
+    "SyncConfig",
+    "SyncLogConfig",
+    "SyncsFile",
+    "load_syncs",
+    "parse_syncs",
+    "source_key_path",
+    "syncs_path",
+]
 
 DataType = Literal["attributes", "events", "purchases", "deletions", "catalogs"]
 #: What a sync does with rows whose outcome at Braze is unknown: send them again, or hold them.
@@ -31,9 +69,6 @@ AmbiguousPolicy = Literal["resend", "hold"]
 
 DEFAULT_SYNCS_FILE = Path(__file__).with_name("syncs.yaml")
 SYNC_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
-# A plain SQL identifier, optionally double-quoted, optionally dotted (db.schema.table).
-_IDENT_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00]+")'
-TABLE_NAME = re.compile(rf"{_IDENT_PART}(?:\.{_IDENT_PART}){{0,2}}")
 
 MIN_SCHEDULE_INTERVAL = dt.timedelta(minutes=15)
 MAX_SCHEDULE_INTERVAL = dt.timedelta(days=31)
@@ -43,103 +78,7 @@ class ConfigError(ValueError):
     """The sync configuration is invalid; the message names the file, the sync and the field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _plain_table_name(value: str) -> str:
-    if not TABLE_NAME.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a plain table name (letters, digits, _ and $, optionally "
-            '"quoted", optionally qualified as schema.table or db.schema.table)'
-        )
-    return value
-
-
-class _TableSource(_Strict):
-    table: str = Field(description="Table or view, optionally qualified: [db.]schema.table")
-
-    @field_validator("table")
-    @classmethod
-    def _plain_identifier(cls, value: str) -> str:
-        return _plain_table_name(value)
-
-
-class DuckDBSourceConfig(_TableSource):
-    """The embedded default (resource `duckdb`)."""
-
-    type: Literal["duckdb"] = "duckdb"
-
-
-class SnowflakeSourceConfig(_TableSource):
-    """Snowflake through dagster-snowflake's SnowflakeResource (resource `snowflake`)."""
-
-    type: Literal["snowflake"]
-
-
-class BigQuerySourceConfig(_TableSource):
-    """BigQuery through dagster-gcp's BigQueryResource (resource `bigquery`): project.dataset.table."""
-
-    type: Literal["bigquery"]
-
-
-class RedshiftSourceConfig(_TableSource):
-    """Redshift through dagster-aws's RedshiftClientResource (resource `redshift`)."""
-
-    type: Literal["redshift"]
-
-
-class DatabricksSourceConfig(_TableSource):
-    """Databricks SQL warehouses through databricks-sql-connector (resource `databricks`)."""
-
-    type: Literal["databricks"]
-
-
-BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-class S3SourceConfig(_Strict):
-    """CDI-style files (JSON lines, CSV, Parquet) under s3://bucket/prefix (resource `s3`).
-    Each row's UPDATED_AT is its file's LastModified time."""
-
-    type: Literal["s3"]
-    bucket: str
-    prefix: str = ""
-    #: the file whose columns describe the source (default: the newest readable file)
-    sample_key: str | None = None
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket_name(cls, value: str) -> str:
-        if not BUCKET_NAME.fullmatch(value):
-            raise ValueError(f"{value!r} is not an S3 bucket name")
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _relative_prefix(cls, value: str) -> str:
-        if value.startswith("/") or "\x00" in value:
-            raise ValueError(f"prefix {value!r} must be relative (no leading /)")
-        return value if not value or value.endswith("/") else value + "/"
-
-    @property
-    def table(self) -> str:
-        """How the source is named in messages and uniqueness checks."""
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-SourceConfig = Annotated[
-    DuckDBSourceConfig
-    | SnowflakeSourceConfig
-    | BigQuerySourceConfig
-    | RedshiftSourceConfig
-    | DatabricksSourceConfig
-    | S3SourceConfig,
-    Field(discriminator="type"),
-]
-
-
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     cron: str = "0 * * * *"
     timezone: str = "UTC"
 
@@ -185,7 +124,7 @@ def _tick_gaps(cron: str) -> tuple[dt.timedelta, dt.timedelta]:
     return min(gaps, default=MAX_SCHEDULE_INTERVAL), max([times[0] - start, *gaps])
 
 
-class SensorConfig(_Strict):
+class SensorConfig(StrictModel):
     enabled: bool = False
     minimum_interval_seconds: int = Field(default=60, ge=30, le=86_400)
 
@@ -193,7 +132,7 @@ class SensorConfig(_Strict):
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
-class AlertsConfig(_Strict):
+class AlertsConfig(StrictModel):
     """Who hears about a sync's runs, like CDI's contact emails: global errors always, row errors
     above a threshold, successes on request. Addresses are not secrets; the Slack webhook URL is,
     so config names the environment variable that holds it."""
@@ -226,7 +165,7 @@ class AlertsConfig(_Strict):
         return value
 
 
-class SyncLogConfig(_Strict):
+class SyncLogConfig(StrictModel):
     """How long the sync log keeps what it records (as CDI: rows 30 days, runs 12 months)."""
 
     #: After this many days a row's details (masked identifier, lookup hashes, reason or Braze's
@@ -236,7 +175,7 @@ class SyncLogConfig(_Strict):
     run_retention_days: int = Field(default=365, ge=1, le=3_650)
 
 
-class SyncConfig(_Strict):
+class SyncConfig(StrictModel):
     """One integration: a source table synced to Braze as one data type."""
 
     name: str
@@ -350,7 +289,7 @@ def source_key_path(sync: SyncConfig) -> list[str]:
     return [sync.source.type, *(_key_part((quoted or plain).lower()) for quoted, plain in parts)]
 
 
-class SyncsFile(_Strict):
+class SyncsFile(StrictModel):
     syncs: list[SyncConfig]
 
     @model_validator(mode="after")
@@ -387,9 +326,6 @@ class SyncsFile(_Strict):
                     "(names differ only in characters an asset key cannot hold); rename one"
                 )
         return self
-
-
-SOURCE_TYPES = ("duckdb", "snowflake", "bigquery", "redshift", "databricks", "s3")
 
 
 def _describe(error: ErrorDetails, raw: dict[str, Any]) -> str:

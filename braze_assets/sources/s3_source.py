@@ -17,113 +17,46 @@ nested under the prefix are inside it). Better than CDI, which skips a whole JSO
 
 Memory is bounded: batches of at most `batch_rows` rows; JSON/CSV stream line by line from one GET
 (lines over `S3_MAX_LINE_BYTES` become bad rows); Parquet by ranged GETs, a row group at a time.
+This module lists the folder and answers as a CDI table; reading one file's format into records is
+`s3_files.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import datetime as dt
 import hashlib
-import io
-import itertools
-from collections.abc import Generator, Iterable, Iterator
-from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterator
+from typing import Any
 
-import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 
 from braze_assets.datatypes import DataTypeSpec
 from braze_assets.sources.base import CdiSource, SourceError
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from braze_assets.sources.s3_files import FORMATS, Record, S3File, S3FileReader, file_format
 
 UTC = dt.UTC
 S3_MAX_FILE_BYTES = 512 * 1024 * 1024  # [CDI-S3] larger files fail and are not synced
 S3_MAX_LINE_BYTES = 16 * 1024 * 1024  # a PAYLOAD may be 1 MB at most anyway [A2.2]
-FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_JSON_TYPES = {str: "VARCHAR", dict: "OBJECT", list: "ARRAY", bool: "BOOLEAN", int: "NUMBER", float: "NUMBER"}
-Record = tuple[int, "dict[str, Any] | str"]  # (line or row number, the row or a bad line's text)
 
-
-class S3File(NamedTuple):
-    key: str
-    size: int
-    last_modified: dt.datetime
-
-
-def file_format(key: str) -> str | None:
-    """'json', 'csv' or 'parquet' by extension; None if unsupported."""
-    return FORMATS.get(PurePosixPath(key).suffix.lower())
+#: Reading one file (formats, bad records, streaming) lives in `s3_files.py`; its names are importable
+#: from here too, where they were first.
+__all__ = [
+    "FORMATS",
+    "S3_MAX_FILE_BYTES",
+    "S3_MAX_LINE_BYTES",
+    "Record",
+    "S3File",
+    "S3Source",
+    "file_format",
+    "oversize_reason",
+]
 
 
 def oversize_reason(file: S3File) -> str:
     limit = S3_MAX_FILE_BYTES
     shown = f"{limit // 2**20} MB" if limit % 2**20 == 0 else f"{limit:,} bytes"
     return f"file {file.key} is {file.size:,} bytes; the limit is {shown}"
-
-
-def _cell(value: Any) -> str | None:
-    """Text as it is; objects, arrays (a Parquet MAP as an object) and numbers as JSON text."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, tuple) for v in value):
-        value = dict(value)
-    return orjson.dumps(value, default=str).decode()
-
-
-class _S3Reader(io.RawIOBase):
-    """A seekable view of an object: sequential reads share one streaming GET; after a seek the
-    next read opens a ranged GET there (Parquet reads its footer, then column chunks)."""
-
-    def __init__(self, client: Any, bucket: str, file: S3File):
-        self.client, self.bucket, self.file, self.pos = client, bucket, file, 0
-        self._body: Any | None = None  # botocore's StreamingBody of the open GET
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        target = offset + (0, self.pos, self.file.size)[whence]
-        if target != self.pos:
-            self.close_body()
-            self.pos = target
-        return self.pos
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        if self.pos >= self.file.size:
-            return 0
-        with memoryview(buffer) as view:  # BufferedReader hands a memoryview of bytes already
-            try:
-                if self._body is None:
-                    self._body = self.client.get_object(
-                        Bucket=self.bucket, Key=self.file.key, Range=f"bytes={self.pos}-"
-                    )["Body"]
-                data = self._body.read(len(view))
-            except (BotoCoreError, ClientError) as exc:
-                raise SourceError(f"cannot read s3://{self.bucket}/{self.file.key} ({exc})") from None
-            view[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def close_body(self) -> None:
-        if self._body is not None:
-            self._body.close()
-            self._body = None
-
-    def close(self) -> None:
-        self.close_body()
-        super().close()
 
 
 class S3Source(CdiSource):
@@ -212,7 +145,7 @@ class S3Source(CdiSource):
                     "file (of at most 512 MB) to read columns from"
                 )
             self._types = {
-                **self._file_columns(files[-1]),
+                **self._reader().columns(files[-1], self.sample_lines),
                 "UPDATED_AT": "TIMESTAMP WITH TIME ZONE (S3 LastModified)",
                 "_FILE": "VARCHAR",
                 "_LINE": "BIGINT",
@@ -238,8 +171,9 @@ class S3Source(CdiSource):
         types = {"UPDATED_AT": pa.timestamp("us", tz="UTC"), "_LINE": pa.int64()}
         schema = pa.schema([(c, types.get(c, pa.string())) for c in [*wanted, "_FILE", "_LINE"]])
         rows: list[dict[str, Any]] = []
+        reader = self._reader()
         for file in self._readable(start, end):
-            for number, row in self._records(file, batch_rows, set(wanted)):
+            for number, row in reader.records(file, batch_rows, set(wanted)):
                 row = {"PAYLOAD": row} if isinstance(row, str) else row  # bad: no identifiers
                 rows.append({**row, "UPDATED_AT": file.last_modified, "_FILE": file.key, "_LINE": number})
                 if len(rows) >= batch_rows:
@@ -284,13 +218,13 @@ class S3Source(CdiSource):
     def count(self, start: dt.datetime | None = None, end: dt.datetime | None = None) -> int:
         """Rows `scan` gives for [start, end). Unlike a warehouse this READS the files in the window
         (Parquet: its footer only), so keep the window narrow."""
-        total = 0
+        total, reader = 0, self._reader()
         for file in self._readable(start, end):
             if file_format(file.key) == "parquet":
-                with self._parquet(file) as parquet:
+                with reader.parquet(file) as parquet:
                     total += parquet.metadata.num_rows
             else:
-                total += sum(1 for _ in self._records(file, 1024))
+                total += sum(1 for _ in reader.records(file, 1024))
         return total
 
     def max_updated_at(self) -> dt.datetime | None:
@@ -303,115 +237,14 @@ class S3Source(CdiSource):
         return files[0].last_modified if files else None
 
     # ----------------------------------------------------------------- reading files
-    def _open(self, file: S3File) -> io.BufferedReader:
-        return io.BufferedReader(_S3Reader(self.client, self.bucket, file), self.buffer_bytes)
-
-    @contextlib.contextmanager
-    def _parquet(self, file: S3File) -> Iterator[pq.ParquetFile]:
-        with self._open(file) as handle:
-            try:  # pre-buffering would fetch every row group before the first batch
-                parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=self.buffer_bytes)
-            except (pa.ArrowException, OSError) as exc:
-                raise SourceError(f"{self.description}: {file.key} is not Parquet ({exc})") from None
-            yield parquet
-
-    def _lines(self, file: S3File) -> Generator[tuple[int, str, bool]]:
-        """(1-based number, text, ok); not ok: not UTF-8 (text has U+FFFD) or over
-        S3_MAX_LINE_BYTES (text is a notice, the rest of the line is skipped)."""
-        with self._open(file) as stream:
-            for number in itertools.count(1):
-                if not (line := stream.readline(S3_MAX_LINE_BYTES)):
-                    return
-                text, ok = f"line is longer than {S3_MAX_LINE_BYTES:,} bytes\n", False
-                if len(line) == S3_MAX_LINE_BYTES and not line.endswith(b"\n"):
-                    while (rest := stream.readline(S3_MAX_LINE_BYTES)) and rest[-1:] != b"\n":
-                        pass
-                else:
-                    try:
-                        text, ok = line.decode("utf-8-sig" if number == 1 else "utf-8"), True
-                    except UnicodeDecodeError:
-                        text = line.decode("utf-8", "replace")
-                yield number, text, ok
-
-    def _refuse_payload(self, file: S3File, names: Iterable[str], where: str = "") -> None:
-        if self._forbid_payload and "PAYLOAD" in {n.upper() for n in names}:
-            raise SourceError(
-                f"{self.description}: {file.key}{where} has a payload column; a "
-                "deletion sync refuses it as a guard against deleting users by mistake"
-            )
-
-    def _records(self, file: S3File, batch_rows: int, wanted: set[str] | None = None) -> Iterator[Record]:
-        """(number, row with upper-cased keys) per record, or (number, text) for a bad one."""
-        kind = file_format(file.key)
-        if kind == "csv":
-            yield from self._csv_records(file)
-        elif kind == "parquet":
-            with self._parquet(file) as parquet:
-                names = parquet.schema_arrow.names
-                self._refuse_payload(file, names)
-                read = [n for n in names if wanted is None or n.upper() in wanted] or None
-                batches = parquet.iter_batches(batch_rows, columns=read, use_threads=False)  # in file order
-                for number, row in enumerate((r for b in batches for r in b.to_pylist()), 1):
-                    yield number, {k.upper(): _cell(v) for k, v in row.items()}
-        else:
-            for number, text, ok in self._lines(file):
-                try:
-                    value = orjson.loads(text) if ok and text.strip() else None
-                except orjson.JSONDecodeError:
-                    value = None
-                if isinstance(value, dict):
-                    self._refuse_payload(file, value, f" line {number}")
-                    yield number, {k.upper(): _cell(v) for k, v in value.items()}
-                elif not ok or text.strip():  # a blank line is no record
-                    yield number, text.rstrip("\r\n")
-
-    def _csv_records(self, file: S3File) -> Iterator[Record]:
-        csv.field_size_limit(max(csv.field_size_limit(), S3_MAX_LINE_BYTES))
-        seen = {"line": 0, "bad": 0}  # the last line given to the reader, the last bad one
-
-        def text() -> Iterator[str]:
-            for number, line, ok in self._lines(file):
-                seen["line"], seen["bad"] = number, seen["bad"] if ok else number
-                yield line
-
-        reader, header, start = csv.reader(text()), None, 1
-        while True:
-            try:
-                values = next(reader)
-                problem = "" if seen["bad"] < start else "line is not UTF-8 or is too long"
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                values, problem = [], f"CSV error: {exc}"
-            if header is None:
-                if problem:
-                    yield start, f"CSV header unreadable ({problem}); the file was not read"
-                    return
-                header = [h.strip().upper() for h in values]
-                self._refuse_payload(file, header)
-            elif problem or (values and len(values) != len(header)):
-                yield start, ",".join(values) or problem
-            elif values:  # a blank line is no record; an empty cell is NULL
-                yield start, {h: v or None for h, v in zip(header, values, strict=False)}
-            start = seen["line"] + 1
-
-    def _file_columns(self, file: S3File) -> dict[str, str]:
-        kind = file_format(file.key)
-        found: dict[str, str] = {}
-        if kind == "parquet":
-            with self._parquet(file) as parquet:
-                schema = parquet.schema_arrow
-                return {n.upper(): str(t) for n, t in zip(schema.names, schema.types, strict=True)}
-        with contextlib.closing(self._lines(file)) as lines:
-            if kind == "csv":
-                header = next(csv.reader(text for _, text, _ in lines), [])
-                return {h.strip().upper(): "VARCHAR" for h in header}
-            for _, text, _ in itertools.islice(lines, self.sample_lines):  # union over a sample
-                try:
-                    row = orjson.loads(text)
-                except orjson.JSONDecodeError:
-                    continue
-                for key, value in row.items() if isinstance(row, dict) else ():
-                    if found.get(key.upper(), "NULL") == "NULL":
-                        found[key.upper()] = _JSON_TYPES.get(type(value), "NULL")
-        return found
+    def _reader(self) -> S3FileReader:
+        """What reads this source's files, with its settings as they are now (and the line limit as
+        this module has it, so a test can lower it here)."""
+        return S3FileReader(
+            self.client,
+            self.bucket,
+            self.description,
+            buffer_bytes=self.buffer_bytes,
+            max_line_bytes=S3_MAX_LINE_BYTES,
+            forbid_payload=self._forbid_payload,
+        )
