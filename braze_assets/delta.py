@@ -37,9 +37,9 @@ from braze_assets.delta_workers import PreparePool, configured_workers, warm_up
 from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
 from braze_assets.lookup import lookup_key
 from braze_assets.masking import mask_identifiers
-from braze_assets.row_identity import batch_hashes
+from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
 from braze_assets.sources.base import CdiSource
-from braze_assets.state import StateStore
+from braze_assets.state import LedgerSession, StateStore
 
 __all__ = [
     "DIFF_COLUMNS",
@@ -53,8 +53,6 @@ __all__ = [
     "reason_key",
 ]
 
-#: Columns file sources add to every row: where it came from (part of the row's identity).
-LOCATION_COLUMNS = ("_FILE", "_LINE")
 EXAMPLES_KEPT = 5
 #: Rows a delta prepares in the run's own process before it starts worker processes.
 POOL_AFTER_ROWS = 50_000
@@ -141,10 +139,12 @@ class DeltaWriter:
         remembered: Lookup | None = None,
         workers: int = 0,
         pool_after_rows: int | None = None,
+        hash_columns: tuple[str, ...] = (),
     ):
         """`paths`: the local (valid, rejected[, unchanged]) files to write, when not the
         manifest's own. `diff`: send only what changed, against what the state's lookup
-        `remembered` finds (None: nothing is remembered, so no row is looked up)."""
+        `remembered` finds (None: nothing is remembered, so no row is looked up).
+        `hash_columns`: the rows' identity columns, for batches added without their hashes."""
         self.manifest, self.spec = manifest, spec
         own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
         valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
@@ -154,7 +154,7 @@ class DeltaWriter:
         self._remembered = remembered
         self._unchanged = _parquet_writer(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
         self._reasons: Counter[str] = Counter()
-        self.job = BatchJob(spec, update_existing_only, diff, lookup_key())
+        self.job = BatchJob(spec, update_existing_only, diff, lookup_key(), hash_columns)
         self._workers = workers
         self._pool_after_rows = POOL_AFTER_ROWS if pool_after_rows is None else pool_after_rows
         self._pool: PreparePool | None = None
@@ -163,11 +163,12 @@ class DeltaWriter:
         self._warm_after_rows = self._pool_after_rows * 2 // 5
         self._warmed = False
         self._rows_added = 0
-        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str]]] = []
+        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str] | None]] = []
         self._waiting_rows = 0
 
-    def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> None:
-        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`); append what is due.
+    def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None) -> None:
+        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`, None: hashed where
+        they are prepared, from `hash_columns`); append what is due.
         With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once."""
         if self.diff is None or self.spec.name == "catalogs" or self._remembered is None:
             self._prepare(rows, hashes, None)
@@ -185,7 +186,9 @@ class DeltaWriter:
             for (rows, hashes), known in zip(waiting, found, strict=True):
                 self._prepare(rows, hashes, known)
 
-    def _prepare(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None) -> None:
+    def _prepare(
+        self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, known: KnownUsers | None
+    ) -> None:
         self._rows_added += rows.num_rows
         if (
             self._pool is None
@@ -336,29 +339,26 @@ def _write_delta(
             diff,
             ledger.remembered_table if diff is not None and ledger.remembers_anyone() else None,
             workers=workers,
+            hash_columns=tuple(hash_columns),
         )
         try:
             for batch in source.scan(
                 window_start, scan_end, manifest.reaches_now, batch_rows, columns=columns
             ):
-                located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
-                hashes = batch_hashes(batch, hash_columns + located)
                 stamps = batch.column("UPDATED_AT")
                 span = pc.min_max(stamps)
                 oldest, stamp = span["min"].as_py(), span["max"].as_py()
-                # With no NULL UPDATED_AT in the batch, only ledger rows in its span can match.
-                between = (oldest, stamp) if stamps.null_count == 0 and oldest else None
-                known = ledger.known_hashes(hashes, between=between)
                 manifest.rows_read += batch.num_rows
                 if stamp is not None and (newest is None or stamp > newest):
                     newest = stamp
-                manifest.already_settled += len(known)
-                if known:
-                    keep = [h not in known for h in hashes]
-                    batch = batch.filter(pa.array(keep))
-                    hashes = [h for h, k in zip(hashes, keep, strict=True) if k]
-                if batch.num_rows:
-                    writer.add(batch, hashes)
+                # With no NULL UPDATED_AT in the batch, only ledger rows in its span can match;
+                # with none there (new rows, a restamped table) there is nothing to probe, and
+                # the rows are hashed where they are prepared, beside this process's work.
+                between = (oldest, stamp) if stamps.null_count == 0 and oldest else None
+                if between is not None and not ledger.settled_between(*between):
+                    writer.add(batch, None)
+                else:
+                    _add_unsettled(writer, ledger, batch, hash_columns, between, manifest)
                 progress(
                     f"read {manifest.rows_read:,} rows; {manifest.valid:,} to send, "
                     f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled"
@@ -387,6 +387,27 @@ def _write_delta(
         manifest.estimated_data_points = int(pc.sum(points).as_py() or 0)
     manifest.rejected -= rejected_copies
     return newest
+
+
+def _add_unsettled(
+    writer: DeltaWriter,
+    ledger: LedgerSession,
+    batch: pa.RecordBatch,
+    hash_columns: list[str],
+    between: tuple[dt.datetime, dt.datetime] | None,
+    manifest: DeltaManifest,
+) -> None:
+    """Hash a scanned batch, drop the rows the ledger already settled, add the rest."""
+    located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
+    hashes = batch_hashes(batch, hash_columns + located)
+    known = ledger.known_hashes(hashes, between=between)
+    manifest.already_settled += len(known)
+    if known:
+        keep = [h not in known for h in hashes]
+        batch = batch.filter(pa.array(keep))
+        hashes = [h for h, k in zip(hashes, keep, strict=True) if k]
+    if batch.num_rows:
+        writer.add(batch, hashes)
 
 
 def _drop_duplicates(path: str) -> int:

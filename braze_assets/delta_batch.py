@@ -45,6 +45,7 @@ from braze_assets.datatypes import (
 from braze_assets.known_users import KnownUsers
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
+from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
 
 VALID_SCHEMA = pa.schema(
     [
@@ -109,6 +110,9 @@ class BatchJob:
     diff: AttributeDiff | None = None
     #: the key of the rows' lookup hashes (`lookup.py`), read once by the run's own process
     lookup_key: bytes = b""
+    #: the columns of a row's identity (`row_identity.py`), for batches whose hashes the run's
+    #: process did not need (nothing in the ledger could match them) and left to the worker
+    hash_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -127,6 +131,15 @@ class Prepared:
     unprocessable: int = 0
 
 
+def row_hashes(job: BatchJob, rows: pa.RecordBatch | pa.Table) -> list[str]:
+    """The rows' `row_hash`, from the delta's identity columns and, for file sources, where
+    each row was read (`_FILE`, `_LINE`: part of its identity)."""
+    if not job.hash_columns:
+        raise ValueError("a batch without row hashes needs the delta's hash_columns")
+    located = [c for c in LOCATION_COLUMNS if c in rows.schema.names]
+    return batch_hashes(rows, [*job.hash_columns, *located])
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Preparing a batch allocates a container per row and field (parsed payloads, objects):
@@ -142,11 +155,16 @@ def _collector_paused() -> Iterator[None]:
 
 
 def prepare_batch(
-    job: BatchJob, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None = None
+    job: BatchJob,
+    rows: pa.RecordBatch | pa.Table,
+    hashes: list[str] | None,
+    known: KnownUsers | None = None,
 ) -> list[Prepared]:
-    """Prepare scanned rows not yet settled (`hashes`: their `row_hash`). With a diff, `known` is
-    what the state told of the batch's users (None: nothing). One `Prepared`, or one per row
-    when the batch had to be taken apart."""
+    """Prepare scanned rows not yet settled (`hashes`: their `row_hash`; None: computed here,
+    from `job.hash_columns`). With a diff, `known` is what the state told of the batch's users
+    (None: nothing). One `Prepared`, or one per row when the batch had to be taken apart."""
+    if hashes is None:
+        hashes = row_hashes(job, rows)
     try:
         with _collector_paused():
             return [_prepare(job, rows, hashes, known)]

@@ -73,7 +73,7 @@ def warm_up() -> None:
 @dataclass
 class _Task:
     rows: pa.RecordBatch | pa.Table
-    hashes: list[str]
+    hashes: list[str] | None
     known: KnownUsers | None
     future: concurrent.futures.Future[list[Prepared]] | None = None
 
@@ -94,7 +94,7 @@ class PreparePool:
     def submit(
         self,
         rows: pa.RecordBatch | pa.Table,
-        hashes: list[str],
+        hashes: list[str] | None,
         known: KnownUsers | None = None,
     ) -> Iterator[Prepared]:
         """Queue one batch; yield the results of the oldest batches once too many are in flight."""

@@ -18,6 +18,9 @@ import pyarrow.compute as pc
 
 from braze_assets.digests import hex_digests
 
+#: Columns file sources add to every row: where it came from (part of the row's identity).
+LOCATION_COLUMNS = ("_FILE", "_LINE")
+
 
 def row_hash(row: dict[str, Any], columns: list[str]) -> str:
     """Stable identity of a CDI row: identifier columns, UPDATED_AT and PAYLOAD

@@ -297,3 +297,59 @@ def test_workers_never_import_the_parent_main_module(tmp_path, how):
     assert done.returncode == 0, done.stderr
     assert "worker " in done.stdout  # the worker ran the task
     assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.parametrize("data_type", ["attributes", "events"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_with_nothing_settled_in_their_span_skip_the_probe(
+    tmp_path, pool_from_the_first_row, monkeypatch, data_type, workers
+):
+    """A batch stamped where the ledger holds nothing (new rows, a restamped table) is not hashed
+    nor probed by the run's process: its rows are hashed where they are prepared. The files are
+    the same, row for row, as when every batch is probed; a batch whose span does hold settled
+    rows is still probed, and its settled rows dropped."""
+    from braze_assets.state.embedded_ledger import DuckDBLedgerSession
+
+    rows = [_row({"n": i}, T0 + dt.timedelta(minutes=i), external_id=f"u{i}") for i in range(12)]
+    if data_type == "events":
+        rows = [
+            _row({"name": "opened", "time": T0.isoformat()}, r["UPDATED_AT"], external_id=r["EXTERNAL_ID"])
+            for r in rows
+        ]
+    table = _table(tmp_path / "warehouse.duckdb", data_type, rows)
+    probes: list[int] = []
+    probe = DuckDBLedgerSession.known_hashes
+
+    def counted(self, hashes, **kwargs):
+        probes.append(len(hashes))
+        return probe(self, hashes, **kwargs)
+
+    monkeypatch.setattr(DuckDBLedgerSession, "known_hashes", counted)
+    skipped = _run_delta(tmp_path, table, data_type, workers, "skipped")
+    assert probes == [] and skipped.valid == 12
+    monkeypatch.setattr(DuckDBLedgerSession, "settled_between", lambda self, oldest, newest: True)
+    probed = _run_delta(tmp_path, table, data_type, workers, "probed")
+    assert len(probes) == 4  # batches of 3 rows
+    _same_delta(skipped, probed)
+
+    # rows 0-4 settled: the batches stamped over them are probed, the later ones are not
+    monkeypatch.undo()
+    monkeypatch.setattr(delta, "POOL_AFTER_ROWS", 0)
+    monkeypatch.setattr(DuckDBLedgerSession, "known_hashes", counted)
+    probes.clear()
+    settled = pq.read_table(skipped.valid_path).slice(0, 5)
+    store = EmbeddedStateStore(tmp_path / "state_again", "case")
+    with store.session() as ledger:
+        ledger.append(
+            pa.table(
+                {
+                    "row_hash": settled["row_hash"],
+                    "updated_at": settled["updated_at"],
+                    "status": pa.array(["accepted"] * 5),
+                    "run_id": pa.array(["before"] * 5),
+                }
+            )
+        )
+    again = _run_delta(tmp_path, table, data_type, workers, "again")
+    assert probes == [3, 3]  # the two batches holding rows 0-5
+    assert again.already_settled == 5 and again.valid == 7

@@ -71,6 +71,10 @@ def test_known_hashes_filter_by_settle_time_and_updated_at(store):
         assert ledger.known_hashes(probe, between=window) == {"c"}
         later = dt.datetime.now(UTC) + dt.timedelta(minutes=1)
         assert ledger.known_hashes(probe, since=later) == set()
+        # the delta's question before it hashes a batch: anything settled in its span?
+        assert ledger.settled_between(T0, T0)
+        assert ledger.settled_between(*window)
+        assert not ledger.settled_between(T0 + dt.timedelta(seconds=1), T0 + dt.timedelta(days=2))
     assert store.log.status_counts() == {"accepted": 2, "failed": 1}
     assert store.settled_count(T0, T0 + dt.timedelta(days=1)) == 2
     assert store.settled_count(None, T0 + dt.timedelta(days=4)) == 3

@@ -120,6 +120,12 @@ class LedgerSession(ABC):
         computed then can have been settled by another run, and delivery skips its probes."""
 
     @abstractmethod
+    def settled_between(self, oldest: dt.datetime, newest: dt.datetime) -> bool:
+        """Whether the ledger holds any row with UPDATED_AT in [oldest, newest]: when none, no
+        row of a scanned batch stamped within that span can be settled (a row's identity
+        includes its UPDATED_AT), and the delta leaves hashing the batch to its workers."""
+
+    @abstractmethod
     def known_hashes(
         self,
         hashes: list[str],

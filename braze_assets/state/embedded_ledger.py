@@ -128,6 +128,10 @@ class DuckDBLedgerSession(LedgerSession):
         query = "SELECT EXISTS (SELECT 1 FROM ledger WHERE changed_at >= ?)"
         return bool(self.con.execute(query, [since]).fetchall()[0][0])
 
+    def settled_between(self, oldest: dt.datetime, newest: dt.datetime) -> bool:
+        query = "SELECT EXISTS (SELECT 1 FROM ledger WHERE updated_at BETWEEN ? AND ?)"
+        return bool(self.con.execute(query, [oldest, newest]).fetchall()[0][0])
+
     def known_hashes(
         self,
         hashes: list[str],

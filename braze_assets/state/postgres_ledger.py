@@ -82,6 +82,14 @@ class PostgresLedgerSession(LedgerSession):
             )
             return bool(cursor.fetchone()[0])
 
+    def settled_between(self, oldest: dt.datetime, newest: dt.datetime) -> bool:
+        with self._unit() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM ledger WHERE sync = %s AND updated_at BETWEEN %s AND %s)",
+                (self.sync, oldest, newest),
+            )
+            return bool(cursor.fetchone()[0])
+
     def known_hashes(
         self,
         hashes: list[str],
