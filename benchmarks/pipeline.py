@@ -217,6 +217,7 @@ def deliver_only(
         "attempts": outcome.attempts,
         "not_sent": outcome.not_sent,
         "leases": budget.leases if budget else 0,
+        "looks": budget.looks if budget else 0,
         "lease_store_s": budget.store_s if budget else 0.0,
     }
 
