@@ -25,13 +25,15 @@ def _skip_main_module(*_args: object) -> None:
 
 
 # A worker forked from this server would first import the parent's main module again, as
-# multiprocessing does for every child it does not fork from the parent itself: the `dagster`
-# or `braze-assets` command, the benchmark's runner. That is all of Dagster and this project,
-# measured at 2-3.5 CPU-seconds per worker, paid by every worker of every delta: more than a
-# worker's share of preparing a million restamped rows. A worker needs none of it (its tasks
-# are `delta_batch` functions on Arrow batches), so the fork server, whose children are only
-# delta workers, leaves the main module alone. These are private hooks of CPython's
-# multiprocessing (3.11: `spawn.prepare` calls them); if they are gone, nothing changes.
+# multiprocessing does for every child it does not fork from the parent itself. When that
+# module imports Dagster, every worker of every delta pays for it: measured, 1.3 CPU-seconds
+# for the `dagster` command's script (a materialization run in process by `dagster asset
+# materialize`), 2.1 for `dagster-daemon`'s, and more for a script importing the project at
+# its top. (`braze-assets` and Dagster's run workers, started as `python -m dagster`, import
+# nothing heavy there.) A worker needs none of it: its tasks are `delta_batch` functions on
+# Arrow batches. So the fork server, whose children are only delta workers, leaves the main
+# module alone. These are private hooks of CPython's multiprocessing (3.11: `spawn.prepare`
+# calls them); if they are gone, nothing changes.
 for _hook in ("_fixup_main_from_path", "_fixup_main_from_name"):
     if hasattr(mp_spawn, _hook):
         setattr(mp_spawn, _hook, _skip_main_module)
