@@ -4,15 +4,16 @@ Streams the window out of the warehouse in Arrow batches; per batch it hashes ea
 the ledger already settled, validates the rest with the data type's pandera schema and writes valid
 rows (as ready-to-send Braze objects) and rejected rows (with their reasons) to Parquet. Memory stays
 bounded by the batch size whatever the size of the delta.
+
+This module is the scan and what follows it (exact copies dropped, future and late rows counted).
+The batches go to a `DeltaWriter` (`delta_writer.py`), which prepares them and appends them to
+the files; what the run found goes into a `DeltaManifest` (`delta_manifest.py`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import duckdb
 import pyarrow as pa
@@ -21,26 +22,25 @@ import pyarrow.parquet as pq
 
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec, row_identifiers
-from braze_assets.delta_batch import (
+from braze_assets.delta_files import staged
+from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
+from braze_assets.delta_schema import (
     DIFF_COLUMNS,
     REJECTED_SCHEMA,
     UNCHANGED_SCHEMA,
     VALID_SCHEMA,
-    BatchJob,
-    Prepared,
     no_diff_columns,
-    prepare_batch,
     reason_key,
 )
-from braze_assets.delta_files import staged
-from braze_assets.delta_workers import PreparePool, configured_workers, warm_up
-from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
-from braze_assets.lookup import lookup_key
+from braze_assets.delta_workers import configured_workers
+from braze_assets.delta_writer import DeltaWriter
 from braze_assets.masking import mask_identifiers
 from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import LedgerSession, StateStore
 
+#: The manifest (`delta_manifest.py`), the writer (`delta_writer.py`) and the files' schemas
+#: (`delta_schema.py`) are importable from here too, where they were first.
 __all__ = [
     "DIFF_COLUMNS",
     "REJECTED_SCHEMA",
@@ -52,195 +52,6 @@ __all__ = [
     "no_diff_columns",
     "reason_key",
 ]
-
-EXAMPLES_KEPT = 5
-#: Rows a delta prepares in the run's own process before it starts worker processes.
-POOL_AFTER_ROWS = 50_000
-
-
-@dataclass
-class DeltaManifest:
-    """What `<sync>_delta` materialized: where the rows are and what was found on the way."""
-
-    sync: str
-    data_type: str
-    run_id: str
-    window_start: str | None
-    window_end: str
-    reaches_now: bool
-    valid_path: str
-    rejected_path: str
-    rows_read: int = 0
-    already_settled: int = 0
-    valid: int = 0
-    rejected: int = 0
-    rejected_reasons: dict[str, int] = field(default_factory=dict)
-    rejected_examples: list[dict[str, str]] = field(default_factory=list)
-    future_rows: int = 0
-    future_examples: list[dict[str, str]] = field(default_factory=list)
-    late_outside_lookback: int = 0
-    #: rows with UPDATED_AT before the sync's partitions_start: never read, so counted here
-    before_partitions_start: int = 0
-    #: rows that failed in a way validation did not foresee (rejected, never sent)
-    rows_unprocessable: int = 0
-    #: rows that were exact copies of another row of the delta (sent, or rejected, once)
-    duplicate_rows: int = 0
-    #: parts of the source that could not be read at all (files over 512 MB, unknown formats)
-    unreadable: list[str] = field(default_factory=list)
-    #: parts (files) read in full by this delta, with their version, and those skipped as settled
-    parts: dict[str, str] = field(default_factory=dict)
-    parts_skipped: int = 0
-    max_updated_at: str | None = None
-    #: data points the valid rows cost (attributes syncs: only the attributes that changed)
-    estimated_data_points: int = 0
-    #: attributes syncs sending only what changed: where the unchanged rows are, how many, and
-    #: the data points they and the trimmed rows save
-    unchanged_path: str | None = None
-    unchanged: int = 0
-    data_points_saved: int = 0
-    #: when the scan began: rows settled from then on by another run are checked again at delivery
-    computed_at: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: Delta columns whose values repeat (stamps, counts, masked identifiers): dictionary-encoded.
-#: The others are hashes, objects and remembered texts, nearly all distinct: trying a dictionary
-#: on them first was a third of the run's Parquet writing (measured: 0.34 s against 0.20 s per
-#: 200,000 rows of an attributes delta with the diff, files the same size).
-_DICTIONARY_COLUMNS = frozenset(
-    {"updated_at", "identifier", "data_points", "payload_attributes", "data_points_saved", "reasons"}
-)
-
-
-def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
-    dictionary = [name for name in schema.names if name in _DICTIONARY_COLUMNS]
-    return pq.ParquetWriter(path, schema, use_dictionary=dictionary)
-
-
-class DeltaWriter:
-    """Prepares scanned batches (`delta_batch.py`) and appends them, in scan order, to the valid,
-    rejected and unchanged Parquet files.
-
-    Batches are prepared in worker processes (`delta_workers.py`) once the delta has passed
-    `pool_after_rows` rows and `workers` is not 0; a small delta never starts one. What the state
-    knows of the batch's users (the attribute diff's `remembered`) is looked up here, in the
-    run's own process, which holds the state connection.
-    """
-
-    def __init__(
-        self,
-        manifest: DeltaManifest,
-        spec: DataTypeSpec,
-        update_existing_only: bool,
-        paths: tuple[str, ...] | None = None,
-        diff: AttributeDiff | None = None,
-        remembered: Lookup | None = None,
-        workers: int = 0,
-        pool_after_rows: int | None = None,
-        hash_columns: tuple[str, ...] = (),
-    ):
-        """`paths`: the local (valid, rejected[, unchanged]) files to write, when not the
-        manifest's own. `diff`: send only what changed, against what the state's lookup
-        `remembered` finds (None: nothing is remembered, so no row is looked up).
-        `hash_columns`: the rows' identity columns, for batches added without their hashes."""
-        self.manifest, self.spec = manifest, spec
-        own = (manifest.valid_path, manifest.rejected_path, manifest.unchanged_path)
-        valid_path, rejected_path, *unchanged_path = paths or tuple(p for p in own if p)
-        self._valid = _parquet_writer(valid_path, VALID_SCHEMA)
-        self._rejected = _parquet_writer(rejected_path, REJECTED_SCHEMA)
-        self.diff = diff
-        self._remembered = remembered
-        self._unchanged = _parquet_writer(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
-        self._reasons: Counter[str] = Counter()
-        self.job = BatchJob(spec, update_existing_only, diff, lookup_key(), hash_columns)
-        self._workers = workers
-        self._pool_after_rows = POOL_AFTER_ROWS if pool_after_rows is None else pool_after_rows
-        self._pool: PreparePool | None = None
-        # the fork server starts loading once a delta has filled a scan batch: a delta that big
-        # likely goes on to need the pool, and the server is then ready when the pool starts
-        self._warm_after_rows = self._pool_after_rows * 2 // 5
-        self._warmed = False
-        self._rows_added = 0
-        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str] | None]] = []
-        self._waiting_rows = 0
-
-    def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None) -> None:
-        """Prepare scanned rows not yet settled (`hashes`: their `row_hash`, None: hashed where
-        they are prepared, from `hash_columns`); append what is due.
-        With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once."""
-        if self.diff is None or self.spec.name == "catalogs" or self._remembered is None:
-            self._prepare(rows, hashes, None)
-            return
-        self._waiting.append((rows, hashes))
-        self._waiting_rows += rows.num_rows
-        if self._waiting_rows >= LOOKUP_ROWS:
-            self._look_up()
-
-    def _look_up(self) -> None:
-        """Look the waiting batches' users up, then prepare the batches in scan order."""
-        waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
-        if waiting and self._remembered is not None:
-            found = KnownUsers.find([rows for rows, _ in waiting], self._remembered)
-            for (rows, hashes), known in zip(waiting, found, strict=True):
-                self._prepare(rows, hashes, known)
-
-    def _prepare(
-        self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, known: KnownUsers | None
-    ) -> None:
-        self._rows_added += rows.num_rows
-        if (
-            self._pool is None
-            and self._workers
-            and not self._warmed
-            and self._rows_added >= self._warm_after_rows
-        ):
-            warm_up()
-            self._warmed = True
-        if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
-            self._pool = PreparePool(self.job, self._workers)
-        if self._pool is not None:
-            results: Iterable[Prepared] = self._pool.submit(rows, hashes, known)
-        else:
-            results = prepare_batch(self.job, rows, hashes, known)
-        for prepared in results:
-            self._commit(prepared)
-
-    def finish(self) -> None:
-        """Prepare the batches still waiting and append every batch still being prepared."""
-        self._look_up()
-        if self._pool is not None:
-            for prepared in self._pool.drain():
-                self._commit(prepared)
-
-    def _commit(self, prepared: Prepared) -> None:
-        manifest = self.manifest
-        if prepared.unchanged is not None and prepared.unchanged.num_rows and self._unchanged is not None:
-            self._unchanged.write_table(prepared.unchanged)
-            manifest.unchanged += prepared.unchanged.num_rows
-        manifest.data_points_saved += prepared.data_points_saved
-        manifest.rows_unprocessable += prepared.unprocessable
-        if prepared.valid is not None and prepared.valid.num_rows:
-            self._valid.write_table(prepared.valid)
-            manifest.valid += prepared.valid.num_rows
-            manifest.estimated_data_points += prepared.data_points
-        if prepared.rejected is not None and prepared.rejected.num_rows:
-            self._rejected.write_table(prepared.rejected)
-            manifest.rejected += prepared.rejected.num_rows
-            self._reasons.update(prepared.reasons)
-            room = EXAMPLES_KEPT - len(manifest.rejected_examples)
-            manifest.rejected_examples += prepared.examples[: max(room, 0)]
-
-    def close(self) -> None:
-        """Stop the workers and close the files (after `finish`, with everything appended)."""
-        if self._pool is not None:
-            self._pool.close()
-        self._valid.close()
-        self._rejected.close()
-        if self._unchanged is not None:
-            self._unchanged.close()
-        self.manifest.rejected_reasons = dict(self._reasons.most_common())
 
 
 def compute_delta(

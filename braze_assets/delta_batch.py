@@ -11,6 +11,8 @@ No row can stop the others: a batch that fails to prepare for a reason validatio
 foresee is prepared again row by row, and a row that still fails is rejected with a reason naming
 the kind of failure (counted as unprocessable), so every row read ends valid, unchanged or
 rejected.
+
+What the files hold is defined in `delta_schema.py`; catalog batches are prepared by `catalog_batch.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from braze_assets.attribute_diff import (
 from braze_assets.attribute_diff import (
     payload_hashes as payload_hashes_of,
 )
-from braze_assets.catalog_items import check_catalog_rows
+from braze_assets.catalog_batch import prepare_items
 from braze_assets.datatypes import (
     CheckedRows,
     DataTypeSpec,
@@ -42,62 +44,33 @@ from braze_assets.datatypes import (
     identifier_arrays,
     validate_batch,
 )
+from braze_assets.delta_schema import (
+    DIFF_COLUMNS,
+    REJECTED_SCHEMA,
+    UNCHANGED_SCHEMA,
+    VALID_SCHEMA,
+    no_diff_columns,
+    reason_key,
+)
 from braze_assets.known_users import KnownUsers
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
 
-VALID_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),  # masked, for display
-        ("identifier_hash", pa.string()),  # lookup hashes, to find a user's rows (lookup.py)
-        ("object", pa.binary()),  # the Braze object (or [key, id] for deletions), JSON
-        ("data_points", pa.int32()),  # attributes (events, purchases: 1) sent
-        # attributes syncs sending only what changed (attribute_diff.py); null otherwise:
-        ("user_key", pa.string()),
-        ("payload_hash", pa.string()),
-        ("remember", pa.string()),  # what Braze holds of the user once it accepts this row
-        ("payload_attributes", pa.int32()),
-        ("data_points_saved", pa.int32()),  # attributes left out: unchanged since last accepted
-    ]
-)
-#: The valid file's columns of the attribute diff (attribute_diff.py), null for other rows.
-DIFF_COLUMNS = ("user_key", "payload_hash", "remember", "payload_attributes", "data_points_saved")
-
-
-def no_diff_columns(rows: int) -> dict[str, pa.Array]:
-    """The attribute-diff columns of rows sent whole: nulls."""
-    return {name: pa.nulls(rows, VALID_SCHEMA.field(name).type) for name in DIFF_COLUMNS}
-
-
-#: Rows whose attributes all match what Braze last accepted: settled as `unchanged`, never sent.
-UNCHANGED_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),
-        ("identifier_hash", pa.string()),
-        ("data_points_saved", pa.int32()),
-    ]
-)
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("row_hash", pa.string()),
-        ("updated_at", pa.timestamp("us", tz="UTC")),
-        ("identifier", pa.string()),
-        ("identifier_hash", pa.string()),
-        ("reasons", pa.string()),
-        ("location", pa.string()),  # file:line for file sources
-        ("payload_excerpt", pa.string()),
-    ]
-)
-
-
-def reason_key(reason: str) -> str:
-    """Group reasons for counting: row-specific detail always follows the first ': '."""
-    return reason.split(": ")[0]
+#: The files' schemas and `reason_key` live in `delta_schema.py`; they are importable from here
+#: too, where they were first.
+__all__ = [
+    "DIFF_COLUMNS",
+    "REJECTED_SCHEMA",
+    "UNCHANGED_SCHEMA",
+    "VALID_SCHEMA",
+    "BatchJob",
+    "Prepared",
+    "no_diff_columns",
+    "prepare_batch",
+    "reason_key",
+    "row_hashes",
+]
 
 
 @dataclass(frozen=True)
@@ -183,9 +156,10 @@ def prepare_batch(
 def _prepare(
     job: BatchJob, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers | None
 ) -> Prepared:
-    if job.spec.name == "catalogs":
-        return _prepare_items(rows, hashes)
     prepared = Prepared()
+    if job.spec.name == "catalogs":
+        prepare_items(rows, hashes, prepared)
+        return prepared
     payload_hashes: list[str | None] = []
     user_keys: list[str] = []
     before: dict[str, Remembered] = {}
@@ -310,55 +284,6 @@ def _diff_rows(
         diffed.remember.update(zip(first, remember, strict=True))
         diffed.sent.update(zip(first, sent, strict=True))
     return diffed
-
-
-def _prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str]) -> Prepared:
-    """Catalog rows (`catalog_items.py`): items by id, never user identifiers."""
-    checked = check_catalog_rows(rows)
-    prepared = Prepared()
-    stamps = rows.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
-    shown = [f"ID={item_id}" if item_id else "(no id)" for item_id in checked.ids]
-    valid = sorted(checked.objects)
-    if valid:
-        take = pa.array(valid, pa.int64())
-        prepared.valid = pa.table(
-            {
-                "row_hash": pa.array([hashes[i] for i in valid], pa.string()),
-                "updated_at": stamps.take(take),
-                "identifier": pa.array([shown[i] for i in valid], pa.string()),
-                "identifier_hash": pa.nulls(len(valid), pa.string()),
-                "object": pa.array([checked.objects[i] for i in valid], pa.binary()),
-                "data_points": pa.array([0] * len(valid), pa.int32()),  # catalogs bill none
-                **no_diff_columns(len(valid)),
-            },
-            schema=VALID_SCHEMA,
-        )
-    if checked.failures:
-        names = rows.schema.names
-        payloads = rows.column("PAYLOAD").to_pylist() if "PAYLOAD" in names else [None] * rows.num_rows
-        located = "_FILE" in names
-        files = rows.column("_FILE").to_pylist() if located else []
-        lines = rows.column("_LINE").to_pylist() if located else []
-        failed = sorted(checked.failures)
-        reasons = ["; ".join(dict.fromkeys(checked.failures[i])) for i in failed]
-        prepared.rejected = pa.table(
-            {
-                "row_hash": pa.array([hashes[i] for i in failed], pa.string()),
-                "updated_at": stamps.take(pa.array(failed, pa.int64())),
-                "identifier": pa.array([shown[i] for i in failed], pa.string()),
-                "identifier_hash": pa.nulls(len(failed), pa.string()),
-                "reasons": pa.array(reasons, pa.string()),
-                "location": pa.array(
-                    [f"{files[i]}:{lines[i]}" if located else "" for i in failed], pa.string()
-                ),
-                "payload_excerpt": pa.array([mask_payload(payloads[i]) for i in failed], pa.string()),
-            },
-            schema=REJECTED_SCHEMA,
-        )
-        for i, reason in zip(failed, reasons, strict=True):
-            prepared.reasons.update(reason_key(r) for r in dict.fromkeys(checked.failures[i]))
-            prepared.examples.append({"row_hash": hashes[i], "identifier": shown[i], "reasons": reason})
-    return prepared
 
 
 def _set_aside_unchanged(

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from braze_assets import delta
+from braze_assets import delta_writer
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import accepted_attributes
@@ -96,7 +96,7 @@ def _same_delta(one: DeltaManifest, other: DeltaManifest) -> None:
 @pytest.fixture
 def pool_from_the_first_row(monkeypatch):
     """Workers from the first batch on (a small delta never starts them otherwise)."""
-    monkeypatch.setattr(delta, "POOL_AFTER_ROWS", 0)
+    monkeypatch.setattr(delta_writer, "POOL_AFTER_ROWS", 0)
 
 
 @pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
@@ -163,7 +163,7 @@ def test_one_lookup_for_several_batches_makes_the_same_diff(tmp_path, monkeypatc
     table, accepted = _remembered_case(tmp_path)
     results = []
     for name, batch_rows, lookup_rows in (("alone", 1000, 100_000), ("grouped", 3, 7)):
-        monkeypatch.setattr(delta, "LOOKUP_ROWS", lookup_rows)
+        monkeypatch.setattr(delta_writer, "LOOKUP_ROWS", lookup_rows)
         with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
             ledger.remember(accepted)
         results.append(_run_delta(tmp_path, table, "attributes", 0, name, diff=True, batch_rows=batch_rows))
@@ -334,7 +334,7 @@ def test_batches_with_nothing_settled_in_their_span_skip_the_probe(
 
     # rows 0-4 settled: the batches stamped over them are probed, the later ones are not
     monkeypatch.undo()
-    monkeypatch.setattr(delta, "POOL_AFTER_ROWS", 0)
+    monkeypatch.setattr(delta_writer, "POOL_AFTER_ROWS", 0)
     monkeypatch.setattr(DuckDBLedgerSession, "known_hashes", counted)
     probes.clear()
     settled = pq.read_table(skipped.valid_path).slice(0, 5)
