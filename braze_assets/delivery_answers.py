@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from braze_assets.braze.client import RequestOutcome
-from braze_assets.delta import reason_key
+from braze_assets.delta_schema import reason_key
 from braze_assets.request_plan import PlannedRequest
 from braze_assets.sync_outcome import SyncOutcome
 

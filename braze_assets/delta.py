@@ -24,14 +24,6 @@ from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.datatypes import IDENTIFIER_COLUMNS, DataTypeSpec, row_identifiers
 from braze_assets.delta_files import staged
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
-from braze_assets.delta_schema import (
-    DIFF_COLUMNS,
-    REJECTED_SCHEMA,
-    UNCHANGED_SCHEMA,
-    VALID_SCHEMA,
-    no_diff_columns,
-    reason_key,
-)
 from braze_assets.delta_workers import configured_workers
 from braze_assets.delta_writer import DeltaWriter
 from braze_assets.masking import mask_identifiers
@@ -39,19 +31,9 @@ from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import LedgerSession, StateStore
 
-#: The manifest (`delta_manifest.py`), the writer (`delta_writer.py`) and the files' schemas
-#: (`delta_schema.py`) are importable from here too, where they were first.
-__all__ = [
-    "DIFF_COLUMNS",
-    "REJECTED_SCHEMA",
-    "UNCHANGED_SCHEMA",
-    "VALID_SCHEMA",
-    "DeltaManifest",
-    "DeltaWriter",
-    "compute_delta",
-    "no_diff_columns",
-    "reason_key",
-]
+#: The manifest (`delta_manifest.py`) and the writer (`delta_writer.py`) are importable from
+#: here too, where they were first; the files' schemas are in `delta_schema.py`.
+__all__ = ["DeltaManifest", "DeltaWriter", "compute_delta"]
 
 
 def compute_delta(

@@ -45,7 +45,6 @@ from braze_assets.datatypes import (
     validate_batch,
 )
 from braze_assets.delta_schema import (
-    DIFF_COLUMNS,
     REJECTED_SCHEMA,
     UNCHANGED_SCHEMA,
     VALID_SCHEMA,
@@ -56,21 +55,6 @@ from braze_assets.known_users import KnownUsers
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
 from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
-
-#: The files' schemas and `reason_key` live in `delta_schema.py`; they are importable from here
-#: too, where they were first.
-__all__ = [
-    "DIFF_COLUMNS",
-    "REJECTED_SCHEMA",
-    "UNCHANGED_SCHEMA",
-    "VALID_SCHEMA",
-    "BatchJob",
-    "Prepared",
-    "no_diff_columns",
-    "prepare_batch",
-    "reason_key",
-    "row_hashes",
-]
 
 
 @dataclass(frozen=True)

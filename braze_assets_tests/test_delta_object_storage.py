@@ -26,8 +26,8 @@ import pytest
 from braze_assets import delta_store
 from braze_assets.automation import incremental_range, range_tags
 from braze_assets.definitions import default_resources
-from braze_assets.delta import VALID_SCHEMA, no_diff_columns
 from braze_assets.delta_files import SEALED, DeltaFiles, delta_root, staged
+from braze_assets.delta_schema import VALID_SCHEMA, no_diff_columns
 from braze_assets.resources import manifest_root
 from braze_assets.sources.factory import make_source, resource_key
 from braze_assets_tests.conftest import Harness, cdi_row, events_rows, seqs, sync_config
