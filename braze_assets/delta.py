@@ -27,7 +27,7 @@ from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_workers import configured_workers
 from braze_assets.delta_writer import DeltaWriter
 from braze_assets.masking import mask_identifiers
-from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
+from braze_assets.row_identity import located_batch_hashes
 from braze_assets.sources.base import CdiSource
 from braze_assets.state import LedgerSession, StateStore
 
@@ -116,9 +116,9 @@ def _write_delta(
 ) -> dt.datetime | None:
     """Scan the window into the local files `paths` (valid, rejected[, unchanged]); the newest
     UPDATED_AT read."""
-    hash_columns = [
+    hash_columns = tuple(
         c for c in columns if c in IDENTIFIER_COLUMNS or c in ("ID", "DELETED", "UPDATED_AT", "PAYLOAD")
-    ]
+    )
     manifest.parts_skipped = source.skip_parts(store.settled_parts())
     manifest.parts = source.parts(window_start, scan_end)
     manifest.computed_at = dt.datetime.now(dt.UTC).isoformat()
@@ -132,7 +132,7 @@ def _write_delta(
             diff,
             ledger.remembered_table if diff is not None and ledger.remembers_anyone() else None,
             workers=workers,
-            hash_columns=tuple(hash_columns),
+            hash_columns=hash_columns,
         )
         try:
             for batch in source.scan(
@@ -186,13 +186,12 @@ def _add_unsettled(
     writer: DeltaWriter,
     ledger: LedgerSession,
     batch: pa.RecordBatch,
-    hash_columns: list[str],
+    hash_columns: tuple[str, ...],
     between: tuple[dt.datetime, dt.datetime] | None,
     manifest: DeltaManifest,
 ) -> None:
     """Hash a scanned batch, drop the rows the ledger already settled, add the rest."""
-    located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
-    hashes = batch_hashes(batch, hash_columns + located)
+    hashes = located_batch_hashes(batch, hash_columns)
     known = ledger.known_hashes(hashes, between=between)
     manifest.already_settled += len(known)
     if known:

@@ -54,7 +54,7 @@ from braze_assets.delta_schema import (
 from braze_assets.known_users import KnownUsers
 from braze_assets.lookup import column_lookup_hashes, row_lookup_hashes
 from braze_assets.masking import mask_identifier_columns, mask_identifiers, mask_payload
-from braze_assets.row_identity import LOCATION_COLUMNS, batch_hashes
+from braze_assets.row_identity import located_batch_hashes
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,7 @@ def row_hashes(job: BatchJob, rows: pa.RecordBatch | pa.Table) -> list[str]:
     each row was read (`_FILE`, `_LINE`: part of its identity)."""
     if not job.hash_columns:
         raise ValueError("a batch without row hashes needs the delta's hash_columns")
-    located = [c for c in LOCATION_COLUMNS if c in rows.schema.names]
-    return batch_hashes(rows, [*job.hash_columns, *located])
+    return located_batch_hashes(rows, job.hash_columns)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -70,3 +71,10 @@ def batch_hashes(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> list[s
         parts.append(_hash_text(column, values))
     joined = pc.binary_join_element_wise(*parts, "\x1f").cast(pa.binary()).to_pylist()
     return hex_digests(hashlib.blake2b(digest_size=16), joined)
+
+
+def located_batch_hashes(batch: pa.RecordBatch | pa.Table, columns: Sequence[str]) -> list[str]:
+    """`batch_hashes` over a delta's identity `columns` and, for file sources, where each row
+    was read (`LOCATION_COLUMNS`, present only in their batches)."""
+    located = [c for c in LOCATION_COLUMNS if c in batch.schema.names]
+    return batch_hashes(batch, [*columns, *located])
