@@ -42,9 +42,16 @@ _DICTIONARY_COLUMNS = frozenset(
 )
 
 
+#: Delta columns of hex digests: stored uncompressed. Random hex gives Snappy almost nothing to
+#: find (files 9% smaller) and compressing it was most of the run's Parquet writing (measured on
+#: 200,000 rows of an attributes delta with the diff: 280 ms against 133 ms).
+_DIGEST_COLUMNS = frozenset({"row_hash", "identifier_hash", "user_key", "payload_hash"})
+
+
 def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
     dictionary = [name for name in schema.names if name in _DICTIONARY_COLUMNS]
-    return pq.ParquetWriter(path, schema, use_dictionary=dictionary)
+    compression = {name: "none" if name in _DIGEST_COLUMNS else "snappy" for name in schema.names}
+    return pq.ParquetWriter(path, schema, use_dictionary=dictionary, compression=compression)
 
 
 class DeltaWriter:

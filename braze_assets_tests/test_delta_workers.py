@@ -353,3 +353,21 @@ def test_batches_with_nothing_settled_in_their_span_skip_the_probe(
     again = _run_delta(tmp_path, table, data_type, workers, "again")
     assert probes == [3, 3]  # the two batches holding rows 0-5
     assert again.already_settled == 5 and again.valid == 7
+
+
+def test_delta_files_store_digest_columns_uncompressed(tmp_path):
+    """Hex digests are random text: compressing them costs the run's process far more than the
+    bytes it saves, so the delta's files keep them as they are and compress everything else."""
+    table, accepted = _remembered_case(tmp_path)
+    with EmbeddedStateStore(tmp_path / "state_codecs", "case").session() as ledger:
+        ledger.remember(accepted)
+    manifest = _run_delta(tmp_path, table, "attributes", 0, "codecs", diff=True)
+    digests = {"row_hash", "identifier_hash", "user_key", "payload_hash"}
+    assert manifest.valid and manifest.unchanged  # both files hold rows
+    for path in (manifest.valid_path, manifest.unchanged_path):
+        assert path is not None
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        columns = [group.column(i) for i in range(group.num_columns)]
+        codecs = {column.path_in_schema: column.compression for column in columns}
+        assert {name for name, codec in codecs.items() if codec == "UNCOMPRESSED"} == digests & set(codecs)
+        assert {codec for name, codec in codecs.items() if name not in digests} == {"SNAPPY"}
