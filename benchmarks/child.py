@@ -1,7 +1,8 @@
 """One benchmark case in its own process: `python -m benchmarks.child '<json params>'`.
 
 Progress goes to stderr; the last stdout line is the JSON result, with this process's peak RSS
-(VmHWM) so every case's memory is its own. `run_children` is the parent's side.
+(VmHWM) so every case's memory is its own. `run_children` is the parent's side. A case's `cpus`
+(a list of CPU numbers) confines the case, its threads and its workers to those CPUs.
 """
 
 from __future__ import annotations
@@ -53,12 +54,16 @@ def peak_rss_mib() -> float:
 def main() -> None:
     params = json.loads(sys.argv[1])
     case = params.pop("case")
+    cpus = params.pop("cpus", None)
+    if cpus:  # before any thread or worker starts: they all inherit it
+        os.sched_setaffinity(0, cpus)
     modules = {"raw_ceiling": "senders", "naive_requests": "senders", "braze_client": "senders"}
     modules["ledger_probe"] = "state_backends"
     modules.update(snapshot_runs="attribute_diff", diff_cost="attribute_diff")
     module = importlib.import_module(f"benchmarks.{modules.get(case, 'pipeline')}")
     result = getattr(module, case)(**params)
     result["peak_rss_mib"] = peak_rss_mib()
+    result["cpus"] = sorted(os.sched_getaffinity(0))
     print(json.dumps(result), flush=True)
 
 

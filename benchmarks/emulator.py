@@ -3,6 +3,7 @@ sender being measured."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,14 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Confine every thread of process `pid` to `cpus` (affinity is per thread; the threads and
+    processes it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(task), cpus)
 
 
 class EmulatorProcess:
@@ -68,6 +77,11 @@ class EmulatorProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+
+    def pin(self, cpus: set[int]) -> None:
+        """Confine the emulator (every thread it has) to `cpus`."""
+        assert self._proc is not None
+        pin_process(self._proc.pid, cpus)
 
     def cpu_s(self) -> float:
         """CPU seconds the emulator's process has used so far (user and system)."""

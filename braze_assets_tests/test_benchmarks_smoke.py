@@ -133,6 +133,30 @@ def test_memory_cases_run_with_the_state_in_postgresql(tmp_path):
     assert not state_files, state_files
 
 
+def test_state_backends_case_measures_the_server_apart_from_the_sync(tmp_path):
+    """`--case state-backends`: both backends e2e on the shared cores, then again with the sync
+    (its workers too) confined to one core and the server to another, each ratio a target."""
+    import os
+
+    from benchmarks.state_backends import APART
+
+    _, text, rows = _benchmark(tmp_path, "--case", "state-backends", "--quick", "--rows", "2000")
+    cores = sorted(os.sched_getaffinity(0))
+    e2e = [r for r in rows if r["case"].startswith("e2e")]
+    for row in e2e:
+        assert "error" not in row["extra"] and row["objects"] == row["rows"] == 2000, row
+    shared = {r["extra"]["backend"]: r["extra"]["cpus"] for r in e2e if APART not in r["case"]}
+    assert shared == {"embedded": cores, "postgresql": cores}
+    apart = {r["extra"]["backend"]: r["extra"]["cpus"] for r in e2e if APART in r["case"]}
+    if len(cores) > 1:
+        assert apart == {"embedded": cores[:1], "postgresql": cores[:1]}
+        assert f"of the embedded backend's ({APART}) |" in text
+    else:
+        assert not apart
+    probes = {r["case"] for r in rows if r["case"].startswith("ledger probe")}
+    assert probes == {"ledger probe, state embedded", "ledger probe, state postgresql"}
+
+
 def test_the_state_server_cpu_counts_postgres_processes_only():
     """A process whose command line merely mentions postgres (`benchmarks.run --state
     postgresql`, whose CPU includes every finished case's) is not the server."""
