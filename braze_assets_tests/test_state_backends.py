@@ -290,3 +290,31 @@ def test_migrations_run_once_when_processes_start_together(postgres):
         "settled_parts",
         "watermarks",
     ]
+
+
+def test_a_batch_of_unsent_rows_goes_straight_into_the_embedded_ledger_file(tmp_path):
+    """Delivery settles the rows it never sends (invalid, unchanged: a restamped snapshot's
+    nearly every row) `UNSENT_BATCH_ROWS` at a time. The embedded ledger (DuckDB) writes an
+    append that big straight into its file; a smaller one would go through its write-ahead log
+    and be written a second time when the log is folded."""
+    from braze_assets.delivery import UNSENT_BATCH_ROWS
+    from braze_assets.delivery_rows import unsent_rows
+    from braze_assets.state import EmbeddedStateStore
+
+    n = UNSENT_BATCH_ROWS
+    stamp = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = pa.table(
+        {
+            "row_hash": pa.array([f"{i:032x}" for i in range(n)]),
+            "updated_at": pa.array([stamp] * n, pa.timestamp("us", tz="UTC")),
+            "identifier": pa.array(["EXTERNAL_ID=m***"] * n),
+            "identifier_hash": pa.array([f"{i:016x}" for i in range(n)]),
+        }
+    )
+    store = EmbeddedStateStore(tmp_path / "state", "unsent")
+    with store.session() as ledger:
+        ledger.append(unsent_rows(rows, "unchanged", pa.nulls(n, pa.string()), "run-1"))
+        wal = Path(f"{store.db_path}.wal")
+        logged = wal.stat().st_size if wal.exists() else 0
+        assert logged < 1_000_000, f"{logged:,} bytes of {n:,} rows went through the write-ahead log"
+    assert store.settled_count(None, stamp + dt.timedelta(seconds=1)) == n  # all of them, once
