@@ -41,11 +41,9 @@ def _hash_text(column: str, values: pa.Array) -> pa.Array:
     """`row_hash`'s `COLUMN=value` text for a whole column (string, integer and timestamp columns
     column-wise; anything else through Python, exactly as `row_hash` formats it)."""
     if column == "UPDATED_AT":
-        # "YYYY-MM-DD HH:MM:SS.ffffff" (UTC) -> isoformat(): "T", no zero micros, "+00:00"
-        text = values.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
-        text = pc.replace_substring(text, " ", "T", max_replacements=1)
-        text = pc.replace_substring_regex(text, r"\.000000$", "")
-        text = pc.binary_join_element_wise(text, "+00:00", "")
+        # A batch's rows share few stamps (a restamped snapshot's, one): each is written once.
+        stamps = pc.dictionary_encode(values)
+        text = _stamp_text(stamps.dictionary).take(stamps.indices)
     elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         text = values
     elif pa.types.is_integer(values.type):
@@ -53,6 +51,15 @@ def _hash_text(column: str, values: pa.Array) -> pa.Array:
     else:
         text = pa.array([_python_text(v) for v in values.to_pylist()], pa.string())
     return pc.binary_join_element_wise(f"{column}=", pc.fill_null(text, ""), "")
+
+
+def _stamp_text(stamps: pa.Array) -> pa.Array:
+    """`row_hash`'s text of timestamps: "YYYY-MM-DD HH:MM:SS.ffffff" (UTC) -> isoformat(): "T",
+    no zero micros, "+00:00"."""
+    text = stamps.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
+    text = pc.replace_substring(text, " ", "T", max_replacements=1)
+    text = pc.replace_substring_regex(text, r"\.000000$", "")
+    return pc.binary_join_element_wise(text, "+00:00", "")
 
 
 def _python_text(value: Any) -> str | None:

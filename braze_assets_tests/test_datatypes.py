@@ -711,15 +711,19 @@ def test_batch_hashes_equal_row_hashes_for_every_column_type():
 
     table = pa.table(
         {
-            "UPDATED_AT": pa.array([T0, T0.replace(microsecond=120), None], pa.timestamp("us", tz="UTC")),
-            "EXTERNAL_ID": pa.array([12345, None, 7], pa.int64()),
-            "EMAIL": pa.array(["a@b.co", "", None]),
+            # stamps repeated, as a batch's rows share them, and a null between them
+            "UPDATED_AT": pa.array(
+                [T0, T0.replace(microsecond=120), None, T0, T0.replace(microsecond=120)],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "EXTERNAL_ID": pa.array([12345, None, 7, 8, 9], pa.int64()),
+            "EMAIL": pa.array(["a@b.co", "", None, "c@d.co", None]),
             "PAYLOAD": pa.array(
-                [{"b": 1.5, "a": True}, None, {"b": None, "a": False}],
+                [{"b": 1.5, "a": True}, None, {"b": None, "a": False}, None, {"b": 2.0, "a": True}],
                 pa.struct([("b", pa.float64()), ("a", pa.bool_())]),
             ),
-            "_FILE": ["f.jsonl"] * 3,
-            "_LINE": pa.array([1, 2, 3], pa.int32()),
+            "_FILE": ["f.jsonl"] * 5,
+            "_LINE": pa.array([1, 2, 3, 4, 5], pa.int32()),
         }
     )
     columns = table.schema.names
