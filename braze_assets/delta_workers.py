@@ -78,14 +78,32 @@ class _Task:
     future: concurrent.futures.Future[list[Prepared]] | None = None
 
 
+#: A worker's job, set once when it starts: what it keeps between batches (the attribute diff's
+#: hashes of values seen, which a job pickled with each batch would lose) stays with it.
+_worker_job: BatchJob | None = None
+
+
+def _start_worker(job: BatchJob) -> None:
+    global _worker_job
+    _worker_job = job
+    gc.freeze()  # what the fork server imported is never walked by the worker's collector
+
+
+def _prepare_in_worker(
+    rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, known: KnownUsers | None
+) -> list[Prepared]:
+    if _worker_job is None:
+        raise RuntimeError("a delta worker was given a batch before its job")
+    return prepare_batch(_worker_job, rows, hashes, known)
+
+
 class PreparePool:
     """Batches in, `Prepared` results out in the same order (`submit` yields those now due)."""
 
     def __init__(self, job: BatchJob, workers: int):
         self.job = job
-        # gc.freeze: what the fork server imported is never walked by a worker's collector
         executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=_context(), initializer=gc.freeze
+            max_workers=workers, mp_context=_context(), initializer=_start_worker, initargs=(job,)
         )
         self._executor: concurrent.futures.ProcessPoolExecutor | None = executor
         self._pending: collections.deque[_Task] = collections.deque()
@@ -101,7 +119,7 @@ class PreparePool:
         task = _Task(rows, hashes, known)
         if self._executor is not None:
             try:
-                task.future = self._executor.submit(prepare_batch, self.job, rows, hashes, known)
+                task.future = self._executor.submit(_prepare_in_worker, rows, hashes, known)
             except BrokenProcessPool:
                 self._lose_workers()
         self._pending.append(task)

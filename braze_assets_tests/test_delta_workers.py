@@ -216,6 +216,36 @@ def test_a_worker_that_dies_loses_no_batch(caplog):
     assert "a delta worker process died" in caplog.text
 
 
+def test_each_worker_gets_its_job_once(monkeypatch):
+    """A worker is handed the delta's job when it starts and keeps it for every batch: what the
+    job keeps between batches (the attribute diff's hashes of values seen) stays with it, and
+    a batch carries only its rows."""
+    sent: list[str] = []
+    state = AttributeDiff.__getstate__
+    monkeypatch.setattr(AttributeDiff, "__getstate__", lambda self: sent.append("job") or state(self))
+    job = BatchJob(DATA_TYPES["attributes"], update_existing_only=False, diff=AttributeDiff())
+    batches = []
+    for n in range(8):
+        table = pa.table(
+            {
+                "UPDATED_AT": pa.array([T0] * 4, pa.timestamp("us", tz="UTC")),
+                "EXTERNAL_ID": pa.array([f"u{n}-{i}" for i in range(4)], pa.string()),
+                "PAYLOAD": pa.array([orjson.dumps({"tier": "gold", "n": i}).decode() for i in range(4)]),
+            }
+        )
+        batches.append((table, batch_hashes(table, ["EXTERNAL_ID", "UPDATED_AT", "PAYLOAD"])))
+    expected = [part for rows, hashes in batches for part in prepare_batch(job, rows, hashes)]
+    sent.clear()
+    pool = PreparePool(job, workers=2)
+    try:
+        got = [part for rows, hashes in batches for part in pool.submit(rows, hashes)]
+        got += list(pool.drain())
+    finally:
+        pool.close()
+    assert got == expected
+    assert 1 <= len(sent) <= 2, f"the job was sent {len(sent)} times for {len(batches)} batches"
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("0", 0), ("3", 3), (" 2 ", 2), ("", None)],
