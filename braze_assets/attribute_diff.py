@@ -25,6 +25,7 @@ turns the diff off.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -180,6 +181,26 @@ _ARROW_SCALARS = {str: pa.string(), int: pa.int64(), bool: pa.bool_()}
 _COLUMN_WISE_ROWS = 16
 
 
+def _shared_columns(payloads: Sequence[dict[str, Any]]) -> tuple[tuple[str, ...], list[Sequence[Any]]] | None:
+    """The payloads' keys and their values a key at a time, when every payload has the same keys
+    (in any order); None otherwise. Same length and every key of the first found is the same
+    set, and both are checked without a Python loop per row."""
+    if not payloads:
+        return None
+    keys = tuple(payloads[0])
+    if set(map(len, payloads)) != {len(keys)}:
+        return None
+    try:
+        return keys, [list(map(operator.itemgetter(key), payloads)) for key in keys]
+    except KeyError:
+        return None
+
+
+def _billed(keys: Sequence[str]) -> int:
+    """Data points of a payload of these keys sent whole: control keys are never billed."""
+    return sum(1 for key in keys if key[:1] != "_")
+
+
 class AttributeDiff:
     """The diff of one attributes sync (`always`: its `always_send` keys).
 
@@ -240,53 +261,51 @@ class AttributeDiff:
         of a table: its PAYLOAD is built by one query) are hashed a column at a time, each
         distinct value once; a per-row loop here was most of the diff's cost."""
         count = len(payloads)
+        shared = _shared_columns(payloads)
+        if shared is not None and count >= _COLUMN_WISE_ROWS:  # the usual batch: one key set
+            keys, columns = shared
+            return self._column_wise(keys, columns, count), [_billed(keys)] * count
         remember: list[str] = [""] * count
         sent: list[int] = [0] * count
-        groups: Mapping[tuple[str, ...], Sequence[int]]
-        shared = payloads[0].keys() if count else {}.keys()
-        if all(payload.keys() == shared for payload in payloads):  # the usual batch: one group
-            groups = {tuple(shared): range(count)}
-        else:
-            by_keys: dict[tuple[str, ...], list[int]] = {}
-            for i, payload in enumerate(payloads):
-                by_keys.setdefault(tuple(payload), []).append(i)
-            groups = by_keys
-        for keys, rows in groups.items():
+        by_keys: dict[tuple[str, ...], list[int]] = {}
+        for i, payload in enumerate(payloads):
+            by_keys.setdefault(tuple(sorted(payload)), []).append(i)
+        for keys, rows in by_keys.items():
             if len(rows) < _COLUMN_WISE_ROWS:
                 for i in rows:
                     trimmed = self._first(payloads[i])
                     remember[i], sent[i] = trimmed.remember, trimmed.sent
                 continue
-            pieces = [self._remembered_column(key, [payloads[i][key] for i in rows]) for key in keys]
-            texts = [piece for piece in pieces if piece is not None]
-            if texts:
-                joined = pc.binary_join_element_wise(*texts, "")  # each piece ends with ","
-                column = pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 0, -1), "}", "")
-                values = column.to_pylist()
-            else:
-                values = ["{}"] * len(rows)
-            billed = sum(1 for key in keys if key[:1] != "_")
-            if len(rows) == count:
-                return values, [billed] * count
-            for i, value in zip(rows, values, strict=True):
-                remember[i], sent[i] = value, billed
+            texts = self._column_wise(keys, [[payloads[i][key] for i in rows] for key in keys], len(rows))
+            billed = _billed(keys)
+            for i, text in zip(rows, texts, strict=True):
+                remember[i], sent[i] = text, billed
         return remember, sent
 
-    def _remembered_column(self, key: str, values: list[Any]) -> pa.Array | None:
+    def _column_wise(self, keys: Sequence[str], columns: Sequence[Sequence[Any]], count: int) -> list[str]:
+        """What to remember of `count` rows of one key set, from their values a key at a time."""
+        pieces = [self._remembered_column(key, values) for key, values in zip(keys, columns, strict=True)]
+        texts = [piece for piece in pieces if piece is not None]
+        if not texts:
+            return ["{}"] * count
+        joined = pc.binary_join_element_wise(*texts, "")  # each piece ends with ","
+        return pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 0, -1), "}", "").to_pylist()
+
+    def _remembered_column(self, key: str, values: Sequence[Any]) -> pa.Array | None:
         """One attribute's `"key":"hash",` for a group of rows ("" where nothing is remembered:
         an operator); None when the key is never remembered."""
         if key[:1] == "_" or key in self.always:
             return None
-        kinds = set(map(type, values))
-        kinds.discard(type(None))
-        kind = kinds.pop() if len(kinds) == 1 else None
         digests: pa.Array | None = None
-        if kind in _ARROW_SCALARS:
+        first = next((value for value in values if value is not None), None)
+        if type(first) in _ARROW_SCALARS:
+            # Arrow's own inference refuses a column of mixed kinds (text and numbers, numbers
+            # and booleans, beyond 64 bits) or widens it (numbers and floats): row by row below.
             try:
-                column = pa.array(values, _ARROW_SCALARS[kind])
-            except (OverflowError, pa.ArrowException):  # not held exactly: row by row below
+                column = pa.array(values)
+            except (OverflowError, pa.ArrowException):
                 column = None
-            if column is not None:
+            if column is not None and column.type == _ARROW_SCALARS[type(first)]:
                 encoded = pc.dictionary_encode(column)
                 hashed = pa.array([self._hash(v) for v in encoded.dictionary.to_pylist()], pa.string())
                 digests = pc.fill_null(hashed.take(encoded.indices), _NULL)
