@@ -138,9 +138,14 @@ def snapshot_runs(db: str, base_url: str, api_key: str, workdir: str, in_flight:
     }
 
 
-def diff_cost(db: str, workdir: str, users: int, repeats: int = 3) -> dict:
+#: Delta phases measured with the diff and without, alternately: this host's speed varies by
+#: tens of percent from minute to minute, so one pair says little.
+COST_REPEATS = 5
+
+
+def diff_cost(db: str, workdir: str, users: int, repeats: int = COST_REPEATS) -> dict:
     """The delta phase of a table with no unchanged rows (a fresh state), with and without the
-    diff, alternately: the medians."""
+    diff, alternately: the medians, and every timing."""
     write_snapshot(db, users, dt.datetime.now(UTC) - dt.timedelta(hours=1))
     timings: dict[str, list[float]] = {"diff": [], "full_payload": []}
     for _ in range(repeats):
@@ -151,11 +156,16 @@ def diff_cost(db: str, workdir: str, users: int, repeats: int = 3) -> dict:
             )
             timings[name].append(seconds)
     medians = {k: statistics.median(v) for k, v in timings.items()}
-    return {"objects": 0, "rows": users, "seconds": medians["diff"], "medians": medians}
+    return {"objects": 0, "rows": users, "seconds": medians["diff"], "medians": medians, "timings": timings}
+
+
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def run(workdir: Path, users: int, in_flight: int) -> tuple[list[Row], str]:
     """Both measurements, each in a process of its own; the RESULTS.md section."""
+    workdir.mkdir(parents=True, exist_ok=True)  # `--workdir` may name a directory not made yet
     db = str(workdir / "snapshot.duckdb")
     load_before = os.getloadavg()
     with EmulatorProcess(latency_ms=0) as emu:
@@ -197,7 +207,9 @@ def run(workdir: Path, users: int, in_flight: int) -> tuple[list[Row], str]:
         f"Second: {second['data_points']:,} sent, {second['saved']:,} saved, {second['unchanged']:,} rows "
         f"unchanged, in {second['seconds']:.1f} s (delta {second['delta_s']:.1f} s). Delta phase, no "
         f"unchanged rows: {cost['medians']['full_payload']:.2f} s without the diff, "
-        f"{cost['medians']['diff']:.2f} s with it (medians of 3). Load: "
+        f"{cost['medians']['diff']:.2f} s with it (medians of {len(cost['timings']['diff'])}; each run, "
+        f"without: {_seconds(cost['timings']['full_payload'])}; "
+        f"with: {_seconds(cost['timings']['diff'])}). Load: "
         f"{loads(load_before, os.getloadavg())}."
     )
     targets = [

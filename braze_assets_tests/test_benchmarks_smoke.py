@@ -157,6 +157,30 @@ def test_state_backends_case_measures_the_server_apart_from_the_sync(tmp_path):
     assert probes == {"ledger probe, state embedded", "ledger probe, state postgresql"}
 
 
+def test_attribute_diff_case_reports_its_three_targets(tmp_path):
+    """`--case attribute-diff` on a small snapshot: both runs, the second sending only the 1% of
+    values changed, the diff's cost from every alternated run, and the three targets."""
+    from benchmarks.attribute_diff import COST_REPEATS
+
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--case", "attribute-diff", "--rows", "2000"]
+        + ["--results", str(results), "--workdir", str(tmp_path / "work")],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert "| snapshot, first sync |" in text and "| snapshot, restamped (1% changed) |" in text
+    assert "8,000 data points in" in text  # 2,000 users x 4 attributes, all sent once
+    assert f"(medians of {COST_REPEATS}; each run, without: " in text
+    for target in ("second run's data points", "second run's wall time", "delta throughput with the diff"):
+        assert f"| {target}" in text, target
+
+
 def test_the_state_server_cpu_counts_postgres_processes_only():
     """A process whose command line merely mentions postgres (`benchmarks.run --state
     postgresql`, whose CPU includes every finished case's) is not the server."""
