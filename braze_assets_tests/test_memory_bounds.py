@@ -52,6 +52,22 @@ def test_a_delta_file_is_read_holding_one_batch_at_a_time(delta_file):
     assert held > GROUPS // 2 * group_bytes
 
 
+def test_a_delta_file_read_for_some_columns_holds_only_those(delta_file):
+    """Settling rows never sent reads their hashes and identifiers, not what else the file holds
+    (a rejected row's payload excerpt); a column an older delta lacks is left out, not an error."""
+    with delta_store.open_input(str(delta_file)) as source:
+        batches = delta_store.parquet_batches(source, 1_000, columns=["row_hash", "identifier_hash"])
+        names = {tuple(batch.schema.names) for batch in batches}
+    assert names == {("row_hash",)}
+    with delta_store.open_input(str(delta_file)) as source:
+        rows, most = _most_allocated(delta_store.parquet_batches(source, 1_000, columns=["row_hash"]))
+    with delta_store.open_input(str(delta_file)) as source:
+        _, everything = _most_allocated(delta_store.parquet_batches(source, 1_000))
+    assert rows == GROUPS * GROUP_ROWS
+    # the objects (100 bytes a row) are most of the file: not reading them holds well under half
+    assert most < everything / 2, f"{most:,} bytes held reading the hashes, {everything:,} reading all"
+
+
 def test_duckdb_scans_keep_a_small_buffer_pool(tmp_path):
     """DuckDB keeps each block a query reads up to its memory limit (80% of the machine by
     default): a scan grew the run by the table's size. Both ways of opening the warehouse cap it."""
