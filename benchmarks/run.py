@@ -468,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.results:
             args.results.write_text(text + "\n")
+        if args.json:
+            args.json.write_text(json.dumps([r.to_dict() for r in diff_rows], indent=1))
         return 0 if diff_rows else 1
     try:
         budget_tables = only_budget or not (args.quick or only_states or only_throughput)

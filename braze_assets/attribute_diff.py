@@ -183,8 +183,8 @@ _COLUMN_WISE_ROWS = 16
 
 def _shared_columns(payloads: Sequence[dict[str, Any]]) -> tuple[tuple[str, ...], list[Sequence[Any]]] | None:
     """The payloads' keys and their values a key at a time, when every payload has the same keys
-    (in any order); None otherwise. Same length and every key of the first found is the same
-    set, and both are checked without a Python loop per row."""
+    (in any order); None otherwise. A payload as long as the first that holds each of the first's
+    keys has the same keys: both are checked without a Python loop per row."""
     if not payloads:
         return None
     keys = tuple(payloads[0])

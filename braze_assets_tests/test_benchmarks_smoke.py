@@ -162,19 +162,9 @@ def test_attribute_diff_case_reports_its_three_targets(tmp_path):
     values changed, the diff's cost from every alternated run, and the three targets."""
     from benchmarks.attribute_diff import COST_REPEATS
 
-    results = tmp_path / "RESULTS.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--case", "attribute-diff", "--rows", "2000"]
-        + ["--results", str(results), "--workdir", str(tmp_path / "work")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = results.read_text()
-    assert "| snapshot, first sync |" in text and "| snapshot, restamped (1% changed) |" in text
+    _, text, rows = _benchmark(tmp_path, "--case", "attribute-diff", "--rows", "2000")
+    assert [r["case"] for r in rows] == ["snapshot, first sync", "snapshot, restamped (1% changed)"]
+    assert all(r["rows"] == 2000 for r in rows), rows
     assert "8,000 data points in" in text  # 2,000 users x 4 attributes, all sent once
     assert f"(medians of {COST_REPEATS}; each run, without: " in text
     for target in ("second run's data points", "second run's wall time", "delta throughput with the diff"):
