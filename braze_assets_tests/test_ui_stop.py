@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,18 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def _described(pid: int) -> str:
+    """A process's command line, state and where in the kernel it waits."""
+    proc = Path("/proc") / str(pid)
+    try:
+        command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        waits = (proc / "wchan").read_text()
+    except OSError:
+        return f"{pid}: gone"
+    return f"{pid} [{state}, {waits}]: {command}"
 
 
 def _listening(port: int) -> bool:
@@ -57,10 +70,16 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    # Read the output as it comes: the UI's processes hold the same pipe, so reading it to its end
+    # would block while any of them still runs, and a failure could not show what they wrote.
+    chunks: list[bytes] = []
+    assert cli.stdout is not None
+    reader = threading.Thread(target=lambda: chunks.extend(iter(cli.stdout.readline, b"")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 150
         while True:
-            assert cli.poll() is None, cli.stdout.read().decode()[-3000:]
+            assert cli.poll() is None, b"".join(chunks).decode()[-3000:]
             assert time.monotonic() < deadline, "the UI never came up"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/server_info", timeout=2):
@@ -77,13 +96,21 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
         assert len(started) >= 2 and _listening(emulator_port)  # webserver, daemon, code server...
 
         cli.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        cli.wait(timeout=30)
+        try:
+            cli.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it stopped, for whoever reads the failure
+            left = [_described(pid) for pid in [cli.pid, *process_group(dg_dev)]]
+            output = b"".join(chunks).decode()
+            raise AssertionError(
+                f"still running 30 s after Ctrl-C: {left}; output: {output[-3000:]}"
+            ) from None
         stopped_by = time.monotonic() + 5
         while process_group(dg_dev) and time.monotonic() < stopped_by:
             time.sleep(0.2)
         assert process_group(dg_dev) == [], "processes of the UI are still running"
         assert not _listening(emulator_port) and not _listening(ui_port)
-        output = cli.stdout.read().decode()
+        reader.join(timeout=10)
+        output = b"".join(chunks).decode()
         assert "Serving dagster-webserver" in output and "Dagster services shut down" in output
         for noise in ("SupersessionWarning", "BetaWarning", "Invalid -W option"):
             assert noise not in output, output[-3000:]
