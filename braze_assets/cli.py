@@ -229,7 +229,9 @@ def run_ui(ui_port: int) -> int:
     print(f"Starting the Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C to stop) ...", flush=True)
     process = subprocess.Popen(command, cwd=root, start_new_session=True)
     try:
-        return process.wait()
+        while True:  # waking each second: Ctrl-C is noticed even if another thread received it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return process.wait(timeout=1.0)
     except KeyboardInterrupt:
         print("Stopping the Dagster UI ...", flush=True)
         _stop_group(process)

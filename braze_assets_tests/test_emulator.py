@@ -501,3 +501,15 @@ def test_cli_serves_until_sigterm_and_never_prints_the_key():
         out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
     assert secret not in line + out + err
+
+
+def test_the_emulator_thread_leaves_ctrl_c_to_the_main_thread(braze):
+    """A process running the emulator in a thread (`braze-assets ui`, `run`) must see Ctrl-C in
+    its main thread: a process-wide SIGINT the kernel handed to the emulator's thread instead
+    sets Python's flag but never wakes a main thread blocked in a system call."""
+    thread = braze._thread
+    assert thread is not None and thread.native_id is not None
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    [blocked] = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigBlk:")]
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        assert blocked & (1 << (stop - 1)), f"{stop.name} is not blocked in the emulator's thread"

@@ -155,6 +155,11 @@ class BrazeEmulator:
         self.stop()
 
     def _serve(self, ready: concurrent.futures.Future[int]) -> None:
+        # Ctrl-C and stop requests are for the main thread: a process-wide signal the kernel
+        # hands to this thread instead (it may, while this thread answers requests) sets
+        # Python's flag but never wakes a main thread blocked in a system call, such as
+        # `braze-assets ui` waiting for its child, which would then never stop.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         loop = self._loop
         assert loop is not None
         asyncio.set_event_loop(loop)
