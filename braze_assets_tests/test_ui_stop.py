@@ -4,6 +4,7 @@ without Dagster's supersession and beta notices."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,6 +77,7 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
     assert cli.stdout is not None
     reader = threading.Thread(target=lambda: chunks.extend(iter(cli.stdout.readline, b"")), daemon=True)
     reader.start()
+    dg_dev = 0
     try:
         deadline = time.monotonic() + 150
         while True:
@@ -117,5 +119,8 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
     finally:
         if cli.poll() is None:
             cli.kill()
-        for pid in process_group(cli.pid):
-            os.kill(pid, signal.SIGKILL)
+        # `dg dev` runs in a session of its own: a failed stop would leave its webserver, daemon
+        # and runs going for the rest of the suite
+        for pid in process_group(cli.pid) + (process_group(dg_dev) if dg_dev else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
