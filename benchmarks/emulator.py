@@ -27,10 +27,12 @@ def free_port() -> int:
 
 def pin_process(pid: int, cpus: set[int]) -> None:
     """Confine every thread of process `pid` to `cpus` (affinity is per thread; the threads and
-    processes it starts later inherit it)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
-            os.sched_setaffinity(int(task), cpus)
+    processes it starts later inherit it). A process or thread that ended meanwhile is skipped."""
+    with contextlib.suppress(FileNotFoundError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for task in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task), cpus)
 
 
 class EmulatorProcess:

@@ -136,10 +136,7 @@ def _pin_server(cpus: set[int]) -> None:
     """Confine the server to `cpus`: the postmaster, whose new backends inherit it, and every
     process it already runs."""
     for pid in _server_pids():
-        try:
-            pin_process(pid, cpus)
-        except OSError:
-            continue  # ended meanwhile
+        pin_process(pid, cpus)
 
 
 def run(db: str, table_name: str, workdir: Path, quick: bool, in_flight: int) -> list[Row]:
@@ -150,22 +147,10 @@ def run(db: str, table_name: str, workdir: Path, quick: bool, in_flight: int) ->
     ledger_rows = 200_000 if quick else 10_000_000
     with throwaway_postgres(fsync=True) as pg, EmulatorProcess(latency_ms=0) as emu:
         url = f"postgresql://{pg['user']}@{pg['host']}:{pg['port']}/{pg['database']}"
-        common = {
-            "base_url": emu.base_url,
-            "api_key": API_KEY,
-            "workdir": str(workdir),
-            "in_flight": in_flight,
-        }
+        case = {"db": db, "table": table_name, "workdir": str(workdir), "in_flight": in_flight}
         rounds = 1 if quick else 2
-        for n in range(rounds):  # alternated, so a load change hits both backends alike
-            for backend, state_url in (("embedded", None), ("postgresql", url)):
-                params = {"case": "end_to_end", "db": db, "table": table_name, "data_type": "events"}
-                cpu = server_cpu_s()
-                result = run_children([{**params, **common, "state_url": state_url}])[0]
-                result["server_cpu_s"] = server_cpu_s() - cpu
-                rows.append(_row(f"e2e events, state {backend} #{n + 1}", result, backend))
-                emu.reset()
-        rows += _server_apart(db, table_name, workdir, in_flight, url, rounds)
+        rows += _e2e_rounds(emu, case, url, rounds)
+        rows += _server_apart(case, url, rounds)
         for backend, state_url in (("embedded", None), ("postgresql", url)):
             print(f"  filling a {ledger_rows:,}-row ledger ({backend}) ...", file=sys.stderr, flush=True)
             result = run_children(
@@ -191,9 +176,34 @@ def run(db: str, table_name: str, workdir: Path, quick: bool, in_flight: int) ->
     return rows
 
 
-def _server_apart(
-    db: str, table_name: str, workdir: Path, in_flight: int, url: str, rounds: int
+#: The e2e rows measured with the server on a core the sync does not use.
+APART = "sync on one core, server on another"
+
+
+def _e2e_rounds(
+    emu: EmulatorProcess, case: dict, url: str, rounds: int, cpus: list[int] | None = None
 ) -> list[Row]:
+    """The e2e events case on each backend, alternated `rounds` times so a load change hits both
+    alike; `cpus`: the cores the sync is confined to (None: every core)."""
+    rows: list[Row] = []
+    for n in range(rounds):
+        for backend, state_url in (("embedded", None), ("postgresql", url)):
+            params = {**case, "case": "end_to_end", "data_type": "events", "state_url": state_url}
+            params.update(base_url=emu.base_url, api_key=API_KEY)
+            if cpus is not None:
+                params["cpus"] = cpus
+            cpu = server_cpu_s()
+            result = run_children([params])[0]
+            result["server_cpu_s"] = server_cpu_s() - cpu
+            layout = "" if cpus is None else f", {APART}"
+            rows.append(
+                _row(f"e2e events, state {backend}{layout} #{n + 1}", result, backend, cpus is not None)
+            )
+            emu.reset()
+    return rows
+
+
+def _server_apart(case: dict, url: str, rounds: int) -> list[Row]:
     """The same e2e runs with the sync and the emulator confined to one core and the server to
     another, as production has it: the server on a machine of its own, so what the backend costs
     the sync is its round trips and waits, not the server's CPU taken from the sync's cores. On
@@ -202,36 +212,13 @@ def _server_apart(
     if len(cores) < 2:
         return []
     sync_cpu, server_cpu = cores[0], cores[1]
-    rows: list[Row] = []
     with EmulatorProcess(latency_ms=0) as emu:
         emu.pin({sync_cpu})
         _pin_server({server_cpu})
         try:
-            common = {"base_url": emu.base_url, "api_key": API_KEY, "workdir": str(workdir)}
-            for n in range(rounds):
-                for backend, state_url in (("embedded", None), ("postgresql", url)):
-                    params = {
-                        "case": "end_to_end",
-                        "db": db,
-                        "table": table_name,
-                        "data_type": "events",
-                        "in_flight": in_flight,
-                        "cpus": [sync_cpu],
-                        "state_url": state_url,
-                    }
-                    cpu = server_cpu_s()
-                    result = run_children([{**params, **common}])[0]
-                    result["server_cpu_s"] = server_cpu_s() - cpu
-                    name = f"e2e events, state {backend}, {APART} #{n + 1}"
-                    rows.append(_row(name, result, backend, apart=True))
-                    emu.reset()
+            return _e2e_rounds(emu, case, url, rounds, cpus=[sync_cpu])
         finally:
             _pin_server(set(cores))
-    return rows
-
-
-#: The e2e rows measured with the server on a core the sync does not use.
-APART = "sync on one core, server on another"
 
 
 def _row(name: str, result: dict, backend: str, apart: bool = False) -> Row:
