@@ -159,17 +159,17 @@ def _prepare(
             )
             if not others:
                 return prepared
-        user_keys, before = known.keys, known.before
+        user_keys, before = known.keys.to_pylist(), known.before
     batch = RowBatch.from_arrow(rows)
-    if job.diff is not None:
+    if job.diff is not None and known is not None:
         payloads = batch.payload or [None] * batch.num_rows
-        given_hashes = known.payload_hashes if known else []
-        if all(given is None for given in given_hashes):  # none hashed yet (a first sync's rows)
+        given = known.payload_hashes
+        if given.null_count == len(given):  # none hashed yet (a first sync's rows)
             payload_hashes = payload_hashes_of(payloads)
         else:
             payload_hashes = [
-                given if given is not None else payload_hash(raw)
-                for given, raw in zip(given_hashes, payloads, strict=True)
+                digest if digest is not None else payload_hash(raw)
+                for digest, raw in zip(given.to_pylist(), payloads, strict=True)
             ]
     checked = validate_batch(batch, job.spec)
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]

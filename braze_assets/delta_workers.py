@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
-from braze_assets.known_users import KnownUsers
+from braze_assets.known_users import Identified, KnownUsers, identify
 
 WORKERS_ENV = "BRAZE_ASSETS_DELTA_WORKERS"
 _log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def warm_up() -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+#: A batch's users being hashed in a worker for the state's lookup (`PreparePool.identify`).
+Hashing = concurrent.futures.Future[Identified]
 
 
 @dataclass
@@ -125,6 +129,26 @@ class PreparePool:
         self._pending.append(task)
         while len(self._pending) > self._limit or (self._executor is None and self._pending):
             yield from self._next()
+
+    def identify(self, rows: pa.RecordBatch | pa.Table) -> Hashing | None:
+        """Start hashing a batch's users and PAYLOADs in a worker (`known_users.identify`), for
+        the lookup the run's own process makes; None when there are no workers left."""
+        if self._executor is None:
+            return None
+        try:
+            return self._executor.submit(identify, rows)
+        except BrokenProcessPool:
+            self._lose_workers()
+            return None
+
+    def identified(self, rows: pa.RecordBatch | pa.Table, hashing: Hashing | None) -> Identified:
+        """What `identify` started gave; done here if it was not started or its worker died."""
+        if hashing is not None:
+            try:
+                return hashing.result()
+            except BrokenProcessPool:
+                self._lose_workers()
+        return identify(rows)
 
     def drain(self) -> Iterator[Prepared]:
         """The results of every batch still in flight, in order."""

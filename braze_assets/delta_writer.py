@@ -25,8 +25,8 @@ from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_schema import REJECTED_SCHEMA, UNCHANGED_SCHEMA, VALID_SCHEMA
-from braze_assets.delta_workers import PreparePool, warm_up
-from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup
+from braze_assets.delta_workers import Hashing, PreparePool, warm_up
+from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup, identify
 from braze_assets.lookup import lookup_key
 
 #: Rows a delta prepares in the run's own process before it starts worker processes.
@@ -98,17 +98,21 @@ class DeltaWriter:
         self._warm_after_rows = self._pool_after_rows * 2 // 5
         self._warmed = False
         self._rows_added = 0
-        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str] | None]] = []
+        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str] | None, Hashing | None]] = []
         self._waiting_rows = 0
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None) -> None:
         """Prepare scanned rows not yet settled (`hashes`: their `row_hash`, None: hashed where
         they are prepared, from `hash_columns`); append what is due.
-        With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once."""
+        With the attribute diff, batches wait until `LOOKUP_ROWS` rows can be looked up at once;
+        meanwhile a worker hashes their users and PAYLOADs for that lookup (`identify`)."""
+        self._rows_added += rows.num_rows
+        self._start_workers_if_due()
         if self.diff is None or self.spec.name == "catalogs" or self._remembered is None:
             self._prepare(rows, hashes, None)
             return
-        self._waiting.append((rows, hashes))
+        hashing = self._pool.identify(rows) if self._pool is not None else None
+        self._waiting.append((rows, hashes, hashing))
         self._waiting_rows += rows.num_rows
         if self._waiting_rows >= LOOKUP_ROWS:
             self._look_up()
@@ -117,24 +121,29 @@ class DeltaWriter:
         """Look the waiting batches' users up, then prepare the batches in scan order."""
         waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
         if waiting and self._remembered is not None:
-            found = KnownUsers.find([rows for rows, _ in waiting], self._remembered)
-            for (rows, hashes), known in zip(waiting, found, strict=True):
+            identified = [
+                self._pool.identified(rows, hashing) if self._pool is not None else identify(rows)
+                for rows, _, hashing in waiting
+            ]
+            batches = [rows for rows, _, _ in waiting]
+            found = KnownUsers.find(batches, self._remembered, identified)
+            for (rows, hashes, _), known in zip(waiting, found, strict=True):
                 self._prepare(rows, hashes, known)
+
+    def _start_workers_if_due(self) -> None:
+        """Start the fork server once the delta has passed a share of `pool_after_rows`, and the
+        pool once it has passed them all: a small delta never starts either."""
+        if self._pool is not None or not self._workers:
+            return
+        if not self._warmed and self._rows_added >= self._warm_after_rows:
+            warm_up()
+            self._warmed = True
+        if self._rows_added > self._pool_after_rows:
+            self._pool = PreparePool(self.job, self._workers)
 
     def _prepare(
         self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, known: KnownUsers | None
     ) -> None:
-        self._rows_added += rows.num_rows
-        if (
-            self._pool is None
-            and self._workers
-            and not self._warmed
-            and self._rows_added >= self._warm_after_rows
-        ):
-            warm_up()
-            self._warmed = True
-        if self._pool is None and self._workers and self._rows_added > self._pool_after_rows:
-            self._pool = PreparePool(self.job, self._workers)
         if self._pool is not None:
             results: Iterable[Prepared] = self._pool.submit(rows, hashes, known)
         else:

@@ -29,44 +29,72 @@ Lookup = Callable[[pa.Array, bool], pa.Table]
 
 
 @dataclass(frozen=True)
+class Identified:
+    """A batch's user keys and PAYLOAD hashes: the per-row hashing a lookup needs. It is a pure
+    function of the batch (`identify`), so the delta's workers do it where the batch is prepared,
+    and the run's own process, which holds the state connection, only looks up and compares:
+    on a restamped snapshot the hashing was two thirds of that process's work, and the process
+    was the delta's bound while its workers waited."""
+
+    #: each row's `user_key`
+    keys: pa.Array
+    #: each row's `payload_hash` (null where PAYLOAD is); None when the batch has no PAYLOAD
+    payload_hashes: pa.Array | None
+    #: rows whose identifiers have no exact text form: keyed by a placeholder, never matched
+    unmatched: tuple[int, ...] = ()
+
+
+def identify(rows: pa.RecordBatch | pa.Table) -> Identified:
+    """The user key and PAYLOAD hash of every row of a batch."""
+    arrays, problems = identifier_arrays(rows)
+    keys = pa.array(column_user_keys(arrays, rows.num_rows), pa.string())
+    digests = None
+    if "PAYLOAD" in rows.schema.names:
+        digests = pa.array(column_payload_hashes(rows.column("PAYLOAD")), pa.string())
+    return Identified(keys, digests, tuple(sorted(problems)))
+
+
+@dataclass(frozen=True)
 class KnownUsers:
     """What was found of one batch's users: each row's user key; the rows whose PAYLOAD is
     exactly the one Braze last accepted from this sync (position -> the data points that saves),
     set aside unread; what the state remembers of the other rows' users (`before`); and the
-    PAYLOAD hashes computed on the way (None where they were not)."""
+    rows' PAYLOAD hashes (null where not computed). Columns stay Arrow arrays: this goes to a
+    worker with its batch, and Arrow buffers pickle as they are, Python strings one by one."""
 
-    keys: list[str]
+    keys: pa.Array
     before: dict[str, Remembered]
-    payload_hashes: list[str | None]
+    payload_hashes: pa.Array
     unchanged: dict[int, int]
 
     @classmethod
-    def find(cls, batches: Sequence[pa.RecordBatch | pa.Table], remembered: Lookup) -> list[KnownUsers]:
+    def find(
+        cls,
+        batches: Sequence[pa.RecordBatch | pa.Table],
+        remembered: Lookup,
+        identified: Sequence[Identified] | None = None,
+    ) -> list[KnownUsers]:
         """One `KnownUsers` per batch, from one lookup of all their users (and a second, of the
-        remembered attributes, for the users whose PAYLOAD changed). Only batches with a
-        remembered user are hashed here: a first sync's PAYLOADs are hashed in the workers."""
-        identified = [identifier_arrays(rows) for rows in batches]
-        keys = [
-            column_user_keys(arrays, rows.num_rows)
-            for rows, (arrays, _) in zip(batches, identified, strict=True)
+        remembered attributes, for the users whose PAYLOAD changed). `identified`: each batch's
+        `identify`, when it was done elsewhere (None: done here)."""
+        ids = list(identified) if identified is not None else [identify(rows) for rows in batches]
+        digests = [
+            i.payload_hashes if i.payload_hashes is not None else pa.nulls(rows.num_rows, pa.string())
+            for rows, i in zip(batches, ids, strict=True)
         ]
-        key_arrays = [pa.array(k, pa.string()) for k in keys]
-        every_key = pa.concat_arrays(key_arrays) if key_arrays else pa.array([], pa.string())
+        every_key = pa.concat_arrays([i.keys for i in ids]) if ids else pa.array([], pa.string())
         found = remembered(pc.unique(every_key), False)
         if not found.num_rows:
-            return [cls(k, {}, [None] * len(k), {}) for k in keys]
+            return [cls(i.keys, {}, d, {}) for i, d in zip(ids, digests, strict=True)]
         column = {name: found.column(name).combine_chunks() for name in found.column_names}
         # where each row's user is in `found`, for all the batches at once (one hash table)
         at = pc.index_in(every_key, value_set=column["user_key"])
-        starts = np.cumsum([0] + [len(k) for k in keys]).tolist()
+        starts = np.cumsum([0] + [len(i.keys) for i in ids]).tolist()
         matches = [
-            _match(rows, _unless(problems, at.slice(start, rows.num_rows)), column)
-            for rows, start, (_, problems) in zip(batches, starts[:-1], identified, strict=True)
+            _match(d, _unless(i.unmatched, at.slice(start, len(i.keys))), column)
+            for i, d, start in zip(ids, digests, starts[:-1], strict=True)
         ]
-        changed = [
-            pc.filter(key_array, differing)
-            for key_array, (_, _, differing) in zip(key_arrays, matches, strict=True)
-        ]
+        changed = [pc.filter(i.keys, differing) for i, (_, differing) in zip(ids, matches, strict=True)]
         before: dict[str, Remembered] = {}
         if any(len(c) for c in changed):
             texts = remembered(pc.unique(pa.concat_arrays(changed)), True).to_pylist()
@@ -75,48 +103,46 @@ class KnownUsers:
                 for row in texts
             }
         return [
-            cls(k, {key: before[key] for key in set(c.to_pylist()) if key in before}, digests, unchanged)
-            for k, c, (digests, unchanged, _) in zip(keys, changed, matches, strict=True)
+            cls(i.keys, {key: before[key] for key in set(c.to_pylist()) if key in before}, d, unchanged)
+            for i, d, c, (unchanged, _) in zip(ids, digests, changed, matches, strict=True)
         ]
 
     @classmethod
     def nothing(cls, rows: pa.RecordBatch | pa.Table) -> KnownUsers:
         """Nothing remembered of any of the batch's users."""
-        keys = column_user_keys(identifier_arrays(rows)[0], rows.num_rows)
-        return cls(keys, {}, [None] * rows.num_rows, {})
+        keys = pa.array(column_user_keys(identifier_arrays(rows)[0], rows.num_rows), pa.string())
+        return cls(keys, {}, pa.nulls(rows.num_rows, pa.string()), {})
 
     def take(self, positions: list[int]) -> KnownUsers:
         """The rows at `positions`, in that order."""
+        at = pa.array(positions, pa.int64())
         return KnownUsers(
-            [self.keys[i] for i in positions],
+            self.keys.take(at),
             self.before,
-            [self.payload_hashes[i] for i in positions],
+            self.payload_hashes.take(at),
             {n: self.unchanged[i] for n, i in enumerate(positions) if i in self.unchanged},
         )
 
 
-def _unless(problems: dict[int, list[str]], at: pa.Array) -> pa.Array:
+def _unless(unmatched: tuple[int, ...], at: pa.Array) -> pa.Array:
     """`at` with the rows whose identifiers have no exact text form taken out: their user key
     was made from a placeholder, so they are never matched; validation rejects them."""
-    if not problems:
+    if not unmatched:
         return at
     mask = np.zeros(len(at), dtype=bool)
-    mask[list(problems)] = True
+    mask[list(unmatched)] = True
     return pc.if_else(pa.array(mask), pa.nulls(len(at), at.type), at)
 
 
-def _match(
-    rows: pa.RecordBatch | pa.Table, at: pa.Array, found: dict[str, pa.Array]
-) -> tuple[list[str | None], dict[int, int], pa.Array]:
-    """A batch against the remembered users `found` (`at`: where each row's user is there, null
-    when nowhere): its PAYLOAD hashes, its rows unchanged (position -> data points saved), and
-    which rows' users are remembered with another PAYLOAD."""
-    if "PAYLOAD" not in rows.schema.names or at.null_count == len(at):
-        return [None] * rows.num_rows, {}, pa.array([False] * rows.num_rows, pa.bool_())
-    digests = column_payload_hashes(rows.column("PAYLOAD"))
+def _match(digests: pa.Array, at: pa.Array, found: dict[str, pa.Array]) -> tuple[dict[int, int], pa.Array]:
+    """A batch's PAYLOAD hashes (`digests`) against the remembered users `found` (`at`: where
+    each row's user is there, null when nowhere): its rows unchanged (position -> data points
+    saved), and which rows' users are remembered with another PAYLOAD."""
+    if at.null_count == len(at):
+        return {}, pa.array([False] * len(at), pa.bool_())
     last = found["payload_hash"].take(at)
-    same = pc.fill_null(pc.equal(pa.array(digests, pa.string()), last), False)
+    same = pc.fill_null(pc.equal(digests, last), False)
     saved = found["payload_attributes"].take(pc.filter(at, same)).to_pylist()
     same_at = np.flatnonzero(same.to_numpy(zero_copy_only=False)).tolist()
     differing = pc.and_(pc.is_valid(at), pc.invert(same))
-    return digests, dict(zip(same_at, saved, strict=True)), differing
+    return dict(zip(same_at, saved, strict=True)), differing

@@ -24,6 +24,7 @@ from braze_assets.delivery import accepted_attributes
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.delta_batch import BatchJob, prepare_batch
 from braze_assets.delta_workers import WORKERS_ENV, PreparePool, configured_workers
+from braze_assets.known_users import identify
 from braze_assets.row_identity import batch_hashes
 from braze_assets.sources import DuckDBSource
 from braze_assets.state import EmbeddedStateStore
@@ -214,6 +215,34 @@ def test_a_worker_that_dies_loses_no_batch(caplog):
         pool.close()
     assert got == expected
     assert "a delta worker process died" in caplog.text
+
+
+def test_users_are_hashed_for_the_lookup_in_a_worker_and_again_here_if_it_dies():
+    """With the diff, a worker hashes a batch's users and PAYLOADs for the state's lookup (the
+    run's own process only looks up): what it gives is what hashing here gives, and a worker
+    killed meanwhile costs nothing but doing it here."""
+    rows = pa.table(
+        {
+            "EXTERNAL_ID": ["u1", None, "u3"],
+            "EMAIL": [None, "b@example.com", "c@example.com"],
+            "PAYLOAD": ['{"plan": "gold"}', None, '{"plan": "free"}'],
+        }
+    )
+    here = identify(rows)
+    assert here.payload_hashes is not None and here.payload_hashes.null_count == 1
+    pool = PreparePool(BatchJob(DATA_TYPES["attributes"], update_existing_only=False), workers=1)
+    try:
+        hashing = pool.identify(rows)
+        assert hashing is not None, "a worker took the batch"
+        assert pool.identified(rows, hashing) == here
+        pids = list(pool._executor._processes) if pool._executor else []
+        assert pids, "the worker process started"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert pool.identified(rows, pool.identify(rows)) == here
+        assert pool.identify(rows) is None, "no worker left: the batch is hashed here"
+    finally:
+        pool.close()
 
 
 def test_each_worker_gets_its_job_once(monkeypatch):
