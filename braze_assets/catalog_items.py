@@ -26,9 +26,10 @@ from braze_assets.json_bytes import json_bytes
 from braze_assets.masking import mask_payload
 
 CATALOG_COLUMNS = ("UPDATED_AT", "ID", "PAYLOAD")
-_ID = re.compile(rf"^{contract.CATALOG_ID_CHARS}$")
-_TRUE = {True, "true", "TRUE", "True", "1", "t", "T", "yes"}
-_FALSE = {None, False, "false", "FALSE", "False", "0", "f", "F", "no", ""}
+_ID = re.compile(contract.CATALOG_ID_CHARS)
+#: DELETED as text (a warehouse without booleans), compared in lower case.
+_TRUE = frozenset({"true", "1", "t", "yes"})
+_FALSE = frozenset({"false", "0", "f", "no", ""})
 
 
 @dataclass
@@ -57,41 +58,58 @@ def _text_id(value: Any) -> tuple[str | None, str | None]:
         return None, f"ID must be text, not {type(value).__name__}"
     if len(text) > contract.CATALOG_ID_MAX_CHARS:
         return None, f"ID is longer than {contract.CATALOG_ID_MAX_CHARS} characters (ids-too-large)"
-    if not _ID.match(text):
+    if not _ID.fullmatch(text):  # `$` would let a final line end through
         return None, "ID may hold only letters, digits, '-' and '_' (invalid-ids)"
     return text, None
 
 
-def _value_problem(value: Any, depth: int = 1) -> str | None:
-    """The first rule a field value breaks, or None."""
-    if depth > contract.CATALOG_MAX_NESTING:
-        limit = contract.CATALOG_MAX_NESTING
-        return f"PAYLOAD nests deeper than {limit} levels (too-deep-nesting-in-value-object)"
-    if isinstance(value, str):
-        if len(value) > contract.CATALOG_VALUE_MAX_CHARS:
-            limit = contract.CATALOG_VALUE_MAX_CHARS
-            return f"a text value is longer than {limit:,} characters (items-too-large)"
-        return None
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            if "." in key or "$" in key:
-                return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
-            problem = _value_problem(inner, depth + 1)
-            if problem:
-                return problem
-    if isinstance(value, list):
-        for inner in value:
-            problem = _value_problem(inner, depth + 1)
-            if problem:
-                return problem
+def _value_problem(value: Any) -> str | None:
+    """The first rule a field value breaks, or None. Nesting is counted as Braze counts it: a
+    field whose value is an object or array is one level deep, each container inside it one
+    more (a plain value adds none). Iterative: JSON may nest deeper than Python recurses."""
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, str):
+            if len(current) > contract.CATALOG_VALUE_MAX_CHARS:
+                limit = contract.CATALOG_VALUE_MAX_CHARS
+                return f"a text value is longer than {limit:,} characters (items-too-large)"
+            continue
+        if not isinstance(current, (dict, list)):
+            continue
+        if depth > contract.CATALOG_MAX_NESTING:
+            limit = contract.CATALOG_MAX_NESTING
+            return f"PAYLOAD nests deeper than {limit} levels (too-deep-nesting-in-value-object)"
+        if isinstance(current, dict):
+            for key in current:
+                if "." in key or "$" in key:
+                    return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
+            stack.extend((inner, depth + 1) for inner in current.values())
+        else:
+            stack.extend((inner, depth + 1) for inner in current)
+    return None
+
+
+def _fields_problem(fields: dict[str, Any]) -> str | None:
+    """The first rule the PAYLOAD's fields break, or None."""
+    for key, value in fields.items():
+        if "." in key or "$" in key:
+            return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
+        problem = _value_problem(value)
+        if problem:
+            return problem
     return None
 
 
 def _deleted(value: Any) -> bool | None:
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
+    """DELETED as a flag: a boolean (or 1/0), or its text in any case; None when it is neither."""
+    if value is None:
         return False
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return True if text in _TRUE else False if text in _FALSE else None
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
     return None
 
 
@@ -123,14 +141,14 @@ def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
                 try:
                     parsed = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
                 except orjson.JSONDecodeError:
-                    parsed = None
+                    parsed = {}
                     reasons.append("PAYLOAD is not valid JSON")
-                if parsed is not None and not isinstance(parsed, dict):
+                if not isinstance(parsed, dict):  # `null` too: it would replace the item with nothing
                     reasons.append("PAYLOAD must be a JSON object")
-                elif isinstance(parsed, dict):
+                else:
                     if "id" in parsed:
                         reasons.append("PAYLOAD has an 'id' field: the item's id comes from the ID column")
-                    problem = _value_problem(parsed)
+                    problem = _fields_problem(parsed)
                     if problem:
                         reasons.append(problem)
                     fields = parsed

@@ -2,8 +2,8 @@
 
 A `400 {"errors": [{"id", "message", "parameter_values": [item ids]}]}` refuses the whole request
 but names the items at fault: those fail with Braze's words, and the rest of the request is sent
-again without them. A 404 `catalog-not-found` is a global error: every request of the sync would
-get it, so the sync stops with what to do.
+again without them. `catalog-not-found` (a 404, or a 400 naming it) is a global error: every
+request of the sync would get it, so the sync stops with what to do.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def _errors(result: RequestOutcome) -> list[dict[str, Any]]:
 
 
 def catalog_missing(result: RequestOutcome, catalog: str, sync: str) -> CatalogNotFoundError | None:
-    """The global error of a 404 for the catalog, or None."""
-    if result.kind != "rejected" or result.status != 404:
+    """The global error of a missing catalog, or None: any 404, or a 400 whose errors say
+    `catalog-not-found` (Braze documents that error under both statuses)."""
+    if result.kind != "rejected" or result.status not in (400, 404):
         return None
     named = [e for e in _errors(result) if e.get("id") == "catalog-not-found"]
+    if result.status == 400 and not named:
+        return None
     why = "catalog-not-found" if named else f"404 ({result.message})"
     return CatalogNotFoundError(
         f"Braze has no catalog {catalog!r} ({why}): create it, with its fields, in Braze "

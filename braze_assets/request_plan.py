@@ -27,6 +27,7 @@ class PlannedRequest:
 def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -> list[PlannedRequest]:
     """Group serialized objects into requests within Braze's per-request limits [B1.2][B2]."""
     groups: dict[str, list[int]] = {}
+    item_ids: list[str] = []
     if spec.track_array:
         groups[spec.track_array] = list(range(len(objects)))
         payloads = objects
@@ -36,27 +37,39 @@ def plan_requests(spec: DataTypeSpec, objects: list[bytes], batch_prefix: str) -
             key, value = orjson.loads(raw)
             groups.setdefault(key, []).append(i)
             payloads.append(json_bytes(value))
+            if spec.request_key is not None:  # catalogs: Braze refuses an id twice in a request
+                item_ids.append(value["id"])
     requests: list[PlannedRequest] = []
     for array, positions in groups.items():
         head = b'{"' + (spec.request_key or array).encode() + b'":['
-        for rows in _fill(positions, payloads, spec.max_per_request, len(head) + 2):
+        for rows in _fill(positions, payloads, spec.max_per_request, len(head) + 2, item_ids):
             body = head + b",".join(payloads[i] for i in rows) + b"]}"
             requests.append(PlannedRequest(f"{batch_prefix}-{len(requests)}", body, rows, array))
     return requests
 
 
-def _fill(positions: list[int], payloads: list[bytes], max_objects: int, overhead: int) -> list[list[int]]:
+def _fill(
+    positions: list[int], payloads: list[bytes], max_objects: int, overhead: int, item_ids: list[str]
+) -> list[list[int]]:
     """Consecutive groups of `positions`, each at most `max_objects` long and whose payloads,
-    comma-joined plus `overhead` bytes, fit Braze's body limit."""
+    comma-joined plus `overhead` bytes, fit Braze's body limit; with `item_ids` (catalogs, by
+    position), none holding an id twice (two rows of one item in a run go in order, apart)."""
     groups: list[list[int]] = []
     current: list[int] = []
+    ids: set[str] = set()
     size = overhead
     for i in positions:
         extra = len(payloads[i]) + 1
-        if current and (len(current) == max_objects or size + extra > contract.SEND_BODY_MAX_BYTES):
+        repeated = bool(item_ids) and item_ids[i] in ids
+        if current and (
+            len(current) == max_objects or size + extra > contract.SEND_BODY_MAX_BYTES or repeated
+        ):
             groups.append(current)
             current, size = [], overhead
+            ids.clear()
         current.append(i)
+        if item_ids:
+            ids.add(item_ids[i])
         size += extra
     if current:
         groups.append(current)

@@ -152,7 +152,16 @@ def test_items_braze_refuses_fail_alone_and_the_rest_of_their_request_goes_again
     assert again.outcome.requests == 0
 
 
-def test_a_missing_catalog_stops_the_sync_with_what_to_do(tmp_path, braze):
+@pytest.mark.parametrize("status", [404, 400])
+def test_a_missing_catalog_stops_the_sync_with_what_to_do(tmp_path, status):
+    """Braze documents `catalog-not-found` under both 404 and 400: either stops the sync, and no
+    row is settled as failed (they go once the catalog exists)."""
+    config = EmulatorConfig(api_key=API_KEY, catalogs={"products": FIELDS}, catalog_not_found_status=status)
+    with BrazeEmulator(config) as braze:
+        _a_missing_catalog_stops_the_sync(tmp_path, braze)
+
+
+def _a_missing_catalog_stops_the_sync(tmp_path, braze):
     harness = _harness(tmp_path, braze, catalog="no_such_catalog")
     _table(harness, [(NOW - dt.timedelta(hours=1), f"sku-{i}", _product(i), None) for i in range(120)])
     run = harness.run("products")
@@ -163,6 +172,75 @@ def test_a_missing_catalog_stops_the_sync_with_what_to_do(tmp_path, braze):
     assert "create it, with its fields" in text
     assert harness.ledger("products") == {} and harness.watermark("products") is None
     assert braze.store.stats()["catalog_requests"] <= 3  # it stopped at the first refusals
+
+
+def test_rows_of_one_item_in_a_run_never_share_a_request(tmp_path, braze):
+    """Braze refuses a request naming one id twice (`ids-not-unique`): a change-log table with
+    two rows of an item in one run sends them in separate requests, and neither fails."""
+    harness = _harness(tmp_path, braze)
+    t = NOW - dt.timedelta(hours=2)
+    _table(
+        harness,
+        [(t, f"sku-{i}", _product(i), None) for i in range(10)]
+        + [(t + dt.timedelta(minutes=1), "sku-3", _product(3, title="Renamed"), None)],
+    )
+    run = harness.run("products")
+    assert run.outcome.failed == 0 and run.outcome.accepted == 11, run.outcome
+    assert braze.store.stats()["catalog_requests_invalid"] == 0
+    assert len(braze.store.catalog_items("products")) == 10
+
+
+@pytest.mark.parametrize(
+    ("item", "payload", "reason"),
+    [
+        ("sku-1\n", _product(1), "invalid-ids"),  # a line end is not an id character
+        ("sku-2", "null", "PAYLOAD must be a JSON object"),  # would replace the item with nothing
+    ],
+)
+def test_rows_braze_would_refuse_are_rejected_before_sending(tmp_path, braze, item, payload, reason):
+    harness = _harness(tmp_path, braze)
+    t = NOW - dt.timedelta(hours=1)
+    _table(harness, [(t, f"sku-{i}", _product(i), None) for i in range(10, 20)] + [(t, item, payload, None)])
+    run = harness.run("products")
+    assert run.delta.rejected == 1 and run.outcome.accepted == 10
+    assert any(reason in key for key in run.delta.rejected_reasons), run.delta.rejected_reasons
+
+
+def _nested(levels: int) -> dict:
+    """An object `levels` objects deep (`{"x": {"x": ... {}}}` counts `levels`)."""
+    value: dict = {}
+    for _ in range(levels - 1):
+        value = {"x": value}
+    return value
+
+
+def test_nesting_is_counted_as_braze_counts_it(tmp_path, braze):
+    """A field value nested 50 objects deep is accepted (Braze refuses more than 50 levels); 51
+    is rejected locally, with the same rule's name."""
+    from braze_assets.catalog_items import check_catalog_rows
+
+    rows = [
+        (NOW - dt.timedelta(hours=1), "sku-50", {"details": _nested(50)}, None),
+        (NOW - dt.timedelta(hours=1), "sku-51", {"details": _nested(51)}, None),
+    ]
+    harness = _harness(tmp_path, braze)
+    _table(harness, rows)
+    run = harness.run("products")
+    assert run.outcome.accepted == 1 and run.delta.rejected == 1, run.outcome
+    assert "sku-50" in braze.store.catalog_items("products")
+    assert any("too-deep-nesting-in-value-object" in key for key in run.delta.rejected_reasons)
+    import pyarrow as pa
+
+    checked = check_catalog_rows(
+        pa.table(
+            {
+                "UPDATED_AT": pa.array([NOW, NOW], pa.timestamp("us", tz="UTC")),
+                "ID": ["a", "b"],
+                "PAYLOAD": [json.dumps({"details": _nested(50)}), json.dumps({"details": _nested(51)})],
+            }
+        )
+    )
+    assert list(checked.failures) == [1]
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,8 @@ class EmulatorConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     state_file: str | None = None
     catalogs: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: the status of a `catalog-not-found` answer: Braze documents it under both 404 and 400
+    catalog_not_found_status: int = 404
 
 
 class BrazeEmulator:

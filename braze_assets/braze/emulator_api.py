@@ -208,13 +208,13 @@ class EmulatorApi:
         name = request.match_info["catalog"]
         fields = self.store.catalog_fields(name)
         if fields is None:
-            return 404, catalog_not_found(name)
+            return self.config.catalog_not_found_status, catalog_not_found(name)
         items, errors = check_items(method, fields, await read_json(request))
         if errors:
             self.store.record_catalog_refusal()
             return 400, invalid_request(errors)
         if not self.store.record_catalog_items(name, method, items):
-            return 404, catalog_not_found(name)
+            return self.config.catalog_not_found_status, catalog_not_found(name)
         return 202, {"message": "success"}
 
     async def unknown(self, request: web.Request) -> web.Response:
