@@ -168,6 +168,8 @@ class Trimmed(NamedTuple):
     saved: int
     #: something was remembered of this user and nothing differs from it: nothing to send
     unchanged: bool
+    #: the payload holds something sent whatever was accepted (`AttributeDiff.sends_always`)
+    volatile: bool = False
 
 
 #: Scalar attribute values whose hashes one `AttributeDiff` keeps (then starts afresh).
@@ -237,6 +239,7 @@ class AttributeDiff:
         remember = dict(known)
         sent = saved = 0
         always = self.always
+        volatile = False
         for key, value in payload.items():
             if key[:1] == "_":  # control keys: never billed, always as sent
                 kept[key] = value
@@ -245,6 +248,7 @@ class AttributeDiff:
                 kept[key] = value
                 remember.pop(key, None)  # its value in Braze is no longer known
                 sent += 1
+                volatile = True
                 continue
             digest = self._hash(value)
             if known.get(key) == digest:
@@ -253,7 +257,35 @@ class AttributeDiff:
             kept[key] = value
             remember[key] = digest
             sent += 1
-        return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0)
+        return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0, volatile)
+
+    def sends_always(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
+        """Which payloads hold something sent whatever was accepted before: an operator value,
+        `subscription_groups` or an `always_send` key. Such a PAYLOAD is never settled as
+        unchanged for being exactly the one last accepted (its PAYLOAD hash is not remembered):
+        its increment or subscription change is meant again. A key at a time where the payloads
+        share their keys: only a column holding objects can hold an operator."""
+        shared = _shared_columns(payloads)
+        if shared is None:
+            return [self._sends_always(payload) for payload in payloads]
+        keys, columns = shared
+        always = self.always
+        if any(key[:1] != "_" and key in always for key in keys):
+            return [True] * len(payloads)
+        flags = [False] * len(payloads)
+        for key, values in zip(keys, columns, strict=True):
+            if key[:1] != "_" and dict in set(map(type, values)):
+                for i, value in enumerate(values):
+                    if type(value) is dict and _is_operator(value):
+                        flags[i] = True
+        return flags
+
+    def _sends_always(self, payload: dict[str, Any]) -> bool:
+        always = self.always
+        return any(
+            key[:1] != "_" and (key in always or (type(value) is dict and _is_operator(value)))
+            for key, value in payload.items()
+        )
 
     def first_rows(self, payloads: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
         """`trim(payload, None)` of many payloads of users seen first (a first sync's every row):

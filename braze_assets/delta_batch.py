@@ -146,6 +146,7 @@ def _prepare(
     payload_hashes: list[str | None] = []
     user_keys: list[str] = []
     before: dict[str, Remembered] = {}
+    repeated: frozenset[int] = frozenset()
     if job.diff is not None:
         known = known or KnownUsers.nothing(rows)
         if known.unchanged:  # the fast path: a PAYLOAD exactly as Braze last accepted it
@@ -159,7 +160,7 @@ def _prepare(
             )
             if not others:
                 return prepared
-        user_keys, before = known.keys.to_pylist(), known.before
+        user_keys, before, repeated = known.keys.to_pylist(), known.before, known.repeated
     batch = RowBatch.from_arrow(rows)
     if job.diff is not None and known is not None:
         payloads = batch.payload or [None] * batch.num_rows
@@ -175,7 +176,7 @@ def _prepare(
     valid = [i for i in range(batch.num_rows) if i not in checked.failures]
     diffed: _Diffed | None = None
     if valid and job.diff is not None:
-        diffed = _diff_rows(job.diff, checked, valid, user_keys, before)
+        diffed = _diff_rows(job.diff, checked, valid, user_keys, before, repeated)
         if diffed.unchanged:
             saved = [diffed.saved.get(i, 0) for i in diffed.unchanged]
             _set_aside_unchanged(job, rows, hashes, diffed.unchanged, saved, prepared)
@@ -194,7 +195,9 @@ def _prepare(
             kept = np.array([saved_of.get(i, 0) for i in valid], dtype=np.int64)
             diff_columns = {
                 "user_key": pa.array([user_keys[i] for i in valid], pa.string()),
-                "payload_hash": pa.array([payload_hashes[i] for i in valid], pa.string()),
+                "payload_hash": pa.array(
+                    [None if i in diffed.volatile else payload_hashes[i] for i in valid], pa.string()
+                ),
                 "remember": pa.array([diffed.remember[i] for i in valid], pa.string()),
                 "payload_attributes": pa.array(points + kept, pa.int32()),
                 "data_points_saved": pa.array(kept, pa.int32()),
@@ -230,6 +233,8 @@ class _Diffed:
     sent: dict[int, int] = field(default_factory=dict)
     saved: dict[int, int] = field(default_factory=dict)
     unchanged: list[int] = field(default_factory=list)
+    #: rows whose PAYLOAD holds something always sent: their PAYLOAD hash is not remembered
+    volatile: set[int] = field(default_factory=set)
 
 
 def _diff_rows(
@@ -238,9 +243,11 @@ def _diff_rows(
     valid: list[int],
     user_keys: list[str],
     before: dict[str, Remembered],
+    repeated: frozenset[int] = frozenset(),
 ) -> _Diffed:
     """Trim the valid rows' payloads (in `checked`) to what changed. The users nothing is
-    remembered of (every user of a first sync) go whole, hashed together (`first_rows`)."""
+    remembered of (every user of a first sync) and the rows of a user with an earlier row in the
+    delta (`repeated`) go whole, hashed together (`first_rows`)."""
     diffed = _Diffed()
     first: list[int] = []
     fresh: list[dict[str, Any]] = []
@@ -252,7 +259,7 @@ def _diff_rows(
         payload = checked.payloads[i]
         if payload is None:
             continue
-        known = before.get(user_keys[i])
+        known = None if i in repeated else before.get(user_keys[i])
         if known is None:
             first.append(i)
             fresh.append(payload)
@@ -262,10 +269,13 @@ def _diff_rows(
         diffed.remember[i], diffed.sent[i], diffed.saved[i] = trimmed.remember, trimmed.sent, trimmed.saved
         if trimmed.unchanged:
             diffed.unchanged.append(i)
+        if trimmed.volatile:
+            diffed.volatile.add(i)
     if first:
         remember, sent = diff.first_rows(fresh)
         diffed.remember.update(zip(first, remember, strict=True))
         diffed.sent.update(zip(first, sent, strict=True))
+        diffed.volatile.update(i for i, flag in zip(first, diff.sends_always(fresh), strict=True) if flag)
     return diffed
 
 

@@ -26,7 +26,7 @@ from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_schema import REJECTED_SCHEMA, UNCHANGED_SCHEMA, VALID_SCHEMA
 from braze_assets.delta_workers import Hashing, PreparePool, warm_up
-from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup, identify
+from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup, SeenUsers, identify
 from braze_assets.lookup import lookup_key
 
 #: Rows a delta prepares in the run's own process before it starts worker processes.
@@ -88,6 +88,7 @@ class DeltaWriter:
         self.diff = diff
         self._remembered = remembered
         self._unchanged = _parquet_writer(unchanged_path[0], UNCHANGED_SCHEMA) if diff else None
+        self._seen = SeenUsers() if diff is not None and remembered is not None else None
         self._reasons: Counter[str] = Counter()
         self.job = BatchJob(spec, update_existing_only, diff, lookup_key(), hash_columns)
         self._workers = workers
@@ -126,7 +127,7 @@ class DeltaWriter:
                 for rows, _, hashing in waiting
             ]
             batches = [rows for rows, _, _ in waiting]
-            found = KnownUsers.find(batches, self._remembered, identified)
+            found = KnownUsers.find(batches, self._remembered, identified, self._seen)
             for (rows, hashes, _), known in zip(waiting, found, strict=True):
                 self._prepare(rows, hashes, known)
 
@@ -184,4 +185,6 @@ class DeltaWriter:
         self._rejected.close()
         if self._unchanged is not None:
             self._unchanged.close()
+        if self._seen is not None:
+            self._seen.close()
         self.manifest.rejected_reasons = dict(self._reasons.most_common())

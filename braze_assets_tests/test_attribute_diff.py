@@ -207,6 +207,59 @@ def test_a_user_seen_twice_in_one_run_is_remembered_from_the_newest_row(tmp_path
     assert again.outcome.unchanged == 1 and spy.take() == []
 
 
+@both_backends
+def test_a_user_with_several_rows_in_a_run_ends_at_the_newest_row_in_braze(harness, emulator):
+    """Rows of one user in one run are not each diffed against what was accepted before the run:
+    a value that changes and changes back within the run (X, then A, then X again) ends at the
+    newest row's value in Braze, and what is remembered is what Braze then holds."""
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+
+    def rows(*stamped: tuple[dt.timedelta, dict]) -> list[dict]:
+        return [
+            cdi_row((NOW - ago).replace(tzinfo=None), json.dumps(payload), external_id="u-1")
+            for ago, payload in stamped
+        ]
+
+    harness.table("users", rows((dt.timedelta(hours=5), {"plan": "X", "city": "C"})))
+    assert harness.run("users").outcome.accepted == 1
+    spy.take()
+    harness.table(
+        "users",
+        rows(
+            (dt.timedelta(hours=3), {"plan": "A", "city": "D"}),
+            (dt.timedelta(hours=2), {"plan": "X", "city": "D"}),
+        ),
+    )
+    second = harness.run("users")
+    assert second.result.success
+    [profile] = emulator.store.profiles()
+    assert profile["attributes"] == {"plan": "X", "city": "D"}, spy.take()
+    spy.take()
+    harness.table("users", rows((dt.timedelta(hours=1), {"plan": "X", "city": "C"})))
+    harness.run("users")
+    [profile] = emulator.store.profiles()
+    assert profile["attributes"] == {"plan": "X", "city": "C"}
+
+
+@both_backends
+def test_a_restamped_row_with_an_operator_sends_it_again(harness, emulator):
+    """A PAYLOAD exactly as Braze last accepted it is unchanged only if all of it is plain values:
+    an increment, `subscription_groups` or an `always_send` key in it is sent again, as it is."""
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users", always_send=["last_seen"])]
+    payload = json.dumps({"plan": "X", "visits": {"inc": 1}, "last_seen": "2026-01-01"})
+    for hours in (3, 2):
+        stamp = (NOW - dt.timedelta(hours=hours)).replace(tzinfo=None)
+        harness.table("users", [cdi_row(stamp, payload, external_id="u-1")])
+        run = harness.run("users")
+        assert (run.outcome.accepted, run.outcome.unchanged) == (1, 0)
+    sent = _attrs(spy.take())
+    assert sent == {"u-1": {"visits": {"inc": 1}, "last_seen": "2026-01-01", "_update_existing_only": False}}
+    [profile] = emulator.store.profiles()
+    assert profile["attributes"]["visits"] == 2
+
+
 def _chunk(rows: list[tuple[str, int, str]]) -> pa.Table:
     """A delivered chunk's diff columns: (user key, hour stamped, remembered text) per row."""
     return pa.table(
@@ -457,3 +510,27 @@ def test_a_row_whose_identifier_has_no_text_form_is_never_matched_as_unchanged()
 
     [known] = KnownUsers.find([rows], remembered)
     assert known.unchanged == {} and known.before == {}
+
+
+def test_a_later_row_of_a_user_is_told_from_a_copy_across_lookups():
+    """Within a lookup and across a delta's lookups: a user's row is repeated when an earlier row
+    of theirs differs from it; exact copies (same PAYLOAD and UPDATED_AT) are one row."""
+    from braze_assets.known_users import SeenUsers
+
+    seen = SeenUsers()
+    try:
+
+        def rows(*parts: tuple[str, int]) -> pa.Table:  # (PAYLOAD hash, stamp) per row
+            return pa.table(
+                {"payload": [p for p, _ in parts], "stamp": pa.array([t for _, t in parts], pa.int64())}
+            )
+
+        first = seen.repeated(
+            pa.array(["a", "b", "a", "a", "c"]), rows(("p1", 1), ("p2", 1), ("p1", 1), ("p1", 2), ("p9", 1))
+        )
+        assert first is not None and first.to_pylist() == [False, False, False, True, False]
+        later = seen.repeated(pa.array(["a", "b", "c"]), rows(("p1", 1), ("p4", 1), ("p9", 1)))
+        assert later is not None and later.to_pylist() == [True, True, False]
+        assert seen.repeated(pa.array(["d"]), rows(("p5", 1))) is None
+    finally:
+        seen.close()
