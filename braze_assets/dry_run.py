@@ -23,7 +23,7 @@ from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.request_plan import plan_requests
 from braze_assets.sources.base import CdiSource
-from braze_assets.state import StateStore
+from braze_assets.state import EmbeddedStateStore, StateStore
 
 #: Braze's documented request limits, per second, by endpoint (docs/braze-contract.md, rate limits).
 DOCUMENTED_RATE_PER_S = {
@@ -106,6 +106,10 @@ def dry_run(
     spec = DATA_TYPES[sync.data_type]
     with tempfile.TemporaryDirectory(prefix="braze-assets-dry-run-") as scratch:
         root = Path(scratch)
+        if isinstance(store, EmbeddedStateStore) and not store.db_path.exists():
+            # a sync that never ran has no state: an empty one in the scratch directory is the
+            # same, and opening its own would create it
+            store = EmbeddedStateStore(root / "state", sync.name)
         manifest = DeltaManifest(
             sync=sync.name,
             data_type=sync.data_type,

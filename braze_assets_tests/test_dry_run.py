@@ -83,3 +83,13 @@ def test_the_dry_run_job_reports_in_the_ui(harness, emulator):
     assert (metadata["rows_to_send"], metadata["data_points"], metadata["requests"]) == (80, 80, 2)
     assert "nothing sent, no state changed" in metadata["dry_run"]
     assert emulator.store.stats()["requests"] == 0 and harness.ledger("ev") == {}
+
+
+def test_a_dry_run_of_a_sync_never_run_leaves_no_state_behind(harness, emulator, monkeypatch, capsys):
+    """The embedded state of a sync that never ran does not exist; a dry run does not make it."""
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(20, NOW - dt.timedelta(hours=2)))
+    [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert bill["rows_to_send"] == 20
+    made = [p.name for p in harness.tmp_path.rglob("users.*")]
+    assert made == [], made
