@@ -164,6 +164,8 @@ class Delivery:
                 # run's own earlier chunks, which hold none of the later ones' rows).
                 self._probe = since is None or ledger.settled_since(since)
                 ledger.merge_remembered()  # what a run that stopped early had set aside
+                if self._sends_whole_attributes() and ledger.remembers_anyone():
+                    ledger.forget_remembered()  # Braze is about to hold what nothing remembers
                 self._record_invalid(ledger)
                 self._record_unchanged(ledger)
                 asyncio.run(self._send_all(ledger, settler))
@@ -174,6 +176,10 @@ class Delivery:
             self.outcome.earliest_unsettled = self._earliest_unsettled.isoformat()
         self.outcome.status, self.outcome.status_detail = classify(self.outcome, self.manifest)
         return self.outcome
+
+    def _sends_whole_attributes(self) -> bool:
+        """An attributes delivery without the diff (`send: full_payload`) with rows to send."""
+        return self.spec.name == "attributes" and not self.manifest.unchanged_path and self.manifest.valid > 0
 
     def _since(self) -> dt.datetime | None:
         computed = self.manifest.computed_at

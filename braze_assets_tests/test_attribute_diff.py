@@ -172,6 +172,27 @@ def test_full_payload_sends_every_row_whole(harness, emulator):
     assert len(spy.objects) == 10 and all(len(o) == 6 for o in spy.objects)
 
 
+@both_backends
+def test_switching_to_full_payload_and_back_sends_what_braze_no_longer_holds(harness, emulator):
+    """`send: full_payload` sends rows whole and remembers nothing: what was remembered before is
+    forgotten when such a run sends, so switching back to `changed` cannot take a value Braze
+    was since given for one it still holds."""
+    spy = Spy(emulator)
+
+    def run(send: str, plan: str, hours: int):
+        harness.syncs = [sync_config("users", "attributes", "main.users", send=send)]
+        stamp = (NOW - dt.timedelta(hours=hours)).replace(tzinfo=None)
+        harness.table("users", [cdi_row(stamp, json.dumps({"plan": plan}), external_id="u-1")])
+        return harness.run("users")
+
+    assert run("changed", "X", 3).outcome.accepted == 1
+    assert run("full_payload", "A", 2).outcome.accepted == 1
+    back = run("changed", "X", 1)
+    assert (back.outcome.accepted, back.outcome.unchanged) == (1, 0)
+    [profile] = emulator.store.profiles()
+    assert profile["attributes"]["plan"] == "X", spy.take()
+
+
 @pytest.mark.parametrize("field", ["send", "always_send"])
 def test_the_diff_settings_are_refused_on_other_data_types(field):
     value = "changed" if field == "send" else ["x"]

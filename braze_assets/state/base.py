@@ -207,6 +207,11 @@ class LedgerSession(ABC):
         what was remembered of them (at once, or by `merge_remembered`; `remembered` sees both)."""
 
     @abstractmethod
+    def forget_remembered(self) -> None:
+        """Forget everything remembered of this sync's users: a run sending whole payloads
+        (`send: full_payload`) does not keep it up to date, so it must not outlive such a run."""
+
+    @abstractmethod
     def merge_remembered(self) -> None:
         """Fold what `remember` set aside into what is remembered: delivery calls it once it is
         done, and before it starts (after a run that stopped in between)."""

@@ -218,6 +218,11 @@ class DuckDBLedgerSession(LedgerSession):
         """Whether `remember` set anything aside that is not folded yet (normally not)."""
         return bool(self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_pending)").fetchall()[0][0])
 
+    def forget_remembered(self) -> None:
+        with self.transaction():
+            self.con.execute("DELETE FROM remembered_attributes")
+            self.con.execute("DELETE FROM remembered_pending")
+
     def merge_remembered(self) -> None:
         if not self._pending_remembered():  # every delivery asks twice; most have nothing
             return

@@ -183,6 +183,10 @@ class PostgresLedgerSession(LedgerSession):
             row = cursor.fetchone()
         return bool(row and row[0])
 
+    def forget_remembered(self) -> None:
+        with self._unit() as cursor:
+            cursor.execute("DELETE FROM remembered_attributes WHERE sync = %s", (self.sync,))
+
     def merge_remembered(self) -> None:
         """Nothing to fold: `remember` upserts at once, through the table's primary key."""
 
