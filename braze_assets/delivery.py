@@ -438,7 +438,7 @@ class Delivery:
                 ),
             )
             ledger.clear_planned(chunk.prefix)  # the rest is sent again by a later run
-            ledger.remember(accepted_attributes(chunk.table, status))
+            ledger.remember(accepted_attributes(chunk.table, status, messages))
         if len(settled) < chunk.table.num_rows:
             updated = chunk.table["updated_at"].to_pylist()
             earliest = min(updated[i] for i, s in enumerate(status) if s is None)

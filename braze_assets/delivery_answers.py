@@ -22,6 +22,14 @@ class BrazeRequestError(RuntimeError):
     """Braze refused a request in a way no row can fix (wrong URL): a global error."""
 
 
+#: An accepted row's message when its request's answer had an error tied to no row: it may be
+#: this row's, so what Braze holds of the user is not remembered (`accepted_attributes`).
+UNSURE = (
+    "accepted, but Braze reported an error it tied to no row of the request: what Braze holds "
+    "of this user is not remembered, so the next row of theirs goes whole"
+)
+
+
 @dataclass
 class AnswerReader:
     """Reads the answers of one delivery into its outcome (`hold`: the ambiguous policy is
@@ -87,6 +95,8 @@ class AnswerReader:
             else:
                 out.unattributed_errors += 1
                 self.log(f"{out.sync}: Braze reported an error without a row index: {str(error)[:200]}")
+        # attributes only: what an accepted row's user holds is remembered for the diff
+        unsure = request.array == "attributes" and len(by_index) < len(errors or [])
         for position, i in enumerate(rows):
             message = by_index.get(position)
             if result.kind == "rejected":
@@ -96,3 +106,5 @@ class AnswerReader:
             else:
                 status[i] = "accepted"
                 out.accepted += 1
+                if unsure:
+                    messages[i] = UNSURE

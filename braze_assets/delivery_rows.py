@@ -10,6 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from braze_assets.delivery_answers import UNSURE
 from braze_assets.state.base import REMEMBERED_COLUMNS
 
 
@@ -74,9 +75,12 @@ def planned_rows(chunk: pa.Table, batch_of: list[str], run_id: str) -> pa.Table:
     )
 
 
-def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
+def accepted_attributes(
+    rows: pa.Table, status: list[str | None], messages: list[str | None] | None = None
+) -> pa.Table:
     """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
-    user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff."""
+    user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff. A
+    row accepted with `UNSURE` (`messages`) leaves its user known to hold nothing remembered."""
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
@@ -84,6 +88,11 @@ def accepted_attributes(rows: pa.Table, status: list[str | None]) -> pa.Table:
     # each accepted once (the usual case) needs no sort.
     remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
     chosen = rows.select([*remembered, "updated_at"])
+    if messages is not None and UNSURE in messages:
+        unsure = pa.array([m == UNSURE for m in messages], pa.bool_())
+        chosen = chosen.set_column(
+            1, "payload_hash", pc.if_else(unsure, pa.scalar(None, pa.string()), chosen["payload_hash"])
+        ).set_column(2, "remember", pc.if_else(unsure, "{}", chosen["remember"]))
     chosen = chosen.filter(pc.fill_null(accepted, False))
     if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
         # Newest first within each user; on a tie the later row of the chunk wins.

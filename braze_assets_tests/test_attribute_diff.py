@@ -555,3 +555,36 @@ def test_a_later_row_of_a_user_is_told_from_a_copy_across_lookups():
         assert seen.repeated(pa.array(["d"]), rows(("p5", 1))) is None
     finally:
         seen.close()
+
+
+def test_rows_of_a_request_with_an_error_tied_to_no_row_are_not_remembered():
+    """Braze documents a partial success's errors only as messages; one that names no row may
+    concern any row of the request. Its rows stay accepted (delivered, not sent again) but what
+    Braze holds of their users is unknown: the next run sends them whole, and says why."""
+    from braze_assets.braze.client import RequestOutcome
+    from braze_assets.delivery_answers import AnswerReader
+    from braze_assets.delivery_rows import accepted_attributes
+    from braze_assets.request_plan import PlannedRequest
+    from braze_assets.sync_outcome import SyncOutcome
+
+    reader = AnswerReader(SyncOutcome("s", "attributes", "r"), "/users/track", False, lambda _: None)
+    status: list[str | None] = [None, None]
+    messages: list[str | None] = [None, None]
+    answer = RequestOutcome("answered", 201, {"message": "success", "errors": ["EMAIL_BAD_FORMAT"]})
+    reader.apply(PlannedRequest("b", b"", [0, 1], "attributes"), answer, status, messages)
+    assert status == ["accepted", "accepted"]
+    assert all(m and "tied to no row" in m for m in messages), messages
+    chunk = pa.table(
+        {
+            "user_key": ["k0", "k1"],
+            "payload_hash": ["p0", "p1"],
+            "remember": ['{"email":"h0"}', '{"plan":"h1"}'],
+            "payload_attributes": pa.array([1, 1], pa.int32()),
+            "updated_at": [NOW, NOW],
+        }
+    )
+    kept = accepted_attributes(chunk, status, messages).to_pylist()
+    assert [(r["user_key"], r["payload_hash"], r["attributes"]) for r in kept] == [
+        ("k0", None, "{}"),
+        ("k1", None, "{}"),
+    ]
