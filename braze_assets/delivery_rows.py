@@ -75,6 +75,12 @@ def planned_rows(chunk: pa.Table, batch_of: list[str], run_id: str) -> pa.Table:
     )
 
 
+#: How an object asking Braze to update only an existing user says so (objects are compact JSON).
+#: Braze accepts such a row for a user it does not have and applies nothing, with nothing in its
+#: answer to tell: so its attributes are never remembered, and go again once the user exists.
+_UPDATE_ONLY = '"_update_existing_only":true'
+
+
 def accepted_attributes(
     rows: pa.Table, status: list[str | None], messages: list[str | None] | None = None
 ) -> pa.Table:
@@ -84,6 +90,8 @@ def accepted_attributes(
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
+    if "object" in rows.column_names:  # Braze may have applied an update-only row to nobody
+        accepted = pc.and_(accepted, pc.invert(pc.match_substring(rows["object"], _UPDATE_ONLY)))
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
     remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS

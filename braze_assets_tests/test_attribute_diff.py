@@ -193,6 +193,32 @@ def test_switching_to_full_payload_and_back_sends_what_braze_no_longer_holds(har
     assert profile["attributes"]["plan"] == "X", spy.take()
 
 
+def test_an_update_only_row_is_sent_again_once_its_user_exists(harness, emulator):
+    """With `_update_existing_only`, Braze accepts a row for a user it does not have and applies
+    nothing, and nothing in its answer says so: such a row's attributes are not remembered, so
+    once the user exists the same values still go."""
+    harness.syncs = [
+        sync_config("members", "attributes", "main.members", update_existing_only=True),
+        sync_config("signups", "attributes", "main.signups"),
+    ]
+
+    def members(hours: int) -> None:
+        stamp = (NOW - dt.timedelta(hours=hours)).replace(tzinfo=None)
+        harness.table("members", [cdi_row(stamp, json.dumps({"plan": "X"}), external_id="u-1")])
+
+    members(3)
+    assert harness.run("members").outcome.accepted == 1
+    assert emulator.store.profiles() == []  # accepted, applied to nobody
+    stamp = (NOW - dt.timedelta(hours=2)).replace(tzinfo=None)
+    harness.table("signups", [cdi_row(stamp, json.dumps({"city": "C"}), external_id="u-1")])
+    assert harness.run("signups").outcome.accepted == 1
+    members(1)
+    again = harness.run("members")
+    assert (again.outcome.accepted, again.outcome.unchanged) == (1, 0)
+    [profile] = emulator.store.profiles()
+    assert profile["attributes"] == {"city": "C", "plan": "X"}
+
+
 @pytest.mark.parametrize("field", ["send", "always_send"])
 def test_the_diff_settings_are_refused_on_other_data_types(field):
     value = "changed" if field == "send" else ["x"]
