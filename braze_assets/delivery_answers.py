@@ -22,11 +22,12 @@ class BrazeRequestError(RuntimeError):
     """Braze refused a request in a way no row can fix (wrong URL): a global error."""
 
 
-#: An accepted row's message when its request's answer had an error tied to no row: it may be
-#: this row's, so what Braze holds of the user is not remembered (`accepted_attributes`).
+#: An accepted attributes row's message when its request's answer had errors: what Braze holds
+#: of the user is then not known, so it is not remembered (`accepted_attributes`).
 UNSURE = (
-    "accepted, but Braze reported an error it tied to no row of the request: what Braze holds "
-    "of this user is not remembered, so the next row of theirs goes whole"
+    "accepted, but Braze reported errors in this request (one tied to no row may be this row's, "
+    "and an invalid nested value drops every nested update of the request): what Braze holds of "
+    "this user is not remembered, so the next row of theirs goes whole"
 )
 
 
@@ -95,8 +96,10 @@ class AnswerReader:
             else:
                 out.unattributed_errors += 1
                 self.log(f"{out.sync}: Braze reported an error without a row index: {str(error)[:200]}")
-        # attributes only: what an accepted row's user holds is remembered for the diff
-        unsure = request.array == "attributes" and len(by_index) < len(errors or [])
+        # Attributes only (what an accepted row's user holds is remembered for the diff): an error
+        # tied to no row may be any row's, and Braze drops every nested attribute update of a
+        # request holding one invalid nested value, so no row of such a request is sure.
+        unsure = request.array == "attributes" and bool(errors)
         for position, i in enumerate(rows):
             message = by_index.get(position)
             if result.kind == "rejected":

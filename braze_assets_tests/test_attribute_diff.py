@@ -583,10 +583,12 @@ def test_a_later_row_of_a_user_is_told_from_a_copy_across_lookups():
         seen.close()
 
 
-def test_rows_of_a_request_with_an_error_tied_to_no_row_are_not_remembered():
+@pytest.mark.parametrize("error", ["EMAIL_BAD_FORMAT", {"type": "bad nested value", "index": 2}])
+def test_rows_of_a_request_with_errors_are_not_remembered(error):
     """Braze documents a partial success's errors only as messages; one that names no row may
-    concern any row of the request. Its rows stay accepted (delivered, not sent again) but what
-    Braze holds of their users is unknown: the next run sends them whole, and says why."""
+    concern any row of the request, and one invalid nested value drops every nested update of
+    the request. Its other rows stay accepted (delivered, not sent again) but what Braze holds
+    of their users is unknown: the next run sends them whole, and says why."""
     from braze_assets.braze.client import RequestOutcome
     from braze_assets.delivery_answers import AnswerReader
     from braze_assets.delivery_rows import accepted_attributes
@@ -594,22 +596,27 @@ def test_rows_of_a_request_with_an_error_tied_to_no_row_are_not_remembered():
     from braze_assets.sync_outcome import SyncOutcome
 
     reader = AnswerReader(SyncOutcome("s", "attributes", "r"), "/users/track", False, lambda _: None)
-    status: list[str | None] = [None, None]
-    messages: list[str | None] = [None, None]
-    answer = RequestOutcome("answered", 201, {"message": "success", "errors": ["EMAIL_BAD_FORMAT"]})
-    reader.apply(PlannedRequest("b", b"", [0, 1], "attributes"), answer, status, messages)
-    assert status == ["accepted", "accepted"]
-    assert all(m and "tied to no row" in m for m in messages), messages
+    status: list[str | None] = [None, None, None]
+    messages: list[str | None] = [None, None, None]
+    answer = RequestOutcome("answered", 201, {"message": "success", "errors": [error]})
+    reader.apply(PlannedRequest("b", b"", [0, 1, 2], "attributes"), answer, status, messages)
+    assert status[:2] == ["accepted", "accepted"]
+    assert all(m and "not remembered" in m for m in messages[:2]), messages
     chunk = pa.table(
         {
-            "user_key": ["k0", "k1"],
-            "payload_hash": ["p0", "p1"],
-            "remember": ['{"email":"h0"}', '{"plan":"h1"}'],
-            "payload_attributes": pa.array([1, 1], pa.int32()),
-            "updated_at": [NOW, NOW],
+            "user_key": ["k0", "k1", "k2"],
+            "payload_hash": ["p0", "p1", "p2"],
+            "remember": ['{"email":"h0"}', '{"plan":"h1"}', '{"plan":"h2"}'],
+            "payload_attributes": pa.array([1, 1, 1], pa.int32()),
+            "updated_at": [NOW, NOW, NOW],
         }
     )
     kept = accepted_attributes(chunk, status, messages).to_pylist()
+    if status[2] == "accepted":  # the error named no row: the third is as unsure as the others
+        assert kept[2:] == [
+            {"user_key": "k2", "payload_hash": None, "attributes": "{}", "payload_attributes": 1}
+        ]
+        kept = kept[:2]
     assert [(r["user_key"], r["payload_hash"], r["attributes"]) for r in kept] == [
         ("k0", None, "{}"),
         ("k1", None, "{}"),
