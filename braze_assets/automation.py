@@ -270,7 +270,7 @@ def build_connection_job(sync: SyncConfig) -> dg.JobDefinition:
 
 def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
     """`<sync>_dry_run`: everything pending, up to the wire, with its bill; nothing sent or changed."""
-    from braze_assets.dry_run import bill_now
+    from braze_assets.dry_run import bill_now, budget_path
 
     @dg.op(
         name=f"{sync.name}_bill",
@@ -278,11 +278,13 @@ def build_dry_run_job(sync: SyncConfig) -> dg.JobDefinition:
         description=f"What {sync.name} would send now and what Braze would bill: nothing is sent.",
     )
     def _preview(context: dg.OpExecutionContext) -> None:
+        braze = context.resources.braze
         bill = bill_now(
             sync,
             make_source(sync, getattr(context.resources, resource_key(sync))),
             context.resources.delivery_state.store(sync.name),
-            context.resources.braze.max_rate_share,
+            braze.max_rate_share,
+            braze.announced_rate_per_s(budget_path(sync)),
         )
         context.log.info(bill.text())
         context.log_event(

@@ -123,7 +123,7 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     """The bill of each sync's pending rows, nothing sent and no state changed (`dry_run.py`)."""
     from braze_assets.config import load_syncs
     from braze_assets.definitions import default_resources
-    from braze_assets.dry_run import bill_now
+    from braze_assets.dry_run import bill_now, budget_path
     from braze_assets.resources import delivery_state_from_environment, home_dir
     from braze_assets.sources.factory import make_source, resource_key
 
@@ -133,7 +133,9 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     bills = []
     for sync in syncs:
         source = make_source(sync, resources[resource_key(sync)])
-        bill = bill_now(sync, source, state.store(sync.name), resources["braze"].max_rate_share)
+        braze = resources["braze"].process_config_and_initialize()  # its key read from the environment
+        announced = braze.announced_rate_per_s(budget_path(sync))
+        bill = bill_now(sync, source, state.store(sync.name), braze.max_rate_share, announced)
         bills.append(bill.to_dict() | {"text": bill.text()})
     return bills
 

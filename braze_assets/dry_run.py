@@ -52,6 +52,9 @@ class Bill:
     requests: int = 0
     #: the requests per second this workspace's budget allows the sync (Braze's limit x share)
     rate_per_s: float = 0.0
+    #: whose limit `rate_per_s` is a share of: the one Braze announced for the workspace, or its
+    #: documented one (before any sync of the workspace sent)
+    rate_from: str = "documented"
     minutes_at_budget: float = 0.0
     note: str = ""
 
@@ -68,16 +71,28 @@ class Bill:
             f"   data points billed {self.data_points:,} (without the diff {self.data_points_without_diff:,}"
             f", saved {saved:,})",
             f"   {self.requests:,} requests, about {self.minutes_at_budget:,.1f} min at "
-            f"{self.rate_per_s:,.0f} requests/s (Braze's limit x max_rate_share)",
+            f"{self.rate_per_s:,.2f} requests/s (Braze's {self.rate_from} limit x max_rate_share)",
         ]
         if self.note:
             lines.append(f"   {self.note}")
         return "\n".join(lines)
 
 
-def bill_now(sync: SyncConfig, source: CdiSource, store: StateStore, rate_share: float) -> Bill:
+def budget_path(sync: SyncConfig) -> str:
+    """The Braze rate budget a sync's requests count against."""
+    return contract.CATALOG_ITEMS_BUDGET if sync.data_type == "catalogs" else DATA_TYPES[sync.data_type].endpoint
+
+
+def bill_now(
+    sync: SyncConfig,
+    source: CdiSource,
+    store: StateStore,
+    rate_share: float,
+    announced_rate_per_s: float | None = None,
+) -> Bill:
     """The bill of everything pending now: from the watermark minus the lookback (or the table's
-    oldest row), as a "sync now" run would send it."""
+    oldest row), as a "sync now" run would send it. `announced_rate_per_s`: the limit Braze last
+    announced for this workspace (`BrazeResource.announced_rate_per_s`), else its documented one."""
     from braze_assets.assets import partitions_start, pending_start
 
     now = dt.datetime.now(dt.UTC)
@@ -89,6 +104,7 @@ def bill_now(sync: SyncConfig, source: CdiSource, store: StateStore, rate_share:
         now=now,
         partitions_start=partitions_start(sync),
         rate_share=rate_share,
+        announced_rate_per_s=announced_rate_per_s,
     )
 
 
@@ -101,8 +117,10 @@ def dry_run(
     now: dt.datetime,
     partitions_start: dt.datetime,
     rate_share: float,
+    announced_rate_per_s: float | None = None,
 ) -> Bill:
-    """The bill of sending everything pending from `window_start` up to `now`."""
+    """The bill of sending everything pending from `window_start` up to `now`, at the share of
+    the rate Braze announced for the workspace, or of its documented rate before any sync sent."""
     spec = DATA_TYPES[sync.data_type]
     with tempfile.TemporaryDirectory(prefix="braze-assets-dry-run-") as scratch:
         root = Path(scratch)
@@ -136,8 +154,8 @@ def dry_run(
         requests = 0
         for batch in delta_store.parquet_batches(manifest.valid_path, 20_000, columns=["object"]):
             requests += len(plan_requests(spec, batch.column("object").to_pylist(), "dry"))
-    budget = contract.CATALOG_ITEMS_BUDGET if sync.data_type == "catalogs" else spec.endpoint
-    rate = DOCUMENTED_RATE_PER_S.get(budget, 0.0) * rate_share
+    documented = DOCUMENTED_RATE_PER_S.get(budget_path(sync), 0.0)
+    rate = (announced_rate_per_s or documented) * rate_share
     bill = Bill(
         sync=sync.name,
         data_type=sync.data_type,
@@ -152,6 +170,7 @@ def dry_run(
         data_points_without_diff=manifest.estimated_data_points + manifest.data_points_saved,
         requests=requests,
         rate_per_s=rate,
+        rate_from="announced" if announced_rate_per_s else "documented",
         minutes_at_budget=round(requests / rate / 60, 2) if rate else math.nan,
     )
     if sync.data_type == "deletions":

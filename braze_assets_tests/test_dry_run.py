@@ -93,3 +93,33 @@ def test_a_dry_run_of_a_sync_never_run_leaves_no_state_behind(harness, emulator,
     assert bill["rows_to_send"] == 20
     made = [p.name for p in harness.tmp_path.rglob("users.*")]
     assert made == [], made
+
+
+@both_backends
+def test_the_bill_runs_at_the_limit_braze_announced_for_the_workspace(harness, emulator, monkeypatch, capsys):
+    """Braze's limits differ by contract (an hourly limit on MAU plans): once a sync has heard the
+    workspace's limit, the bill's minutes are at a share of that one, read without changing it."""
+    from braze_assets.braze.budget import workspace_id
+    from braze_assets.braze.budget_stores import budget_store_from_environment
+    from braze_assets.braze.client import check_endpoint
+
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(150, NOW - dt.timedelta(hours=2)))
+    monkeypatch.setenv("BRAZE_REST_ENDPOINT", emulator.base_url)
+    [documented] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert (documented["rate_per_s"], documented["rate_from"]) == (800.0, "documented")
+
+    if harness.state_url:
+        monkeypatch.setenv("BRAZE_ASSETS_STATE_URL", harness.state_url)
+    store = budget_store_from_environment(harness.tmp_path / "state")
+    workspace = workspace_id(check_endpoint(emulator.base_url, False), "unused-by-a-dry-run")
+
+    def announce(state, _now):  # as a sync's client keeps what Braze's headers said
+        state.limit, state.window_s = 3_600, 3_600.0
+
+    store.exchange(workspace, "/users/track", announce)
+    kept = store.peek(workspace, "/users/track")
+    [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert (bill["rate_per_s"], bill["rate_from"]) == (0.8, "announced")  # 1 a second, x 0.8
+    assert math.isclose(bill["minutes_at_budget"], round(2 / 0.8 / 60, 2))
+    assert store.peek(workspace, "/users/track") == kept

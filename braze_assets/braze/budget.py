@@ -209,6 +209,10 @@ class BudgetStore(ABC):
     def exchange(self, workspace: str, path: str, change: Callable[[BudgetState, float], T]) -> T:
         """Run `change(state, now)` on the budget of (`workspace`, `path`) and persist the state."""
 
+    @abstractmethod
+    def peek(self, workspace: str, path: str) -> BudgetState | None:
+        """The budget of (`workspace`, `path`) as kept, changing nothing (None: none is kept)."""
+
     def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
         """Release connections or file handles."""
 

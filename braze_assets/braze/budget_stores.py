@@ -69,6 +69,20 @@ class FileBudgetStore(BudgetStore):
             except OSError as exc:
                 raise BudgetStoreError(f"{self.description}: {type(exc).__name__}: {exc.strerror}") from None
 
+    def peek(self, workspace: str, path: str) -> BudgetState | None:
+        file = self.directory / f"{_file_name(workspace, path)}.json"
+        try:
+            handle = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BudgetStoreError(f"{self.description}: {type(exc).__name__}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # never half a state being written
+            return _parse_state(_read_all(handle))
+        finally:
+            os.close(handle)  # closing releases the lock
+
     def _handle(self, name: str) -> int:
         handle = self._handles.get(name)
         if handle is None:
@@ -183,6 +197,24 @@ class PostgresBudgetStore(BudgetStore):
             )
         connection.commit()
         return result
+
+    def peek(self, workspace: str, path: str) -> BudgetState | None:
+        import psycopg2
+
+        with self._mutex:
+            try:
+                connection = self._connect()
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SELECT rate_limit, window_s FROM {BUDGET_TABLE} WHERE workspace = %s AND endpoint = %s",
+                        (workspace, path),
+                    )
+                    row = cursor.fetchone()
+                connection.rollback()  # a read: nothing to keep
+            except psycopg2.Error as exc:
+                self._drop_connection()
+                raise BudgetStoreError(f"{self.description}: {_first_line(exc)}") from None
+        return None if row is None else BudgetState(limit=row[0], window_s=row[1])
 
     def _connect(self) -> Any:
         if self._connection is None:
