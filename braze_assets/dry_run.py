@@ -80,7 +80,9 @@ class Bill:
 
 def budget_path(sync: SyncConfig) -> str:
     """The Braze rate budget a sync's requests count against."""
-    return contract.CATALOG_ITEMS_BUDGET if sync.data_type == "catalogs" else DATA_TYPES[sync.data_type].endpoint
+    if sync.data_type == "catalogs":
+        return contract.CATALOG_ITEMS_BUDGET
+    return DATA_TYPES[sync.data_type].endpoint
 
 
 def bill_now(

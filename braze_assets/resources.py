@@ -91,7 +91,8 @@ class BrazeResource(dg.ConfigurableResource):
         from braze_assets.braze.budget import workspace_id
         from braze_assets.braze.client import check_endpoint
 
-        store = budget_store_from_environment(Path(self.state_dir) if self.state_dir else home_dir() / "state")
+        state_dir = Path(self.state_dir) if self.state_dir else home_dir() / "state"
+        store = budget_store_from_environment(state_dir)
         endpoint = check_endpoint(self.rest_endpoint, self.allow_custom_host)
         state = store.peek(workspace_id(endpoint, self.api_key), path)
         if state is None or not state.limit or not state.window_s:

@@ -206,7 +206,8 @@ class PostgresBudgetStore(BudgetStore):
                 connection = self._connect()
                 with connection.cursor() as cursor:
                     cursor.execute(
-                        f"SELECT rate_limit, window_s FROM {BUDGET_TABLE} WHERE workspace = %s AND endpoint = %s",
+                        f"SELECT rate_limit, window_s FROM {BUDGET_TABLE} "
+                        "WHERE workspace = %s AND endpoint = %s",
                         (workspace, path),
                     )
                     row = cursor.fetchone()
