@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from braze_assets.datatypes import payload_text
+from braze_assets.datatypes.payload_rules import attribute_points
 from braze_assets.digests import hex_digests, hex_digests_or_none
 
 #: Keys sent as they are whatever was accepted before (besides control keys, `_...`).
@@ -198,9 +199,20 @@ def _shared_columns(payloads: Sequence[dict[str, Any]]) -> tuple[tuple[str, ...]
         return None
 
 
-def _billed(keys: Sequence[str]) -> int:
-    """Data points of a payload of these keys sent whole: control keys are never billed."""
-    return sum(1 for key in keys if key[:1] != "_")
+def _billed(keys: Sequence[str], columns: Sequence[Sequence[Any]], count: int) -> list[int]:
+    """Data points of `count` payloads of these keys sent whole, from their values a key at a
+    time: control keys are never billed, and only a column holding arrays or objects can cost
+    more than one point a row."""
+    base = sum(1 for key in keys if key[:1] != "_")
+    points = [base] * count
+    for key, values in zip(keys, columns, strict=True):
+        if key[:1] == "_" or not ({list, dict} & set(map(type, values))):
+            continue
+        for i, value in enumerate(values):
+            extra = attribute_points(key, value) - 1
+            if extra:
+                points[i] += extra
+    return points
 
 
 class AttributeDiff:
@@ -247,16 +259,16 @@ class AttributeDiff:
             if key in always or (type(value) is dict and _is_operator(value)):
                 kept[key] = value
                 remember.pop(key, None)  # its value in Braze is no longer known
-                sent += 1
+                sent += attribute_points(key, value)
                 volatile = True
                 continue
             digest = self._hash(value)
             if known.get(key) == digest:
-                saved += 1
+                saved += attribute_points(key, value)
                 continue
             kept[key] = value
             remember[key] = digest
-            sent += 1
+            sent += attribute_points(key, value)
         return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0, volatile)
 
     def sends_always(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
@@ -296,7 +308,7 @@ class AttributeDiff:
         shared = _shared_columns(payloads)
         if shared is not None and count >= _COLUMN_WISE_ROWS:  # the usual batch: one key set
             keys, columns = shared
-            return self._column_wise(keys, columns, count), [_billed(keys)] * count
+            return self._column_wise(keys, columns, count), _billed(keys, columns, count)
         remember: list[str] = [""] * count
         sent: list[int] = [0] * count
         by_keys: dict[tuple[str, ...], list[int]] = {}
@@ -308,9 +320,9 @@ class AttributeDiff:
                     trimmed = self._first(payloads[i])
                     remember[i], sent[i] = trimmed.remember, trimmed.sent
                 continue
-            texts = self._column_wise(keys, [[payloads[i][key] for i in rows] for key in keys], len(rows))
-            billed = _billed(keys)
-            for i, text in zip(rows, texts, strict=True):
+            columns = [[payloads[i][key] for i in rows] for key in keys]
+            texts = self._column_wise(keys, columns, len(rows))
+            for i, text, billed in zip(rows, texts, _billed(keys, columns, len(rows)), strict=True):
                 remember[i], sent[i] = text, billed
         return remember, sent
 
@@ -356,7 +368,7 @@ class AttributeDiff:
         for key, value in payload.items():
             if key[:1] == "_":
                 continue
-            sent += 1
+            sent += attribute_points(key, value)
             if key in always or (type(value) is dict and _is_operator(value)):
                 continue
             remember[key] = hashed(value)

@@ -621,3 +621,25 @@ def test_rows_of_a_request_with_errors_are_not_remembered(error):
         ("k0", None, "{}"),
         ("k1", None, "{}"),
     ]
+
+
+def test_arrays_of_objects_are_billed_per_attribute_of_each_object(harness, emulator):
+    """Braze bills creating an array of objects one data point per attribute of each object (and
+    adding or updating them per property): the run's data points and the diff's savings count so."""
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    pets = [{"id": 1, "name": "Rex", "age": 2}, {"id": 2, "name": "Tom"}]
+    payload = {"plan": "gold", "pets": pets, "visits": {"$add": [{"id": 3, "day": "mon"}]}}
+
+    def table(hours: int, plan: str) -> None:
+        stamp = (NOW - dt.timedelta(hours=hours)).replace(tzinfo=None)
+        rows = [cdi_row(stamp, json.dumps(payload | {"plan": plan}), external_id=f"u-{i}") for i in range(20)]
+        harness.table("users", rows)
+
+    table(2, "gold")
+    first = harness.run("users")
+    assert first.outcome.accepted == 20
+    assert first.outcome.estimated_data_points == 20 * (1 + 5 + 2)
+    table(1, "silver")  # only plan changed; the $add goes again as it is
+    second = harness.run("users")
+    assert second.outcome.estimated_data_points == 20 * (1 + 2)
+    assert second.outcome.data_points_saved == 20 * 5

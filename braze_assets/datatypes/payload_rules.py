@@ -218,6 +218,37 @@ def attribute_count(payload: dict, raw: str | bytes | None = None) -> int:
     return len(payload) - len([key for key in payload if key[:1] == "_"])
 
 
+def attribute_points(key: str, value: object) -> int:
+    """Data points Braze bills for writing attribute `key` with `value`: one, except that
+    creating an array of objects costs one per attribute of each object, and so does adding
+    objects (`$add`); updating them (`$update`) costs one per property set (docs/braze-contract.md,
+    data points). `subscription_groups` is a list of objects but not an attribute's array: one."""
+    if key == "subscription_groups":
+        return 1
+    if isinstance(value, list):
+        return _objects_points(value) or 1
+    if isinstance(value, dict):
+        added, updated = value.get("$add"), value.get("$update")
+        if isinstance(added, list) and _objects_points(added):
+            return _objects_points(added)
+        if isinstance(updated, list) and updated:
+            set_by = [u.get("$new_object") if isinstance(u, dict) else None for u in updated]
+            return max(1, sum(len(new) if isinstance(new, dict) else 1 for new in set_by))
+    return 1
+
+
+def _objects_points(items: list[Any]) -> int:
+    """One point per attribute of each object, for a non-empty list of objects only (else 0)."""
+    if not items or not all(isinstance(item, dict) for item in items):
+        return 0
+    return max(1, sum(len(item) for item in items))
+
+
+def payload_points(payload: dict[str, Any]) -> int:
+    """Data points of a payload sent whole: `attribute_points` of each key but control keys."""
+    return sum(attribute_points(key, value) for key, value in payload.items() if key[:1] != "_")
+
+
 def payload_facts(
     batch: RowBatch, spec: DataTypeSpec, facts: dict[str, np.ndarray], notes: dict[str, dict[int, str]]
 ) -> list[dict | None]:

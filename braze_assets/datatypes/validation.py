@@ -12,7 +12,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from braze_assets.braze import contract
-from braze_assets.datatypes.payload_rules import PROBLEM_SEPARATOR, payload_facts
+from braze_assets.datatypes.payload_rules import PROBLEM_SEPARATOR, payload_facts, payload_points
 from braze_assets.datatypes.rows import RowBatch
 from braze_assets.datatypes.spec import DATA_TYPES, DataTypeSpec, allowed_kind_codes, kinds_of
 
@@ -163,10 +163,27 @@ def validate_batch(batch: RowBatch, spec: DataTypeSpec) -> CheckedRows:
     )
     failures = validate_facts(frame, spec, notes) if n else {}
     if spec.name == "attributes":
-        points = facts["attribute_count"]
+        points = _attribute_points(batch, payloads, facts["attribute_count"])
     else:
         points = np.full(n, 1 if spec.name in ("events", "purchases") else 0, dtype=np.int64)
     return CheckedRows(batch, failures, payloads, points)
+
+
+def _attribute_points(batch: RowBatch, payloads: list[dict | None], attributes: np.ndarray) -> np.ndarray:
+    """Data points of each attributes row sent whole: one per attribute, except that arrays of
+    objects and operators on them cost more (`payload_points`). Only a PAYLOAD with an object
+    inside it (two `{`) can: the others keep their attribute count without a second look."""
+    points = attributes
+    for i, raw in enumerate(batch.payload or ()):
+        payload = payloads[i]
+        if payload is None or raw is None or raw.count("{" if type(raw) is str else b"{") < 2:
+            continue
+        billed = payload_points(payload)
+        if billed != points[i]:
+            if points is attributes:
+                points = attributes.copy()  # the attribute count itself is a validated fact
+            points[i] = billed
+    return points
 
 
 def validate_rows(rows: list[dict[str, Any]], spec: DataTypeSpec) -> CheckedRows:
