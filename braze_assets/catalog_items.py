@@ -14,6 +14,7 @@ requests of at most 50 items.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,13 +103,13 @@ def _fields_problem(fields: dict[str, Any]) -> str | None:
 
 
 def _deleted(value: Any) -> bool | None:
-    """DELETED as a flag: a boolean (or 1/0), or its text in any case; None when it is neither."""
+    """DELETED as a flag: a boolean, a number 1 or 0, or its text in any case; None otherwise."""
     if value is None:
         return False
     if isinstance(value, str):
         text = value.strip().lower()
         return True if text in _TRUE else False if text in _FALSE else None
-    if isinstance(value, (bool, int)) and value in (0, 1):
+    if isinstance(value, numbers.Number) and value in (0, 1):  # NUMERIC (Decimal) and doubles too
         return bool(value)
     return None
 

@@ -77,7 +77,7 @@ def planned_rows(chunk: pa.Table, batch_of: list[str], run_id: str) -> pa.Table:
 
 #: How an object asking Braze to update only an existing user says so (objects are compact JSON).
 #: Braze accepts such a row for a user it does not have and applies nothing, with nothing in its
-#: answer to tell: so its attributes are never remembered, and go again once the user exists.
+#: answer to tell: so its user is known to hold nothing remembered, and the next row goes whole.
 _UPDATE_ONLY = '"_update_existing_only":true'
 
 
@@ -86,18 +86,22 @@ def accepted_attributes(
 ) -> pa.Table:
     """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
     user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff. A
-    row accepted with `UNSURE` (`messages`) leaves its user known to hold nothing remembered."""
+    row accepted with `UNSURE` (`messages`), or sent update-only, leaves its user known to hold
+    nothing remembered (no PAYLOAD hash, no attribute)."""
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
-    if "object" in rows.column_names:  # Braze may have applied an update-only row to nobody
-        accepted = pc.and_(accepted, pc.invert(pc.match_substring(rows["object"], _UPDATE_ONLY)))
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
     remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
     chosen = rows.select([*remembered, "updated_at"])
+    unsure: pa.Array | None = None
     if messages is not None and UNSURE in messages:
         unsure = pa.array([m == UNSURE for m in messages], pa.bool_())
+    if "object" in rows.column_names:  # Braze may have applied an update-only row to nobody
+        update_only = pc.match_substring(rows["object"], _UPDATE_ONLY)
+        unsure = update_only if unsure is None else pc.or_(unsure, update_only)
+    if unsure is not None and pc.any(unsure).as_py():
         chosen = chosen.set_column(
             1, "payload_hash", pc.if_else(unsure, pa.scalar(None, pa.string()), chosen["payload_hash"])
         ).set_column(2, "remember", pc.if_else(unsure, "{}", chosen["remember"]))

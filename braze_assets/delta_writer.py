@@ -179,12 +179,14 @@ class DeltaWriter:
 
     def close(self) -> None:
         """Stop the workers and close the files (after `finish`, with everything appended)."""
-        if self._pool is not None:
-            self._pool.close()
-        self._valid.close()
-        self._rejected.close()
-        if self._unchanged is not None:
-            self._unchanged.close()
-        if self._seen is not None:
-            self._seen.close()
+        try:
+            if self._pool is not None:
+                self._pool.close()
+            self._valid.close()
+            self._rejected.close()
+            if self._unchanged is not None:
+                self._unchanged.close()
+        finally:
+            if self._seen is not None:
+                self._seen.close()
         self.manifest.rejected_reasons = dict(self._reasons.most_common())

@@ -80,10 +80,10 @@ class KnownUsers:
     ) -> list[KnownUsers]:
         """One `KnownUsers` per batch, from one lookup of all their users (and a second, of the
         remembered attributes, for the users whose PAYLOAD changed). `identified`: each batch's
-        `identify`, when it was done elsewhere (None: done here). `seen`: the delta's users so
-        far; a row whose user had an earlier row in the delta is treated as a user nothing is
-        remembered of (sent whole), since what was accepted before the run is no longer what
-        Braze will hold when it arrives."""
+        `identify`, when it was done elsewhere (None: done here). `seen`: the delta's rows so
+        far; a row whose user had an older row with another PAYLOAD in the delta (`SeenUsers`)
+        is treated as a user nothing is remembered of (sent whole), since what was accepted
+        before the run is no longer what Braze will hold when it arrives."""
         ids = list(identified) if identified is not None else [identify(rows) for rows in batches]
         digests = [
             i.payload_hashes if i.payload_hashes is not None else pa.nulls(rows.num_rows, pa.string())
@@ -169,7 +169,7 @@ def _match(digests: pa.Array, at: pa.Array, found: dict[str, pa.Array]) -> tuple
 
 def _row_parts(batches: Sequence[pa.RecordBatch | pa.Table], digests: Sequence[pa.Array]) -> pa.Table:
     """Each row's PAYLOAD hash and UPDATED_AT (as stored: a timestamp as its integer, never as
-    text, which cost more than the rest of the lookup): the same for exact copies of a row."""
+    text, which cost more than the rest of the lookup)."""
     stamps = []
     for rows in batches:
         column = rows.column("UPDATED_AT") if "UPDATED_AT" in rows.schema.names else None
@@ -193,26 +193,27 @@ def _row_parts(batches: Sequence[pa.RecordBatch | pa.Table], digests: Sequence[p
 
 
 class SeenUsers:
-    """The rows of a delta's users so far, to tell a row whose user already had another row in it.
+    """The rows of a delta's users so far, to tell a row whose user had another, older row in it.
 
     Two rows of one user in a run, each diffed against what Braze accepted before the run, would
     leave Braze at the wrong value: X accepted, then rows A and X, and the second is "unchanged"
-    while Braze holds A. So a row whose user had an earlier, different row in the delta goes
-    whole (exact copies of a row, the same PAYLOAD and UPDATED_AT, are one row). The users are
-    kept in an in-memory DuckDB table, which spills past its memory limit: a delta of millions
-    of users keeps them without holding a Python string for each."""
+    while Braze holds A. So a row goes whole when its user had a row with another PAYLOAD stamped
+    no later than it, earlier in the delta. The same PAYLOAD restamped is not another row (a
+    change log re-emitting a row keeps its savings), and a row older than one already seen is
+    diffed as before: sent after the newer one, it must not undo it. The rows are kept in an
+    in-memory DuckDB table of 64-bit hashes, which spills past its memory limit."""
 
     def __init__(self) -> None:
         self._con = duckdb.connect(config={"memory_limit": "128MB"})
-        # 64-bit hashes of the user key and of the row: one lookup of 100,000 rows against a
+        # 64-bit hashes of the user key and of the PAYLOAD: one lookup of 100,000 rows against a
         # million seen took 50 ms of CPU, against 500 ms with the texts themselves. A collision
-        # of two users only sends a row whole; of two rows of one user, 1 in 2^64.
-        self._con.execute("CREATE TABLE seen (user_hash UBIGINT, row_hash UBIGINT)")
+        # of two users only sends a row whole; of two PAYLOADs of one user, 1 in 2^64.
+        self._con.execute("CREATE TABLE seen (user_hash UBIGINT, payload_hash UBIGINT, stamp BIGINT)")
 
     def repeated(self, keys: pa.Array, rows: pa.Table) -> pa.Array | None:
         """Which rows (`keys`, in delta order, and each row's `_row_parts`) had an earlier row of
-        their user that is not a copy of them, in this call or before; None when none had.
-        Every row is then noted."""
+        their user, in this call or before, with another PAYLOAD and a stamp no later than
+        theirs; None when none had. Every row is then noted."""
         if not len(keys):
             return None
         batch = rows.append_column("user_key", keys).append_column("pos", pa.array(np.arange(len(keys))))
@@ -220,26 +221,21 @@ class SeenUsers:
         try:
             self._con.execute(
                 "CREATE OR REPLACE TEMP TABLE hashed AS SELECT pos, hash(user_key) AS user_hash, "
-                "hash(payload, stamp) AS row_hash FROM batch"
+                "hash(payload) AS payload_hash, coalesce(stamp, 0) AS stamp FROM batch"
             )
-            before = self._con.execute(
+            again = self._con.execute(
                 "SELECT h.pos FROM hashed h JOIN seen s ON s.user_hash = h.user_hash "
-                "AND s.row_hash <> h.row_hash"
+                "AND s.payload_hash <> h.payload_hash AND s.stamp <= h.stamp "
+                "UNION SELECT h.pos FROM hashed h JOIN hashed e ON e.user_hash = h.user_hash "
+                "AND e.pos < h.pos AND e.payload_hash <> h.payload_hash AND e.stamp <= h.stamp"
             ).fetchnumpy()["pos"]
-            within = self._con.execute(  # the window runs only over users with differing rows
-                "SELECT pos FROM (SELECT pos, min(row_hash) OVER w AS lo, max(row_hash) OVER w AS hi "
-                "FROM hashed WHERE user_hash IN (SELECT user_hash FROM hashed GROUP BY user_hash "
-                "HAVING min(row_hash) <> max(row_hash)) WINDOW w AS (PARTITION BY user_hash ORDER BY pos "
-                "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) WHERE lo <> hi"
-            ).fetchnumpy()["pos"]
-            self._con.execute("INSERT INTO seen SELECT DISTINCT user_hash, row_hash FROM hashed")
+            self._con.execute("INSERT INTO seen SELECT user_hash, payload_hash, stamp FROM hashed")
         finally:
             self._con.unregister("batch")
-        if not len(before) and not len(within):
+        if not len(again):
             return None
         mask = np.zeros(len(keys), dtype=bool)
-        mask[before] = True
-        mask[within] = True
+        mask[again] = True
         return pa.array(mask)
 
     def close(self) -> None:

@@ -88,13 +88,16 @@ class BrazeResource(dg.ConfigurableResource):
     def announced_rate_per_s(self, path: str) -> float | None:
         """Requests per second Braze last announced for this workspace's `path` budget
         (X-RateLimit-Limit over the window the syncs measured), None before any sync sent."""
-        from braze_assets.braze.budget import workspace_id
+        from braze_assets.braze.budget import BudgetStoreError, workspace_id
         from braze_assets.braze.client import check_endpoint
 
         state_dir = Path(self.state_dir) if self.state_dir else home_dir() / "state"
         store = budget_store_from_environment(state_dir)
         endpoint = check_endpoint(self.rest_endpoint, self.allow_custom_host)
-        state = store.peek(workspace_id(endpoint, self.api_key), path)
+        try:
+            state = store.peek(workspace_id(endpoint, self.api_key), path)
+        except BudgetStoreError:  # the budget is unreadable: the bill falls back to the documented rate
+            return None
         if state is None or not state.limit or not state.window_s:
             return None
         return state.limit / state.window_s

@@ -572,12 +572,15 @@ def test_a_later_row_of_a_user_is_told_from_a_copy_across_lookups():
                 {"payload": [p for p, _ in parts], "stamp": pa.array([t for _, t in parts], pa.int64())}
             )
 
+        # a: the same PAYLOAD restamped is not another row; p3 after p1 (newer) is
         first = seen.repeated(
-            pa.array(["a", "b", "a", "a", "c"]), rows(("p1", 1), ("p2", 1), ("p1", 1), ("p1", 2), ("p9", 1))
+            pa.array(["a", "b", "a", "a", "c"]), rows(("p1", 1), ("p2", 5), ("p1", 2), ("p3", 3), ("p9", 1))
         )
         assert first is not None and first.to_pylist() == [False, False, False, True, False]
-        later = seen.repeated(pa.array(["a", "b", "c"]), rows(("p1", 1), ("p4", 1), ("p9", 1)))
-        assert later is not None and later.to_pylist() == [True, True, False]
+        # b: p4 is older than the p2 seen, so it is diffed as before (it must not come after p2);
+        # a: p1 again, newer than p3: goes whole
+        later = seen.repeated(pa.array(["a", "b", "c"]), rows(("p1", 4), ("p4", 4), ("p9", 9)))
+        assert later is not None and later.to_pylist() == [True, False, False]
         assert seen.repeated(pa.array(["d"]), rows(("p5", 1))) is None
     finally:
         seen.close()
@@ -643,3 +646,18 @@ def test_arrays_of_objects_are_billed_per_attribute_of_each_object(harness, emul
     second = harness.run("users")
     assert second.outcome.estimated_data_points == 20 * (1 + 2)
     assert second.outcome.data_points_saved == 20 * 5
+
+
+def test_an_update_only_row_leaves_its_user_known_to_hold_nothing_remembered():
+    """An accepted update-only row is not remembered, and neither is what came before it: Braze
+    may hold its values (the user existed) or not, so the user's next row goes whole."""
+    from braze_assets.delivery_rows import accepted_attributes
+
+    chunk = _chunk([("a", 1, '{"a":"h1"}'), ("b", 1, '{"b":"h1"}')]).set_column(
+        5, "object", pa.array([b'{"_update_existing_only":true,"a":2}', b'{"b":1}'], pa.binary())
+    )
+    kept = {
+        r["user_key"]: (r["payload_hash"], r["attributes"])
+        for r in accepted_attributes(chunk, ["accepted"] * 2).to_pylist()
+    }
+    assert kept == {"a": (None, "{}"), "b": ('p-{"b":"h1"}', '{"b":"h1"}')}

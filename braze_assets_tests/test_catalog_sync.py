@@ -316,3 +316,19 @@ def test_a_dry_run_of_a_catalog_sync_bills_no_data_points(tmp_path, braze):
     assert bill.rate_per_s == pytest.approx(16_000 / 60 * 0.8)
     assert "catalog syncs bill no data points" in bill.text()
     assert braze.store.stats()["catalog_requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "deleted"),
+    [(True, True), (0, False), ("Yes", True), ("f", False), (None, False), (1.0, True), ("2", None)],
+)
+def test_deleted_is_read_from_booleans_numbers_and_text(value, deleted):
+    """Warehouses without booleans hand DELETED over as numbers (NUMERIC as Decimal, doubles) or
+    text; anything but a clear true or false is refused."""
+    from decimal import Decimal
+
+    from braze_assets.catalog_items import _deleted
+
+    assert _deleted(value) is deleted
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        assert _deleted(Decimal(value)) is deleted

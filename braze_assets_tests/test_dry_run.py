@@ -123,3 +123,23 @@ def test_the_bill_runs_at_the_limit_braze_announced_for_the_workspace(harness, e
     assert (bill["rate_per_s"], bill["rate_from"]) == (0.8, "announced")  # 1 a second, x 0.8
     assert math.isclose(bill["minutes_at_budget"], round(2 / 0.8 / 60, 2))
     assert store.peek(workspace, "/users/track") == kept
+
+
+def test_a_dry_run_needs_no_api_key(harness, emulator, monkeypatch, capsys):
+    """The key only names the workspace whose announced limit the bill may use: without it the
+    bill is at the documented limit."""
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(10, NOW - dt.timedelta(hours=2)))
+    monkeypatch.setattr(cli, "main", cli.main)
+    syncs_file = harness.tmp_path / "syncs.yaml"
+    syncs_file.write_text(yaml.safe_dump({"syncs": harness.syncs}))
+    monkeypatch.setenv("BRAZE_ASSETS_SYNCS", str(syncs_file))
+    monkeypatch.setenv("BRAZE_ASSETS_DUCKDB", str(harness.warehouse))
+    monkeypatch.delenv("BRAZE_API_KEY", raising=False)
+    monkeypatch.delenv("BRAZE_ASSETS_STATE_URL", raising=False)
+    for name in ("BRAZE_ASSETS_HOME", "DAGSTER_HOME", "BRAZE_ASSETS_PROGRESS_BAR"):
+        monkeypatch.setenv(name, "")
+    capsys.readouterr()
+    assert cli.main(["run", "--dry-run", "--home", str(harness.tmp_path), "--json"]) == 0
+    [bill] = json.loads(capsys.readouterr().out)
+    assert (bill["rows_to_send"], bill["rate_from"]) == (10, "documented")
