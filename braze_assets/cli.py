@@ -33,6 +33,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -228,6 +229,9 @@ def _seed_if_needed(home: Path) -> None:
 
 #: how long the UI's processes get to stop after Ctrl-C before they are killed
 UI_STOP_GRACE_S = 15.0
+#: how often the UI's wait looks whether Ctrl-C was pressed
+UI_WAIT_S = 0.5
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run_ui(ui_port: int) -> int:
@@ -241,15 +245,23 @@ def run_ui(ui_port: int) -> int:
     command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev"]
     command += ["-w", str(root / "workspace.yaml"), "-p", str(ui_port)]
     print(f"Starting the Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C to stop) ...", flush=True)
-    process = subprocess.Popen(command, cwd=root, start_new_session=True)
+    # Ctrl-C (or SIGTERM) sets a flag the wait below checks. KeyboardInterrupt is not relied on:
+    # CPython raises it wherever the main thread is, and inside a finalizer (`__del__`, run by the
+    # collector while the emulator's thread makes garbage) it is printed and lost, so the UI
+    # would never stop.
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in _STOP_SIGNALS}
     try:
-        while True:  # waking each second: Ctrl-C is noticed even if another thread received it
+        process = subprocess.Popen(command, cwd=root, start_new_session=True)
+        while not stop.is_set():  # waking often: a flag set by any thread's signal is seen
             with contextlib.suppress(subprocess.TimeoutExpired):
-                return process.wait(timeout=1.0)
-    except KeyboardInterrupt:
+                return process.wait(timeout=UI_WAIT_S)
         print("Stopping the Dagster UI ...", flush=True)
         _stop_group(process)
         return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:

@@ -124,3 +124,31 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
         for pid in process_group(cli.pid) + (process_group(dg_dev) if dg_dev else []):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_ui_even_when_a_finalizer_swallows_the_interrupt(monkeypatch):
+    """CPython raises Ctrl-C's KeyboardInterrupt wherever the main thread is, and when that is a
+    finalizer (`__del__`, run by the collector while the emulator's thread makes garbage) it is
+    printed as "Exception ignored" and lost. The UI's wait then went on for ever. The stop must
+    not depend on that exception: here the child's wait swallows it, as such a finalizer would."""
+    from braze_assets import cli
+
+    stopped: list[object] = []
+
+    class Child:
+        pid = os.getpid()
+        waits = 0
+
+        def wait(self, timeout: float) -> int:
+            Child.waits += 1
+            assert Child.waits < 40, "still waiting for the UI 4 s after Ctrl-C"
+            with contextlib.suppress(KeyboardInterrupt):  # lost, as in a finalizer
+                time.sleep(timeout)
+            raise subprocess.TimeoutExpired("dg dev", timeout)
+
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: Child())
+    monkeypatch.setattr(cli, "UI_WAIT_S", 0.1)
+    monkeypatch.setattr(cli, "_stop_group", stopped.append)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    assert cli.run_ui(0) == 0
+    assert len(stopped) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
