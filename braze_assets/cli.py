@@ -245,10 +245,10 @@ def run_ui(ui_port: int) -> int:
     command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev"]
     command += ["-w", str(root / "workspace.yaml"), "-p", str(ui_port)]
     print(f"Starting the Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C to stop) ...", flush=True)
-    # Ctrl-C (or SIGTERM) sets a flag the wait below checks. KeyboardInterrupt is not relied on:
-    # CPython raises it wherever the main thread is, and inside a finalizer (`__del__`, run by the
-    # collector while the emulator's thread makes garbage) it is printed and lost, so the UI
-    # would never stop.
+    # Ctrl-C (or SIGTERM) sets a flag the wait below checks. KeyboardInterrupt is not relied on: a
+    # process started with SIGINT ignored (a background job of a non-interactive shell) never
+    # gets it, and CPython raises it wherever the main thread is, so inside a finalizer it is
+    # printed and lost. Either way the UI would never stop.
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in _STOP_SIGNALS}
     try:

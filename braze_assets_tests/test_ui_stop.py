@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from braze_assets_tests.conftest import process_group
 from braze_assets_tests.production_stack import free_port
 
@@ -126,11 +128,12 @@ def test_ctrl_c_stops_the_ui_and_the_emulator_within_seconds(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_ctrl_c_stops_the_ui_even_when_a_finalizer_swallows_the_interrupt(monkeypatch):
-    """CPython raises Ctrl-C's KeyboardInterrupt wherever the main thread is, and when that is a
-    finalizer (`__del__`, run by the collector while the emulator's thread makes garbage) it is
-    printed as "Exception ignored" and lost. The UI's wait then went on for ever. The stop must
-    not depend on that exception: here the child's wait swallows it, as such a finalizer would."""
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN])
+def test_ctrl_c_stops_the_ui_whatever_its_process_inherited(monkeypatch, inherited):
+    """The UI stops on SIGINT through its own handler, not KeyboardInterrupt. A process started
+    with SIGINT ignored (any background job of a non-interactive shell, a script's `&`) never
+    gets Python's KeyboardInterrupt; and where it does, an interrupt raised inside a finalizer is
+    printed and lost. Here the child's wait swallows it, as such a finalizer would."""
     from braze_assets import cli
 
     stopped: list[object] = []
@@ -149,6 +152,10 @@ def test_ctrl_c_stops_the_ui_even_when_a_finalizer_swallows_the_interrupt(monkey
     monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: Child())
     monkeypatch.setattr(cli, "UI_WAIT_S", 0.1)
     monkeypatch.setattr(cli, "_stop_group", stopped.append)
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert cli.run_ui(0) == 0
-    assert len(stopped) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, inherited)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert cli.run_ui(0) == 0
+        assert len(stopped) == 1 and signal.getsignal(signal.SIGINT) is inherited
+    finally:
+        signal.signal(signal.SIGINT, before)
