@@ -143,6 +143,12 @@ def _is_operator(value: object) -> bool:
     return value.keys() <= _OPERATORS or any(str(key).startswith("$") for key in value)
 
 
+def _sent_as_is(always: frozenset[str], key: str, value: object) -> bool:
+    """A (non-control) attribute sent as it is whatever was accepted: listed in `always`, or
+    an operator value."""
+    return key in always or (type(value) is dict and _is_operator(value))
+
+
 class Remembered(NamedTuple):
     """What Braze last accepted from this sync for one user. A plain tuple, as a batch looks up
     thousands of them; the per-attribute hashes stay JSON text until a row is diffed (the fast
@@ -256,7 +262,7 @@ class AttributeDiff:
             if key[:1] == "_":  # control keys: never billed, always as sent
                 kept[key] = value
                 continue
-            if key in always or (type(value) is dict and _is_operator(value)):
+            if _sent_as_is(always, key, value):
                 kept[key] = value
                 remember.pop(key, None)  # its value in Braze is no longer known
                 sent += attribute_points(key, value)
@@ -294,10 +300,7 @@ class AttributeDiff:
 
     def _sends_always(self, payload: dict[str, Any]) -> bool:
         always = self.always
-        return any(
-            key[:1] != "_" and (key in always or (type(value) is dict and _is_operator(value)))
-            for key, value in payload.items()
-        )
+        return any(key[:1] != "_" and _sent_as_is(always, key, value) for key, value in payload.items())
 
     def first_rows(self, payloads: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
         """`trim(payload, None)` of many payloads of users seen first (a first sync's every row):
@@ -369,7 +372,7 @@ class AttributeDiff:
             if key[:1] == "_":
                 continue
             sent += attribute_points(key, value)
-            if key in always or (type(value) is dict and _is_operator(value)):
+            if _sent_as_is(always, key, value):
                 continue
             remember[key] = hashed(value)
         return Trimmed(payload, orjson.dumps(remember).decode(), sent, 0, False)

@@ -64,11 +64,12 @@ def _text_id(value: Any) -> tuple[str | None, str | None]:
     return text, None
 
 
-def _value_problem(value: Any) -> str | None:
-    """The first rule a field value breaks, or None. Nesting is counted as Braze counts it: a
-    field whose value is an object or array is one level deep, each container inside it one
-    more (a plain value adds none). Iterative: JSON may nest deeper than Python recurses."""
-    stack = [(value, 1)]
+def _value_problem(value: Any, depth: int = 1) -> str | None:
+    """The first rule a value breaks, or None. Nesting is counted as Braze counts it: a field
+    whose value is an object or array is one level deep, each container inside it one more (a
+    plain value adds none); the PAYLOAD itself is `depth` 0. Iterative: JSON may nest deeper
+    than Python recurses."""
+    stack = [(value, depth)]
     while stack:
         current, depth = stack.pop()
         if isinstance(current, str):
@@ -88,17 +89,6 @@ def _value_problem(value: Any) -> str | None:
             stack.extend((inner, depth + 1) for inner in current.values())
         else:
             stack.extend((inner, depth + 1) for inner in current)
-    return None
-
-
-def _fields_problem(fields: dict[str, Any]) -> str | None:
-    """The first rule the PAYLOAD's fields break, or None."""
-    for key, value in fields.items():
-        if "." in key or "$" in key:
-            return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
-        problem = _value_problem(value)
-        if problem:
-            return problem
     return None
 
 
@@ -149,7 +139,7 @@ def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
                 else:
                     if "id" in parsed:
                         reasons.append("PAYLOAD has an 'id' field: the item's id comes from the ID column")
-                    problem = _fields_problem(parsed)
+                    problem = _value_problem(parsed, depth=0)
                     if problem:
                         reasons.append(problem)
                     fields = parsed
