@@ -150,15 +150,8 @@ def _prepare(
     if job.diff is not None:
         known = known or KnownUsers.nothing(rows)
         if known.unchanged:  # the fast path: a PAYLOAD exactly as Braze last accepted it
-            same = sorted(known.unchanged)
-            _set_aside_unchanged(job, rows, hashes, same, [known.unchanged[i] for i in same], prepared)
-            others = [i for i in range(rows.num_rows) if i not in known.unchanged]
-            rows, hashes, known = (
-                rows.take(pa.array(others, pa.int64())),
-                [hashes[i] for i in others],
-                known.take(others),
-            )
-            if not others:
+            rows, hashes, known = set_aside_unchanged(job, rows, hashes, known, prepared)
+            if not rows.num_rows:
                 return prepared
         user_keys, before, repeated = known.keys.to_pylist(), known.before, known.repeated
     batch = RowBatch.from_arrow(rows)
@@ -179,7 +172,10 @@ def _prepare(
         diffed = _diff_rows(job.diff, checked, valid, user_keys, before, repeated)
         if diffed.unchanged:
             saved = [diffed.saved.get(i, 0) for i in diffed.unchanged]
-            _set_aside_unchanged(job, rows, hashes, diffed.unchanged, saved, prepared)
+            at = pa.array(diffed.unchanged, pa.int64())
+            shown = known.shown.take(at) if known is not None and known.shown is not None else None
+            lookups = known.lookups.take(at) if known is not None and known.lookups is not None else None
+            _set_aside_unchanged(job, rows, hashes, diffed.unchanged, saved, prepared, shown, lookups)
             set_aside = set(diffed.unchanged)
             valid = [i for i in valid if i not in set_aside]
     if valid:
@@ -187,8 +183,11 @@ def _prepare(
         if any(o is None for o in objects):  # rows too deep to serialize: now in failures
             objects = [o for o in objects if o is not None]
             valid = [i for i in valid if i not in checked.failures]
-        shown = mask_identifier_columns(batch.columns, batch.num_rows)
-        hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
+        if known is not None and known.shown is not None and known.lookups is not None:
+            shown, hashed = known.shown.to_pylist(), known.lookups.to_pylist()
+        else:
+            shown = mask_identifier_columns(batch.columns, batch.num_rows)
+            hashed = column_lookup_hashes(batch.columns, batch.num_rows, job.lookup_key)
         if diffed is not None:
             sent_of, saved_of = diffed.sent, diffed.saved
             points = np.array([sent_of[i] for i in valid], dtype=np.int64)
@@ -279,26 +278,56 @@ def _diff_rows(
     return diffed
 
 
+def set_aside_unchanged(
+    job: BatchJob,
+    rows: pa.RecordBatch | pa.Table,
+    hashes: list[str] | pa.Array,
+    known: KnownUsers,
+    prepared: Prepared,
+) -> tuple[pa.RecordBatch | pa.Table, list[str], KnownUsers]:
+    """The fast path: the rows whose PAYLOAD is exactly the one Braze last accepted
+    (`known.unchanged`) go to `prepared.unchanged`, unread; the other rows are returned. The
+    run's own process calls this too, with what a worker computed for the lookup (`known.shown`,
+    `known.lookups`): a restamped snapshot's rows then never go to a worker a second time."""
+    same = sorted(known.unchanged)
+    picked = pa.array(same, pa.int64())
+    shown = known.shown.take(picked) if known.shown is not None else None
+    lookups = known.lookups.take(picked) if known.lookups is not None else None
+    _set_aside_unchanged(
+        job, rows, hashes, same, [known.unchanged[i] for i in same], prepared, shown, lookups
+    )
+    others = [i for i in range(rows.num_rows) if i not in known.unchanged]
+    at = pa.array(others, pa.int64())
+    rest = hashes.take(at).to_pylist() if isinstance(hashes, pa.Array) else [hashes[i] for i in others]
+    return rows.take(at), rest, known.take(others)
+
+
 def _set_aside_unchanged(
     job: BatchJob,
     rows: pa.RecordBatch | pa.Table,
-    hashes: list[str],
+    hashes: list[str] | pa.Array,
     positions: list[int],
     saved: list[int],
     prepared: Prepared,
+    shown: pa.Array | None = None,
+    lookups: pa.Array | None = None,
 ) -> None:
-    """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent."""
-    picked = rows.take(pa.array(positions, pa.int64()))
-    columns = identifier_arrays(picked)[0]
-    stamps = picked.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
+    """Rows with nothing Braze does not already hold: settled as `unchanged`, never sent.
+    `shown`, `lookups`: the rows' masked identifiers and lookup hashes, when computed already."""
+    at = pa.array(positions, pa.int64())
+    if shown is None or lookups is None:
+        columns = identifier_arrays(rows.take(at))[0]
+        shown = pa.array(mask_identifier_columns(columns, len(positions)), pa.string())
+        lookups = pa.array(column_lookup_hashes(columns, len(positions), job.lookup_key), pa.string())
+    stamps = rows.column("UPDATED_AT").take(at).cast(pa.timestamp("us", tz="UTC"))
     table = pa.table(
         {
-            "row_hash": pa.array([hashes[i] for i in positions], pa.string()),
+            "row_hash": hashes.take(at)
+            if isinstance(hashes, pa.Array)
+            else pa.array([hashes[i] for i in positions], pa.string()),
             "updated_at": stamps,
-            "identifier": pa.array(mask_identifier_columns(columns, len(positions)), pa.string()),
-            "identifier_hash": pa.array(
-                column_lookup_hashes(columns, len(positions), job.lookup_key), pa.string()
-            ),
+            "identifier": shown,
+            "identifier_hash": lookups,
             "data_points_saved": pa.array(saved, pa.int32()),
         },
         schema=UNCHANGED_SCHEMA,

@@ -80,6 +80,8 @@ class _Task:
     hashes: list[str] | None
     known: KnownUsers | None
     future: concurrent.futures.Future[list[Prepared]] | None = None
+    #: what the run's own process prepared of the batch already (its unchanged rows), due first
+    ready: Prepared | None = None
 
 
 #: A worker's job, set once when it starts: what it keeps between batches (the attribute diff's
@@ -91,6 +93,16 @@ def _start_worker(job: BatchJob) -> None:
     global _worker_job
     _worker_job = job
     gc.freeze()  # what the fork server imported is never walked by the worker's collector
+
+
+def _identify_in_worker(rows: pa.RecordBatch | pa.Table, with_row_hashes: bool) -> Identified:
+    if _worker_job is None:
+        raise RuntimeError("a delta worker was given a batch before its job")
+    return _identify(_worker_job, rows, with_row_hashes)
+
+
+def _identify(job: BatchJob, rows: pa.RecordBatch | pa.Table, with_row_hashes: bool) -> Identified:
+    return identify(rows, job.hash_columns if with_row_hashes else (), job.lookup_key)
 
 
 def _prepare_in_worker(
@@ -118,10 +130,12 @@ class PreparePool:
         rows: pa.RecordBatch | pa.Table,
         hashes: list[str] | None,
         known: KnownUsers | None = None,
+        ready: Prepared | None = None,
     ) -> Iterator[Prepared]:
-        """Queue one batch; yield the results of the oldest batches once too many are in flight."""
-        task = _Task(rows, hashes, known)
-        if self._executor is not None:
+        """Queue one batch (`ready`: what of it was prepared already, yielded before the rest);
+        yield the results of the oldest batches once too many are in flight."""
+        task = _Task(rows, hashes, known, ready=ready)
+        if self._executor is not None and rows.num_rows:
             try:
                 task.future = self._executor.submit(_prepare_in_worker, rows, hashes, known)
             except BrokenProcessPool:
@@ -130,25 +144,28 @@ class PreparePool:
         while len(self._pending) > self._limit or (self._executor is None and self._pending):
             yield from self._next()
 
-    def identify(self, rows: pa.RecordBatch | pa.Table) -> Hashing | None:
-        """Start hashing a batch's users and PAYLOADs in a worker (`known_users.identify`), for
-        the lookup the run's own process makes; None when there are no workers left."""
+    def identify(self, rows: pa.RecordBatch | pa.Table, with_row_hashes: bool = False) -> Hashing | None:
+        """Start hashing a batch's users and PAYLOADs in a worker (`known_users.identify`; with
+        its row hashes, when it came without them), for the lookup the run's own process makes;
+        None when there are no workers left."""
         if self._executor is None:
             return None
         try:
-            return self._executor.submit(identify, rows)
+            return self._executor.submit(_identify_in_worker, rows, with_row_hashes)
         except BrokenProcessPool:
             self._lose_workers()
             return None
 
-    def identified(self, rows: pa.RecordBatch | pa.Table, hashing: Hashing | None) -> Identified:
+    def identified(
+        self, rows: pa.RecordBatch | pa.Table, hashing: Hashing | None, with_row_hashes: bool = False
+    ) -> Identified:
         """What `identify` started gave; done here if it was not started or its worker died."""
         if hashing is not None:
             try:
                 return hashing.result()
             except BrokenProcessPool:
                 self._lose_workers()
-        return identify(rows)
+        return _identify(self.job, rows, with_row_hashes)
 
     def drain(self) -> Iterator[Prepared]:
         """The results of every batch still in flight, in order."""
@@ -157,6 +174,10 @@ class PreparePool:
 
     def _next(self) -> Iterator[Prepared]:
         task = self._pending.popleft()
+        if task.ready is not None:
+            yield task.ready
+        if not task.rows.num_rows:
+            return
         if task.future is not None:
             try:
                 yield from task.future.result()

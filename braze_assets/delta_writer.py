@@ -14,6 +14,7 @@ change them (tests do), patch this module.
 
 from __future__ import annotations
 
+import collections
 from collections import Counter
 from collections.abc import Iterable
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.datatypes import DataTypeSpec
-from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch
+from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch, row_hashes, set_aside_unchanged
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_schema import REJECTED_SCHEMA, UNCHANGED_SCHEMA, VALID_SCHEMA
 from braze_assets.delta_workers import Hashing, PreparePool, warm_up
@@ -52,6 +53,43 @@ def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
     dictionary = [name for name in schema.names if name in _DICTIONARY_COLUMNS]
     compression = {name: "none" if name in _DIGEST_COLUMNS else "snappy" for name in schema.names}
     return pq.ParquetWriter(path, schema, use_dictionary=dictionary, compression=compression)
+
+
+#: A scanned batch waiting for its lookup: its rows, their row hashes (None: not computed
+#: yet) and its users being hashed in a worker (None: hashed when looked up).
+_Waiting = tuple[pa.RecordBatch | pa.Table, list[str] | None, Hashing | None]
+
+
+class _Rest:
+    """The rows of a lookup group's batches left once their unchanged rows were set aside, and
+    those set aside (`ready`), gathered to be prepared as one batch."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.ready = Prepared()
+        self.num_rows = 0
+        self._parts: list[tuple[pa.RecordBatch | pa.Table, list[str], KnownUsers]] = []
+
+    def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers) -> None:
+        if rows.num_rows:
+            self._parts.append((rows, hashes, known))
+            self.num_rows += rows.num_rows
+
+    def take(self) -> tuple[pa.Table, list[str], KnownUsers | None]:
+        """The gathered rows as one batch, their row hashes, and what is known of their users."""
+        if not self._parts:
+            return pa.table({}), [], None
+        tables = [
+            rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows])
+            for rows, _, _ in self._parts
+        ]
+        return (
+            pa.concat_tables(tables).combine_chunks(),
+            [h for _, hashes, _ in self._parts for h in hashes],
+            KnownUsers.concat([known for _, _, known in self._parts]),
+        )
 
 
 class DeltaWriter:
@@ -99,8 +137,11 @@ class DeltaWriter:
         self._warm_after_rows = self._pool_after_rows * 2 // 5
         self._warmed = False
         self._rows_added = 0
-        self._waiting: list[tuple[pa.RecordBatch | pa.Table, list[str] | None, Hashing | None]] = []
+        self._waiting: list[_Waiting] = []
         self._waiting_rows = 0
+        #: groups of waiting batches filled to `LOOKUP_ROWS`, looked up one group behind the
+        #: scan, so the workers hash the next group while this process looks this one up
+        self._filled: collections.deque[list[_Waiting]] = collections.deque()
 
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None) -> None:
         """Prepare scanned rows not yet settled (`hashes`: their `row_hash`, None: hashed where
@@ -112,24 +153,54 @@ class DeltaWriter:
         if self.diff is None or self.spec.name == "catalogs" or self._remembered is None:
             self._prepare(rows, hashes, None)
             return
-        hashing = self._pool.identify(rows) if self._pool is not None else None
+        hashing = self._pool.identify(rows, hashes is None) if self._pool is not None else None
         self._waiting.append((rows, hashes, hashing))
         self._waiting_rows += rows.num_rows
         if self._waiting_rows >= LOOKUP_ROWS:
-            self._look_up()
+            self._filled.append(self._waiting)
+            self._waiting, self._waiting_rows = [], 0
+            if len(self._filled) > 1 or self._pool is None:
+                self._look_up(self._filled.popleft())
 
-    def _look_up(self) -> None:
-        """Look the waiting batches' users up, then prepare the batches in scan order."""
-        waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
+    def _look_up(self, waiting: list[_Waiting]) -> None:
+        """Look a group of waiting batches' users up, then prepare the batches in scan order."""
         if waiting and self._remembered is not None:
+            job = self.job
             identified = [
-                self._pool.identified(rows, hashing) if self._pool is not None else identify(rows)
-                for rows, _, hashing in waiting
+                self._pool.identified(rows, hashing, hashes is None)
+                if self._pool is not None
+                else identify(rows, job.hash_columns if hashes is None else (), job.lookup_key)
+                for rows, hashes, hashing in waiting
             ]
             batches = [rows for rows, _, _ in waiting]
             found = KnownUsers.find(batches, self._remembered, identified, self._seen)
-            for (rows, hashes, _), known in zip(waiting, found, strict=True):
-                self._prepare(rows, hashes, known)
+            rest = _Rest()
+            for (rows, hashes, _), ident, known in zip(waiting, identified, found, strict=True):
+                given: list[str] | pa.Array
+                if hashes is not None:
+                    given = hashes
+                else:
+                    given = ident.row_hashes if ident.row_hashes is not None else row_hashes(job, rows)
+                if not known.unchanged:
+                    self._flush(rest)
+                    self._prepare(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                    continue
+                # settled here, and the few rows left of several batches prepared together: a
+                # restamped snapshot's rows then go to no worker again, and its changed rows do
+                # not each pay a batch's fixed cost of validation
+                rows, given, known = set_aside_unchanged(job, rows, given, known, rest.ready)
+                rest.add(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                if rest.num_rows >= LOOKUP_ROWS // 5:
+                    self._flush(rest)
+            self._flush(rest)
+
+    def _flush(self, rest: _Rest) -> None:
+        """Prepare what `rest` gathered, after the unchanged rows it set aside."""
+        if rest.ready.unchanged is None and not rest.num_rows:
+            return
+        ready, (rows, hashes, known) = rest.ready, rest.take()
+        rest.clear()
+        self._prepare(rows, hashes, known, ready)
 
     def _start_workers_if_due(self) -> None:
         """Start the fork server once the delta has passed a share of `pool_after_rows`, and the
@@ -143,18 +214,29 @@ class DeltaWriter:
             self._pool = PreparePool(self.job, self._workers)
 
     def _prepare(
-        self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, known: KnownUsers | None
+        self,
+        rows: pa.RecordBatch | pa.Table,
+        hashes: list[str] | None,
+        known: KnownUsers | None,
+        ready: Prepared | None = None,
     ) -> None:
+        """Prepare a batch, after `ready` (what of it was prepared here already)."""
         if self._pool is not None:
-            results: Iterable[Prepared] = self._pool.submit(rows, hashes, known)
+            results: Iterable[Prepared] = self._pool.submit(rows, hashes, known, ready)
         else:
-            results = prepare_batch(self.job, rows, hashes, known)
+            results = [
+                *([ready] if ready is not None else []),
+                *(prepare_batch(self.job, rows, hashes, known) if rows.num_rows else []),
+            ]
         for prepared in results:
             self._commit(prepared)
 
     def finish(self) -> None:
         """Prepare the batches still waiting and append every batch still being prepared."""
-        self._look_up()
+        while self._filled:
+            self._look_up(self._filled.popleft())
+        waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
+        self._look_up(waiting)
         if self._pool is not None:
             for prepared in self._pool.drain():
                 self._commit(prepared)

@@ -21,6 +21,9 @@ import pyarrow.compute as pc
 
 from braze_assets.attribute_diff import Remembered, column_payload_hashes, column_user_keys
 from braze_assets.datatypes import identifier_arrays
+from braze_assets.lookup import column_lookup_hashes
+from braze_assets.masking import mask_identifier_columns
+from braze_assets.row_identity import located_batch_hashes
 
 #: Scanned rows whose users one state lookup covers.
 LOOKUP_ROWS = 100_000
@@ -43,16 +46,33 @@ class Identified:
     payload_hashes: pa.Array | None
     #: rows whose identifiers have no exact text form: keyed by a placeholder, never matched
     unmatched: tuple[int, ...] = ()
+    #: each row's `row_hash`, when the batch came without them (`identify`'s `hash_columns`)
+    row_hashes: pa.Array | None = None
+    #: each row's identifiers masked, and their lookup hashes: what a row is settled and logged
+    #: with, so a row found unchanged is settled by the run's process without going to a worker
+    #: again, and a row that goes on is not hashed twice
+    shown: pa.Array | None = None
+    lookups: pa.Array | None = None
 
 
-def identify(rows: pa.RecordBatch | pa.Table) -> Identified:
-    """The user key and PAYLOAD hash of every row of a batch."""
+def identify(
+    rows: pa.RecordBatch | pa.Table, hash_columns: tuple[str, ...] = (), lookup_key: bytes | None = None
+) -> Identified:
+    """The user key, PAYLOAD hash, masked identifiers and lookup hashes of every row of a batch,
+    and its row hashes when `hash_columns` are given (the batch came without them)."""
     arrays, problems = identifier_arrays(rows)
     keys = pa.array(column_user_keys(arrays, rows.num_rows), pa.string())
     digests = None
     if "PAYLOAD" in rows.schema.names:
         digests = pa.array(column_payload_hashes(rows.column("PAYLOAD")), pa.string())
-    return Identified(keys, digests, tuple(sorted(problems)))
+    return Identified(
+        keys,
+        digests,
+        tuple(sorted(problems)),
+        pa.array(located_batch_hashes(rows, hash_columns), pa.string()) if hash_columns else None,
+        pa.array(mask_identifier_columns(arrays, rows.num_rows), pa.string()),
+        pa.array(column_lookup_hashes(arrays, rows.num_rows, lookup_key), pa.string()),
+    )
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,9 @@ class KnownUsers:
     unchanged: dict[int, int]
     #: rows whose user had an earlier row in the delta: diffed as if nothing were remembered
     repeated: frozenset[int] = frozenset()
+    #: the rows' masked identifiers and lookup hashes (`Identified`), when computed already
+    shown: pa.Array | None = None
+    lookups: pa.Array | None = None
 
     @classmethod
     def find(
@@ -94,7 +117,10 @@ class KnownUsers:
         if not found.num_rows:
             if seen is not None:  # noted all the same: a later row may find them
                 seen.repeated(every_key, _row_parts(batches, digests))
-            return [cls(i.keys, {}, d, {}) for i, d in zip(ids, digests, strict=True)]
+            return [
+                cls(i.keys, {}, d, {}, shown=i.shown, lookups=i.lookups)
+                for i, d in zip(ids, digests, strict=True)
+            ]
         column = {name: found.column(name).combine_chunks() for name in found.column_names}
         # where each row's user is in `found`, for all the batches at once (one hash table)
         at = pc.index_in(every_key, value_set=column["user_key"])
@@ -121,7 +147,15 @@ class KnownUsers:
             for i, start in zip(ids, starts[:-1], strict=True)
         ]
         return [
-            cls(i.keys, {key: before[key] for key in set(c.to_pylist()) if key in before}, d, unchanged, r)
+            cls(
+                i.keys,
+                {key: before[key] for key in set(c.to_pylist()) if key in before},
+                d,
+                unchanged,
+                r,
+                i.shown,
+                i.lookups,
+            )
             for i, d, c, (unchanged, _), r in zip(ids, digests, changed, matches, repeats, strict=True)
         ]
 
@@ -130,6 +164,27 @@ class KnownUsers:
         """Nothing remembered of any of the batch's users."""
         keys = pa.array(column_user_keys(identifier_arrays(rows)[0], rows.num_rows), pa.string())
         return cls(keys, {}, pa.nulls(rows.num_rows, pa.string()), {})
+
+    @classmethod
+    def concat(cls, parts: Sequence[KnownUsers]) -> KnownUsers:
+        """Several batches' `KnownUsers` as one, for the batches' rows taken together in order
+        (rows set aside as unchanged already: `unchanged` is empty in each)."""
+        if any(part.unchanged for part in parts):
+            raise ValueError("batches are taken together only once their unchanged rows are set aside")
+        starts = np.cumsum([0] + [len(part.keys) for part in parts]).tolist()
+
+        def joined(arrays: list[pa.Array | None]) -> pa.Array | None:
+            return None if any(a is None for a in arrays) else pa.concat_arrays(arrays)
+
+        return cls(
+            pa.concat_arrays([part.keys for part in parts]),
+            {key: value for part in parts for key, value in part.before.items()},
+            pa.concat_arrays([part.payload_hashes for part in parts]),
+            {},
+            frozenset(start + i for part, start in zip(parts, starts, strict=False) for i in part.repeated),
+            joined([part.shown for part in parts]),
+            joined([part.lookups for part in parts]),
+        )
 
     def take(self, positions: list[int]) -> KnownUsers:
         """The rows at `positions`, in that order."""
@@ -140,6 +195,8 @@ class KnownUsers:
             self.payload_hashes.take(at),
             {n: self.unchanged[i] for n, i in enumerate(positions) if i in self.unchanged},
             frozenset(n for n, i in enumerate(positions) if i in self.repeated),
+            None if self.shown is None else self.shown.take(at),
+            None if self.lookups is None else self.lookups.take(at),
         )
 
 

@@ -158,6 +158,24 @@ def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row)
     _same_delta(*results)
 
 
+@pytest.mark.parametrize("lookup_rows", [7, 40])
+def test_workers_make_the_same_diff_with_lookups_behind_the_scan(
+    tmp_path, pool_from_the_first_row, monkeypatch, lookup_rows
+):
+    """With workers, a group of batches is looked up while the workers hash the next one, the
+    unchanged rows are set aside by the run's own process, and the rows left of several batches
+    are prepared together: the same files, row for row and in order, as one process makes."""
+    monkeypatch.setattr(delta_writer, "LOOKUP_ROWS", lookup_rows)
+    table, accepted = _remembered_case(tmp_path)
+    results = []
+    for name, workers in (("inline", 0), ("pooled", 2)):
+        with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
+            ledger.remember(accepted)
+        results.append(_run_delta(tmp_path, table, "attributes", workers, name, diff=True))
+    assert results[0].unchanged > 0 and results[0].valid > 0 and results[0].data_points_saved > 0
+    _same_delta(*results)
+
+
 def test_one_lookup_for_several_batches_makes_the_same_diff(tmp_path, monkeypatch):
     """The run's process looks users up for several scanned batches at once (`LOOKUP_ROWS`), and
     lookups split batches of one scan in any way: each row is diffed as if its batch were alone."""
