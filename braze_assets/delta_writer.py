@@ -72,6 +72,22 @@ class _Rest:
         self.num_rows = 0
         self._parts: list[tuple[pa.RecordBatch | pa.Table, list[str], KnownUsers]] = []
 
+    def absorb(self, part: Prepared) -> None:
+        """Rows set aside as unchanged, after those set aside before."""
+        if part.unchanged is not None:
+            ready = self.ready
+            ready.unchanged = (
+                part.unchanged
+                if ready.unchanged is None
+                else pa.concat_tables([ready.unchanged, part.unchanged])
+            )
+        self.ready.data_points_saved += part.data_points_saved
+
+    def fits(self, rows: pa.RecordBatch | pa.Table) -> bool:
+        """Whether rows can join those gathered (one batch needs one schema: a file source's
+        files may differ)."""
+        return not self._parts or self._parts[0][0].schema.equals(rows.schema)
+
     def add(self, rows: pa.RecordBatch | pa.Table, hashes: list[str], known: KnownUsers) -> None:
         if rows.num_rows:
             self._parts.append((rows, hashes, known))
@@ -188,8 +204,20 @@ class DeltaWriter:
                 # settled here, and the few rows left of several batches prepared together: a
                 # restamped snapshot's rows then go to no worker again, and its changed rows do
                 # not each pay a batch's fixed cost of validation
-                rows, given, known = set_aside_unchanged(job, rows, given, known, rest.ready)
-                rest.add(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                part = Prepared()
+                try:
+                    left, given_left, known_left = set_aside_unchanged(job, rows, given, known, part)
+                except Exception:  # noqa: BLE001 - a row that cannot be settled (a text stamp)
+                    # prepared as a worker does: the batch taken apart, that row rejected
+                    self._flush(rest)
+                    self._prepare(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                    continue
+                if not rest.fits(left):
+                    self._flush(rest)
+                rest.absorb(part)
+                rest.add(
+                    left, given_left if isinstance(given_left, list) else given_left.to_pylist(), known_left
+                )
                 if rest.num_rows >= LOOKUP_ROWS // 5:
                     self._flush(rest)
             self._flush(rest)

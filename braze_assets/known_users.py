@@ -65,13 +65,19 @@ def identify(
     digests = None
     if "PAYLOAD" in rows.schema.names:
         digests = pa.array(column_payload_hashes(rows.column("PAYLOAD")), pa.string())
+    shown = lookups = None
+    try:
+        shown = pa.array(mask_identifier_columns(arrays, rows.num_rows), pa.string())
+        lookups = pa.array(column_lookup_hashes(arrays, rows.num_rows, lookup_key), pa.string())
+    except Exception:  # noqa: BLE001 - left to preparing the batch, which takes it apart row by row
+        shown = lookups = None
     return Identified(
         keys,
         digests,
         tuple(sorted(problems)),
         pa.array(located_batch_hashes(rows, hash_columns), pa.string()) if hash_columns else None,
-        pa.array(mask_identifier_columns(arrays, rows.num_rows), pa.string()),
-        pa.array(column_lookup_hashes(arrays, rows.num_rows, lookup_key), pa.string()),
+        shown,
+        lookups,
     )
 
 

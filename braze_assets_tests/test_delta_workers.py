@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from braze_assets import delta_writer
-from braze_assets.attribute_diff import AttributeDiff
+from braze_assets.attribute_diff import AttributeDiff, payload_hash, user_key
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import accepted_attributes
 from braze_assets.delta import DeltaManifest, compute_delta
@@ -120,6 +120,39 @@ def test_workers_make_the_same_delta_as_one_process(
         _run_delta(tmp_path, table, data_type, workers=0, name="inline"),
         _run_delta(tmp_path, table, data_type, workers=2, name="pooled"),
     )
+
+
+@settings(
+    max_examples=8,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_workers_make_the_same_diff_of_hostile_rows(
+    tmp_path_factory, pool_from_the_first_row, monkeypatch, data
+):
+    """Hostile rows through the diff's lookup (the state remembers someone, so every batch is
+    hashed for it and looked up, a group behind the scan): the same files as one process."""
+    monkeypatch.setattr(delta_writer, "LOOKUP_ROWS", 5)
+    rows = data.draw(_cdi_rows("attributes"))
+    tmp_path = tmp_path_factory.mktemp("hostile_diff")
+    table = _table(tmp_path / "warehouse.duckdb", "attributes", rows + rows[:2])
+    results = []
+    for name, workers in (("inline", 0), ("pooled", 2)):
+        with EmbeddedStateStore(tmp_path / f"state_{name}", "case").session() as ledger:
+            ledger.remember(
+                pa.table(
+                    {
+                        "user_key": [user_key({"EXTERNAL_ID": "someone else"})],
+                        "payload_hash": ["0" * 32],
+                        "attributes": ["{}"],
+                        "payload_attributes": pa.array([0], pa.int32()),
+                    }
+                )
+            )
+        results.append(_run_delta(tmp_path, table, "attributes", workers, name, diff=True))
+    _same_delta(*results)
 
 
 def _remembered_case(tmp_path: Path) -> tuple[str, pa.Table]:
@@ -448,3 +481,97 @@ def test_delta_files_store_digest_columns_uncompressed(tmp_path):
         codecs = {column.path_in_schema: column.compression for column in columns}
         assert {name for name, codec in codecs.items() if codec == "UNCOMPRESSED"} == digests & set(codecs)
         assert {codec for name, codec in codecs.items() if name not in digests} == {"SNAPPY"}
+
+
+def _remembering(tmp_path: Path, payload: str, users: int) -> EmbeddedStateStore:
+    """A state that remembers `users` users (u0, u1, ...) as last accepted with `payload`."""
+    store = EmbeddedStateStore(tmp_path / "state", "case")
+    with store.session() as ledger:
+        ledger.remember(
+            pa.table(
+                {
+                    "user_key": [user_key({"EXTERNAL_ID": f"u{i}"}) for i in range(users)],
+                    "payload_hash": [payload_hash(payload)] * users,
+                    "attributes": ['{"tier":"x"}'] * users,
+                    "payload_attributes": pa.array([1] * users, pa.int32()),
+                }
+            )
+        )
+    return store
+
+
+def _written(
+    tmp_path: Path, store: EmbeddedStateStore, batches: list[tuple[pa.Table, list[str]]]
+) -> DeltaManifest:
+    """The delta `DeltaWriter` makes of `batches`, with the diff, against `store`."""
+    out = tmp_path / "delta"
+    out.mkdir()
+    manifest = DeltaManifest(
+        sync="case",
+        data_type="attributes",
+        run_id="r",
+        window_start=None,
+        window_end=NOW.isoformat(),
+        reaches_now=True,
+        valid_path=str(out / "valid.parquet"),
+        rejected_path=str(out / "rejected.parquet"),
+        unchanged_path=str(out / "unchanged.parquet"),
+    )
+    with store.session() as ledger:
+        writer = delta_writer.DeltaWriter(
+            manifest,
+            DATA_TYPES["attributes"],
+            False,
+            diff=AttributeDiff(),
+            remembered=ledger.remembered_table,
+        )
+        try:
+            for rows, hashes in batches:
+                writer.add(rows, hashes)
+            writer.finish()
+        finally:
+            writer.close()
+    return manifest
+
+
+def test_batches_of_different_columns_are_not_prepared_together(tmp_path):
+    """The rows left of several batches once their unchanged rows are set aside are prepared
+    together, but only batches of one schema (a file source's files may differ in columns)."""
+    payload = orjson.dumps({"tier": "gold"}).decode()
+    store = _remembering(tmp_path, payload, 4)
+    stamp = pa.array([T0, T0], pa.timestamp("us", tz="UTC"))
+    changed = orjson.dumps({"tier": "silver"}).decode()
+    plain = pa.table({"UPDATED_AT": stamp, "EXTERNAL_ID": ["u0", "u1"], "PAYLOAD": [payload, changed]})
+    with_email = pa.table(
+        {
+            "UPDATED_AT": stamp,
+            "EXTERNAL_ID": ["u2", "u3"],
+            "EMAIL": pa.nulls(2, pa.string()),
+            "PAYLOAD": [payload, changed],
+        }
+    )
+    manifest = _written(tmp_path, store, [(plain, ["h0", "h1"]), (with_email, ["h2", "h3"])])
+    assert (manifest.unchanged, manifest.valid, manifest.rejected) == (2, 2, 0)
+    assert pq.read_table(manifest.valid_path)["row_hash"].to_pylist() == ["h1", "h3"]
+    assert pq.read_table(manifest.unchanged_path)["row_hash"].to_pylist() == ["h0", "h2"]
+
+
+def test_a_row_set_aside_by_the_run_process_that_cannot_be_read_stops_no_other_row(tmp_path):
+    """The run's own process sets aside the rows whose PAYLOAD is the one Braze last accepted.
+    One whose UPDATED_AT is not a time (a text stamp) cannot be settled so: its batch is then
+    prepared as a worker does, that row is rejected with a reason, and the delta goes on."""
+    payload = orjson.dumps({"tier": "gold"}).decode()
+    store = _remembering(tmp_path, payload, 3)
+    rows = pa.table(
+        {
+            "UPDATED_AT": ["2026-01-01T00:00:00Z", "not a time", "2026-01-01T00:00:00Z"],
+            "EXTERNAL_ID": ["u0", "u1", "u2"],
+            "PAYLOAD": [payload] * 3,
+        }
+    )
+    manifest = _written(tmp_path, store, [(rows, ["h0", "h1", "h2"])])
+    assert manifest.valid + manifest.rejected + manifest.unchanged == 3
+    rejected = pq.read_table(manifest.rejected_path).to_pylist()
+    assert [r["row_hash"] for r in rejected] == ["h1"]
+    assert "could not be processed" in rejected[0]["reasons"]
+    assert manifest.unchanged == 2
