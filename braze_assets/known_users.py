@@ -25,8 +25,10 @@ from braze_assets.lookup import column_lookup_hashes
 from braze_assets.masking import mask_identifier_columns
 from braze_assets.row_identity import located_batch_hashes
 
-#: Scanned rows whose users one state lookup covers.
-LOOKUP_ROWS = 100_000
+#: Scanned rows whose users one state lookup covers. Measured on a restamped snapshot of a
+#: million users: 200,000 against 100,000 took the delta 9.0 s against 9.9 s and the run's
+#: process 1.4 CPU-seconds less, for 73 MB more at its peak (two groups wait: `DeltaWriter`).
+LOOKUP_ROWS = 200_000
 
 #: The state's `remembered_table(user_keys, attributes)`.
 Lookup = Callable[[pa.Array, bool], pa.Table]
