@@ -14,6 +14,7 @@ requests of at most 50 items.
 
 from __future__ import annotations
 
+import decimal
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ def _text_id(value: Any) -> tuple[str | None, str | None]:
         return None, "ID is empty (every catalog row needs the item's id)"
     if isinstance(value, (bool, float)):
         return None, f"ID must be text or a whole number, not {type(value).__name__}"
+    if isinstance(value, decimal.Decimal):  # a NUMBER column (Snowflake's NUMBER(38,0))
+        if not value.is_finite() or value != value.to_integral_value():
+            return None, "ID must be text or a whole number, not a number with a fraction"
+        value = int(value)
     text = str(value) if isinstance(value, int) else value
     if isinstance(text, bytes):
         try:

@@ -332,3 +332,23 @@ def test_deleted_is_read_from_booleans_numbers_and_text(value, deleted):
     assert _deleted(value) is deleted
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         assert _deleted(Decimal(value)) is deleted
+
+
+def test_numeric_ids_from_a_number_column_are_their_whole_number(tmp_path, braze):
+    """A warehouse's NUMBER id column (Snowflake's NUMBER(38,0) arrives as a Decimal) names items
+    by its whole number; a fraction is refused alone, with a reason."""
+    harness = _harness(tmp_path, braze)
+    harness.tmp_path.mkdir(parents=True, exist_ok=True)
+    stamp = (NOW - dt.timedelta(hours=1)).replace(tzinfo=None)
+    ids = [str(i) for i in range(17, 25)] + ["1700.00", "-3", "2.5"]
+    with duckdb.connect(str(harness.warehouse)) as con:
+        con.execute(
+            "CREATE TABLE products (UPDATED_AT TIMESTAMP, ID DECIMAL(38, 2), PAYLOAD VARCHAR, DELETED BOOLEAN)"
+        )
+        con.executemany(
+            "INSERT INTO products VALUES (?, ?, ?, NULL)", [(stamp, i, json.dumps(_product(1))) for i in ids]
+        )
+    run = harness.run("products")
+    assert run.outcome.accepted == 10 and run.delta.rejected == 1
+    assert sorted(braze.store.catalog_items("products")) == sorted([*map(str, range(17, 25)), "1700", "-3"])
+    assert any(key.startswith("ID must be text or a whole number") for key in run.delta.rejected_reasons)
