@@ -343,7 +343,8 @@ def test_numeric_ids_from_a_number_column_are_their_whole_number(tmp_path, braze
     ids = [str(i) for i in range(17, 25)] + ["1700.00", "-3", "2.5"]
     with duckdb.connect(str(harness.warehouse)) as con:
         con.execute(
-            "CREATE TABLE products (UPDATED_AT TIMESTAMP, ID DECIMAL(38, 2), PAYLOAD VARCHAR, DELETED BOOLEAN)"
+            "CREATE TABLE products (UPDATED_AT TIMESTAMP, ID DECIMAL(38, 2), PAYLOAD VARCHAR, "
+            "DELETED BOOLEAN)"
         )
         con.executemany(
             "INSERT INTO products VALUES (?, ?, ?, NULL)", [(stamp, i, json.dumps(_product(1))) for i in ids]
