@@ -14,8 +14,9 @@ user's whole PAYLOAD text and a short hash per top-level attribute. A delta then
 Always sent as they are: identifiers, control keys (`_update_existing_only`, `_merge_objects`),
 `subscription_groups`, operator values (`{"add": ...}`, `{"remove": ...}`, `{"inc": ...}`, and
 `$add`, `$remove`, `$update`, `$time`) and the keys a sync lists in `always_send`. What a row
-remembers advances only when Braze accepts it (`Delivery`); a row that failed or is held changes
-nothing, so its attributes are sent again.
+remembers advances only when Braze accepts it (`Delivery`); a row that failed changes nothing, so
+its attributes are sent again, and a row held (Braze may have applied it) leaves its user
+remembered as holding nothing, so that user's next row goes whole.
 
 The diff assumes this sync is what writes these attributes: a value changed in Braze by another
 writer is not seen, and is corrected only when the warehouse value changes. `send: full_payload`

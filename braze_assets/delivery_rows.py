@@ -71,6 +71,10 @@ def planned_rows(chunk: pa.Table, batch_of: list[str], run_id: str) -> pa.Table:
             "identifier": chunk["identifier"],
             "identifier_hash": lookup_column(chunk),
             "run_id": pa.array([run_id] * chunk.num_rows, pa.string()),
+            # the diff's user: recovery forgets what is remembered of it (state/base.py)
+            "user_key": chunk["user_key"]
+            if "user_key" in chunk.column_names
+            else pa.nulls(chunk.num_rows, pa.string()),
         }
     )
 
@@ -86,11 +90,14 @@ def accepted_attributes(
 ) -> pa.Table:
     """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
     user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff. A
-    row accepted with `UNSURE` (`messages`), or sent update-only, leaves its user known to hold
-    nothing remembered (no PAYLOAD hash, no attribute)."""
+    row accepted with `UNSURE` (`messages`), sent update-only, or held (its outcome unknown:
+    Braze may have applied it) leaves its user known to hold nothing remembered (no PAYLOAD hash,
+    no attribute), so that user's next row goes whole."""
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
-    accepted = pc.and_(pc.equal(pa.array(status, pa.string()), "accepted"), pc.is_valid(rows["user_key"]))
+    statuses = pa.array(status, pa.string())
+    held = pc.fill_null(pc.equal(statuses, "held"), False)  # Braze may have applied it
+    accepted = pc.and_(pc.or_(pc.equal(statuses, "accepted"), held), pc.is_valid(rows["user_key"]))
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
     remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS
@@ -101,6 +108,8 @@ def accepted_attributes(
     if "object" in rows.column_names:  # Braze may have applied an update-only row to nobody
         update_only = pc.match_substring(rows["object"], _UPDATE_ONLY)
         unsure = update_only if unsure is None else pc.or_(unsure, update_only)
+    if pc.any(held).as_py():
+        unsure = held if unsure is None else pc.or_(unsure, held)
     if unsure is not None and pc.any(unsure).as_py():
         chosen = chosen.set_column(
             1, "payload_hash", pc.if_else(unsure, pa.scalar(None, pa.string()), chosen["payload_hash"])

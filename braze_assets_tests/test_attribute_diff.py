@@ -321,6 +321,22 @@ def _chunk(rows: list[tuple[str, int, str]]) -> pa.Table:
     )
 
 
+def test_a_held_row_leaves_its_user_known_to_hold_nothing():
+    """A held row's outcome is unknown: Braze may have applied it. Its user is remembered as
+    holding nothing, so the next row goes whole (a row marked delivered later by a person, or by
+    a reconcile, then cannot leave the diff judging the warehouse's old value unchanged); a
+    failed row changes nothing; a newer row accepted after it still wins."""
+    from braze_assets.delivery import accepted_attributes
+
+    rows = [("a", 1, "a1"), ("b", 1, "b1"), ("c", 1, "c1"), ("d", 1, "d1"), ("d", 2, "d2")]
+    kept = accepted_attributes(_chunk(rows), ["accepted", "held", "failed", "held", "accepted"]).to_pylist()
+    assert [(r["user_key"], r["payload_hash"], r["attributes"]) for r in kept] == [
+        ("a", "p-a1", "a1"),
+        ("b", None, "{}"),
+        ("d", "p-d2", "d2"),
+    ]
+
+
 @pytest.mark.parametrize("repeated", [False, True])
 def test_a_chunk_remembers_each_accepted_user_once_from_the_newest_row(repeated):
     from braze_assets.delivery import accepted_attributes

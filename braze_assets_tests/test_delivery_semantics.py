@@ -217,6 +217,38 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
         assert sorted(con.execute("SELECT row_hash FROM ledger").fetchall()) == [("a",), ("b",), ("c",)]
 
 
+def test_planned_rows_of_a_ledger_without_user_keys_are_recovered(tmp_path):
+    """Ledgers written before planned rows kept the diff's user key: the column is added when
+    one is opened, and recovery settles their planned rows as before."""
+    import duckdb
+
+    from braze_assets.state import EmbeddedStateStore
+    from braze_assets.state.embedded_ledger import SCHEMA
+
+    store = EmbeddedStateStore(tmp_path, "older")
+    with duckdb.connect(str(store.db_path)) as con:
+        con.execute(
+            SCHEMA.replace(
+                ",\n    user_key   VARCHAR  -- the diff's user (attributes syncs), forgotten by recovery", ""
+            )
+        )
+        assert "user_key" not in [c[0] for c in con.execute("DESCRIBE planned").fetchall()]
+        con.execute(
+            "INSERT INTO planned VALUES ('b', now(), 'r-1', 'y', 'r', NULL), "
+            "('c', now(), 'r-2', 'z', 'r', NULL)"
+        )
+    store.journal_path.write_text('S r-1\nD {"batch": "r-1", "rows": [], "others": "accepted"}\nS r-2\n')
+    with store.delivery_lock():
+        assert store.recover("hold") == {
+            "recovered_settled": 1,
+            "recovered_ambiguous": 1,
+            "recovered_unsent": 0,
+        }
+    assert store.log.status_counts() == {"accepted": 1, "held": 1}
+    with store.connect() as con:
+        assert "user_key" in [c[0] for c in con.execute("DESCRIBE planned").fetchall()]
+
+
 @both_backends
 def test_materializing_the_latest_partition_syncs_everything_pending(harness, emulator):
     """The UI's default Materialize selects only the latest partition: like CDI's "Sync now" it

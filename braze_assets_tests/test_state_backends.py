@@ -128,6 +128,47 @@ def test_recovery_settles_answered_holds_ambiguous_and_forgets_unsent(store):
 
 
 @both_backends
+def test_recovery_forgets_what_was_remembered_of_users_braze_may_have_changed(store):
+    """A run that died after Braze answered (or with a request in flight) leaves those users'
+    rows settled or held by recovery, never remembered: what the diff remembers of them may no
+    longer be what Braze holds, so recovery forgets it and their next rows go whole. A user whose
+    request never went out keeps what is remembered."""
+    keys = {"a1": "user-a", "b1": "user-b", "c1": "user-c"}
+    with store.session() as ledger:
+        ledger.remember(
+            pa.table(
+                {
+                    "user_key": list(keys.values()),
+                    "payload_hash": ["x" * 32] * 3,
+                    "attributes": ['{"tier":"0011223344556677"}'] * 3,
+                    "payload_attributes": pa.array([1] * 3, pa.int32()),
+                }
+            )
+        )
+        ledger.merge_remembered()
+        planned = planned_rows(["a1", "b1", "c1"], ["d-0-0", "d-0-1", "d-0-2"])
+        ledger.plan(planned.append_column("user_key", pa.array(list(keys.values()), pa.string())))
+
+    async def journal_then_die():
+        async with store.journal() as journal:
+            await journal.started("d-0-0")
+            await journal.done("d-0-0", [])
+            await journal.started("d-0-1")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(journal_then_die())
+    assert store.recover("hold") == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 1}
+    with store.session() as ledger:
+        ledger.merge_remembered()
+        found = ledger.remembered_table(pa.array(list(keys.values()), pa.string()), True).to_pylist()
+    by_user = {row["user_key"]: (row["payload_hash"], row["attributes"]) for row in found}
+    assert by_user["user-a"] == (None, "{}"), "accepted by Braze: what it holds is not remembered"
+    assert by_user["user-b"] == (None, "{}"), "held: Braze may have applied it"
+    assert by_user["user-c"] == ("x" * 32, '{"tier":"0011223344556677"}'), "never sent"
+
+
+@both_backends
 def test_recovery_with_the_resend_policy_forgets_ambiguous_rows(store):
     with store.session() as ledger:
         ledger.plan(planned_rows(["b1"], ["d-0-1"]))

@@ -72,6 +72,21 @@ REMEMBERED_SQL = {
 }
 
 
+def nothing_remembered(user_keys: pa.Array) -> pa.Table:
+    """`REMEMBERED_COLUMNS` for users known to hold nothing remembered (no PAYLOAD hash, no
+    attribute): their next rows go whole. Recovery leaves so the users of requests Braze answered
+    or may have applied, whose rows it settles without knowing what to remember."""
+    count = len(user_keys)
+    return pa.table(
+        {
+            "user_key": user_keys.cast(pa.string()),
+            "payload_hash": pa.nulls(count, pa.string()),
+            "attributes": pa.array(["{}"] * count, pa.string()),
+            "payload_attributes": pa.array([0] * count, pa.int32()),
+        }
+    )
+
+
 def remembered_schema(attributes: bool) -> pa.Schema:
     """`REMEMBERED_SCHEMA`, without the `attributes` column unless asked."""
     if attributes:
@@ -80,7 +95,15 @@ def remembered_schema(attributes: bool) -> pa.Schema:
 
 
 #: Columns of a planned row.
-PLANNED_COLUMNS = ("row_hash", "updated_at", "batch_id", "identifier", "identifier_hash", "run_id")
+PLANNED_COLUMNS = (
+    "row_hash",
+    "updated_at",
+    "batch_id",
+    "identifier",
+    "identifier_hash",
+    "run_id",
+    "user_key",
+)
 
 
 class SyncBusyError(RuntimeError):
@@ -179,7 +202,8 @@ class LedgerSession(ABC):
             self._insert("held_details", held_details_table(found))
 
     def plan(self, rows: pa.Table) -> None:
-        """Rows about to be sent (`PLANNED_COLUMNS`, `identifier_hash` optional)."""
+        """Rows about to be sent (`PLANNED_COLUMNS`; `identifier_hash` and `user_key`, the diff's
+        user, optional)."""
         self._insert("planned", rows)
 
     # ------------------------------------------------------------------ remembered attributes

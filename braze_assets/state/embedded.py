@@ -210,6 +210,8 @@ class EmbeddedStateStore(StateStore):
                 DuckDBLedgerSession(con, self.deltas)._insert(
                     "held_details", held_details_table(dict(objects))
                 )
+            maybe = [*plan.answered["batch_id"].to_pylist(), *plan.ambiguous]
+            _forget_users_braze_may_have_changed(con, maybe)
             con.execute("DELETE FROM planned")
             con.commit()
         self.journal_path.write_text("")
@@ -304,3 +306,18 @@ class EmbeddedStateStore(StateStore):
     def add_settled_parts(self, parts: dict[str, str]) -> None:
         if parts:
             self._replace(self.parts_path, json.dumps({**self.settled_parts(), **parts}))
+
+
+def _forget_users_braze_may_have_changed(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> None:
+    """The users of the planned rows of requests Braze answered or may have applied (`batch_ids`)
+    are remembered as holding nothing (`nothing_remembered`), in recovery's transaction."""
+    if not batch_ids:
+        return
+    con.register("maybe", pa.table({"batch_id": pa.array(batch_ids, pa.string())}))
+    try:
+        con.execute(
+            "INSERT INTO remembered_pending SELECT DISTINCT user_key, NULL, '{}', 0, now() FROM planned "
+            "WHERE user_key IS NOT NULL AND batch_id IN (SELECT batch_id FROM maybe)"
+        )
+    finally:
+        con.unregister("maybe")

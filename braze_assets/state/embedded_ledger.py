@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS planned (
     batch_id   VARCHAR NOT NULL,
     identifier VARCHAR,
     run_id     VARCHAR,
-    identifier_hash VARCHAR
+    identifier_hash VARCHAR,
+    user_key   VARCHAR  -- the diff's user (attributes syncs), forgotten by recovery
 );
 CREATE TABLE IF NOT EXISTS remembered_attributes (
     user_key     VARCHAR NOT NULL,  -- one row per user, kept so by merge_remembered (no index:
@@ -72,8 +73,10 @@ LEDGER_CHECKPOINT_THRESHOLD = "256MB"
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Ledgers written by earlier versions: without the lookup-hash column (the sync log), or in
-    the layout that kept a PRIMARY KEY and `planned` rows inline."""
+    """Ledgers written by earlier versions: without the lookup-hash column (the sync log), without
+    planned rows' user keys (the diff), or in the layout that kept a PRIMARY KEY and `planned`
+    rows inline."""
+    con.execute("ALTER TABLE planned ADD COLUMN IF NOT EXISTS user_key VARCHAR")
     missing = con.execute(
         "SELECT t.name FROM (VALUES ('ledger'), ('planned')) t(name) WHERE NOT EXISTS ("
         "SELECT 1 FROM duckdb_columns() c WHERE c.table_name = t.name "

@@ -34,14 +34,16 @@ import pyarrow.compute as pc
 from braze_assets.config import AmbiguousPolicy
 from braze_assets.delta_files import DeltaFiles
 from braze_assets.state.base import (
+    PLANNED_COLUMNS,
     Journal,
     LedgerSession,
     StateStore,
     SyncBusyError,
     Watermark,
+    nothing_remembered,
 )
 from braze_assets.state.held import held_details_table
-from braze_assets.state.postgres_ledger import PostgresLedgerSession, copy_rows, from_ipc
+from braze_assets.state.postgres_ledger import PostgresLedgerSession, copy_rows, from_ipc, upsert_remembered
 from braze_assets.state.postgres_log import PostgresSyncLog
 from braze_assets.state.postgres_schema import StateDatabase
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
@@ -227,7 +229,12 @@ class PostgresStateStore(StateStore):
                 "CREATE TEMP TABLE planned_rows (sync text, row_hash text, updated_at timestamptz, "
                 "batch_id text, identifier text, identifier_hash text, run_id text) ON COMMIT DROP"
             )
-            copy_rows(cursor, "planned_rows", self.sync, planned)
+            copy_rows(
+                cursor,
+                "planned_rows",
+                self.sync,
+                planned.select([c for c in PLANNED_COLUMNS if c != "user_key" and c in planned.column_names]),
+            )
             if plan.answered.num_rows:
                 cursor.execute(
                     "CREATE TEMP TABLE answered (sync text, batch_id text, others text) ON COMMIT DROP"
@@ -264,6 +271,11 @@ class PostgresStateStore(StateStore):
                 details = held_details_table(dict(objects))
                 if details.num_rows:
                     copy_rows(cursor, "held_details", self.sync, details)
+            maybe = pa.array([*plan.answered["batch_id"].to_pylist(), *plan.ambiguous], pa.string())
+            if len(maybe) and "user_key" in planned.column_names:
+                # those users' rows are settled without what to remember: their next rows go whole
+                users = planned["user_key"].filter(pc.is_in(planned["batch_id"], maybe)).drop_null()
+                upsert_remembered(cursor, self.sync, nothing_remembered(pc.unique(users.combine_chunks())))
             cursor.execute("DELETE FROM planned WHERE sync = %s", (self.sync,))
             cursor.execute("DELETE FROM journal WHERE sync = %s", (self.sync,))
 

@@ -194,19 +194,26 @@ class PostgresLedgerSession(LedgerSession):
         if not rows.num_rows:
             return
         with self._unit() as cursor:
-            cursor.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS accepted_attributes (sync text, user_key text, "
-                "payload_hash text, attributes text, payload_attributes integer) ON COMMIT DELETE ROWS"
-            )
-            cursor.execute("TRUNCATE accepted_attributes")
-            copy_rows(cursor, "accepted_attributes", self.sync, rows.select(list(REMEMBERED_COLUMNS)))
-            cursor.execute(
-                "INSERT INTO remembered_attributes (sync, user_key, payload_hash, attributes, "
-                "payload_attributes, changed_at) SELECT sync, user_key, payload_hash, attributes, "
-                "payload_attributes, now() FROM accepted_attributes ON CONFLICT (sync, user_key) DO UPDATE "
-                "SET payload_hash = EXCLUDED.payload_hash, attributes = EXCLUDED.attributes, "
-                "payload_attributes = EXCLUDED.payload_attributes, changed_at = EXCLUDED.changed_at"
-            )
+            upsert_remembered(cursor, self.sync, rows)
+
+
+def upsert_remembered(cursor: Any, sync: str, rows: pa.Table) -> None:
+    """What is remembered of these users (`REMEMBERED_COLUMNS`) replaced by `rows`."""
+    if not rows.num_rows:
+        return
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS accepted_attributes (sync text, user_key text, "
+        "payload_hash text, attributes text, payload_attributes integer) ON COMMIT DELETE ROWS"
+    )
+    cursor.execute("TRUNCATE accepted_attributes")
+    copy_rows(cursor, "accepted_attributes", sync, rows.select(list(REMEMBERED_COLUMNS)))
+    cursor.execute(
+        "INSERT INTO remembered_attributes (sync, user_key, payload_hash, attributes, "
+        "payload_attributes, changed_at) SELECT sync, user_key, payload_hash, attributes, "
+        "payload_attributes, now() FROM accepted_attributes ON CONFLICT (sync, user_key) DO UPDATE "
+        "SET payload_hash = EXCLUDED.payload_hash, attributes = EXCLUDED.attributes, "
+        "payload_attributes = EXCLUDED.payload_attributes, changed_at = EXCLUDED.changed_at"
+    )
 
 
 #: Planned chunks are compressed here (zstd: a few milliseconds, a third of the size), not by the
