@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from braze_assets import delta_store
-from braze_assets.braze import contract
 from braze_assets.braze.client import BrazeAuthError, BrazeClient, RequestOutcome
 from braze_assets.catalog_requests import (
     catalog_missing,
@@ -341,7 +340,7 @@ class Delivery:
             retry_ambiguous=self.policy == "resend",
             on_send=(lambda: journal.started(request.batch_id)) if journal is not None else None,
             method=request.array if catalog else "POST",
-            budget_key=contract.CATALOG_ITEMS_BUDGET if catalog else None,
+            budget_key=self.spec.budget,
         )
 
     async def _without_items_at_fault(

@@ -79,10 +79,8 @@ class Bill:
 
 
 def budget_path(sync: SyncConfig) -> str:
-    """The Braze rate budget a sync's requests count against."""
-    if sync.data_type == "catalogs":
-        return contract.CATALOG_ITEMS_BUDGET
-    return DATA_TYPES[sync.data_type].endpoint
+    """The Braze rate budget a sync's requests count against (`DataTypeSpec.budget`)."""
+    return DATA_TYPES[sync.data_type].budget
 
 
 def bill_now(

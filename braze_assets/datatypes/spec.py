@@ -30,6 +30,13 @@ class DataTypeSpec:
     request_key: str | None = None
 
     @property
+    def budget(self) -> str:
+        """The Braze rate budget this type's requests count against: every asynchronous catalog
+        item endpoint shares one, whatever the catalog and method; each other endpoint has its own
+        (docs/braze-contract.md). Delivery leases from it and the dry run prices by it."""
+        return contract.CATALOG_ITEMS_BUDGET if self.request_key is not None else self.endpoint
+
+    @property
     def required_columns(self) -> tuple[str, ...]:
         if self.name == "catalogs":
             return ("UPDATED_AT", "ID", "PAYLOAD")
