@@ -31,6 +31,11 @@ UNSURE = (
 )
 
 
+#: The message of a row whose request's outcome is unknown under the `resend` policy: not
+#: settled (sent again next run), and its user remembered as holding nothing (`accepted_attributes`).
+RESENT_UNKNOWN = "outcome unknown after sending; sent again by the next run"
+
+
 @dataclass
 class AnswerReader:
     """Reads the answers of one delivery into its outcome (`hold`: the ambiguous policy is
@@ -77,6 +82,8 @@ class AnswerReader:
                     messages[i] = f"outcome unknown after sending ({result.message}); held"
             else:
                 out.not_sent += len(rows)  # resend policy: forgotten, sent again next run
+                for i in rows:  # not settled, but Braze may have applied it
+                    messages[i] = RESENT_UNKNOWN
             return
         if result.ambiguous_attempts:
             out.ambiguous += len(rows)  # a retried attempt may also have been processed

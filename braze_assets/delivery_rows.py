@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from braze_assets.delivery_answers import UNSURE
+from braze_assets.delivery_answers import RESENT_UNKNOWN, UNSURE
 from braze_assets.state.base import REMEMBERED_COLUMNS
 
 
@@ -90,14 +90,21 @@ def accepted_attributes(
 ) -> pa.Table:
     """What Braze holds now of the users whose rows it accepted (attribute_diff.py), one row per
     user, from the newest row accepted (`REMEMBERED_COLUMNS`); none for rows without a diff. A
-    row accepted with `UNSURE` (`messages`), sent update-only, or held (its outcome unknown:
-    Braze may have applied it) leaves its user known to hold nothing remembered (no PAYLOAD hash,
-    no attribute), so that user's next row goes whole."""
+    row accepted with `UNSURE` (`messages`), sent update-only, held, or left to be sent again
+    after an unknown outcome (`RESENT_UNKNOWN`; Braze may have applied either) leaves its user
+    known to hold nothing remembered (no PAYLOAD hash, no attribute), so that user's next row
+    goes whole."""
     if "user_key" not in rows.column_names or rows["user_key"].null_count == rows.num_rows:
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     statuses = pa.array(status, pa.string())
-    held = pc.fill_null(pc.equal(statuses, "held"), False)  # Braze may have applied it
-    accepted = pc.and_(pc.or_(pc.equal(statuses, "accepted"), held), pc.is_valid(rows["user_key"]))
+    # rows Braze may have applied without saying so: held, or left to be sent again
+    held = pc.fill_null(pc.equal(statuses, "held"), False)
+    if messages is not None and RESENT_UNKNOWN in messages:
+        again = pc.fill_null(pc.equal(pa.array(messages, pa.string()), RESENT_UNKNOWN), False)
+        held = pc.or_(held, pc.and_(pc.is_null(statuses), again))
+    accepted = pc.and_(
+        pc.or_(pc.fill_null(pc.equal(statuses, "accepted"), False), held), pc.is_valid(rows["user_key"])
+    )
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
     remembered = ["user_key", "payload_hash", "remember", "payload_attributes"]  # REMEMBERED_COLUMNS

@@ -26,6 +26,7 @@ from braze_assets.delta_files import staged
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_workers import configured_workers
 from braze_assets.delta_writer import DeltaWriter
+from braze_assets.known_users import excluding
 from braze_assets.masking import mask_identifiers
 from braze_assets.row_identity import located_batch_hashes
 from braze_assets.sources.base import CdiSource
@@ -130,7 +131,9 @@ def _write_delta(
             update_existing_only,
             paths,
             diff,
-            ledger.remembered_table if diff is not None and ledger.remembers_anyone() else None,
+            excluding(ledger.planned_user_keys(), ledger.remembered_table)
+            if diff is not None and ledger.remembers_anyone()
+            else None,
             workers=workers,
             hash_columns=hash_columns,
         )

@@ -34,6 +34,21 @@ LOOKUP_ROWS = 200_000
 Lookup = Callable[[pa.Array, bool], pa.Table]
 
 
+def excluding(users: pa.Array, lookup: Lookup) -> Lookup:
+    """`lookup`, finding nothing of `users`: the users of requests whose outcome is not known
+    yet (`LedgerSession.planned_user_keys`: a run that died, or one still sending), whose rows
+    then go whole. Recovery, which comes later, in the delivery, remembers them as holding
+    nothing; a delta before it must not trim their rows against what Braze may no longer hold."""
+    if not len(users):
+        return lookup
+
+    def without(user_keys: pa.Array, attributes: bool) -> pa.Table:
+        found = lookup(user_keys, attributes)
+        return found.filter(pc.invert(pc.is_in(found["user_key"], value_set=users)))
+
+    return without
+
+
 @dataclass(frozen=True)
 class Identified:
     """A batch's user keys and PAYLOAD hashes: the per-row hashing a lookup needs. It is a pure

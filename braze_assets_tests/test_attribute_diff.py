@@ -4,6 +4,7 @@ remembers only what Braze accepted."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 
@@ -159,6 +160,57 @@ def test_only_what_braze_accepted_is_remembered(harness, emulator):
     fixed = harness.run("users")
     assert _attrs(spy.take()) == {"user-000": {"plan": "gold", "_update_existing_only": False}}
     assert fixed.outcome.accepted == 1
+
+
+@both_backends
+def test_after_a_crash_the_users_of_requests_in_flight_go_whole(harness, emulator):
+    """A run died with user-000's "gold" request sent and unanswered. The next run's delta comes
+    before its delivery recovers that request, and the snapshot is back at "silver", which is
+    what the diff remembers: Braze may hold "gold", so the row goes whole, and is not unchanged."""
+    import pyarrow as pa
+
+    from braze_assets.attribute_diff import user_key
+
+    spy = Spy(emulator)
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=3)))
+    assert harness.run("users").outcome.accepted == 3
+    spy.take()
+    store = harness.delivery_state().store("users")
+    with store.session() as ledger:  # the dead run's request, planned and started (journaled)
+        ledger.plan(
+            pa.table(
+                {
+                    "row_hash": ["gold-row"],
+                    "updated_at": pa.array([NOW - dt.timedelta(hours=2)], pa.timestamp("us", tz="UTC")),
+                    "batch_id": ["dead-0-0"],
+                    "identifier": ["EXTERNAL_ID=us***"],
+                    "run_id": ["dead"],
+                    "user_key": [user_key({"EXTERNAL_ID": "user-000"})],
+                }
+            )
+        )
+
+    async def started_then_died():
+        async with store.journal() as journal:
+            await journal.started("dead-0-0")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(started_then_died())
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=1)))  # restamped, back at silver
+    after = harness.run("users")
+    assert after.outcome.recovered_ambiguous == 1
+    assert (after.outcome.accepted, after.outcome.unchanged) == (1, 2)
+    assert _attrs(spy.take()) == {
+        "user-000": {
+            "plan": "silver",
+            "age": 30,
+            "city": "Oslo",
+            "vip": False,
+            "_update_existing_only": False,
+        }
+    }
 
 
 def test_full_payload_sends_every_row_whole(harness, emulator):
@@ -334,6 +386,31 @@ def test_a_held_row_leaves_its_user_known_to_hold_nothing():
         ("a", "p-a1", "a1"),
         ("b", None, "{}"),
         ("d", "p-d2", "d2"),
+    ]
+
+
+def test_a_row_sent_again_for_an_unknown_outcome_leaves_its_user_known_to_hold_nothing():
+    """With the `resend` policy a request whose outcome is unknown is not settled (its rows go
+    again next run), yet Braze may have applied it: its users are remembered as holding nothing,
+    as after a held row, so a warehouse that goes back to the old value still sends it."""
+    from braze_assets.braze.client import RequestOutcome
+    from braze_assets.delivery import accepted_attributes
+    from braze_assets.delivery_answers import AnswerReader
+    from braze_assets.request_plan import PlannedRequest
+    from braze_assets.sync_outcome import SyncOutcome
+
+    reader = AnswerReader(SyncOutcome("s", "attributes", "r"), "/users/track", False, lambda _: None)
+    status: list[str | None] = [None, None, None]
+    messages: list[str | None] = [None, None, None]
+    unknown = RequestOutcome("ambiguous")
+    reader.apply(PlannedRequest("b", b"", [1, 2], "attributes"), unknown, status, messages)
+    status[0] = "accepted"
+    assert status == ["accepted", None, None], "not settled: sent again next run"
+    kept = accepted_attributes(_chunk([("a", 1, "a1"), ("b", 1, "b1"), ("c", 1, "c1")]), status, messages)
+    assert [(r["user_key"], r["payload_hash"], r["attributes"]) for r in kept.to_pylist()] == [
+        ("a", "p-a1", "a1"),
+        ("b", None, "{}"),
+        ("c", None, "{}"),
     ]
 
 

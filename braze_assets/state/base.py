@@ -219,6 +219,12 @@ class LedgerSession(ABC):
         """Whether anything is remembered of this sync's users: a delta that finds nothing
         (a first sync) skips the lookups, and its workers key the rows themselves."""
 
+    @abstractmethod
+    def planned_user_keys(self) -> pa.Array:
+        """The users (`user_key`) of rows planned and not settled: a run that died, or one still
+        sending, has requests for them whose outcome is not known yet, so what is remembered of
+        them may not be what Braze holds. A delta sends their rows whole (`known_users.excluding`)."""
+
     def remembered(self, user_keys: list[str]) -> dict[str, Remembered]:
         """`remembered_table` by user key."""
         table = self.remembered_table(pa.array(user_keys, pa.string()))

@@ -212,6 +212,14 @@ class DuckDBLedgerSession(LedgerSession):
         finally:
             self.con.unregister("accepted")
 
+    def planned_user_keys(self) -> pa.Array:
+        return (
+            self.con.sql("SELECT DISTINCT user_key FROM planned WHERE user_key IS NOT NULL")
+            .to_arrow_table()["user_key"]
+            .combine_chunks()
+            .cast(pa.string())
+        )
+
     def remembers_anyone(self) -> bool:
         return self._pending_remembered() or bool(
             self.con.execute("SELECT EXISTS (SELECT 1 FROM remembered_attributes)").fetchall()[0][0]

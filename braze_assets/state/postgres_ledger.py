@@ -175,6 +175,14 @@ class PostgresLedgerSession(LedgerSession):
             [dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema
         )
 
+    def planned_user_keys(self) -> pa.Array:
+        with self._unit() as cursor:
+            cursor.execute("SELECT rows FROM planned WHERE sync = %s", (self.sync,))
+            planned = from_ipc([bytes(blob) for (blob,) in cursor.fetchall()])
+        if "user_key" not in planned.column_names:  # nothing planned, or planned before user keys
+            return pa.array([], pa.string())
+        return pc.unique(planned["user_key"].combine_chunks().drop_null()).cast(pa.string())
+
     def remembers_anyone(self) -> bool:
         with self._unit() as cursor:
             cursor.execute(
