@@ -8,7 +8,8 @@ so the delta's files are the same, row for row, as when one process does everyth
 Workers are forked from a fork server that has loaded the preparation code once
 (`delta_preload.py`), so a worker starts in milliseconds; the server itself starts only when a
 delta is large enough to need it, a little before its pool (`DeltaWriter`). At most two batches
-per worker are in flight: memory stays bounded by the batch size. A worker that dies (killed for
+per worker are in flight, and with the attribute diff at most two lookup groups wait for their
+hashes (`DeltaWriter`, `LOOKUP_ROWS`, `LOOKUP_BYTES`): memory stays bounded. A worker that dies (killed for
 memory, say) loses nothing: the batches it held are prepared again in the run's own process,
 which carries on without workers.
 

@@ -15,6 +15,7 @@ change them (tests do), patch this module.
 from __future__ import annotations
 
 import collections
+import logging
 from collections import Counter
 from collections.abc import Iterable
 
@@ -27,8 +28,18 @@ from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch, row_hash
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_schema import REJECTED_SCHEMA, UNCHANGED_SCHEMA, VALID_SCHEMA
 from braze_assets.delta_workers import Hashing, PreparePool, warm_up
-from braze_assets.known_users import LOOKUP_ROWS, KnownUsers, Lookup, SeenUsers, identify
+from braze_assets.known_users import LOOKUP_ROWS, Identified, KnownUsers, Lookup, SeenUsers, identify
 from braze_assets.lookup import lookup_key
+
+_log = logging.getLogger(__name__)
+
+#: A lookup group also closes at this many bytes of scanned rows: two groups wait at once (one
+#: looked up while the workers hash the next), so wide PAYLOADs must not hold 400,000 rows.
+LOOKUP_BYTES = 128 * 1024 * 1024
+#: The rows left of several batches once their unchanged rows are set aside are prepared together
+#: up to this many (a scan batch's size): a row that fails unforeseen takes its batch apart row
+#: by row, which must stay as short as it was.
+REST_ROWS = 20_000
 
 #: Rows a delta prepares in the run's own process before it starts worker processes.
 POOL_AFTER_ROWS = 50_000
@@ -154,7 +165,7 @@ class DeltaWriter:
         self._warmed = False
         self._rows_added = 0
         self._waiting: list[_Waiting] = []
-        self._waiting_rows = 0
+        self._waiting_rows = self._waiting_bytes = 0
         #: groups of waiting batches filled to `LOOKUP_ROWS`, looked up one group behind the
         #: scan, so the workers hash the next group while this process looks this one up
         self._filled: collections.deque[list[_Waiting]] = collections.deque()
@@ -172,9 +183,10 @@ class DeltaWriter:
         hashing = self._pool.identify(rows, hashes is None) if self._pool is not None else None
         self._waiting.append((rows, hashes, hashing))
         self._waiting_rows += rows.num_rows
-        if self._waiting_rows >= LOOKUP_ROWS:
+        self._waiting_bytes += rows.nbytes
+        if self._waiting_rows >= LOOKUP_ROWS or self._waiting_bytes >= LOOKUP_BYTES:
             self._filled.append(self._waiting)
-            self._waiting, self._waiting_rows = [], 0
+            self._waiting, self._waiting_rows, self._waiting_bytes = [], 0, 0
             if len(self._filled) > 1 or self._pool is None:
                 self._look_up(self._filled.popleft())
 
@@ -182,16 +194,18 @@ class DeltaWriter:
         """Look a group of waiting batches' users up, then prepare the batches in scan order."""
         if waiting and self._remembered is not None:
             job = self.job
-            identified = [
-                self._pool.identified(rows, hashing, hashes is None)
-                if self._pool is not None
-                else identify(rows, job.hash_columns if hashes is None else (), job.lookup_key)
-                for rows, hashes, hashing in waiting
-            ]
-            batches = [rows for rows, _, _ in waiting]
-            found = KnownUsers.find(batches, self._remembered, identified, self._seen)
+            hashed = [self._identified(rows, hashes, hashing) for rows, hashes, hashing in waiting]
+            batches = [rows for (rows, _, _), ident in zip(waiting, hashed, strict=True) if ident is not None]
+            found = iter(
+                KnownUsers.find(batches, self._remembered, [i for i in hashed if i is not None], self._seen)
+            )
             rest = _Rest()
-            for (rows, hashes, _), ident, known in zip(waiting, identified, found, strict=True):
+            for (rows, hashes, _), ident in zip(waiting, hashed, strict=True):
+                if ident is None:  # prepared as if nothing were remembered (whole), in scan order
+                    self._flush(rest)
+                    self._prepare(rows, hashes, None)
+                    continue
+                known = next(found)
                 given: list[str] | pa.Array
                 if hashes is not None:
                     given = hashes
@@ -212,15 +226,33 @@ class DeltaWriter:
                     self._flush(rest)
                     self._prepare(rows, given if isinstance(given, list) else given.to_pylist(), known)
                     continue
-                if not rest.fits(left):
+                if not rest.fits(left) or rest.num_rows + left.num_rows > REST_ROWS:
                     self._flush(rest)
                 rest.absorb(part)
                 rest.add(
                     left, given_left if isinstance(given_left, list) else given_left.to_pylist(), known_left
                 )
-                if rest.num_rows >= LOOKUP_ROWS // 5:
+                if rest.num_rows >= REST_ROWS:
                     self._flush(rest)
             self._flush(rest)
+
+    def _identified(
+        self, rows: pa.RecordBatch | pa.Table, hashes: list[str] | None, hashing: Hashing | None
+    ) -> Identified | None:
+        """What `identify` gives of a batch; None when it failed on a row no check foresaw: the
+        batch is then prepared on its own (row by row if need be), so that row stops no other."""
+        job = self.job
+        try:
+            if self._pool is not None:
+                return self._pool.identified(rows, hashing, hashes is None)
+            return identify(rows, job.hash_columns if hashes is None else (), job.lookup_key)
+        except Exception as exc:  # noqa: BLE001 - one row's failure, found when preparing
+            _log.warning(
+                "a batch's rows could not be hashed for the diff's lookup (%s); they are sent "
+                "whole, and any row that cannot be prepared is rejected alone",
+                type(exc).__name__,
+            )
+            return None
 
     def _flush(self, rest: _Rest) -> None:
         """Prepare what `rest` gathered, after the unchanged rows it set aside."""
@@ -263,7 +295,7 @@ class DeltaWriter:
         """Prepare the batches still waiting and append every batch still being prepared."""
         while self._filled:
             self._look_up(self._filled.popleft())
-        waiting, self._waiting, self._waiting_rows = self._waiting, [], 0
+        waiting, self._waiting, self._waiting_rows, self._waiting_bytes = self._waiting, [], 0, 0
         self._look_up(waiting)
         if self._pool is not None:
             for prepared in self._pool.drain():

@@ -191,14 +191,19 @@ def test_workers_make_the_same_attribute_diff(tmp_path, pool_from_the_first_row)
     _same_delta(*results)
 
 
-@pytest.mark.parametrize("lookup_rows", [7, 40])
+@pytest.mark.parametrize(
+    ("lookup_rows", "lookup_bytes", "rest_rows"), [(7, 2**30, 20_000), (40, 2**30, 4), (10**6, 1, 5)]
+)
 def test_workers_make_the_same_diff_with_lookups_behind_the_scan(
-    tmp_path, pool_from_the_first_row, monkeypatch, lookup_rows
+    tmp_path, pool_from_the_first_row, monkeypatch, lookup_rows, lookup_bytes, rest_rows
 ):
-    """With workers, a group of batches is looked up while the workers hash the next one, the
-    unchanged rows are set aside by the run's own process, and the rows left of several batches
-    are prepared together: the same files, row for row and in order, as one process makes."""
+    """With workers, a group of batches (closed by rows or by bytes) is looked up while the
+    workers hash the next one, the unchanged rows are set aside by the run's own process, and the
+    rows left of several batches are prepared together (up to `REST_ROWS`): the same files, row
+    for row and in order, as one process makes."""
     monkeypatch.setattr(delta_writer, "LOOKUP_ROWS", lookup_rows)
+    monkeypatch.setattr(delta_writer, "LOOKUP_BYTES", lookup_bytes)
+    monkeypatch.setattr(delta_writer, "REST_ROWS", rest_rows)
     table, accepted = _remembered_case(tmp_path)
     results = []
     for name, workers in (("inline", 0), ("pooled", 2)):
@@ -554,6 +559,74 @@ def test_batches_of_different_columns_are_not_prepared_together(tmp_path):
     assert (manifest.unchanged, manifest.valid, manifest.rejected) == (2, 2, 0)
     assert pq.read_table(manifest.valid_path)["row_hash"].to_pylist() == ["h1", "h3"]
     assert pq.read_table(manifest.unchanged_path)["row_hash"].to_pylist() == ["h0", "h2"]
+
+
+@pytest.mark.parametrize("hostile", ["long decimal id", "struct payload with a decimal"])
+def test_a_row_the_lookup_cannot_hash_stops_no_other_row(tmp_path, hostile):
+    """Rows hashed for the diff's lookup (the state remembers someone): a 38-digit NUMBER id, or
+    a PAYLOAD of a struct type holding a value JSON has no form for, is prepared and judged on
+    its own; the batch's other rows are not stopped by it."""
+    import decimal
+
+    payload = orjson.dumps({"tier": "gold"}).decode()
+    store = _remembering(tmp_path, payload, 1)
+    stamp = pa.array([T0, T0], pa.timestamp("us", tz="UTC"))
+    if hostile == "long decimal id":
+        ids = [decimal.Decimal(0), decimal.Decimal("12345678901234567890123456789012345678")]
+        rows = pa.table(
+            {
+                "UPDATED_AT": stamp,
+                "EXTERNAL_ID": pa.array(ids, pa.decimal128(38, 0)),
+                "PAYLOAD": [payload] * 2,
+            }
+        )
+    else:
+        values = [
+            {"tier": "gold", "n": decimal.Decimal("1.5")},
+            {"tier": "gold", "n": decimal.Decimal("2.5")},
+        ]
+        rows = pa.table(
+            {
+                "UPDATED_AT": stamp,
+                "EXTERNAL_ID": ["u0", "u1"],
+                "PAYLOAD": pa.array(values, pa.struct([("tier", pa.string()), ("n", pa.decimal128(5, 1))])),
+            }
+        )
+    manifest = _written(tmp_path, store, [(rows, ["h0", "h1"])])
+    assert manifest.valid + manifest.rejected + manifest.unchanged == 2
+    if hostile == "long decimal id":  # the whole number is the id: "0" and the 38 digits
+        assert manifest.unchanged + manifest.valid == 2
+
+
+def test_a_batch_the_lookup_cannot_hash_is_prepared_whole_in_scan_order(tmp_path, monkeypatch, caplog):
+    """Should hashing a batch for the lookup fail in a way no check foresaw, that batch is
+    prepared as if nothing were remembered of its users (sent whole), in its place: the rows of
+    one user stay in the order they were read, so Braze ends at the newest."""
+    payload = orjson.dumps({"tier": "gold"}).decode()
+    store = _remembering(tmp_path, payload, 1)
+    real = delta_writer.identify
+
+    def failing(rows, *args):
+        if "boom" in rows.column("PAYLOAD").to_pylist()[0]:
+            raise RuntimeError("a row no check foresaw")
+        return real(rows, *args)
+
+    monkeypatch.setattr(delta_writer, "identify", failing)
+
+    def batch(hour: int, tier: str) -> pa.Table:
+        return pa.table(
+            {
+                "UPDATED_AT": pa.array([T0 + dt.timedelta(hours=hour)], pa.timestamp("us", tz="UTC")),
+                "EXTERNAL_ID": ["u0"],
+                "PAYLOAD": [orjson.dumps({"tier": tier}).decode()],
+            }
+        )
+
+    batches = [(batch(1, "silver"), ["h1"]), (batch(2, "boom"), ["h2"]), (batch(3, "bronze"), ["h3"])]
+    with caplog.at_level("WARNING"):
+        manifest = _written(tmp_path, store, batches)
+    assert pq.read_table(manifest.valid_path)["row_hash"].to_pylist() == ["h1", "h2", "h3"]
+    assert "could not be hashed for the diff's lookup (RuntimeError)" in caplog.text
 
 
 def test_a_row_set_aside_by_the_run_process_that_cannot_be_read_stops_no_other_row(tmp_path):

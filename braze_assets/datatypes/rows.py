@@ -44,8 +44,8 @@ def _text(value: Any) -> str | None:
         text = value
     elif isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
-    elif isinstance(value, decimal.Decimal) and value == value.to_integral_value():
-        text = str(value.quantize(decimal.Decimal(1)))
+    elif isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
+        text = str(int(value))  # a NUMBER(38,0) id: its digits (quantizing past 28 digits fails)
     else:
         raise IdentifierValueError(
             type(value).__name__,
