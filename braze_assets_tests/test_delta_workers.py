@@ -94,6 +94,15 @@ def _same_delta(one: DeltaManifest, other: DeltaManifest) -> None:
         assert getattr(one, name) == getattr(other, name), name
 
 
+#: Hypothesis's settings for hostile rows through a delta (a few derandomized examples each).
+_HOSTILE_ROWS = settings(
+    max_examples=8,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 @pytest.fixture
 def pool_from_the_first_row(monkeypatch):
     """Workers from the first batch on (a small delta never starts them otherwise)."""
@@ -101,12 +110,7 @@ def pool_from_the_first_row(monkeypatch):
 
 
 @pytest.mark.parametrize("data_type", ["attributes", "events", "purchases", "deletions"])
-@settings(
-    max_examples=8,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_HOSTILE_ROWS
 @given(data=st.data())
 def test_workers_make_the_same_delta_as_one_process(
     tmp_path_factory, pool_from_the_first_row, data_type, data
@@ -122,12 +126,7 @@ def test_workers_make_the_same_delta_as_one_process(
     )
 
 
-@settings(
-    max_examples=8,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_HOSTILE_ROWS
 @given(data=st.data())
 def test_workers_make_the_same_diff_of_hostile_rows(
     tmp_path_factory, pool_from_the_first_row, monkeypatch, data
