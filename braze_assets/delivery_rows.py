@@ -98,12 +98,13 @@ def accepted_attributes(
         return pa.table({name: pa.array([], pa.string()) for name in REMEMBERED_COLUMNS})
     statuses = pa.array(status, pa.string())
     # rows Braze may have applied without saying so: held, or left to be sent again
-    held = pc.fill_null(pc.equal(statuses, "held"), False)
+    maybe_applied = pc.fill_null(pc.equal(statuses, "held"), False)
     if messages is not None and RESENT_UNKNOWN in messages:
         again = pc.fill_null(pc.equal(pa.array(messages, pa.string()), RESENT_UNKNOWN), False)
-        held = pc.or_(held, pc.and_(pc.is_null(statuses), again))
-    accepted = pc.and_(
-        pc.or_(pc.fill_null(pc.equal(statuses, "accepted"), False), held), pc.is_valid(rows["user_key"])
+        maybe_applied = pc.or_(maybe_applied, pc.and_(pc.is_null(statuses), again))
+    recorded = pc.and_(  # rows that leave their user remembered: accepted, or maybe applied
+        pc.or_(pc.fill_null(pc.equal(statuses, "accepted"), False), maybe_applied),
+        pc.is_valid(rows["user_key"]),
     )
     # Only the columns kept, so the chunk's objects are never copied; a chunk whose users are
     # each accepted once (the usual case) needs no sort.
@@ -115,13 +116,13 @@ def accepted_attributes(
     if "object" in rows.column_names:  # Braze may have applied an update-only row to nobody
         update_only = pc.match_substring(rows["object"], _UPDATE_ONLY)
         unsure = update_only if unsure is None else pc.or_(unsure, update_only)
-    if pc.any(held).as_py():
-        unsure = held if unsure is None else pc.or_(unsure, held)
+    if pc.any(maybe_applied).as_py():
+        unsure = maybe_applied if unsure is None else pc.or_(unsure, maybe_applied)
     if unsure is not None and pc.any(unsure).as_py():
         chosen = chosen.set_column(
             1, "payload_hash", pc.if_else(unsure, pa.scalar(None, pa.string()), chosen["payload_hash"])
         ).set_column(2, "remember", pc.if_else(unsure, "{}", chosen["remember"]))
-    chosen = chosen.filter(pc.fill_null(accepted, False))
+    chosen = chosen.filter(pc.fill_null(recorded, False))
     if chosen.num_rows > 1 and pc.count_distinct(chosen["user_key"]).as_py() < chosen.num_rows:
         # Newest first within each user; on a tie the later row of the chunk wins.
         chosen = chosen.append_column("position", pa.array(range(chosen.num_rows), pa.int64()))

@@ -99,10 +99,11 @@ def _start_worker(job: BatchJob) -> None:
 def _identify_in_worker(rows: pa.RecordBatch | pa.Table, with_row_hashes: bool) -> Identified:
     if _worker_job is None:
         raise RuntimeError("a delta worker was given a batch before its job")
-    return _identify(_worker_job, rows, with_row_hashes)
+    return identify_batch(_worker_job, rows, with_row_hashes)
 
 
-def _identify(job: BatchJob, rows: pa.RecordBatch | pa.Table, with_row_hashes: bool) -> Identified:
+def identify_batch(job: BatchJob, rows: pa.RecordBatch | pa.Table, with_row_hashes: bool) -> Identified:
+    """`known_users.identify` of a delta's batch (with its row hashes when it came without)."""
     return identify(rows, job.hash_columns if with_row_hashes else (), job.lookup_key)
 
 
@@ -166,7 +167,7 @@ class PreparePool:
                 return hashing.result()
             except BrokenProcessPool:
                 self._lose_workers()
-        return _identify(self.job, rows, with_row_hashes)
+        return identify_batch(self.job, rows, with_row_hashes)
 
     def drain(self) -> Iterator[Prepared]:
         """The results of every batch still in flight, in order."""

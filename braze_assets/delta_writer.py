@@ -27,8 +27,8 @@ from braze_assets.datatypes import DataTypeSpec
 from braze_assets.delta_batch import BatchJob, Prepared, prepare_batch, row_hashes, set_aside_unchanged
 from braze_assets.delta_manifest import EXAMPLES_KEPT, DeltaManifest
 from braze_assets.delta_schema import REJECTED_SCHEMA, UNCHANGED_SCHEMA, VALID_SCHEMA
-from braze_assets.delta_workers import Hashing, PreparePool, warm_up
-from braze_assets.known_users import LOOKUP_ROWS, Identified, KnownUsers, Lookup, SeenUsers, identify
+from braze_assets.delta_workers import Hashing, PreparePool, identify_batch, warm_up
+from braze_assets.known_users import LOOKUP_ROWS, Identified, KnownUsers, Lookup, SeenUsers
 from braze_assets.lookup import lookup_key
 
 _log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
 #: A scanned batch waiting for its lookup: its rows, their row hashes (None: not computed
 #: yet) and its users being hashed in a worker (None: hashed when looked up).
 _Waiting = tuple[pa.RecordBatch | pa.Table, list[str] | None, Hashing | None]
+
+
+def _listed(hashes: list[str] | pa.Array) -> list[str]:
+    return hashes if isinstance(hashes, list) else hashes.to_pylist()
 
 
 class _Rest:
@@ -206,6 +210,8 @@ class DeltaWriter:
                     self._prepare(rows, hashes, None)
                     continue
                 known = next(found)
+                # the row hashes: given by the scan, else computed with the lookup's hashes (kept
+                # as Arrow: most of a restamped batch's are only written as unchanged)
                 given: list[str] | pa.Array
                 if hashes is not None:
                     given = hashes
@@ -213,7 +219,7 @@ class DeltaWriter:
                     given = ident.row_hashes if ident.row_hashes is not None else row_hashes(job, rows)
                 if not known.unchanged:
                     self._flush(rest)
-                    self._prepare(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                    self._prepare(rows, _listed(given), known)
                     continue
                 # settled here, and the few rows left of several batches prepared together: a
                 # restamped snapshot's rows then go to no worker again, and its changed rows do
@@ -224,14 +230,12 @@ class DeltaWriter:
                 except Exception:  # noqa: BLE001 - a row that cannot be settled (a text stamp)
                     # prepared as a worker does: the batch taken apart, that row rejected
                     self._flush(rest)
-                    self._prepare(rows, given if isinstance(given, list) else given.to_pylist(), known)
+                    self._prepare(rows, _listed(given), known)
                     continue
                 if not rest.fits(left) or rest.num_rows + left.num_rows > REST_ROWS:
                     self._flush(rest)
                 rest.absorb(part)
-                rest.add(
-                    left, given_left if isinstance(given_left, list) else given_left.to_pylist(), known_left
-                )
+                rest.add(left, given_left, known_left)
                 if rest.num_rows >= REST_ROWS:
                     self._flush(rest)
             self._flush(rest)
@@ -241,11 +245,10 @@ class DeltaWriter:
     ) -> Identified | None:
         """What `identify` gives of a batch; None when it failed on a row no check foresaw: the
         batch is then prepared on its own (row by row if need be), so that row stops no other."""
-        job = self.job
         try:
             if self._pool is not None:
                 return self._pool.identified(rows, hashing, hashes is None)
-            return identify(rows, job.hash_columns if hashes is None else (), job.lookup_key)
+            return identify_batch(self.job, rows, hashes is None)
         except Exception as exc:  # noqa: BLE001 - one row's failure, found when preparing
             _log.warning(
                 "a batch's rows could not be hashed for the diff's lookup (%s); they are sent "

@@ -51,7 +51,8 @@ def excluding(users: pa.Array, lookup: Lookup) -> Lookup:
 
 @dataclass(frozen=True)
 class Identified:
-    """A batch's user keys and PAYLOAD hashes: the per-row hashing a lookup needs. It is a pure
+    """A batch's per-row hashing: the user keys and PAYLOAD hashes a lookup needs, and what a row
+    found unchanged is settled with (row hash, masked identifiers, lookup hashes). It is a pure
     function of the batch (`identify`), so the delta's workers do it where the batch is prepared,
     and the run's own process, which holds the state connection, only looks up and compares:
     on a restamped snapshot the hashing was two thirds of that process's work, and the process

@@ -603,14 +603,14 @@ def test_a_batch_the_lookup_cannot_hash_is_prepared_whole_in_scan_order(tmp_path
     one user stay in the order they were read, so Braze ends at the newest."""
     payload = orjson.dumps({"tier": "gold"}).decode()
     store = _remembering(tmp_path, payload, 1)
-    real = delta_writer.identify
+    real = delta_writer.identify_batch
 
-    def failing(rows, *args):
+    def failing(job, rows, *args):
         if "boom" in rows.column("PAYLOAD").to_pylist()[0]:
             raise RuntimeError("a row no check foresaw")
-        return real(rows, *args)
+        return real(job, rows, *args)
 
-    monkeypatch.setattr(delta_writer, "identify", failing)
+    monkeypatch.setattr(delta_writer, "identify_batch", failing)
 
     def batch(hour: int, tier: str) -> pa.Table:
         return pa.table(

@@ -38,6 +38,7 @@ from braze_assets.state.base import (
     StateStore,
     SyncBusyError,
     Watermark,
+    nothing_remembered,
 )
 from braze_assets.state.embedded_ledger import (
     LEDGER_CHECKPOINT_THRESHOLD,
@@ -211,7 +212,7 @@ class EmbeddedStateStore(StateStore):
                     "held_details", held_details_table(dict(objects))
                 )
             maybe = [*plan.answered["batch_id"].to_pylist(), *plan.ambiguous]
-            _forget_users_braze_may_have_changed(con, maybe)
+            _forget_users_braze_may_have_changed(DuckDBLedgerSession(con, self.deltas), maybe)
             con.execute("DELETE FROM planned")
             con.commit()
         self.journal_path.write_text("")
@@ -308,16 +309,19 @@ class EmbeddedStateStore(StateStore):
             self._replace(self.parts_path, json.dumps({**self.settled_parts(), **parts}))
 
 
-def _forget_users_braze_may_have_changed(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> None:
+def _forget_users_braze_may_have_changed(ledger: DuckDBLedgerSession, batch_ids: list[str]) -> None:
     """The users of the planned rows of requests Braze answered or may have applied (`batch_ids`)
     are remembered as holding nothing (`nothing_remembered`), in recovery's transaction."""
     if not batch_ids:
         return
+    con = ledger.con
     con.register("maybe", pa.table({"batch_id": pa.array(batch_ids, pa.string())}))
     try:
-        con.execute(
-            "INSERT INTO remembered_pending SELECT DISTINCT user_key, NULL, '{}', 0, now() FROM planned "
+        users = con.sql(
+            "SELECT DISTINCT user_key FROM planned "
             "WHERE user_key IS NOT NULL AND batch_id IN (SELECT batch_id FROM maybe)"
-        )
+        ).to_arrow_table()["user_key"]
     finally:
         con.unregister("maybe")
+    if len(users):
+        ledger.remember(nothing_remembered(users.combine_chunks()))

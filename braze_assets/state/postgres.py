@@ -43,7 +43,12 @@ from braze_assets.state.base import (
     nothing_remembered,
 )
 from braze_assets.state.held import held_details_table
-from braze_assets.state.postgres_ledger import PostgresLedgerSession, copy_rows, from_ipc, upsert_remembered
+from braze_assets.state.postgres_ledger import (
+    PostgresLedgerSession,
+    copy_rows,
+    planned_table,
+    upsert_remembered,
+)
 from braze_assets.state.postgres_log import PostgresSyncLog
 from braze_assets.state.postgres_schema import StateDatabase
 from braze_assets.state.recovery import AMBIGUOUS_MESSAGE, JournalRecords, RecoveryPlan, done_record
@@ -210,13 +215,9 @@ class PostgresStateStore(StateStore):
                 records.done[batch_id] = record
         return records
 
-    def _planned_rows(self, cursor: Any) -> pa.Table:
-        cursor.execute("SELECT rows FROM planned WHERE sync = %s", (self.sync,))
-        return from_ipc([bytes(blob) for (blob,) in cursor.fetchall()])
-
     def _planned_batches(self) -> list[tuple[str, int]]:
         with self._cursor() as cursor:
-            planned = self._planned_rows(cursor)
+            planned = planned_table(cursor, self.sync)
         if not planned.num_rows:
             return []
         counts = pc.value_counts(planned["batch_id"])
@@ -224,7 +225,7 @@ class PostgresStateStore(StateStore):
 
     def _apply_recovery(self, plan: RecoveryPlan, policy: AmbiguousPolicy) -> None:
         with self._cursor() as cursor:
-            planned = self._planned_rows(cursor)
+            planned = planned_table(cursor, self.sync)
             cursor.execute(
                 "CREATE TEMP TABLE planned_rows (sync text, row_hash text, updated_at timestamptz, "
                 "batch_id text, identifier text, identifier_hash text, run_id text) ON COMMIT DROP"

@@ -177,8 +177,7 @@ class PostgresLedgerSession(LedgerSession):
 
     def planned_user_keys(self) -> pa.Array:
         with self._unit() as cursor:
-            cursor.execute("SELECT rows FROM planned WHERE sync = %s", (self.sync,))
-            planned = from_ipc([bytes(blob) for (blob,) in cursor.fetchall()])
+            planned = planned_table(cursor, self.sync)
         if "user_key" not in planned.column_names:  # nothing planned, or planned before user keys
             return pa.array([], pa.string())
         return pc.unique(planned["user_key"].combine_chunks().drop_null()).cast(pa.string())
@@ -241,6 +240,12 @@ def to_ipc(rows: pa.Table) -> str:
 _NOTHING_PLANNED = pa.schema(
     [(c, pa.timestamp("us", tz="UTC") if c == "updated_at" else pa.string()) for c in PLANNED_COLUMNS]
 )
+
+
+def planned_table(cursor: Any, sync: str) -> pa.Table:
+    """Every row a sync has planned and not settled, from its planned chunks."""
+    cursor.execute("SELECT rows FROM planned WHERE sync = %s", (sync,))
+    return from_ipc([bytes(blob) for (blob,) in cursor.fetchall()])
 
 
 def from_ipc(blobs: list[bytes]) -> pa.Table:
