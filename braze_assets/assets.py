@@ -187,8 +187,13 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
                 },
             )
         )
+        unchanged = (
+            f"{manifest.unchanged:,} unchanged since Braze accepted them (not sent), "
+            if manifest.unchanged_path
+            else ""
+        )
         context.log.info(
-            f"{sync.name}: {manifest.rows_read:,} rows read, {manifest.valid:,} to send, "
+            f"{sync.name}: {manifest.rows_read:,} rows read, {manifest.valid:,} to send, {unchanged}"
             f"{manifest.rejected:,} rejected, {manifest.already_settled:,} already settled, "
             f"{manifest.future_rows:,} in the future held back, "
             f"{manifest.late_outside_lookback:,} late rows outside the lookback"

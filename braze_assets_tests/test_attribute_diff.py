@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 
+import dagster as dg
 import duckdb
 import orjson
 import pyarrow as pa
@@ -117,8 +118,11 @@ def test_a_restamped_snapshot_sends_only_what_changed(harness, emulator):
 
     # every row restamped, nothing changed: nothing goes out, every row is settled as unchanged
     harness.table("users", _users(50, NOW - dt.timedelta(hours=2)))
-    second = harness.run("users")
+    instance = dg.DagsterInstance.ephemeral()
+    second = harness.run("users", instance=instance)
     assert second.result.success and spy.take() == []
+    said = [entry.user_message for entry in instance.all_logs(second.result.run_id)]
+    assert any("0 to send, 50 unchanged since Braze accepted them (not sent)" in m for m in said)
     assert (second.outcome.unchanged, second.outcome.accepted) == (50, 0)
     assert second.outcome.data_points_saved == 200 and second.outcome.estimated_data_points == 0
     assert second.outcome.status == "success" and "nothing sent" in second.outcome.status_detail
