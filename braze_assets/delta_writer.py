@@ -201,7 +201,13 @@ class DeltaWriter:
             hashed = [self._identified(rows, hashes, hashing) for rows, hashes, hashing in waiting]
             batches = [rows for (rows, _, _), ident in zip(waiting, hashed, strict=True) if ident is not None]
             found = iter(
-                KnownUsers.find(batches, self._remembered, [i for i in hashed if i is not None], self._seen)
+                KnownUsers.find(
+                    batches,
+                    self._remembered,
+                    [i for i in hashed if i is not None],
+                    self._seen,
+                    self.diff.always if self.diff is not None else frozenset(),
+                )
             )
             rest = _Rest()
             for (rows, hashes, _), ident in zip(waiting, hashed, strict=True):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import duckdb
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -124,13 +125,17 @@ class KnownUsers:
         remembered: Lookup,
         identified: Sequence[Identified] | None = None,
         seen: SeenUsers | None = None,
+        always_sent: frozenset[str] = frozenset(),
     ) -> list[KnownUsers]:
         """One `KnownUsers` per batch, from one lookup of all their users (and a second, of the
         remembered attributes, for the users whose PAYLOAD changed). `identified`: each batch's
         `identify`, when it was done elsewhere (None: done here). `seen`: the delta's rows so
         far; a row whose user had an older row with another PAYLOAD in the delta (`SeenUsers`)
         is treated as a user nothing is remembered of (sent whole), since what was accepted
-        before the run is no longer what Braze will hold when it arrives."""
+        before the run is no longer what Braze will hold when it arrives. `always_sent`: keys
+        always sent (`AttributeDiff.always`); a PAYLOAD that may hold one is diffed, never set
+        aside for matching the last accepted text, which may have been accepted before the key
+        was listed."""
         ids = list(identified) if identified is not None else [identify(rows) for rows in batches]
         digests = [
             i.payload_hashes if i.payload_hashes is not None else pa.nulls(rows.num_rows, pa.string())
@@ -153,8 +158,8 @@ class KnownUsers:
             at = pc.if_else(again, pa.nulls(len(at), at.type), at)
         starts = np.cumsum([0] + [len(i.keys) for i in ids]).tolist()
         matches = [
-            _match(d, _unless(i.unmatched, at.slice(start, len(i.keys))), column)
-            for i, d, start in zip(ids, digests, starts[:-1], strict=True)
+            _match(d, _unless(i.unmatched, at.slice(start, len(i.keys))), column, may_hold(rows, always_sent))
+            for rows, i, d, start in zip(batches, ids, digests, starts[:-1], strict=True)
         ]
         changed = [pc.filter(i.keys, differing) for i, (_, differing) in zip(ids, matches, strict=True)]
         before: dict[str, Remembered] = {}
@@ -234,14 +239,41 @@ def _unless(unmatched: tuple[int, ...], at: pa.Array) -> pa.Array:
     return pc.if_else(pa.array(mask), pa.nulls(len(at), at.type), at)
 
 
-def _match(digests: pa.Array, at: pa.Array, found: dict[str, pa.Array]) -> tuple[dict[int, int], pa.Array]:
+def may_hold(rows: pa.RecordBatch | pa.Table, keys: frozenset[str]) -> pa.Array | None:
+    """Which rows' PAYLOAD may hold one of `keys` at its top level (None: none can). Text is
+    searched for each key as JSON writes it, quotes included: a key written with escapes is
+    missed, a value equal to a key only sends that row through the diff. A typed PAYLOAD (a
+    struct) holds a key when its type has the field."""
+    if not keys or "PAYLOAD" not in rows.schema.names:
+        return None
+    column = rows.column("PAYLOAD")
+    kind = column.type
+    if pa.types.is_struct(kind):
+        if any(kind.field(n).name in keys for n in range(kind.num_fields)):
+            return pa.array([True] * rows.num_rows, pa.bool_())
+        return None
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)):
+        return pa.array([True] * rows.num_rows, pa.bool_())  # no text to search: diff them all
+    found = None
+    for key in sorted(keys):
+        hit = pc.fill_null(pc.match_substring(column, orjson.dumps(key).decode()), False)
+        found = hit if found is None else pc.or_(found, hit)
+    return found.combine_chunks() if isinstance(found, pa.ChunkedArray) else found
+
+
+def _match(
+    digests: pa.Array, at: pa.Array, found: dict[str, pa.Array], holding: pa.Array | None = None
+) -> tuple[dict[int, int], pa.Array]:
     """A batch's PAYLOAD hashes (`digests`) against the remembered users `found` (`at`: where
     each row's user is there, null when nowhere): its rows unchanged (position -> data points
-    saved), and which rows' users are remembered with another PAYLOAD."""
+    saved), and which rows' users are remembered with another PAYLOAD. `holding`: rows never
+    unchanged by their hash alone (`may_hold`), diffed like those with another PAYLOAD."""
     if at.null_count == len(at):
         return {}, pa.array([False] * len(at), pa.bool_())
     last = found["payload_hash"].take(at)
     same = pc.fill_null(pc.equal(digests, last), False)
+    if holding is not None:
+        same = pc.and_(same, pc.invert(holding))
     saved = found["payload_attributes"].take(pc.filter(at, same)).to_pylist()
     same_at = np.flatnonzero(same.to_numpy(zero_copy_only=False)).tolist()
     differing = pc.and_(pc.is_valid(at), pc.invert(same))

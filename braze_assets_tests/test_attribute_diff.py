@@ -363,6 +363,22 @@ def test_a_restamped_row_with_an_operator_sends_it_again(harness, emulator):
     assert profile["attributes"]["visits"] == 2
 
 
+@both_backends
+def test_a_key_added_to_always_send_goes_out_though_the_payload_was_accepted_as_it_is(harness, emulator):
+    """A PAYLOAD remembered before `always_send` listed one of its keys is not unchanged for
+    matching the last accepted text: the listed key goes out again, the others stay trimmed."""
+    spy = Spy(emulator)
+    payload = json.dumps({"tier": "X", "city": "Oslo"})
+    for hours, always in ((3, []), (2, ["tier"])):
+        harness.syncs = [sync_config("users", "attributes", "main.users", always_send=always)]
+        stamp = (NOW - dt.timedelta(hours=hours)).replace(tzinfo=None)
+        harness.table("users", [cdi_row(stamp, payload, external_id="u-1"), *_users(3, stamp)])
+        run = harness.run("users")
+        sent = _attrs(spy.take())
+    assert (run.outcome.accepted, run.outcome.unchanged) == (1, 3)
+    assert sent == {"u-1": {"tier": "X", "_update_existing_only": False}}
+
+
 def _chunk(rows: list[tuple[str, int, str]]) -> pa.Table:
     """A delivered chunk's diff columns: (user key, hour stamped, remembered text) per row."""
     return pa.table(
