@@ -36,8 +36,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from braze_assets.run_summary import print_summaries, summarize_run
+
+if TYPE_CHECKING:
+    from braze_assets.config import SyncConfig
 
 DEMO_PORT = 4545
 DAGSTER_YAML = """\
@@ -70,19 +74,40 @@ def _prepare_home(home: Path) -> Path:
     return dagster_home
 
 
+class UsageError(Exception):
+    """A command line naming something that is not there: exit 2, as argparse does."""
+
+
+def selected_syncs(only: list[str] | None) -> list[SyncConfig]:
+    """The configured syncs `--sync` names (all without it); a name not configured is a usage
+    error, not a run of nothing: a typo in a cron line would otherwise sync nothing, silently."""
+    from braze_assets.config import load_syncs, syncs_path
+
+    syncs = load_syncs()
+    names = [s.name for s in syncs]
+    unknown = [name for name in only or [] if name not in names]
+    if unknown:
+        raise UsageError(
+            f"no sync named {unknown[0]!r} in {syncs_path()}; configured: {', '.join(names) or 'none'}"
+        )
+    return [s for s in syncs if not only or s.name in only]
+
+
 def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[dict]:
     """Materialize each sync's job for its incremental range; return one summary per sync."""
     import dagster as dg
 
     from braze_assets.automation import incremental_range, range_tags
-    from braze_assets.config import load_syncs
     from braze_assets.definitions import build_definitions, default_resources
     from braze_assets.instance import file_lock, process_tags, reclaim_dead_runs
+    from braze_assets.resources import delivery_state_from_environment, home_dir
     from braze_assets.sources.factory import make_source, resource_key
 
-    syncs = [s for s in load_syncs() if not only or s.name in only]
+    syncs = selected_syncs(only)
     resources = default_resources(syncs)
     defs = build_definitions(syncs, resources)
+    # read here, outside a run: the state's URL itself, not the `dg.EnvVar` Definitions hold
+    state = delivery_state_from_environment(str(home_dir() / "state"), in_definitions=False)
     instance = dg.DagsterInstance.get()
     summaries = []
     for sync in syncs:
@@ -108,7 +133,7 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
                 summaries.append(_busy_summary(sync.name, pool.busy_message(), pool.reclaimed))
                 continue
             source = make_source(sync, resources[resource_key(sync)])
-            keys = incremental_range(sync, resources["delivery_state"], dt.datetime.now(dt.UTC), source)
+            keys = incremental_range(sync, state, dt.datetime.now(dt.UTC), source)
             job = defs.resolve_job_def(f"{sync.name}_job")
             result = job.execute_in_process(
                 instance=instance,
@@ -124,13 +149,13 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     """The bill of each sync's pending rows, nothing sent and no state changed (`dry_run.py`)."""
     import dagster as dg
 
-    from braze_assets.config import load_syncs
     from braze_assets.definitions import default_resources
     from braze_assets.dry_run import bill_now, budget_path
     from braze_assets.resources import delivery_state_from_environment, home_dir
+    from braze_assets.sources.base import SourceError
     from braze_assets.sources.factory import make_source, resource_key
 
-    syncs = [s for s in load_syncs() if not only or s.name in only]
+    syncs = selected_syncs(only)
     resources = default_resources(syncs)
     # The key only names the workspace whose announced limit a bill uses: without it (a dry run
     # sends nothing), bills are at the documented limit.
@@ -144,7 +169,12 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     for sync in syncs:
         source = make_source(sync, resources[resource_key(sync)])
         announced = braze.announced_rate_per_s(budget_path(sync)) if braze is not None else None
-        bill = bill_now(sync, source, state.store(sync.name), resources["braze"].max_rate_share, announced)
+        try:
+            bill = bill_now(sync, source, state.store(sync.name), resources["braze"].max_rate_share, announced)
+        except SourceError as exc:  # this sync's source: the other syncs' bills still come
+            error = f"sync {sync.name}: {exc}"
+            bills.append({"sync": sync.name, "error": error, "text": f"== {sync.name}  [error]\n   {error}"})
+            continue
         bills.append(bill.to_dict() | {"text": bill.text()})
     return bills
 
@@ -169,12 +199,11 @@ def connection_reports(only: list[str] | None, as_json: bool) -> int:
     """Test each sync's connection (nothing sent to Braze); exit 1 if any fails."""
     import dataclasses
 
-    from braze_assets.config import load_syncs
     from braze_assets.connection import check_connection, preview_markdown
     from braze_assets.definitions import default_resources
     from braze_assets.sources.factory import resource_key
 
-    syncs = [s for s in load_syncs() if not only or s.name in only]
+    syncs = selected_syncs(only)
     resources = default_resources(syncs)
     reports = []
     for sync in syncs:
@@ -316,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         "data points with and without the diff, requests and minutes at the rate budget; changes no state",
     )
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except UsageError as exc:
+        print(f"braze-assets: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     warnings.simplefilter("ignore", category=Warning)  # library notices; errors still surface
     home = Path(args.home).resolve()
     if args.reset and home.exists():
@@ -332,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps([{k: v for k, v in b.items() if k != "text"} for b in bills], indent=2))
         else:
             print("\n\n".join(b["text"] for b in bills))
-        return 0
+        return 1 if any("error" in b for b in bills) else 0
     if args.command == "run":
         summaries = run_syncs(args.sync, args.log_level)
         print(json.dumps(summaries, indent=2, default=str) if args.json else "", end="")

@@ -163,17 +163,8 @@ def _write_delta(
         finally:
             writer.close()
     valid_path, rejected_path = paths[:2]
-    if len(paths) > 2:  # exact copies among the unchanged rows: settled once too
-        unchanged_copies = _drop_duplicates(paths[2])
-        manifest.unchanged -= unchanged_copies
-        if unchanged_copies:
-            manifest.data_points_saved = sum(
-                int(
-                    pc.sum(pq.read_table(path, columns=["data_points_saved"])["data_points_saved"]).as_py()
-                    or 0
-                )
-                for path in (paths[0], paths[2])
-            )
+    unchanged_copies = _drop_duplicates(paths[2]) if len(paths) > 2 else 0  # settled once too
+    manifest.unchanged -= unchanged_copies
     valid_copies = _drop_duplicates(valid_path)
     rejected_copies = _drop_duplicates(rejected_path)
     manifest.duplicate_rows = valid_copies + rejected_copies
@@ -181,8 +172,16 @@ def _write_delta(
     if valid_copies:  # the copies are not sent, so not billed either
         points = pq.read_table(valid_path, columns=["data_points"])["data_points"]
         manifest.estimated_data_points = int(pc.sum(points).as_py() or 0)
+    if (valid_copies or unchanged_copies) and len(paths) > 2:  # nor saved
+        manifest.data_points_saved = sum(
+            _column_sum(path, "data_points_saved") for path in (valid_path, paths[2])
+        )
     manifest.rejected -= rejected_copies
     return newest
+
+
+def _column_sum(path: str, column: str) -> int:
+    return int(pc.sum(pq.read_table(path, columns=[column])[column]).as_py() or 0)
 
 
 def _add_unsettled(

@@ -46,6 +46,10 @@ class Bill:
     rows_rejected: int = 0
     rows_to_send: int = 0
     rows_unchanged: int = 0
+    #: exact copies of another row (same identity), sent once
+    rows_duplicate: int = 0
+    #: stamped after now: held back until then (never past the watermark)
+    rows_future: int = 0
     #: data points Braze would bill, with the attribute diff (as configured) and without it
     data_points: int = 0
     data_points_without_diff: int = 0
@@ -67,7 +71,8 @@ class Bill:
             f"== {self.sync} (dry run: nothing sent, no state changed)",
             f"   window {self.window_start or 'the oldest row'} .. {self.window_end}",
             f"   read {self.rows_read:,}  already settled {self.rows_already_settled:,}  rejected "
-            f"{self.rows_rejected:,}  to send {self.rows_to_send:,}  unchanged {self.rows_unchanged:,}",
+            f"{self.rows_rejected:,}  exact copies {self.rows_duplicate:,}  to send {self.rows_to_send:,}  "
+            f"unchanged {self.rows_unchanged:,}  future (held back) {self.rows_future:,}",
             f"   data points billed {self.data_points:,} (without the diff {self.data_points_without_diff:,}"
             f", saved {saved:,})",
             f"   {self.requests:,} requests, about {self.minutes_at_budget:,.1f} min at "
@@ -166,6 +171,8 @@ def dry_run(
         rows_rejected=manifest.rejected,
         rows_to_send=manifest.valid,
         rows_unchanged=manifest.unchanged,
+        rows_duplicate=manifest.duplicate_rows,
+        rows_future=manifest.future_rows,
         data_points=manifest.estimated_data_points,
         data_points_without_diff=manifest.estimated_data_points + manifest.data_points_saved,
         requests=requests,

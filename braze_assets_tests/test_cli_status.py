@@ -10,7 +10,14 @@ from braze_assets import cli
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.sync_outcome import EXIT_CODES
 from braze_assets_tests.cli_project import cli_project, summaries
-from braze_assets_tests.conftest import API_KEY, cdi_row, earlier_today, events_rows, sync_config
+from braze_assets_tests.conftest import (
+    API_KEY,
+    cdi_row,
+    earlier_today,
+    events_rows,
+    pg_state_url,
+    sync_config,
+)
 
 UTC = dt.UTC
 HOUR_AGO = earlier_today(dt.timedelta(hours=1))  # every run here covers one day
@@ -140,3 +147,29 @@ def test_help_documents_the_exit_codes(capsys):
     assert "exit status" in text.lower()
     for status, code in EXIT_CODES.items():
         assert f"{code} {status}" in text, (status, text)
+
+
+def test_run_and_its_dry_run_work_with_the_state_in_postgresql(tmp_path, emulator, postgres):
+    """`braze-assets run` reads each sync's watermark before launching it: with the state in
+    PostgreSQL that is the URL itself, not the name of the variable holding it."""
+    project = cli_project(tmp_path, emulator, [sync_config("ok", "events", "main.ok")])
+    project.env["BRAZE_ASSETS_STATE_URL"] = pg_state_url(postgres)
+    project.harness.table("ok", events_rows(5, HOUR_AGO))
+    dry = project.run("run", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    first = project.run("run", "--json")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert summaries(first)[0]["accepted"] == 5
+    again = project.run("run", "--json")
+    assert summaries(again)[0]["status_detail"] == "nothing new or changed to send"
+    assert not (tmp_path / "state" / "ok.duckdb").exists(), "nothing kept in the embedded state"
+
+
+def test_a_sync_name_that_is_not_configured_is_a_usage_error(tmp_path, emulator):
+    project = cli_project(tmp_path, emulator, [sync_config("ok", "events", "main.ok")])
+    project.harness.table("ok", events_rows(1, HOUR_AGO))
+    for args in (("run", "--sync", "okk"), ("run", "--dry-run", "--sync", "okk")):
+        typo = project.run(*args)
+        assert typo.returncode == 2, (args, typo.stdout[-2000:], typo.stderr[-2000:])
+        assert "no sync named 'okk'" in typo.stderr and "ok" in typo.stderr
+    assert emulator.store.events() == [], "nothing ran"

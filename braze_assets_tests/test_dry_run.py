@@ -32,8 +32,8 @@ def _cli_dry_run(harness, monkeypatch, capsys, *extra: str) -> list[dict]:
         monkeypatch.delenv("BRAZE_ASSETS_STATE_URL", raising=False)
     capsys.readouterr()
     code = cli.main(["run", "--dry-run", "--home", str(harness.tmp_path), *extra])
-    assert code == 0
     out = capsys.readouterr().out
+    assert code == (1 if '"error"' in out or "[error]" in out else 0)
     return json.loads(out) if "--json" in extra else [{"text": out}]
 
 
@@ -143,3 +143,34 @@ def test_a_dry_run_needs_no_api_key(harness, emulator, monkeypatch, capsys):
     assert cli.main(["run", "--dry-run", "--home", str(harness.tmp_path), "--json"]) == 0
     [bill] = json.loads(capsys.readouterr().out)
     assert (bill["rows_to_send"], bill["rate_from"]) == (10, "documented")
+
+
+def test_a_sync_whose_source_fails_does_not_hide_the_other_bills(harness, emulator, monkeypatch, capsys):
+    harness.syncs = [
+        sync_config("users", "attributes", "main.users"),
+        sync_config("gone", "events", "main.no_such_table"),
+    ]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+    bills = {b["sync"]: b for b in _cli_dry_run(harness, monkeypatch, capsys, "--json")}
+    assert bills["users"]["rows_to_send"] == 3
+    assert "sync gone: " in bills["gone"]["error"] and "main.no_such_table" in bills["gone"]["error"]
+    [text] = _cli_dry_run(harness, monkeypatch, capsys)
+    assert "== gone  [error]" in text["text"] and "rows to send" not in text["text"].split("== gone")[1]
+
+
+@both_backends
+def test_exact_copies_and_future_rows_are_in_the_bill_as_a_run_counts_them(
+    harness, emulator, monkeypatch, capsys
+):
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(4, NOW - dt.timedelta(hours=3)))
+    assert harness.run("users").outcome.accepted == 4
+    # user 1 changed one of four attributes; its row is there twice, and one row is stamped ahead
+    changed = _users(4, NOW - dt.timedelta(hours=2), {1: {"plan": "gold"}})
+    ahead = _users(1, NOW + dt.timedelta(hours=2))
+    harness.table("users", [changed[1], changed[1], *ahead])
+    [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert (bill["rows_to_send"], bill["rows_duplicate"], bill["rows_future"]) == (1, 1, 1)
+    assert (bill["data_points"], bill["data_points_without_diff"]) == (1, 4)
+    run = harness.run("users")
+    assert (run.outcome.estimated_data_points, run.outcome.data_points_saved) == (1, 3)
