@@ -170,7 +170,8 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
         source = make_source(sync, resources[resource_key(sync)])
         announced = braze.announced_rate_per_s(budget_path(sync)) if braze is not None else None
         try:
-            bill = bill_now(sync, source, state.store(sync.name), resources["braze"].max_rate_share, announced)
+            share = resources["braze"].max_rate_share
+            bill = bill_now(sync, source, state.store(sync.name), share, announced)
         except SourceError as exc:  # this sync's source: the other syncs' bills still come
             error = f"sync {sync.name}: {exc}"
             bills.append({"sync": sync.name, "error": error, "text": f"== {sync.name}  [error]\n   {error}"})
