@@ -561,3 +561,38 @@ def test_s3_sync_end_to_end_through_dagster_with_its_new_file_sensor(s3_endpoint
         after_new_file = harness.run("s3_events")
         assert after_new_file.outcome.accepted == 1 and after_new_file.delta.rows_read == 1
         assert sorted(e["properties"]["seq"] for e in emulator.store.events()) == [0, 1, 2, 3, 4, 9]
+
+
+def test_held_rows_of_a_file_released_for_resending_are_read_again(s3_endpoint, monkeypatch, tmp_path):
+    """A file whose rows were all settled, some as held, is skipped by later runs; once a person
+    releases the held rows for resending, the file is read again and those rows go out."""
+    from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
+    from braze_assets_tests.conftest import API_KEY, Harness, sync_config
+    from braze_assets_tests.test_release_held import _release
+
+    bucket = Bucket(s3_endpoint, monkeypatch)
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    lines = [
+        json.dumps(
+            {"external_id": f"user-{i}", "payload": json.dumps({"name": "open", "properties": {"seq": i}})}
+        )
+        for i in range(3)
+    ]
+    bucket.put("cdi/events/batch-1.jsonl", "\n".join(lines) + "\n", at=now - HOUR)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY)) as emulator:
+        harness = Harness(tmp_path, emulator)
+        harness.syncs = [sync_config("s3_events", "events", "x")]
+        harness.syncs[0]["source"] = {"type": "s3", "bucket": bucket.name, "prefix": "cdi/events"}
+        harness.extra_resources["s3"] = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
+        emulator.set_faults(FaultConfig(rate_drop_before=1.0))  # never reached Braze: held
+        assert harness.run("s3_events").outcome.held == 3
+        emulator.set_faults(FaultConfig())
+        assert harness.run("s3_events").delta.parts_skipped == 1, "every row settled: skipped"
+        result, _, _ = _release(harness, "s3_events")  # the default mode: resend
+        assert result.success
+        again = harness.run("s3_events")
+        assert again.delta.parts_skipped == 0 and again.outcome.accepted == 3
+        assert sorted(e["properties"]["seq"] for e in emulator.store.events()) == [0, 1, 2]
+        assert harness.run("s3_events").delta.parts_skipped == 1, "settled again: skipped again"

@@ -239,6 +239,10 @@ def test_parts_and_run_history(store):
     store.add_settled_parts({"s3://b/a.csv": "etag1"})
     store.add_settled_parts({"s3://b/a.csv": "etag2", "s3://b/b.csv": "etag3"})
     assert store.settled_parts() == {"s3://b/a.csv": "etag2", "s3://b/b.csv": "etag3"}
+    store.release_held([])  # nothing released: the files stay settled
+    assert len(store.settled_parts()) == 2
+    store.release_held()  # released rows' files are read again
+    assert store.settled_parts() == {}
     store.log.record_run({"run_id": "r1", "data_type": "events", "accepted": 3})
     store.log.record_run({"run_id": "r2", "data_type": "events", "accepted": 5})
     assert store.log.last_run() == {"run_id": "r2", "data_type": "events", "accepted": 5}

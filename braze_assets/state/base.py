@@ -335,7 +335,12 @@ class StateStore(ABC):
 
         The watermark says every row at or before it is settled, so it moves back to just before
         the earliest row forgotten: the next scheduled run reads those rows again, however far
-        behind its lookback they lie. Call with the delivery lock held (see `release.py`)."""
+        behind its lookback they lie. The source files marked settled are forgotten first
+        (a file whose rows are all settled, held ones too, is skipped): those rows' file is then
+        read again, and its rows settled meanwhile are dropped by the ledger as usual. Call with
+        the delivery lock held (see `release.py`)."""
+        if row_hashes is None or row_hashes:
+            self.forget_settled_parts()
         count, earliest = self._forget_held(row_hashes)
         watermark = self.read_watermark()
         if earliest is not None and watermark.value is not None and watermark.value >= earliest:
@@ -392,6 +397,10 @@ class StateStore(ABC):
 
     @abstractmethod
     def add_settled_parts(self, parts: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def forget_settled_parts(self) -> None:
+        """No source file is settled any more: the next run reads every file in its window."""
 
     # ------------------------------------------------------------------ the sync log
     def forget(self, lookup: list[str], user_keys: list[str] | None = None) -> tuple[int, int]:

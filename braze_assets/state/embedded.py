@@ -308,6 +308,9 @@ class EmbeddedStateStore(StateStore):
         if parts:
             self._replace(self.parts_path, json.dumps({**self.settled_parts(), **parts}))
 
+    def forget_settled_parts(self) -> None:
+        self.parts_path.unlink(missing_ok=True)
+
 
 def _forget_users_braze_may_have_changed(ledger: DuckDBLedgerSession, batch_ids: list[str]) -> None:
     """The users of the planned rows of requests Braze answered or may have applied (`batch_ids`)

@@ -358,3 +358,7 @@ class PostgresStateStore(StateStore):
                 "ON CONFLICT (sync, part) DO UPDATE SET fingerprint = EXCLUDED.fingerprint",
                 [(self.sync, p, f) for p, f in parts.items()],
             )
+
+    def forget_settled_parts(self) -> None:
+        with self._cursor() as cursor:
+            cursor.execute("DELETE FROM settled_parts WHERE sync = %s", (self.sync,))
