@@ -7,6 +7,7 @@ range, the ledger keeps a row Braze acknowledged from ever being sent again.
 """
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from braze_assets.sources.base import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 from braze_assets.state import StateStore
 from braze_assets.sync_outcome import SyncOutcome
+
+_log = logging.getLogger(__name__)
 
 UTC = dt.UTC
 
@@ -275,7 +278,11 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             run_id=context.run.run_id,
             log=context.log.info,
         )
-        outcome = delivery.run()
+        try:
+            outcome = delivery.run()
+        except Exception as exc:  # stopped (a refused key, a missing catalog): in the sync log too
+            _record_stopped(store, delivery.outcome, delta, f"sync {sync.name}: {exc}")
+            raise
         if not outcome.not_sent and not outcome.earliest_unsettled:
             store.add_settled_parts(delta.parts)  # every row of these files is settled
         # older runs' Parquet files; their outcomes stay in the ledger
@@ -360,3 +367,15 @@ def next_watermark(
         earliest = dt.datetime.fromisoformat(outcome.earliest_unsettled)
         candidate = min(candidate, earliest - dt.timedelta(microseconds=1))
     return max(candidate, before) if before else candidate
+
+
+def _record_stopped(store: StateStore, outcome: SyncOutcome, delta: DeltaManifest, detail: str) -> None:
+    """A delivery that stopped on an error is an `error` run in the sync log, with what it
+    settled before it stopped; a log that cannot be written must not hide that error."""
+    outcome.status, outcome.status_detail = "error", detail
+    outcome.rows_read, outcome.rows_rejected = delta.rows_read, delta.rejected
+    outcome.started_at, outcome.finished_at = delta.computed_at, utc_now().isoformat()
+    try:
+        store.log.record_run(outcome.to_dict())
+    except Exception:  # noqa: BLE001 - the delivery's own error is the one to raise
+        _log.warning("sync %s: the stopped run could not be recorded in the sync log", outcome.sync)

@@ -45,7 +45,7 @@ def catalog_missing(result: RequestOutcome, catalog: str, sync: str) -> CatalogN
     why = "catalog-not-found" if named else f"404 ({result.message})"
     return CatalogNotFoundError(
         f"Braze has no catalog {catalog!r} ({why}): create it, with its fields, in Braze "
-        f"(Data Settings > Catalogs) before syncing {sync}; nothing was changed"
+        f"(Data Settings > Catalogs) before syncing {sync}; no item was sent."
     )
 
 

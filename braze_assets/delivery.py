@@ -279,8 +279,9 @@ class Delivery:
         if self._auth_error is not None:
             out = self.outcome
             unsettled = self.manifest.valid - out.settled_since_delta - out.accepted - out.failed - out.held
-            raise BrazeAuthError(
-                f"{self._auth_error} Delivery stopped at the first refusal: "
+            # the same kind of error (a missing catalog is not a refused key), its words first
+            raise type(self._auth_error)(
+                f"{str(self._auth_error).rstrip('. ')}. Delivery stopped at the first refusal: "
                 f"{self.outcome.accepted:,} rows accepted before it, "
                 f"{unsettled:,} rows not sent and left for the next run "
                 "(nothing else settled)."

@@ -170,7 +170,13 @@ def _a_missing_catalog_stops_the_sync(tmp_path, braze):
     text = failure.step_failure_data.error.to_string()
     assert "Braze has no catalog 'no_such_catalog' (catalog-not-found)" in text
     assert "create it, with its fields" in text
+    assert "CatalogNotFoundError" in text and "BrazeAuthError" not in text, "not a key problem"
+    assert "Delivery stopped" in text and ". Delivery stopped" in text
     assert harness.ledger("products") == {} and harness.watermark("products") is None
+    # the sync log has the run, as an error with the same words
+    [logged] = harness.delivery_state().store("products").log.runs()
+    assert logged["status"] == "error" and logged["run_id"] == run.result.run_id
+    assert "Braze has no catalog 'no_such_catalog'" in logged["status_detail"]
     assert braze.store.stats()["catalog_requests"] <= 3  # it stopped at the first refusals
 
 
