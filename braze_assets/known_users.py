@@ -312,8 +312,10 @@ class SeenUsers:
     leave Braze at the wrong value: X accepted, then rows A and X, and the second is "unchanged"
     while Braze holds A. So a row goes whole when its user had a row with another PAYLOAD stamped
     no later than it, earlier in the delta. The same PAYLOAD restamped is not another row (a
-    change log re-emitting a row keeps its savings), and a row older than one already seen is
-    diffed as before: sent after the newer one, it must not undo it. The rows are kept in an
+    change log re-emitting a row keeps its savings). A row older than one already seen is diffed
+    against what was accepted before the run, as it came: the rows go in scan order, as they
+    would whole, and Braze applies what is sent last; the diff only never sends less than that
+    order needs. The rows are kept in an
     in-memory DuckDB table of 64-bit hashes, which spills past its memory limit."""
 
     def __init__(self) -> None:
