@@ -27,7 +27,7 @@ def prepare_items(rows: pa.RecordBatch | pa.Table, hashes: list[str], prepared: 
     """Catalog rows (`catalog_items.py`) into `prepared`: items by id, never user identifiers."""
     checked = check_catalog_rows(rows)
     stamps = rows.column("UPDATED_AT").cast(pa.timestamp("us", tz="UTC"))
-    shown = [f"ID={item_id}" if item_id else "(no id)" for item_id in checked.ids]
+    shown = checked.shown
     valid = sorted(checked.objects)
     if valid:
         take = pa.array(valid, pa.int64())

@@ -15,6 +15,7 @@ requests of at most 50 items.
 from __future__ import annotations
 
 import decimal
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -42,14 +43,45 @@ class CatalogRows:
     failures: dict[int, list[str]] = field(default_factory=dict)
     ids: list[str | None] = field(default_factory=list)
     deleted: list[bool] = field(default_factory=list)
+    #: each row's id as the log and previews show it (`shown_id`)
+    shown: list[str] = field(default_factory=list)
+
+
+#: Characters of a refused id shown; item ids are not personal data, but may be long.
+SHOWN_ID_CHARS = 60
+#: Above this a double no longer holds every whole number exactly.
+_EXACT_DOUBLE = 2**53
+
+
+def shown_id(item_id: str | None, raw: Any) -> str:
+    """A row's item id for the log: the id itself, or the value that could not be one, quoted
+    (cut at `SHOWN_ID_CHARS`, with its length), or `(no id)`."""
+    if item_id is not None:
+        return f"ID={item_id}"
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return "(no id)"
+    if not isinstance(raw, str):
+        return f"ID={raw}"
+    if len(raw) > SHOWN_ID_CHARS:
+        return f"ID={raw[:SHOWN_ID_CHARS] + '...'!r} ({len(raw)} characters)"
+    return f"ID={raw!r}"
 
 
 def _text_id(value: Any) -> tuple[str | None, str | None]:
     """The item id as text, or why it cannot be one."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, "ID is empty (every catalog row needs the item's id)"
-    if isinstance(value, (bool, float)):
-        return None, f"ID must be text or a whole number, not {type(value).__name__}"
+    if isinstance(value, bool):
+        return None, "ID must be text or a whole number, not bool"
+    if isinstance(value, float):  # a FLOAT64 column, or a Parquet integer column with nulls
+        if not math.isfinite(value) or not value.is_integer():
+            return None, "ID must be text or a whole number, not a number with a fraction"
+        if abs(value) > _EXACT_DOUBLE:
+            return None, (
+                "ID is a floating-point number too large to be exact (over 2^53): keep ids as text "
+                "or in an integer column"
+            )
+        value = int(value)
     if isinstance(value, decimal.Decimal):  # a NUMBER column (Snowflake's NUMBER(38,0))
         if not value.is_finite() or value != value.to_integral_value():
             return None, "ID must be text or a whole number, not a number with a fraction"
@@ -149,6 +181,7 @@ def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
                         reasons.append(problem)
                     fields = parsed
         checked.ids.append(item_id)
+        checked.shown.append(shown_id(item_id, ids[i]))
         checked.deleted.append(bool(remove))
         if reasons:
             checked.failures[i] = reasons

@@ -71,7 +71,7 @@ def _preview_items(report: ConnectionReport, sample: list[dict]) -> None:
             payload = orjson.loads(checked.objects[i])[1]
         report.preview.append(
             {
-                "identifier": f"ID={checked.ids[i]}" if checked.ids[i] else "(no id)",
+                "identifier": checked.shown[i],
                 "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
                 "payload_keys": sorted(k for k in payload if k != "id")[:20] if payload else None,
                 "valid": i not in checked.failures,

@@ -298,7 +298,7 @@ def test_test_connection_previews_catalog_items(tmp_path, braze):
     assert report.ok and "1 of 2 preview rows valid" in report.message
     shown = {row["identifier"]: row for row in report.preview}
     assert shown["ID=sku-1"]["payload_keys"] == ["price", "tags", "title"]
-    assert shown["(no id)"]["reasons"] == ["ID may hold only letters, digits, '-' and '_' (invalid-ids)"]
+    assert shown["ID='bad id!'"]["reasons"] == ["ID may hold only letters, digits, '-' and '_' (invalid-ids)"]
 
 
 def test_a_dry_run_of_a_catalog_sync_bills_no_data_points(tmp_path, braze):
@@ -359,3 +359,41 @@ def test_numeric_ids_from_a_number_column_are_their_whole_number(tmp_path, braze
     assert run.outcome.accepted == 10 and run.delta.rejected == 1
     assert sorted(braze.store.catalog_items("products")) == sorted([*map(str, range(17, 25)), "1700", "-3"])
     assert any(key.startswith("ID must be text or a whole number") for key in run.delta.rejected_reasons)
+
+
+def test_whole_numbers_in_a_floating_point_id_column_are_ids(tmp_path, braze):
+    """BigQuery's FLOAT64, a Parquet column with nulls: a whole number there names its item as an
+    integer column's would; a fraction, or a number too large to be exact as a double, is refused
+    alone, with its reason, and every rejected row shows the id it had."""
+    harness = _harness(tmp_path, braze)
+    harness.tmp_path.mkdir(parents=True, exist_ok=True)
+    stamp = (NOW - dt.timedelta(hours=1)).replace(tzinfo=None)
+    with duckdb.connect(str(harness.warehouse)) as con:
+        con.execute(
+            "CREATE TABLE products (UPDATED_AT TIMESTAMP, ID DOUBLE, PAYLOAD VARCHAR, DELETED BOOLEAN)"
+        )
+        con.executemany(
+            "INSERT INTO products VALUES (?, ?, ?, NULL)",
+            [(stamp, i, json.dumps(_product(1))) for i in (17.0, -3.0, 2.5, 2.0**60)],
+        )
+    run = harness.run("products")
+    assert run.outcome.accepted == 2 and run.delta.rejected == 2
+    assert sorted(braze.store.catalog_items("products")) == ["-3", "17"]
+    reasons = run.delta.rejected_reasons
+    assert "ID must be text or a whole number, not a number with a fraction" in reasons
+    assert any("too large to be exact" in key for key in reasons), reasons
+    shown = sorted(example["identifier"] for example in run.delta.rejected_examples)
+    assert shown == ["ID=1.152921504606847e+18", "ID=2.5"], shown
+
+
+def test_a_rejected_row_shows_the_id_it_had(tmp_path, braze):
+    """Item ids are not personal data: a row refused for its id is found by that id in the log."""
+    harness = _harness(tmp_path, braze)
+    long_id = "x" * 300
+    _table(
+        harness, [(NOW - dt.timedelta(hours=1), i, _product(1), None) for i in ("bad sku!", long_id, "ok")]
+    )
+    run = harness.run("products")
+    assert run.outcome.accepted == 1
+    shown = sorted(example["identifier"] for example in run.delta.rejected_examples)
+    assert shown == ["ID='bad sku!'", f"ID='{'x' * 60}...' (300 characters)"], shown
