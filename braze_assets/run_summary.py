@@ -41,6 +41,7 @@ def summarize_run(name: str, keys, result, reclaimed: list[str] | None = None) -
             recovered_settled=out.recovered_settled,
             recovered_held=out.recovered_held,
             recovered_unsent=out.recovered_unsent,
+            data_type=out.data_type,
             unchanged=out.unchanged,
             data_points_sent=out.estimated_data_points,
             data_points_saved=out.data_points_saved,
@@ -130,11 +131,13 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
                 )
             for reason, count in s.get("failed_reasons", {}).items():
                 print(f"      failed   {count:>4}  {reason}")
-            if s.get("unchanged") or s.get("data_points_saved"):
+            if s.get("data_type") == "attributes":
                 print(
                     f"   unchanged since Braze accepted them (not sent) {s['unchanged']:,}  data points "
                     f"sent {s['data_points_sent']:,}  saved {s['data_points_saved']:,}"
                 )
+            elif s.get("data_type") in ("events", "purchases"):  # deletions, catalogs: none billed
+                print(f"   data points sent {s['data_points_sent']:,}")
             print(
                 f"   watermark {s.get('watermark_before') or 'none'} -> {s.get('watermark_after') or 'none'}"
             )

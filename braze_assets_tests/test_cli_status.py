@@ -64,9 +64,11 @@ def test_each_sync_reports_its_status_and_the_run_exits_with_the_worst(tmp_path,
     assert "row_error_rate" in blocked["status_detail"] and "accepted" not in blocked
     assert everything.returncode == EXIT_CODES["error"] == 1, "the worst status: error"
 
+    assert by_name["ok"]["data_points_sent"] == 5
     text = project.run("run", "--sync", "ok", "--sync", "missing")
     assert text.returncode == 1
     assert "== ok  [success]" in text.stdout and "nothing new or changed to send" in text.stdout
+    assert "   data points sent 0\n" in text.stdout, "billed data points are always said"
     assert "== missing  [error]" in text.stdout
     assert "table main.nope in warehouse.duckdb does not exist" in text.stdout, text.stdout[-2000:]
     assert "Error occurred while executing" not in text.stdout
