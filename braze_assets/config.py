@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from braze_assets.braze.contract import API_IDENTIFIER_KEYS
 from braze_assets.config_sources import (
     BUCKET_NAME,
     SOURCE_TYPES,
@@ -235,20 +236,70 @@ class SyncConfig(StrictModel):
             raise ValueError("lookback must not be negative")
         return value
 
-    @model_validator(mode="after")
-    def _diff_only_for_attributes(self) -> SyncConfig:
-        for name in ("send", "always_send"):
-            if name in self.model_fields_set and self.data_type != "attributes":
+    @field_validator("send", "always_send")
+    @classmethod
+    def _diff_only_for_attributes(cls, value: Any, info: ValidationInfo) -> Any:
+        data_type = info.data.get("data_type")
+        if data_type is not None and data_type != "attributes":
+            raise ValueError(
+                f"{info.field_name} applies to attributes syncs only (Braze bills events and purchases "
+                f"per row, not per attribute); remove it from this {data_type} sync"
+            )
+        return value
+
+    @field_validator("always_send")
+    @classmethod
+    def _attribute_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not key.strip():
+                raise ValueError("always_send lists an empty key; list attribute names")
+            if key in API_IDENTIFIER_KEYS:
                 raise ValueError(
-                    f"{name} applies to attributes syncs only (Braze bills events and purchases "
-                    f"per row, not per attribute); remove it from this {self.data_type} sync"
+                    f"{key!r} is an identifier, not an attribute: identifiers come from their own "
+                    "columns and are in every object already"
                 )
-        return self
+        return value
+
+    # Settings of other data types are refused rather than ignored. Each is checked only when set
+    # (a field validator runs for values given), against `data_type`, validated before them.
+    @field_validator("update_existing_only")
+    @classmethod
+    def _users_track_only(cls, value: bool, info: ValidationInfo) -> bool:
+        data_type = info.data.get("data_type")
+        if value and data_type in ("deletions", "catalogs"):
+            raise ValueError(
+                "update_existing_only applies to attributes, events and purchases syncs (Braze's "
+                f"_update_existing_only); a {data_type} sync has no such choice: remove it"
+            )
+        return value
+
+    @field_validator("batch_mode")
+    @classmethod
+    def _batches_of_users_track(cls, value: str, info: ValidationInfo) -> str:
+        data_type = info.data.get("data_type")
+        if value != "combined" and data_type in ("deletions", "catalogs"):
+            raise ValueError(
+                f"batch_mode applies to attributes, events and purchases syncs; remove it from this "
+                f"{data_type} sync"
+            )
+        return value
+
+    @field_validator("max_deletions")
+    @classmethod
+    def _deletions_only(cls, value: int, info: ValidationInfo) -> int:
+        data_type = info.data.get("data_type")
+        if data_type is not None and data_type != "deletions":
+            raise ValueError(
+                f"max_deletions applies to deletions syncs only; remove it from this {data_type} sync"
+            )
+        return value
 
     @field_validator("catalog")
     @classmethod
     def _catalog_names_its_catalog(cls, value: str | None, info: ValidationInfo) -> str | None:
         data_type = info.data.get("data_type")
+        if data_type is None:  # not a valid data type: said already, under data_type
+            return value
         if data_type == "catalogs" and not value:
             raise ValueError("a catalogs sync needs catalog: the name of the Braze catalog its items go to")
         if data_type != "catalogs" and value:

@@ -114,6 +114,31 @@ def test_a_catalog_sync_without_its_catalog_names_the_field(tmp_path):
     assert_names(message, "products", "catalog", "a catalogs sync needs catalog")
 
 
+@pytest.mark.parametrize(
+    ("data_type", "field", "value", "cause"),
+    [
+        ("events", "send", "changed", "send applies to attributes syncs only"),
+        ("purchases", "always_send", ["vip"], "always_send applies to attributes syncs only"),
+        ("catalogs", "update_existing_only", True, "update_existing_only applies to"),
+        ("deletions", "update_existing_only", True, "update_existing_only applies to"),
+        ("catalogs", "batch_mode", "legacy_per_array", "batch_mode applies to"),
+        ("events", "max_deletions", 10, "max_deletions applies to deletions syncs only"),
+        ("attributes", "always_send", ["plan", ""], "an empty key"),
+        ("attributes", "always_send", ["external_id"], "'external_id' is an identifier"),
+    ],
+)
+def test_a_setting_that_would_be_ignored_names_the_field(tmp_path, data_type, field, value, cause):
+    extra = {"catalog": "products"} if data_type == "catalogs" else {}
+    message = load_error(tmp_path, sync_entry("s", data_type=data_type, **{field: value}, **extra))
+    assert_names(message, "s", field, cause)
+
+
+def test_a_bad_data_type_with_a_catalog_is_reported_once(tmp_path):
+    message = load_error(tmp_path, sync_entry("s", data_type="products", catalog="products"))
+    assert_names(message, "s", "data_type", "Input should be")
+    assert "None" not in message and "catalog" not in message.replace("'catalogs'", ""), message
+
+
 @pytest.mark.parametrize("cron", ["not a cron", "61 * * * *", "0 0 * *", "0 25 * * *"])
 def test_invalid_cron_is_refused(tmp_path, cron):
     message = load_error(tmp_path, sync_entry("nightly", schedule={"cron": cron}))
