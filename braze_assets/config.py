@@ -176,6 +176,10 @@ class SyncLogConfig(StrictModel):
     run_retention_days: int = Field(default=365, ge=1, le=3_650)
 
 
+#: The mass-deletion guard's default limit (users per run).
+MAX_DELETIONS = 1_000
+
+
 class SyncConfig(StrictModel):
     """One integration: a source table synced to Braze as one data type."""
 
@@ -202,7 +206,7 @@ class SyncConfig(StrictModel):
     #: who hears about this sync's runs (email, Slack); none by default
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
-    max_deletions: int = Field(default=1_000, ge=1)
+    max_deletions: int = Field(default=MAX_DELETIONS, ge=1)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).
     max_in_flight: int = Field(default=32, ge=1, le=256)
     #: Retention of the sync log (runs and rows), applied after every run
@@ -288,7 +292,7 @@ class SyncConfig(StrictModel):
     @classmethod
     def _deletions_only(cls, value: int, info: ValidationInfo) -> int:
         data_type = info.data.get("data_type")
-        if data_type is not None and data_type != "deletions":
+        if data_type is not None and data_type != "deletions" and value != MAX_DELETIONS:
             raise ValueError(
                 f"max_deletions applies to deletions syncs only; remove it from this {data_type} sync"
             )
