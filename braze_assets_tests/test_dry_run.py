@@ -18,12 +18,14 @@ UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
 
 
-def _cli_dry_run(harness, monkeypatch, capsys, *extra: str) -> list[dict]:
+def _cli_dry_run(
+    harness, monkeypatch, capsys, *extra: str, api_key: str = "unused-by-a-dry-run"
+) -> list[dict]:
     syncs_file = harness.tmp_path / "syncs.yaml"
     syncs_file.write_text(yaml.safe_dump({"syncs": harness.syncs}))
     monkeypatch.setenv("BRAZE_ASSETS_SYNCS", str(syncs_file))
     monkeypatch.setenv("BRAZE_ASSETS_DUCKDB", str(harness.warehouse))
-    monkeypatch.setenv("BRAZE_API_KEY", "unused-by-a-dry-run")
+    monkeypatch.setenv("BRAZE_API_KEY", api_key)
     for name in ("BRAZE_ASSETS_HOME", "DAGSTER_HOME", "BRAZE_ASSETS_PROGRESS_BAR"):  # main() sets them
         monkeypatch.setenv(name, "")
     if harness.state_url:
@@ -174,3 +176,20 @@ def test_exact_copies_and_future_rows_are_in_the_bill_as_a_run_counts_them(
     assert (bill["data_points"], bill["data_points_without_diff"]) == (1, 4)
     run = harness.run("users")
     assert (run.outcome.estimated_data_points, run.outcome.data_points_saved) == (1, 3)
+
+
+def test_a_sync_of_one_request_keeps_the_limit_braze_announced(tmp_path, monkeypatch, capsys):
+    """The first request of a workspace goes out before any limit is known; its answer's headers
+    announce one, kept for every process and for the bill even when no other request follows."""
+    from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig
+    from braze_assets_tests.conftest import API_KEY, Harness
+
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, rate_limit=300, rate_window_s=3.0)) as emulator:
+        harness = Harness(tmp_path, emulator)
+        harness.syncs = [sync_config("users", "attributes", "main.users")]
+        harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+        assert harness.run("users").outcome.requests == 1
+        monkeypatch.setenv("BRAZE_REST_ENDPOINT", emulator.base_url)
+        harness.table("users", _users(3, NOW - dt.timedelta(hours=1), {0: {"plan": "gold"}}))
+        [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json", api_key=API_KEY)
+    assert (bill["rate_per_s"], bill["rate_from"]) == (80.0, "announced")  # 300 per 3 s, x 0.8

@@ -160,8 +160,20 @@ def pause(state: BudgetState, wait_s: float, now: float) -> None:
     state.paused_until = max(state.paused_until, now + wait_s)
 
 
-def give_back(state: BudgetState, returned: tuple[int, int], now: float) -> None:
-    _give_back(state, *returned)
+def give_back(
+    state: BudgetState, returned: tuple[int, int] | None, now: float, report: LeaseRequest | None = None
+) -> None:
+    """Unused tokens back; with `report`, what the process learned (limit, window) and the
+    requests it sent unmetered, as a lease request would say them."""
+    if returned is not None:
+        _give_back(state, *returned)
+    if report is not None:
+        if report.window_s:
+            state.window_s = report.window_s
+        if report.limit:
+            state.limit = report.limit
+        if report.sent_unmetered:
+            _record(state, now, report.sent_unmetered)
 
 
 def allowed_per_window(limit: int, share: float) -> int:
@@ -332,11 +344,22 @@ class SharedBudget:
         self.tokens = 0
         await asyncio.to_thread(self.store.exchange, self.workspace, self.path, _pauser(wait_s))
 
-    async def give_back(self) -> None:
-        """Return the tokens of the current lease (this process is done sending for now)."""
-        if self.tokens and self._renewal is None:
-            returned, self.tokens = (self.grant_id, self.tokens), 0
-            await asyncio.to_thread(self.store.exchange, self.workspace, self.path, _returner(returned))
+    async def give_back(self, limit: int | None = None, window_s: float | None = None) -> None:
+        """Return the tokens of the current lease (this process is done sending for now), and
+        tell the store the limit and window this process heard (`take`'s arguments) and the
+        requests it sent before any limit was known: a client whose only request went out
+        unmetered would otherwise leave the store, and every bill, without Braze's limit."""
+        if self._renewal is not None:
+            return
+        returned = (self.grant_id, self.tokens) if self.tokens else None
+        if returned is None and not self.unmetered and not limit:
+            return
+        self.tokens = 0
+        report = LeaseRequest(
+            want=0, share=self.share, limit=limit, window_s=window_s, sent_unmetered=self.unmetered
+        )
+        await asyncio.to_thread(self.store.exchange, self.workspace, self.path, _returner(returned, report))
+        self.unmetered = 0
 
 
 def _granter(request: LeaseRequest) -> Callable[[BudgetState, float], Lease]:
@@ -347,5 +370,5 @@ def _pauser(wait_s: float) -> Callable[[BudgetState, float], None]:
     return lambda state, now: pause(state, wait_s, now)
 
 
-def _returner(returned: tuple[int, int]) -> Callable[[BudgetState, float], None]:
-    return lambda state, now: give_back(state, returned, now)
+def _returner(returned: tuple[int, int] | None, report: LeaseRequest) -> Callable[[BudgetState, float], None]:
+    return lambda state, now: give_back(state, returned, now, report)

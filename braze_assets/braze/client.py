@@ -206,8 +206,9 @@ class BrazeClient:
             if shared is not None:
                 # The others may spend what this client leaves; if the store is gone they wait a
                 # window longer, which is no reason to fail a delivery that is over.
+                budget = self.budget(key)
                 with contextlib.suppress(BudgetStoreError):
-                    await shared.give_back()
+                    await shared.give_back(budget.limit, budget.measured_window_s())
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
