@@ -346,11 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         "data points with and without the diff, requests and minutes at the rate budget; changes no state",
     )
     args = parser.parse_args(argv)
+    from braze_assets.config import ConfigError
+    from braze_assets.state.postgres_schema import StateUnreachableError, StateUrlError
+
     try:
         return _command(args)
     except UsageError as exc:
         print(f"braze-assets: {exc}", file=sys.stderr)
         return 2
+    except (ConfigError, StateUrlError, StateUnreachableError) as exc:  # what to fix, not a traceback
+        print(f"braze-assets: {exc}", file=sys.stderr)
+        return 1
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -175,3 +175,17 @@ def test_a_sync_name_that_is_not_configured_is_a_usage_error(tmp_path, emulator)
         assert typo.returncode == 2, (args, typo.stdout[-2000:], typo.stderr[-2000:])
         assert "no sync named 'okk'" in typo.stderr and "ok" in typo.stderr
     assert emulator.store.events() == [], "nothing ran"
+
+
+def test_a_state_database_that_cannot_be_reached_is_said_in_one_line(tmp_path, emulator):
+    project = cli_project(tmp_path, emulator, [sync_config("ok", "events", "main.ok")])
+    project.harness.table("ok", events_rows(1, HOUR_AGO))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    project.env["BRAZE_ASSETS_STATE_URL"] = f"postgresql://u:hunter2@127.0.0.1:{port}/db"
+    for args in (("run",), ("run", "--dry-run")):
+        down = project.run(*args)
+        assert down.returncode == 1, (args, down.stderr[-2000:])
+        assert "braze-assets: BRAZE_ASSETS_STATE_URL: cannot connect to the state database" in down.stderr
+        assert "Traceback" not in down.stderr and "hunter2" not in down.stderr + down.stdout

@@ -19,7 +19,12 @@ import pyarrow as pa
 import pytest
 
 from braze_assets.state import StateStore, SyncBusyError, open_state_store
-from braze_assets.state.postgres_schema import HEAD_REVISION, StateDatabase, StateUrlError
+from braze_assets.state.postgres_schema import (
+    HEAD_REVISION,
+    StateDatabase,
+    StateUnreachableError,
+    StateUrlError,
+)
 from braze_assets_tests.conftest import both_backends, pg_state_url
 
 UTC = dt.UTC
@@ -286,6 +291,21 @@ def test_a_bad_state_url_is_refused_with_a_clear_message():
         StateDatabase.from_url("mysql://u:secret@h/db")
     with pytest.raises(StateUrlError, match="schema 'Bad-Name'"):
         StateDatabase.from_url("postgresql://u@h/db?schema=Bad-Name")
+
+
+def test_a_state_database_that_cannot_be_reached_is_named_without_its_password():
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StateUnreachableError) as caught:
+        open_state_store(
+            "/nonexistent", "s1", state_url=f"postgresql://u:hunter2@127.0.0.1:{port}/db"
+        ).read_watermark()
+    message = str(caught.value)
+    assert message.startswith("BRAZE_ASSETS_STATE_URL: cannot connect to the state database"), message
+    assert f"127.0.0.1:{port}" in message and "hunter2" not in message
 
 
 def test_migrations_run_once_when_processes_start_together(postgres):

@@ -37,6 +37,10 @@ class StateUrlError(ValueError):
     """BRAZE_ASSETS_STATE_URL is not a usable PostgreSQL URL."""
 
 
+class StateUnreachableError(RuntimeError):
+    """The state database in BRAZE_ASSETS_STATE_URL refused or never answered a connection."""
+
+
 @dataclass(frozen=True)
 class StateDatabase:
     """Where the state lives: a libpq URL (without `schema`) and the schema."""
@@ -76,17 +80,23 @@ class StateDatabase:
 def _connect(db: StateDatabase, purpose: str, *, autocommit: bool) -> Any:
     import psycopg2
 
-    connection = psycopg2.connect(
-        db.dsn,
-        application_name=f"braze_assets {purpose}",
-        connect_timeout=10,
-        options=f"-c search_path={db.schema} -c timezone=UTC",
-        # a pod that vanishes without closing its socket: the client notices a dead server...
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-    )
+    try:
+        connection = psycopg2.connect(
+            db.dsn,
+            application_name=f"braze_assets {purpose}",
+            connect_timeout=10,
+            options=f"-c search_path={db.schema} -c timezone=UTC",
+            # a pod that vanishes without closing its socket: the client notices a dead server...
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+    except psycopg2.OperationalError as exc:  # libpq's words name host and user, never a password
+        reason = " ".join(str(exc).split())
+        raise StateUnreachableError(
+            f"BRAZE_ASSETS_STATE_URL: cannot connect to the state database, {db.shown}: {reason}"
+        ) from None
     connection.autocommit = autocommit
     return connection
 
