@@ -60,5 +60,8 @@ REJECTED_SCHEMA = pa.schema(
 
 
 def reason_key(reason: str) -> str:
-    """Group reasons for counting: row-specific detail always follows the first ': '."""
-    return reason.split(": ")[0]
+    """Group reasons for counting: row-specific detail always follows the first ': ', unless what
+    comes before it is a quoted name (Braze's "'visits': 'inc' must be a number"): then the
+    whole message is the reason."""
+    head, sep, _ = reason.partition(": ")
+    return reason if not sep or head.startswith(("'", '"')) else head

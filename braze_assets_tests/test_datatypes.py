@@ -764,3 +764,19 @@ def test_objects_kept_per_row_hold_their_own_length_only():
         tracemalloc.stop()
     assert kept[0] == orjson.dumps(value)
     assert held < 200_000  # 1,000 objects of ~50 bytes; orjson's buffers would hold ~4 MB
+
+
+@pytest.mark.parametrize(
+    ("reason", "key"),
+    [
+        ("PAYLOAD contains identifier keys (identifiers belong in their own columns): email", None),
+        ("invalid-fields: the catalog has no field 'colour'", "invalid-fields"),
+        # Braze names the attribute first, quoted: that is the message, not a row's detail
+        ("'visits': 'inc' must be a number", "'visits': 'inc' must be a number"),
+    ],
+)
+def test_reasons_are_counted_without_each_rows_detail(reason, key):
+    from braze_assets.delta_schema import reason_key
+
+    expected = key or "PAYLOAD contains identifier keys (identifiers belong in their own columns)"
+    assert reason_key(reason) == expected
