@@ -283,8 +283,6 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         except Exception as exc:  # stopped (a refused key, a missing catalog): in the sync log too
             _record_stopped(store, delivery.outcome, delta, f"sync {sync.name}: {exc}")
             raise
-        if not outcome.not_sent and not outcome.earliest_unsettled:
-            store.add_settled_parts(delta.parts)  # every row of these files is settled
         # older runs' Parquet files; their outcomes stay in the ledger
         store.deltas.prune(keep=5)
         outcome.watermark_before = before.isoformat() if before else None

@@ -239,7 +239,10 @@ class AttributeDiff:
     but two JSON texts); serializing and hashing every value was most of the diff's cost."""
 
     def __init__(self, always_send: Sequence[str] = ()):
-        self.always = ALWAYS_SENT | frozenset(always_send)
+        #: the sync's own `always_send` keys; a PAYLOAD holding one of `ALWAYS_SENT` is never
+        #: remembered by its hash, but one remembered before a key was listed may be
+        self.listed = frozenset(always_send)
+        self.always = ALWAYS_SENT | self.listed
         self._hashes: dict[tuple[type, object], str] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # sent to worker processes without the hashes

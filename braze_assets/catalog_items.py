@@ -60,11 +60,10 @@ def shown_id(item_id: str | None, raw: Any) -> str:
         return f"ID={item_id}"
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return "(no id)"
-    if not isinstance(raw, str):
-        return f"ID={raw}"
-    if len(raw) > SHOWN_ID_CHARS:
-        return f"ID={raw[:SHOWN_ID_CHARS] + '...'!r} ({len(raw)} characters)"
-    return f"ID={raw!r}"
+    text = raw if isinstance(raw, str) else str(raw)  # bytes show as b'...'
+    if len(text) > SHOWN_ID_CHARS:
+        return f"ID={text[:SHOWN_ID_CHARS] + '...'!r} ({len(text)} characters)"
+    return f"ID={text!r}" if isinstance(raw, str) else f"ID={text}"
 
 
 def _text_id(value: Any) -> tuple[str | None, str | None]:

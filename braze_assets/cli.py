@@ -313,7 +313,20 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from braze_assets.config import ConfigError
+    from braze_assets.state.postgres_schema import StateUnreachableError, StateUrlError
+
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"braze-assets: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, StateUrlError, StateUnreachableError) as exc:  # what to fix, not a traceback
+        print(f"braze-assets: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["release"]:  # its own options: see `braze-assets release --help`
         from braze_assets.release import release_command
 
@@ -345,18 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run: everything but sending (delta, validation, attribute diff) and the bill: rows, "
         "data points with and without the diff, requests and minutes at the rate budget; changes no state",
     )
-    args = parser.parse_args(argv)
-    from braze_assets.config import ConfigError
-    from braze_assets.state.postgres_schema import StateUnreachableError, StateUrlError
-
-    try:
-        return _command(args)
-    except UsageError as exc:
-        print(f"braze-assets: {exc}", file=sys.stderr)
-        return 2
-    except (ConfigError, StateUrlError, StateUnreachableError) as exc:  # what to fix, not a traceback
-        print(f"braze-assets: {exc}", file=sys.stderr)
-        return 1
+    return _command(parser.parse_args(argv))
 
 
 def _command(args: argparse.Namespace) -> int:

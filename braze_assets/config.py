@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from braze_assets.braze.contract import API_IDENTIFIER_KEYS
+from braze_assets.braze.contract import PRIMARY_IDENTIFIERS
 from braze_assets.config_sources import (
     BUCKET_NAME,
     SOURCE_TYPES,
@@ -257,7 +257,7 @@ class SyncConfig(StrictModel):
         for key in value:
             if not key.strip():
                 raise ValueError("always_send lists an empty key; list attribute names")
-            if key in API_IDENTIFIER_KEYS:
+            if key in PRIMARY_IDENTIFIERS:  # email and phone are attributes too
                 raise ValueError(
                     f"{key!r} is an identifier, not an attribute: identifiers come from their own "
                     "columns and are in every object already"

@@ -169,6 +169,10 @@ class Delivery:
                 self._record_unchanged(ledger)
                 asyncio.run(self._send_all(ledger, settler))
                 ledger.merge_remembered()  # after a failure, the next delivery does it
+            if not self.outcome.not_sent and self._earliest_unsettled is None:
+                # every row of the delta's source files is settled: later runs skip them. Under
+                # the lock, so a release of held rows, which forgets the files, is never undone.
+                self.store.add_settled_parts(self.manifest.parts)
         self.outcome.seconds = round(time.monotonic() - started, 3)
         self.outcome.failed_reasons = dict(self.answers.failed_reasons.most_common())
         if self._earliest_unsettled is not None:

@@ -206,7 +206,7 @@ class DeltaWriter:
                     self._remembered,
                     [i for i in hashed if i is not None],
                     self._seen,
-                    self.diff.always if self.diff is not None else frozenset(),
+                    self.diff.listed if self.diff is not None else frozenset(),
                 )
             )
             rest = _Rest()

@@ -241,9 +241,10 @@ def _unless(unmatched: tuple[int, ...], at: pa.Array) -> pa.Array:
 
 def may_hold(rows: pa.RecordBatch | pa.Table, keys: frozenset[str]) -> pa.Array | None:
     """Which rows' PAYLOAD may hold one of `keys` at its top level (None: none can). Text is
-    searched for each key as JSON writes it, quotes included: a key written with escapes is
-    missed, a value equal to a key only sends that row through the diff. A typed PAYLOAD (a
-    struct) holds a key when its type has the field."""
+    searched for each key as JSON writes it, quotes included, and a text with a `\\u` or `\\/`
+    escape (a key may be written so) is taken to hold one; a value equal to a key only sends
+    that row through the diff. A typed PAYLOAD (a struct) holds a key when its type has the
+    field; other types are taken to hold one."""
     if not keys or "PAYLOAD" not in rows.schema.names:
         return None
     column = rows.column("PAYLOAD")
@@ -254,10 +255,10 @@ def may_hold(rows: pa.RecordBatch | pa.Table, keys: frozenset[str]) -> pa.Array 
         return None
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)):
         return pa.array([True] * rows.num_rows, pa.bool_())  # no text to search: diff them all
-    found = None
+    found = pc.fill_null(pc.match_substring_regex(column, r"\\[u/]"), False)
     for key in sorted(keys):
         hit = pc.fill_null(pc.match_substring(column, orjson.dumps(key).decode()), False)
-        found = hit if found is None else pc.or_(found, hit)
+        found = pc.or_(found, hit)
     return found.combine_chunks() if isinstance(found, pa.ChunkedArray) else found
 
 

@@ -774,3 +774,19 @@ def test_an_update_only_row_leaves_its_user_known_to_hold_nothing_remembered():
         for r in accepted_attributes(chunk, ["accepted"] * 2).to_pylist()
     }
     assert kept == {"a": (None, "{}"), "b": ('p-{"b":"h1"}', '{"b":"h1"}')}
+
+
+def test_a_payload_that_may_hold_an_always_sent_key_is_told_whatever_its_column_type():
+    """Only the sync's own keys are looked for (a PAYLOAD with `subscription_groups` is never
+    remembered by its hash), so a sync without `always_send` keeps the shortcut for every row."""
+    from braze_assets.known_users import may_hold
+
+    texts = ['{"vip": 1}', '{"v\\u0069p": 1}', '{"a": "x\\ny"}', '{"a": 1}', None]
+    rows = pa.table({"PAYLOAD": pa.array(texts)})
+    assert may_hold(rows, frozenset({"vip"})).to_pylist() == [True, True, False, False, False]
+    binary = pa.table({"PAYLOAD": pa.array([t.encode() if t else None for t in texts], pa.binary())})
+    assert may_hold(binary, frozenset({"vip"})).to_pylist() == [True, True, False, False, False]
+    struct = pa.table({"PAYLOAD": pa.array([{"vip": 1}, {"vip": None}])})
+    assert may_hold(struct, frozenset({"vip"})).to_pylist() == [True, True]
+    assert may_hold(struct, frozenset({"plan"})) is None
+    assert may_hold(rows, AttributeDiff().listed) is None

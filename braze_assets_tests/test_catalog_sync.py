@@ -397,3 +397,10 @@ def test_a_rejected_row_shows_the_id_it_had(tmp_path, braze):
     assert run.outcome.accepted == 1
     shown = sorted(example["identifier"] for example in run.delta.rejected_examples)
     assert shown == ["ID='bad sku!'", f"ID='{'x' * 60}...' (300 characters)"], shown
+
+
+def test_a_refused_id_from_a_binary_column_is_cut_too():
+    from braze_assets.catalog_items import SHOWN_ID_CHARS, shown_id
+
+    shown = shown_id(None, b"x" * 300)
+    assert shown.endswith("(303 characters)") and len(shown) < SHOWN_ID_CHARS + 40, shown

@@ -184,7 +184,12 @@ def test_a_state_database_that_cannot_be_reached_is_said_in_one_line(tmp_path, e
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     project.env["BRAZE_ASSETS_STATE_URL"] = f"postgresql://u:hunter2@127.0.0.1:{port}/db"
-    for args in (("run",), ("run", "--dry-run")):
+    for args in (
+        ("run",),
+        ("run", "--dry-run"),
+        ("log", "runs", "--sync", "ok"),
+        ("release", "--sync", "ok", "--mode", "resend"),
+    ):
         down = project.run(*args)
         assert down.returncode == 1, (args, down.stderr[-2000:])
         assert "braze-assets: BRAZE_ASSETS_STATE_URL: cannot connect to the state database" in down.stderr

@@ -133,6 +133,13 @@ def test_a_setting_that_would_be_ignored_names_the_field(tmp_path, data_type, fi
     assert_names(message, "s", field, cause)
 
 
+def test_always_send_takes_email_and_phone_which_are_attributes_too(tmp_path):
+    [sync] = load_syncs(
+        write(tmp_path, sync_entry("s", data_type="attributes", always_send=["email", "phone"]))
+    )
+    assert sync.always_send == ["email", "phone"]
+
+
 def test_a_bad_data_type_with_a_catalog_is_reported_once(tmp_path):
     message = load_error(tmp_path, sync_entry("s", data_type="products", catalog="products"))
     assert_names(message, "s", "data_type", "Input should be")

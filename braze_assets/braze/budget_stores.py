@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from braze_assets.braze.budget import BudgetState, BudgetStore, BudgetStoreError
 from braze_assets.state.postgres_schema import (
     StateDatabase,
+    StateUnreachableError,
     StateUrlError,
     masked_url,
     state_url_from_environment,
@@ -141,7 +142,7 @@ class PostgresBudgetStore(BudgetStore):
             for attempt in (1, 2):  # a connection the server dropped is reopened once
                 try:
                     return self._exchange(workspace, path, change)
-                except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                except (psycopg2.OperationalError, psycopg2.InterfaceError, StateUnreachableError) as exc:
                     self._drop_connection()
                     if attempt == 2:
                         raise BudgetStoreError(f"{self.description}: {_first_line(exc)}") from None
@@ -212,7 +213,7 @@ class PostgresBudgetStore(BudgetStore):
                     )
                     row = cursor.fetchone()
                 connection.rollback()  # a read: nothing to keep
-            except psycopg2.Error as exc:
+            except (psycopg2.Error, StateUnreachableError) as exc:
                 self._drop_connection()
                 raise BudgetStoreError(f"{self.description}: {_first_line(exc)}") from None
         return None if row is None else BudgetState(limit=row[0], window_s=row[1])
