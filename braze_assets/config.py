@@ -178,6 +178,8 @@ class SyncLogConfig(StrictModel):
 
 #: The mass-deletion guard's default limit (users per run).
 MAX_DELETIONS = 1_000
+#: Settings of /users/track syncs, refused elsewhere when not their default.
+_USERS_TRACK_DEFAULTS: dict[str, Any] = {"update_existing_only": False, "batch_mode": "combined"}
 
 
 class SyncConfig(StrictModel):
@@ -266,25 +268,14 @@ class SyncConfig(StrictModel):
 
     # Settings of other data types are refused rather than ignored. Each is checked only when set
     # (a field validator runs for values given), against `data_type`, validated before them.
-    @field_validator("update_existing_only")
+    @field_validator("update_existing_only", "batch_mode")
     @classmethod
-    def _users_track_only(cls, value: bool, info: ValidationInfo) -> bool:
+    def _users_track_only(cls, value: Any, info: ValidationInfo) -> Any:
         data_type = info.data.get("data_type")
-        if value and data_type in ("deletions", "catalogs"):
+        if data_type in ("deletions", "catalogs") and value != _USERS_TRACK_DEFAULTS[info.field_name]:
             raise ValueError(
-                "update_existing_only applies to attributes, events and purchases syncs (Braze's "
-                f"_update_existing_only); a {data_type} sync has no such choice: remove it"
-            )
-        return value
-
-    @field_validator("batch_mode")
-    @classmethod
-    def _batches_of_users_track(cls, value: str, info: ValidationInfo) -> str:
-        data_type = info.data.get("data_type")
-        if value != "combined" and data_type in ("deletions", "catalogs"):
-            raise ValueError(
-                f"batch_mode applies to attributes, events and purchases syncs; remove it from this "
-                f"{data_type} sync"
+                f"{info.field_name} applies to attributes, events and purchases syncs (Braze's "
+                f"/users/track); a {data_type} sync has no such choice: remove it"
             )
         return value
 
