@@ -272,7 +272,7 @@ class SyncConfig(StrictModel):
     @classmethod
     def _users_track_only(cls, value: Any, info: ValidationInfo) -> Any:
         data_type = info.data.get("data_type")
-        if data_type in ("deletions", "catalogs") and value != _USERS_TRACK_DEFAULTS[info.field_name]:
+        if data_type in ("deletions", "catalogs") and value != _USERS_TRACK_DEFAULTS[str(info.field_name)]:
             raise ValueError(
                 f"{info.field_name} applies to attributes, events and purchases syncs (Braze's "
                 f"/users/track); a {data_type} sync has no such choice: remove it"
