@@ -50,6 +50,9 @@ class Bill:
     rows_duplicate: int = 0
     #: stamped after now: held back until then (never past the watermark)
     rows_future: int = 0
+    #: rows a stopped (or still sending) run has in flight: the next run first settles those
+    #: Braze answered, so it may send fewer than `rows_to_send`
+    rows_in_flight: int = 0
     #: data points Braze would bill, with the attribute diff (as configured) and without it
     data_points: int = 0
     data_points_without_diff: int = 0
@@ -78,6 +81,11 @@ class Bill:
             f"   {self.requests:,} requests, about {self.minutes_at_budget:,.1f} min at "
             f"{self.rate_per_s:,.2f} requests/s (Braze's {self.rate_from} limit x max_rate_share)",
         ]
+        if self.rows_in_flight:
+            lines.append(
+                f"   {self.rows_in_flight:,} rows of a run that stopped (or is still sending) are in "
+                "flight: the next run first settles those Braze answered, and may send fewer"
+            )
         if self.note:
             lines.append(f"   {self.note}")
         return "\n".join(lines)
@@ -156,6 +164,8 @@ def dry_run(
             update_existing_only=sync.update_existing_only,
             diff=AttributeDiff(sync.always_send) if sync.diff_attributes else None,
         )
+        with store.session() as ledger:
+            in_flight = ledger.planned_rows()
         requests = 0
         for batch in delta_store.parquet_batches(manifest.valid_path, 20_000, columns=["object"]):
             requests += len(plan_requests(spec, batch.column("object").to_pylist(), "dry"))
@@ -173,6 +183,7 @@ def dry_run(
         rows_unchanged=manifest.unchanged,
         rows_duplicate=manifest.duplicate_rows,
         rows_future=manifest.future_rows,
+        rows_in_flight=in_flight,
         data_points=manifest.estimated_data_points,
         data_points_without_diff=manifest.estimated_data_points + manifest.data_points_saved,
         requests=requests,

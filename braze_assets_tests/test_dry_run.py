@@ -193,3 +193,22 @@ def test_a_sync_of_one_request_keeps_the_limit_braze_announced(tmp_path, monkeyp
         harness.table("users", _users(3, NOW - dt.timedelta(hours=1), {0: {"plan": "gold"}}))
         [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json", api_key=API_KEY)
     assert (bill["rate_per_s"], bill["rate_from"]) == (80.0, "announced")  # 300 per 3 s, x 0.8
+
+
+@both_backends
+def test_a_bill_says_how_many_rows_a_stopped_run_left_in_flight(harness, emulator, monkeypatch, capsys):
+    """Recovery settles the requests Braze answered before the next run sends: the bill, which
+    recovers nothing, says how many rows may be settled that way."""
+    from braze_assets_tests.test_state_backends import planned_rows
+
+    harness.syncs = [sync_config("users", "attributes", "main.users")]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+    assert harness.run("users").outcome.accepted == 3
+    with harness.delivery_state().store("users").session() as ledger:  # a run that died mid-send
+        ledger.plan(planned_rows(["a1", "a2"], ["d-0-0", "d-0-0"]))
+    [bill] = _cli_dry_run(harness, monkeypatch, capsys, "--json")
+    assert bill["rows_in_flight"] == 2
+    [text] = _cli_dry_run(harness, monkeypatch, capsys)
+    assert "2 rows of a run that stopped (or is still sending) are in flight" in text["text"]
+    with harness.delivery_state().store("users").session() as ledger:
+        assert ledger.planned_rows() == 2, "the dry run recovered nothing"

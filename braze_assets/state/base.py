@@ -220,6 +220,12 @@ class LedgerSession(ABC):
         (a first sync) skips the lookups, and its workers key the rows themselves."""
 
     @abstractmethod
+    def planned_rows(self) -> int:
+        """Rows planned and not settled: sent, or about to be, by a run that died or is still
+        sending. Recovery settles those Braze answered before the next run sends (a dry run
+        says so)."""
+
+    @abstractmethod
     def planned_user_keys(self) -> pa.Array:
         """The users (`user_key`) of rows planned and not settled: a run that died, or one still
         sending, has requests for them whose outcome is not known yet, so what is remembered of

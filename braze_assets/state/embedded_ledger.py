@@ -212,6 +212,9 @@ class DuckDBLedgerSession(LedgerSession):
         finally:
             self.con.unregister("accepted")
 
+    def planned_rows(self) -> int:
+        return int(one_row(self.con.execute("SELECT count(*) FROM planned"))[0])
+
     def planned_user_keys(self) -> pa.Array:
         return (
             self.con.sql("SELECT DISTINCT user_key FROM planned WHERE user_key IS NOT NULL")

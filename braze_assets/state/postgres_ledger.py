@@ -175,6 +175,10 @@ class PostgresLedgerSession(LedgerSession):
             [dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema
         )
 
+    def planned_rows(self) -> int:
+        with self._unit() as cursor:
+            return planned_table(cursor, self.sync).num_rows
+
     def planned_user_keys(self) -> pa.Array:
         with self._unit() as cursor:
             planned = planned_table(cursor, self.sync)
