@@ -132,10 +132,10 @@ class KnownUsers:
         `identify`, when it was done elsewhere (None: done here). `seen`: the delta's rows so
         far; a row whose user had an older row with another PAYLOAD in the delta (`SeenUsers`)
         is treated as a user nothing is remembered of (sent whole), since what was accepted
-        before the run is no longer what Braze will hold when it arrives. `always_sent`: keys
-        always sent (`AttributeDiff.always`); a PAYLOAD that may hold one is diffed, never set
-        aside for matching the last accepted text, which may have been accepted before the key
-        was listed."""
+        before the run is no longer what Braze will hold when it arrives. `always_sent`: the
+        sync's own `always_send` keys (`AttributeDiff.listed`); a PAYLOAD that may hold one is
+        diffed, never set aside for matching the last accepted text, which may have been
+        accepted before the key was listed."""
         ids = list(identified) if identified is not None else [identify(rows) for rows in batches]
         digests = [
             i.payload_hashes if i.payload_hashes is not None else pa.nulls(rows.num_rows, pa.string())
