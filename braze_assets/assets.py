@@ -288,8 +288,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)
         outcome.watermark_after = after.isoformat() if after else None
-        outcome.rows_read, outcome.rows_rejected = delta.rows_read, delta.rejected
-        outcome.started_at, outcome.finished_at = delta.computed_at, utc_now().isoformat()
+        _add_run_facts(outcome, delta)
         context.log.info(
             f"{sync.name}: accepted {outcome.accepted:,}, failed {outcome.failed:,}, held "
             f"{outcome.held_total:,}, ambiguous {outcome.ambiguous:,}, not sent "
@@ -371,9 +370,15 @@ def _record_stopped(store: StateStore, outcome: SyncOutcome, delta: DeltaManifes
     """A delivery that stopped on an error is an `error` run in the sync log, with what it
     settled before it stopped; a log that cannot be written must not hide that error."""
     outcome.status, outcome.status_detail = "error", detail
-    outcome.rows_read, outcome.rows_rejected = delta.rows_read, delta.rejected
-    outcome.started_at, outcome.finished_at = delta.computed_at, utc_now().isoformat()
+    _add_run_facts(outcome, delta)
     try:
         store.log.record_run(outcome.to_dict())
     except Exception:  # noqa: BLE001 - the delivery's own error is the one to raise
         _log.warning("sync %s: the stopped run could not be recorded in the sync log", outcome.sync)
+
+
+def _add_run_facts(outcome: SyncOutcome, delta: DeltaManifest) -> None:
+    """What the sync log keeps of a run from its delta: rows read and rejected, when it began;
+    and when its results were in (now)."""
+    outcome.rows_read, outcome.rows_rejected = delta.rows_read, delta.rejected
+    outcome.started_at, outcome.finished_at = delta.computed_at, utc_now().isoformat()

@@ -170,8 +170,7 @@ def _write_delta(
     manifest.duplicate_rows = valid_copies + rejected_copies
     manifest.valid -= valid_copies
     if valid_copies:  # the copies are not sent, so not billed either
-        points = pq.read_table(valid_path, columns=["data_points"])["data_points"]
-        manifest.estimated_data_points = int(pc.sum(points).as_py() or 0)
+        manifest.estimated_data_points = _column_sum(valid_path, "data_points")
     if (valid_copies or unchanged_copies) and len(paths) > 2:  # nor saved
         manifest.data_points_saved = sum(
             _column_sum(path, "data_points_saved") for path in (valid_path, paths[2])
