@@ -59,8 +59,12 @@ def column_user_keys(columns: Mapping[str, Sequence[str | None] | pa.Array], num
     and only the hashing is done row by row."""
 
     def text(kind: str) -> pa.Array | None:
+        # a column with no value adds "" to every row's text: left out (most tables use one kind)
         values = columns.get(kind)
-        return values if values is None or isinstance(values, pa.Array) else pa.array(values, pa.string())
+        if values is None:
+            return None
+        values = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        return None if values.null_count == len(values) else values
 
     # Each present kind as "KIND=value\x1f" ("" when absent), joined, the last \x1f dropped.
     # (pyarrow's null_handling="skip" join drops rows where every part is null, so it is not used.)
@@ -175,6 +179,15 @@ class Remembered(NamedTuple):
         return parsed
 
 
+class FirstRows(NamedTuple):
+    """`AttributeDiff.first_rows`: per payload, what to remember, the attributes sent, and
+    whether it holds something always sent (`AttributeDiff.sends_always`)."""
+
+    remember: list[str]
+    sent: list[int]
+    volatile: list[bool]
+
+
 class Trimmed(NamedTuple):
     """One row after the diff: the payload to send, what to remember once Braze accepts it, and
     the attributes (data points) sent and saved. A tuple: there is one per row of a delta."""
@@ -200,7 +213,11 @@ _ARROW_SCALARS = {str: pa.string(), int: pa.int64(), bool: pa.bool_()}
 _COLUMN_WISE_ROWS = 16
 
 
-def _shared_columns(payloads: Sequence[dict[str, Any]]) -> tuple[tuple[str, ...], list[Sequence[Any]]] | None:
+#: A batch's payloads a key at a time: their shared keys, and each key's values in row order.
+_Shared = tuple[tuple[str, ...], list[Sequence[Any]]]
+
+
+def _shared_columns(payloads: Sequence[dict[str, Any]]) -> _Shared | None:
     """The payloads' keys and their values a key at a time, when every payload has the same keys
     (in any order); None otherwise. A payload as long as the first that holds each of the first's
     keys has the same keys: both are checked without a Python loop per row."""
@@ -294,9 +311,12 @@ class AttributeDiff:
         """Which payloads hold something sent whatever was accepted before: an operator value,
         `subscription_groups` or an `always_send` key. Such a PAYLOAD is never settled as
         unchanged for being exactly the one last accepted (its PAYLOAD hash is not remembered):
-        its increment or subscription change is meant again. A key at a time where the payloads
-        share their keys: only a column holding objects can hold an operator."""
-        shared = _shared_columns(payloads)
+        its increment or subscription change is meant again."""
+        return self._sends_always_of(payloads, _shared_columns(payloads))
+
+    def _sends_always_of(self, payloads: Sequence[dict[str, Any]], shared: _Shared | None) -> list[bool]:
+        """`sends_always`, a key at a time where the payloads share their keys (`shared`): only a
+        column holding objects can hold an operator."""
         if shared is None:
             return [self._sends_always(payload) for payload in payloads]
         keys, columns = shared
@@ -315,13 +335,19 @@ class AttributeDiff:
         always = self.always
         return any(key[:1] != "_" and _sent_as_is(always, key, value) for key, value in payload.items())
 
-    def first_rows(self, payloads: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
+    def first_rows(self, payloads: Sequence[dict[str, Any]]) -> FirstRows:
         """`trim(payload, None)` of many payloads of users seen first (a first sync's every row):
-        what to remember of each, and its attributes sent. The payloads sharing their keys (most
-        of a table: its PAYLOAD is built by one query) are hashed a column at a time, each
-        distinct value once; a per-row loop here was most of the diff's cost."""
-        count = len(payloads)
+        what to remember of each, its attributes sent, and which are `sends_always`. The payloads
+        sharing their keys (most of a table: its PAYLOAD is built by one query) are taken a key
+        at a time, once for all three, and each distinct value is hashed once; a per-row loop
+        here was most of the diff's cost."""
         shared = _shared_columns(payloads)
+        return FirstRows(*self._remember_and_bill(payloads, shared), self._sends_always_of(payloads, shared))
+
+    def _remember_and_bill(
+        self, payloads: Sequence[dict[str, Any]], shared: _Shared | None
+    ) -> tuple[list[str], list[int]]:
+        count = len(payloads)
         if shared is not None and count >= _COLUMN_WISE_ROWS:  # the usual batch: one key set
             keys, columns = shared
             return self._column_wise(keys, columns, count), _billed(keys, columns, count)

@@ -27,14 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from braze_assets.attribute_diff import (
-    AttributeDiff,
-    Remembered,
-    payload_hash,
-)
-from braze_assets.attribute_diff import (
-    payload_hashes as payload_hashes_of,
-)
+from braze_assets.attribute_diff import AttributeDiff, Remembered, column_payload_hashes, payload_hash
 from braze_assets.catalog_batch import prepare_items
 from braze_assets.datatypes import (
     CheckedRows,
@@ -158,8 +151,8 @@ def _prepare(
     if job.diff is not None and known is not None:
         payloads = batch.payload or [None] * batch.num_rows
         given = known.payload_hashes
-        if given.null_count == len(given):  # none hashed yet (a first sync's rows)
-            payload_hashes = payload_hashes_of(payloads)
+        if given.null_count == len(given):  # none hashed yet (a first sync's rows): the column's
+            payload_hashes = column_payload_hashes(rows.column("PAYLOAD")) if batch.payload else payloads
         else:
             payload_hashes = [
                 digest if digest is not None else payload_hash(raw)
@@ -271,10 +264,10 @@ def _diff_rows(
         if trimmed.volatile:
             diffed.volatile.add(i)
     if first:
-        remember, sent = diff.first_rows(fresh)
+        remember, sent, volatile = diff.first_rows(fresh)
         diffed.remember.update(zip(first, remember, strict=True))
         diffed.sent.update(zip(first, sent, strict=True))
-        diffed.volatile.update(i for i, flag in zip(first, diff.sends_always(fresh), strict=True) if flag)
+        diffed.volatile.update(i for i, flag in zip(first, volatile, strict=True) if flag)
     return diffed
 
 

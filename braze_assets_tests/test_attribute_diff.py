@@ -548,10 +548,11 @@ def test_first_rows_hashed_a_column_at_a_time_remember_what_each_row_would(keys,
     for i in odd:  # a few rows with keys of their own
         if i < rows:
             payloads[i] = {**payloads[i], "extra": i}
-    remember, sent = diff.first_rows(payloads)
+    remember, sent, volatile = diff.first_rows(payloads)
     each = [AttributeDiff(always_send=["listed"]).trim(p, None) for p in payloads]
     assert [orjson.loads(text) for text in remember] == [orjson.loads(t.remember) for t in each]
     assert sent == [t.sent for t in each]
+    assert volatile == [diff._sends_always(p) for p in payloads]
 
 
 def test_exact_copies_of_an_unchanged_row_are_settled_once(tmp_path, emulator):

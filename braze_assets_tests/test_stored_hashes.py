@@ -58,6 +58,15 @@ def test_user_keys_are_stable_and_match_the_per_row_definition():
     assert keys == [user_key({k: v for k, v in row.items() if v is not None}) for row in rows]
 
 
+def test_user_keys_are_the_same_with_identifier_columns_that_hold_nothing():
+    """A table's other identifier columns, all null (most tables use one kind), are no part of
+    any row's key: the keys are those of the columns that hold values."""
+    empty = pa.nulls(3, pa.string())
+    with_empty = {**IDS, "BRAZE_ID": empty, "PHONE": empty, "ALIAS_NAME": empty, "ALIAS_LABEL": empty}
+    assert column_user_keys(with_empty, 3) == column_user_keys(IDS, 3)
+    assert column_user_keys({"EXTERNAL_ID": empty, "EMAIL": [None, None, None]}, 3) == column_user_keys({}, 3)
+
+
 def test_payload_hashes_are_stable_in_every_form():
     expected = ["5206b1d92f1945fd6c78b7e488394715", "4bde225db944294a932d1ccc6a281f10", None]
     texts = BATCH["PAYLOAD"].to_pylist()
