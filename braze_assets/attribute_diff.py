@@ -138,10 +138,19 @@ def _text_or_none(value: Any) -> str | bytes | None:
         return None
 
 
+#: The hash of a value orjson cannot write (nested deeper than it goes): never one remembered,
+#: since such a row cannot be sent either, and is rejected with its reason when its object is built.
+_UNWRITABLE = "-" * 16
+
+
 def _value_hash(value: object) -> str:
     if value is None:
         return _NULL
-    return hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return _UNWRITABLE
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
 #: Braze's array and number operators as a top-level attribute's value: `{"add": [...]}`,

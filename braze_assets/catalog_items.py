@@ -25,8 +25,9 @@ import orjson
 import pyarrow as pa
 
 from braze_assets.braze import contract
-from braze_assets.json_bytes import json_bytes
-from braze_assets.masking import mask_payload
+from braze_assets.datatypes.payload_rules import NON_FINITE_REASON, decode_problem, lossy_json
+from braze_assets.json_bytes import holds_non_finite, json_bytes
+from braze_assets.masking import mask_key, mask_payload
 
 CATALOG_COLUMNS = ("UPDATED_AT", "ID", "PAYLOAD")
 _ID = re.compile(contract.CATALOG_ID_CHARS)
@@ -116,12 +117,11 @@ def _value_problem(value: Any, depth: int = 1) -> str | None:
         if not isinstance(current, (dict, list)):
             continue
         if depth > contract.CATALOG_MAX_NESTING:
-            limit = contract.CATALOG_MAX_NESTING
-            return f"PAYLOAD nests deeper than {limit} levels (too-deep-nesting-in-value-object)"
+            return _too_deep()
         if isinstance(current, dict):
             for key in current:
                 if "." in key or "$" in key:
-                    return f"field name {key[:40]!r} contains '.' or '$' (invalid-keys-in-value-object)"
+                    return f"field name {mask_key(key)!r} contains '.' or '$' (invalid-keys-in-value-object)"
             stack.extend((inner, depth + 1) for inner in current.values())
         else:
             stack.extend((inner, depth + 1) for inner in current)
@@ -138,6 +138,28 @@ def _deleted(value: Any) -> bool | None:
     if isinstance(value, numbers.Number) and value in (0, 1):  # NUMERIC (Decimal) and doubles too
         return bool(value)
     return None
+
+
+def _parsed(raw: Any) -> tuple[Any, str | None]:
+    """A PAYLOAD as its fields, or why it cannot be sent as the table holds it: text that is not
+    JSON, or that a JSON library would change (a key twice, a whole number beyond 64 bits, NaN
+    or Infinity), as for user data types (`payload_rules`)."""
+    if not isinstance(raw, (str, bytes)):  # a typed object from the warehouse
+        return raw, NON_FINITE_REASON if holds_non_finite(raw) else None
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        problem = decode_problem(exc)
+        if problem.startswith("PAYLOAD nests deeper"):  # deeper than orjson reads: past Braze's limit too
+            return None, _too_deep()
+        return None, problem
+    return parsed, lossy_json(raw, parsed)
+
+
+def _too_deep() -> str:
+    return (
+        f"PAYLOAD nests deeper than {contract.CATALOG_MAX_NESTING} levels (too-deep-nesting-in-value-object)"
+    )
 
 
 def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
@@ -165,12 +187,10 @@ def check_catalog_rows(rows: pa.RecordBatch | pa.Table) -> CatalogRows:
             if raw is None:
                 reasons.append("PAYLOAD is null (an item to create or update needs its fields)")
             else:
-                try:
-                    parsed = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
-                except orjson.JSONDecodeError:
-                    parsed = {}
-                    reasons.append("PAYLOAD is not valid JSON")
-                if not isinstance(parsed, dict):  # `null` too: it would replace the item with nothing
+                parsed, problem = _parsed(raw)
+                if problem:
+                    reasons.append(problem)
+                elif not isinstance(parsed, dict):  # `null` too: it would replace the item with nothing
                     reasons.append("PAYLOAD must be a JSON object")
                 else:
                     if "id" in parsed:

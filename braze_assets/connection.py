@@ -12,7 +12,7 @@ import pyarrow as pa
 from braze_assets.catalog_items import check_catalog_rows
 from braze_assets.config import SyncConfig
 from braze_assets.datatypes import DATA_TYPES, DataTypeSpec, validate_rows
-from braze_assets.masking import mask_identifiers
+from braze_assets.masking import mask_identifiers, mask_key
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.factory import make_source
 
@@ -88,7 +88,7 @@ def _preview_rows(report: ConnectionReport, sample: list[dict], spec: DataTypeSp
             {
                 "identifier": mask_identifiers(checked.identifiers(i)),
                 "updated_at": row["UPDATED_AT"].isoformat() if row.get("UPDATED_AT") else None,
-                "payload_keys": sorted(payload)[:20] if isinstance(payload, dict) else None,
+                "payload_keys": sorted(map(mask_key, payload))[:20] if isinstance(payload, dict) else None,
                 "valid": i not in checked.failures,
                 "reasons": checked.failures.get(i, []),
             }

@@ -27,6 +27,41 @@ def mask(value: object) -> str:
     return text[:3] + "***" if len(text) > 6 else "***"
 
 
+#: Characters of a key shown (keys name attributes, properties and fields; some are long).
+KEY_CHARS = 40
+_LONG_DIGITS = re.compile(r"\d{7}")
+
+
+def mask_key(key: object) -> str:
+    """A JSON key as reasons and excerpts show it. Keys name attributes, properties and fields,
+    and are shown (cut at `KEY_CHARS`), so a reason can say which one is wrong; but a table that
+    builds its keys from data may make a key of an email or a phone number, so a key holding an
+    `@` or seven digits in a row is masked like an identifier (a leading `$` kept)."""
+    text = str(key)
+    if "@" not in text and not _LONG_DIGITS.search(text):
+        return text[:KEY_CHARS]
+    bare = text.lstrip("$")
+    return text[: len(text) - len(bare)] + mask(bare)
+
+
+_EMAIL_IN_TEXT = re.compile(r"[^\s\"'`()<>,;:]+@[^\s\"'`()<>,;:]+")
+_DIGITS_IN_TEXT = re.compile(r"\+?\d(?:[ .-]?\d){6,}")
+_QUOTED = re.compile(r"\"([^\"]*)\"|'([^']*)'")
+
+
+def mask_text(text: str, quoted: bool = False) -> str:
+    """A driver's or server's message as errors and logs show it: emails and runs of seven or more
+    digits (phone numbers, ids) masked like identifiers wherever they are. `quoted`: also every
+    quoted value, for messages about a row's data (a conversion error quotes the cell it could
+    not read, which may be anyone's name)."""
+    if quoted:
+        text = _QUOTED.sub(
+            lambda m: m.group(0)[0] + mask(m.group(1) or m.group(2) or "") + m.group(0)[0], text
+        )
+    text = _EMAIL_IN_TEXT.sub(lambda m: mask(m.group(0)), text)
+    return _DIGITS_IN_TEXT.sub(lambda m: mask(m.group(0)), text)
+
+
 def mask_identifiers(identifiers: dict[str, Any]) -> str:
     """A row's identifier for display: `EXTERNAL_ID=use***`."""
     parts = []
@@ -133,7 +168,7 @@ def mask_payload(raw: object, limit: int = 200) -> str:
         if depth > 20:
             return "..."
         if isinstance(node, dict):
-            return {str(k)[:40]: masked(v, depth + 1) for k, v in list(node.items())[:20]}
+            return {mask_key(k): masked(v, depth + 1) for k, v in list(node.items())[:20]}
         if isinstance(node, list):
             return [masked(v, depth + 1) for v in node[:10]]
         if isinstance(node, str):

@@ -17,7 +17,7 @@ import orjson
 from braze_assets.braze import contract
 from braze_assets.datatypes.rows import RowBatch
 from braze_assets.datatypes.spec import SECONDARY_ONLY, DataTypeSpec
-from braze_assets.masking import mask
+from braze_assets.masking import mask, mask_key
 
 _BRAZE_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}):(\d{3})([+-]\d{4}|Z)$")
 
@@ -83,7 +83,7 @@ def _properties_problems(payload: dict, what: str) -> list[str]:
     for key in properties:
         if not key or len(key) > contract.MAX_NAME_CHARS or key.startswith("$"):
             problems.append(
-                f"{what} property names must be 1-255 characters, not starting with $: {key[:40]!r}"
+                f"{what} property names must be 1-255 characters, not starting with $: {mask_key(key)!r}"
             )
         elif key in ("time", "event_name"):
             problems.append(f"{what} property name is reserved by Braze: {key!r}")
@@ -141,11 +141,26 @@ _JSON_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
 _INT_RANGE = (-(1 << 63), (1 << 64) - 1)  # what the JSON parser keeps exactly
 
 
-def _decode_problem(exc: Exception) -> str:
+#: Why a PAYLOAD holding NaN or Infinity is rejected (JSON has no form for them).
+NON_FINITE_REASON = (
+    "PAYLOAD holds NaN or Infinity, which JSON cannot carry (Braze would get null, which removes "
+    "the attribute); send a number or null"
+)
+_NUMBER = re.compile(r"-?[0-9.eE+-]+")
+
+
+def decode_problem(exc: orjson.JSONDecodeError) -> str:
+    """Why orjson could not read a PAYLOAD, from where it stopped (`exc.doc` at `exc.pos`)."""
     message = str(exc)
     if "depth" in message or "recursion" in message.lower():
         return f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
+    at = exc.doc[exc.pos :] if isinstance(exc.doc, str) else ""
+    if at.startswith(("NaN", "Infinity", "-Infinity")):
+        return NON_FINITE_REASON
     if "infinity" in message:
+        number = _NUMBER.match(at)
+        if number is not None and any(c in number.group() for c in ".eE"):
+            return "PAYLOAD has a number too large for a double (beyond 1.8e308), which Braze cannot take"
         return "PAYLOAD has a whole number beyond 64 bits that cannot be sent exactly; send it as a string"
     return f"PAYLOAD is not valid JSON: {message.split(':')[0]}"
 
@@ -157,7 +172,7 @@ def _compact_json(parsed: Any) -> bytes | None:
         return None
 
 
-def _lossy_json(raw: str | bytes, parsed: Any = None) -> str | None:
+def lossy_json(raw: str | bytes, parsed: Any = None) -> str | None:
     """Why this PAYLOAD would not reach Braze as written, or None. A JSON parser silently keeps
     the last of duplicate keys and turns whole numbers beyond 64 bits into floats; both change
     the data, so such a row is rejected with the reason instead.
@@ -170,7 +185,8 @@ def _lossy_json(raw: str | bytes, parsed: Any = None) -> str | None:
         return None
     text = raw if isinstance(raw, str) else raw.decode("utf-8")
     keys = _JSON_KEY.findall(text)
-    if _LONG_DIGITS.search(text) is None and len(keys) == len(set(keys)):
+    # a key written with an escape (`"\u0061"` is `"a"`) may repeat another in other letters
+    if _LONG_DIGITS.search(text) is None and len(keys) == len(set(keys)) and "\\" not in "".join(keys):
         return None
     duplicates: set[str] = set()
     too_big: list[int] = []
@@ -199,7 +215,7 @@ def _lossy_json(raw: str | bytes, parsed: Any = None) -> str | None:
         return f"PAYLOAD nests deeper than {MAX_NESTING} levels (too deep to send)"
     problems = []
     if duplicates:
-        shown = ", ".join(sorted(repr(k[:40]) for k in duplicates)[:5])
+        shown = ", ".join(sorted(repr(mask_key(k)) for k in duplicates)[:5])
         problems.append(f"PAYLOAD has duplicate keys (JSON keeps only the last; send each key once): {shown}")
     if too_big:
         problems.append(
@@ -286,13 +302,13 @@ def payload_facts(
             payload = loads(raw)
         except decode_error as exc:
             problem[i] = 1
-            notes["payload_problem"][i] = _decode_problem(exc)
+            notes["payload_problem"][i] = decode_problem(exc)
             continue
         if type(payload) is not dict:
             problem[i] = 1
             notes["payload_problem"][i] = f"PAYLOAD must be a JSON object: got {type(payload).__name__}"
             continue
-        lossy = _lossy_json(raw, payload)
+        lossy = lossy_json(raw, payload)
         if lossy is not None:
             problem[i] = 1
             notes["payload_problem"][i] = lossy
@@ -311,7 +327,7 @@ def payload_facts(
             if unknown:
                 problems = [
                     f"{spec.name[:-1]} PAYLOAD has keys Braze does not take: "
-                    f"{', '.join(unknown)[:80]} (allowed: {', '.join(sorted(allowed))})"
+                    f"{', '.join(map(mask_key, unknown))[:80]} (allowed: {', '.join(sorted(allowed))})"
                 ]
         if not problems and rules is not None:
             problems = rules(payload)

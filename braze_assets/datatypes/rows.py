@@ -5,6 +5,7 @@ JSON text, UPDATED_AT as UTC timestamps; the identifier kinds of each row as a b
 from __future__ import annotations
 
 import decimal
+import json
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow
 import pyarrow.compute as pc
 
 from braze_assets.datatypes.spec import IDENTIFIER_COLUMNS, KIND_BITS
+from braze_assets.json_bytes import holds_non_finite
 
 
 class IdentifierValueError(ValueError):
@@ -121,8 +123,15 @@ def identifier_texts(
 
 
 def payload_text(value: Any) -> str | bytes | None:
-    """PAYLOAD as JSON text; warehouses with typed JSON/STRUCT payloads hand over objects."""
-    return orjson.dumps(value).decode() if isinstance(value, (dict, list)) else value
+    """PAYLOAD as JSON text; warehouses with typed JSON/STRUCT payloads hand over objects. A
+    float NaN or Infinity in one is written as JavaScript writes it (`NaN`), not as orjson does
+    (`null`, which would remove the attribute in Braze), so the row is rejected for it."""
+    if not isinstance(value, (dict, list)):
+        return value
+    text = orjson.dumps(value)
+    if b"null" in text and holds_non_finite(value):
+        return json.dumps(value, allow_nan=True, default=str)
+    return text.decode()
 
 
 class RowBatch:
