@@ -88,6 +88,13 @@ class CdiSource(abc.ABC):
             raise SourceError(
                 f"{self.description} lacks required column(s) {', '.join(missing)} for a {spec.name} sync"
             )
+        stamp = columns.get("UPDATED_AT", "")
+        if not any(word in stamp.upper() for word in ("TIME", "DATE")):
+            # compared with the window's instants, any other type fails every run in the query
+            raise SourceError(
+                f"{self.description}: UPDATED_AT is {stamp or 'of an unknown type'}; it must be a "
+                "timestamp column (as CDI requires), with or without a time zone"
+            )
         if spec.name == "catalogs":  # items: ID, not user identifiers
             return ["UPDATED_AT", "ID", "PAYLOAD", *(["DELETED"] if "DELETED" in columns else [])]
         if not spec.has_payload and "PAYLOAD" in columns:

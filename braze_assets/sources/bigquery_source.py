@@ -21,6 +21,7 @@ from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 from google.cloud import bigquery
 
+from braze_assets.masking import mask_text
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.sql import UTC, SqlSource, split_table_name
 
@@ -56,7 +57,7 @@ class BigQuerySource(SqlSource):
     def _explain(self, exc: Exception) -> str:
         """BigQuery's own sentence (it carries no credentials), after what it means for us."""
         detail = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
-        detail = detail.splitlines()[0][:300]
+        detail = mask_text(detail.splitlines()[0][:300])
         if isinstance(exc, api_exceptions.NotFound):
             return f"{self.description} does not exist ({detail})"
         if isinstance(exc, _DENIED):
@@ -64,7 +65,8 @@ class BigQuerySource(SqlSource):
                 f"{self.description}: access denied; the service account needs BigQuery Data "
                 f"Viewer and Job User on it ({detail})"
             )
-        return f"{self.description}: BigQuery request failed ({detail})"
+        # anything else may be about a row's data (a cast in a view), whose value it quotes
+        return f"{self.description}: BigQuery request failed ({mask_text(detail, quoted=True)})"
 
     # ----------------------------------------------------------------- dialect hooks
     def _placeholder(self, index: int) -> str:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from databricks.sql import exc as db_errors
 from databricks.sql.parameters import TimestampNTZParameter, TimestampParameter
 
+from braze_assets.masking import mask_text
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.sql import UTC, SqlSource
 
@@ -56,12 +57,13 @@ class DatabricksSource(SqlSource):
 
     def _explain(self, exc: db_errors.Error) -> str:
         """The connector's own sentence (it carries no token), after what it means for us."""
-        detail = (exc.message or type(exc).__name__).strip().splitlines()[0][:300]
+        detail = mask_text((exc.message or type(exc).__name__).strip().splitlines()[0][:300])
         if "TABLE_OR_VIEW_NOT_FOUND" in detail or "SCHEMA_NOT_FOUND" in detail:
             return f"{self.description} does not exist ({detail})"
         if isinstance(exc, (db_errors.OperationalError, db_errors.InterfaceError)):
             return f"{self.description}: cannot connect to or authenticate with Databricks ({detail})"
-        return f"{self.description}: query failed ({detail})"
+        # anything else may be about a row's data (a cast in a view), whose value it quotes
+        return f"{self.description}: query failed ({mask_text(detail, quoted=True)})"
 
     @staticmethod
     def _parameters(params: list[dt.datetime]) -> list[Any]:

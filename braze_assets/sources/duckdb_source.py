@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
+from braze_assets.masking import mask_text
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.sql import SqlSource
 
@@ -69,11 +70,24 @@ class DuckDBSource(SqlSource):
 
     def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self._connect() as con:
-            yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
+            try:
+                yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
+            except duckdb.Error as exc:
+                raise SourceError(self._query_failed(exc)) from None
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:
         with self._connect() as con:
-            row = con.execute(sql, params).fetchone()
+            try:
+                row = con.execute(sql, params).fetchone()
+            except duckdb.Error as exc:
+                raise SourceError(self._query_failed(exc)) from None
         if row is None:  # the adapter's scalars are aggregates: always one row
             raise SourceError(f"{self.description}: the query returned no row")
         return row[0]
+
+    def _query_failed(self, exc: duckdb.Error) -> str:
+        """A failed read in one line. A view that casts or parses each row fails on the first
+        cell it cannot read and quotes it, so what DuckDB quotes about the data is masked."""
+        about_data = isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException))
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return f"{self.description}: the query failed ({mask_text(detail, quoted=about_data)})"

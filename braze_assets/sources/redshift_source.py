@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from braze_assets.masking import mask_text
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.sql import SqlSource
 
@@ -76,6 +77,14 @@ class RedshiftSource(SqlSource):
                 raise SourceError(f"{self.description} does not exist") from None
             except psycopg2.errors.InsufficientPrivilege as exc:
                 raise SourceError(f"{self.description}: permission denied ({exc.pgerror})") from None
+            except psycopg2.Error as exc:
+                raise SourceError(self._query_failed(exc)) from None
+
+    def _query_failed(self, exc: Any) -> str:
+        """A failed read in one line; what the server quotes may be a row's data (a cast in a
+        view), so quoted values are masked."""
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return f"{self.description}: the query failed ({mask_text(detail, quoted=True)})"
 
     def _describe(self) -> list[tuple[str, str]]:
         parts = self.table.replace('"', "").split(".")
@@ -96,16 +105,20 @@ class RedshiftSource(SqlSource):
         return columns
 
     def _arrow_batches(self, sql: str, params: list[Any], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        psycopg2 = _psycopg2()
         with self._connect() as con:
-            with con.cursor(name=f"braze_assets_{uuid.uuid4().hex[:12]}") as cur:
-                cur.itersize = batch_rows
-                cur.execute(sql, params)
-                while True:
-                    rows = cur.fetchmany(batch_rows)
-                    if not rows:
-                        break
-                    names = [d[0] for d in cur.description]
-                    yield pa.RecordBatch.from_pylist([dict(zip(names, r, strict=True)) for r in rows])
+            try:
+                with con.cursor(name=f"braze_assets_{uuid.uuid4().hex[:12]}") as cur:
+                    cur.itersize = batch_rows
+                    cur.execute(sql, params)
+                    while True:
+                        rows = cur.fetchmany(batch_rows)
+                        if not rows:
+                            break
+                        names = [d[0] for d in cur.description]
+                        yield pa.RecordBatch.from_pylist([dict(zip(names, r, strict=True)) for r in rows])
+            except psycopg2.Error as exc:
+                raise SourceError(self._query_failed(exc)) from None
             con.rollback()
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from snowflake.connector import errors as sf_errors
 from snowflake.connector.errorcode import ER_NO_ARROW_RESULT
 
+from braze_assets.masking import mask_text
 from braze_assets.sources.base import SourceError
 from braze_assets.sources.sql import UTC, SqlSource
 
@@ -70,7 +71,7 @@ class SnowflakeSource(SqlSource):
 
     def _explain(self, exc: sf_errors.Error) -> str:
         """The driver's own sentence (it carries no credentials), after what it means for us."""
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        detail = mask_text((str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
         state = exc.sqlstate or ""
         if exc.errno == NOT_FOUND or state == "42S02":
             return f"{self.description} does not exist, or the role may not read it ({detail})"
@@ -78,7 +79,8 @@ class SnowflakeSource(SqlSource):
             exc, (sf_errors.OperationalError, sf_errors.InterfaceError)
         ):
             return f"{self.description}: cannot connect to or authenticate with Snowflake ({detail})"
-        return f"{self.description}: query failed ({detail})"
+        # anything else may be about a row's data (a cast in a view), whose value it quotes
+        return f"{self.description}: query failed ({mask_text(detail, quoted=True)})"
 
     @staticmethod
     def _execute(cur: Any, sql: str, params: list[Any]) -> None:
