@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -140,6 +140,8 @@ class Delivery:
         self._earliest_unsettled: dt.datetime | None = None
         self._auth_error: BrazeAuthError | None = None
         self._live: set[asyncio.Task[None]] = set()
+        #: tasks whose request has gone out: what they sent may have been processed
+        self._on_wire: set[asyncio.Task[Any]] = set()
         self._done = 0
         self._started = self._last_log = time.monotonic()
         self._bar: tqdm[NoReturn] | None = None
@@ -341,11 +343,18 @@ class Delivery:
 
     def _post(self, request: PlannedRequest, journal: Journal | None = None) -> Awaitable[RequestOutcome]:
         catalog = self.spec.request_key is not None  # items go by PUT or DELETE, one shared budget
+
+        def sent() -> Awaitable[None] | None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._on_wire.add(task)
+            return journal.started(request.batch_id) if journal is not None else None
+
         return self.client.post(
             self.endpoint,
             request.body,
             retry_ambiguous=self.policy == "resend",
-            on_send=(lambda: journal.started(request.batch_id)) if journal is not None else None,
+            on_send=sent,
             method=request.array if catalog else "POST",
             budget_key=self.spec.budget,
         )
@@ -379,13 +388,15 @@ class Delivery:
             result = await self._post(request)
 
     def _stop_all(self, exc: BrazeAuthError) -> None:
-        """Braze refused the key: every other request would be refused too. Cancel them all (the
-        waiting ones never leave; those on the wire were refused for the same key), so the run
-        stops at the first 401/403 with their rows unsettled, to be sent once the key is fixed."""
+        """Braze refused the key: every request still to go would be refused too. Those that have
+        not left are cancelled, their rows unsettled, to be sent once the key is fixed. Those
+        already sent are left to end as usual: Braze may have processed them (a key revoked while
+        they travelled, a refusal of one request only), so their answers are settled, or their
+        rows held or resent by the sync's policy; dropped as unsent, they would go twice."""
         if self._auth_error is None:
             self._auth_error = exc
             for task in self._live:
-                if task is not asyncio.current_task():
+                if task is not asyncio.current_task() and task not in self._on_wire:
                     task.cancel()
 
     async def _finish(
@@ -397,6 +408,7 @@ class Delivery:
             return
         results = await asyncio.gather(*chunk.tasks, return_exceptions=True)
         self._live.difference_update(chunk.tasks)
+        self._on_wire.difference_update(chunk.tasks)
         errors += [
             r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
         ]
