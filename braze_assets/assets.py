@@ -141,6 +141,7 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
             valid_path=delta_store.join(run_dir, "valid.parquet"),
             rejected_path=delta_store.join(run_dir, "rejected.parquet"),
             unchanged_path=delta_store.join(run_dir, "unchanged.parquet") if sync.diff_attributes else None,
+            watermark_before=watermark.isoformat() if watermark else None,
         )
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
         keys = context.partition_key_range
@@ -266,7 +267,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         delivery_state: DeliveryStateResource,
     ) -> Iterator[dg.Output[SyncOutcome] | dg.AssetCheckResult | dg.AssetCheckEvaluation]:
         store = delivery_state.store(sync.name)
-        before = store.read_watermark().value
+        # the watermark the delta read, not today's: a release since then moved it back for a reason
+        before = dt.datetime.fromisoformat(delta.watermark_before) if delta.watermark_before else None
         delivery = Delivery(
             endpoint=sync.endpoint,
             spec=spec,
@@ -287,6 +289,8 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         store.deltas.prune(keep=5)
         outcome.watermark_before = before.isoformat() if before else None
         after = next_watermark(sync, delta, outcome, before)
+        if outcome.status == "error":  # the run fails below: no watermark is committed
+            after = before
         outcome.watermark_after = after.isoformat() if after else None
         _add_run_facts(outcome, delta)
         context.log.info(
@@ -370,6 +374,8 @@ def _record_stopped(store: StateStore, outcome: SyncOutcome, delta: DeltaManifes
     """A delivery that stopped on an error is an `error` run in the sync log, with what it
     settled before it stopped; a log that cannot be written must not hide that error."""
     outcome.status, outcome.status_detail = "error", detail
+    # a stopped delivery commits no watermark: the one the delta found stays
+    outcome.watermark_before = outcome.watermark_after = delta.watermark_before
     _add_run_facts(outcome, delta)
     try:
         store.log.record_run(outcome.to_dict())

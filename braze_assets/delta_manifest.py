@@ -59,6 +59,9 @@ class DeltaManifest:
     data_points_saved: int = 0
     #: when the scan began: rows settled from then on by another run are checked again at delivery
     computed_at: str | None = None
+    #: the watermark the window was computed from: delivery commits against it, so a release that
+    #: moves the watermark back between the two steps is kept (`StateStore.commit_watermark`)
+    watermark_before: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -302,3 +302,51 @@ def test_release_command_reconciles_from_a_terminal(harness, emulator, monkeypat
     assert harness.ledger("events") == {"accepted": 4}
     with pytest.raises(SystemExit):
         release_command(["--sync", "events", "--mode", "forget"])
+
+
+def test_a_release_between_a_runs_delta_and_its_delivery_is_kept(harness, emulator):
+    """A run commits its watermark against the one its delta was computed from: a release that
+    moved the watermark back after the delta was read (a person releasing held rows while a run
+    is between its steps) is not undone, and its rows are read again by the next run."""
+    from braze_assets.automation import incremental_range, range_tags
+    from braze_assets.sources.factory import make_source, resource_key
+
+    old = (NOW - dt.timedelta(days=3)).replace(tzinfo=None)
+    harness.table("events", [_event(0, "u1", old)])
+    harness.syncs = [sync_config("events", "events", "main.events", lookback="PT0S")]
+    emulator.set_faults(FaultConfig(rate_drop_before=1.0))  # never reached Braze: held
+    assert harness.run("events").outcome.held == 1
+    emulator.set_faults(FaultConfig())
+    harness.table("events", [_event(1, "u1", (NOW - dt.timedelta(hours=2)).replace(tzinfo=None))])
+    assert harness.run("events").outcome.accepted == 1
+    harness.table("events", [_event(2, "u1", (NOW - dt.timedelta(hours=1)).replace(tzinfo=None))])
+
+    resources = harness.resources()
+    sync = harness.config("events")
+    keys = incremental_range(
+        sync,
+        resources["delivery_state"],
+        dt.datetime.now(UTC),
+        make_source(sync, resources[resource_key(sync)]),
+    )
+    job = harness.definitions().resolve_job_def("events_job")
+
+    def step(asset: str) -> dg.ExecuteInProcessResult:
+        return job.execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(),
+            tags=range_tags(keys),
+            asset_selection=[dg.AssetKey(asset)],
+            raise_on_error=False,
+        )
+
+    assert step("events_delta").success
+    result, _, _ = _release(harness, "events")  # resend: the watermark goes back before row 0
+    assert result.success
+    released = harness.watermark("events")
+    assert step("events_sync_results").success
+    assert harness.watermark("events") == released, "the release was undone"
+
+    again = harness.run("events")
+    assert again.delta.late_outside_lookback == 0
+    assert _seqs(emulator) == Counter([0, 1, 2])
+    assert harness.ledger("events") == {"accepted": 3}
