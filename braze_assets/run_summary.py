@@ -124,6 +124,11 @@ def print_summaries(summaries: list[dict], emulator_stats: dict | None = None) -
                 f"{s['accepted']:,}  failed {s['failed']:,}  held (unknown outcome) {s['held']:,}"
                 f"  not sent (retry next run) {s['not_sent']:,}"
             )
+            if s.get("ambiguous"):
+                print(
+                    f"   answer lost for {s['ambiguous']:,} rows (Braze may have processed them; held, or "
+                    "sent again where ambiguous_policy is resend)"
+                )
             if s.get("recovered_settled") or s.get("recovered_held") or s.get("recovered_unsent"):
                 print(
                     f"   recovered from a killed run: settled {s['recovered_settled']:,}  held "

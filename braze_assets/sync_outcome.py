@@ -85,6 +85,9 @@ class SyncOutcome:
             status_detail=detail,
             rows_read=delta.rows_read if delta else 0,
             rows_rejected=delta.rejected if delta else 0,
+            # nothing was committed: the watermark stays where the delta found it
+            watermark_before=delta.watermark_before if delta else None,
+            watermark_after=delta.watermark_before if delta else None,
             started_at=delta.computed_at if delta else None,
             finished_at=dt.datetime.now(dt.UTC).isoformat(),
         )
@@ -110,6 +113,12 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
     due = outcome.rows_in_delta - outcome.settled_since_delta
     reached = outcome.accepted + outcome.failed + outcome.held
     if due > 0 and reached == 0 and outcome.not_sent:
+        if outcome.ambiguous:  # answers lost after Braze may have processed the requests
+            return "error", (
+                f"Braze confirmed none of {due:,} rows: {outcome.ambiguous:,} may have been processed "
+                f"(Braze's answers were lost), and all {outcome.not_sent:,} are sent again by the next "
+                "run (ambiguous_policy resend)"
+            )
         return "error", (
             f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
             "(Braze unreachable or refusing); they are sent by the next run"

@@ -194,3 +194,30 @@ def test_a_state_database_that_cannot_be_reached_is_said_in_one_line(tmp_path, e
         assert down.returncode == 1, (args, down.stderr[-2000:])
         assert "braze-assets: BRAZE_ASSETS_STATE_URL: cannot connect to the state database" in down.stderr
         assert "Traceback" not in down.stderr and "hunter2" not in down.stderr + down.stdout
+
+
+def test_a_run_whose_every_answer_was_lost_says_braze_may_have_the_rows(tmp_path, emulator):
+    """Braze processed every request and lost every answer (500 after storing): the rows may
+    have reached it, and the watermark the run reports is the one in force, not one it never
+    committed."""
+    rows = [
+        cdi_row(HOUR_AGO.replace(tzinfo=None), '{"tier": "gold"}', external_id=f"u-{i}") for i in range(6)
+    ]
+    project = cli_project(tmp_path, emulator, [sync_config("users", "attributes", "main.users")])
+    project.harness.table("users", rows[:3])
+    first = summaries(project.run("run", "--json"))[0]
+    assert first["status"] == "success"
+    watermark = first["watermark_after"]
+
+    project.harness.table("users", [dict(r, PAYLOAD='{"tier": "silver"}') for r in rows])
+    emulator.set_faults(FaultConfig(rate_5xx_after=1.0))
+    run = project.run("run", "--json")
+    [summary] = summaries(run)
+    assert summary["status"] == "error", summary
+    assert "reached Braze" not in summary["status_detail"] or "may have" in summary["status_detail"]
+    assert "may have been processed" in summary["status_detail"], summary["status_detail"]
+    assert (summary["watermark_before"], summary["watermark_after"]) == (watermark, watermark)
+    [record] = project.harness.delivery_state().store("users").log.runs(limit=1)
+    assert (record["watermark_before"], record["watermark_after"]) == (watermark, watermark)
+    text = project.run("run")
+    assert "answer lost" in text.stdout, text.stdout[-2000:]
