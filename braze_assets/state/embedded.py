@@ -138,7 +138,8 @@ class EmbeddedStateStore(StateStore):
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise SyncBusyError(
-                            f"sync {self.sync!r} is being delivered by another run; try again when it ends"
+                            f"sync {self.sync!r} is being delivered by another run or released from the "
+                            "release_held_job; try again when it ends"
                         ) from None
                     time.sleep(0.1)
             try:

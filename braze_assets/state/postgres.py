@@ -157,7 +157,8 @@ class PostgresStateStore(StateStore):
                         break
                     if time.monotonic() >= deadline:
                         raise SyncBusyError(
-                            f"sync {self.sync!r} is being delivered by another run; try again when it ends"
+                            f"sync {self.sync!r} is being delivered by another run or released from the "
+                            "release_held_job; try again when it ends"
                         )
                     time.sleep(0.1)
             try:
