@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
 import json
 import os
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from braze_assets.config import SyncConfig
 
 DEMO_PORT = 4545
+#: How long a dry run waits for a sync's state that a run or a release holds, before saying so.
+DRY_RUN_STATE_WAIT_S = 5.0
 DAGSTER_YAML = """\
 # Local Dagster instance for braze_assets (see deploy/dagster.yaml for production).
 telemetry:
@@ -154,6 +157,7 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     from braze_assets.resources import delivery_state_from_environment, home_dir
     from braze_assets.sources.base import SourceError
     from braze_assets.sources.factory import make_source, resource_key
+    from braze_assets.state import SyncBusyError
 
     syncs = selected_syncs(only)
     resources = default_resources(syncs)
@@ -169,10 +173,13 @@ def dry_runs(only: list[str] | None = None) -> list[dict]:
     for sync in syncs:
         source = make_source(sync, resources[resource_key(sync)])
         announced = braze.announced_rate_per_s(budget_path(sync)) if braze is not None else None
+        store = copy.copy(state.store(sync.name))
+        # a run delivering holds the embedded state: a dry run says so rather than wait for it
+        store.lock_timeout_s = min(store.lock_timeout_s, DRY_RUN_STATE_WAIT_S)
         try:
             share = resources["braze"].max_rate_share
-            bill = bill_now(sync, source, state.store(sync.name), share, announced)
-        except SourceError as exc:  # this sync's source: the other syncs' bills still come
+            bill = bill_now(sync, source, store, share, announced)
+        except (SourceError, SyncBusyError) as exc:  # this sync's: the other syncs' bills still come
             error = f"sync {sync.name}: {exc}"
             bills.append({"sync": sync.name, "error": error, "text": f"== {sync.name}  [error]\n   {error}"})
             continue

@@ -212,3 +212,42 @@ def test_a_bill_says_how_many_rows_a_stopped_run_left_in_flight(harness, emulato
     assert "2 rows of a run that stopped (or is still sending) are in flight" in text["text"]
     with harness.delivery_state().store("users").session() as ledger:
         assert ledger.planned_rows() == 2, "the dry run recovered nothing"
+
+
+def test_a_dry_run_while_a_run_holds_the_state_says_so_without_waiting(
+    harness, emulator, monkeypatch, capsys
+):
+    """A run delivering holds its sync's state file: the dry run does not wait for it to end (up
+    to the lock timeout, then a traceback), it says that sync is busy and bills the others."""
+    import subprocess
+    import sys
+    import time
+
+    harness.syncs = [
+        sync_config("users", "attributes", "main.users"),
+        sync_config("events", "events", "main.events"),
+    ]
+    harness.table("users", _users(3, NOW - dt.timedelta(hours=2)))
+    harness.table("events", events_rows(4, NOW - dt.timedelta(hours=2)))
+    assert harness.run("users").result.success
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('open', flush=True); "
+            "time.sleep(120)",
+            str(harness.state_dir / "users.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        started = time.monotonic()
+        bills = {b["sync"]: b for b in _cli_dry_run(harness, monkeypatch, capsys, "--json")}
+        assert time.monotonic() - started < 60, "the dry run waited for the run to end"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert bills["events"]["rows_to_send"] == 4
+    assert "sync users: " in bills["users"]["error"] and "in use" in bills["users"]["error"], bills["users"]

@@ -108,8 +108,14 @@ class EmbeddedStateStore(StateStore):
                 con = duckdb.connect(str(self.db_path), read_only=read_only)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                if "lock" not in str(exc).lower():
                     raise
+                if time.monotonic() > deadline:
+                    raise SyncBusyError(
+                        f"the state of sync {self.sync!r} has been in use by another process (a run "
+                        f"delivering, or a release) for over {self.lock_timeout_s:g} s; try again when "
+                        "it ends"
+                    ) from None
                 time.sleep(0.2)
         try:
             con.execute(f"SET memory_limit = '{LEDGER_MEMORY_LIMIT}'")
