@@ -25,17 +25,31 @@ from braze_assets.sources import CdiSource, SourceError
 from braze_assets.sources.factory import make_source, resource_key
 
 
+class NothingToSyncYet(Exception):
+    """The sync's first partition (`partitions_start`) is still ahead: there is no day to sync.
+
+    The config refuses a partitions_start after today, so this takes a clock behind the one the
+    file was checked by; a tick or `braze-assets run` then says so instead of failing."""
+
+
 def incremental_range(
     sync: SyncConfig, delivery_state: DeliveryStateResource, now: dt.datetime, source: CdiSource
 ) -> dg.PartitionKeyRange:
     """From the day of (watermark - lookback) to today: where new and late rows can be.
 
     The first sync starts at the table's oldest row (not at partitions_start), so a run does not
-    carry empty days: Dagster records every partition of a run's range.
+    carry empty days: Dagster records every partition of a run's range. Raises `NothingToSyncYet`
+    when `now` is before the first partition.
     """
+    keys = partitions_for(sync).get_partition_keys(current_time=now)
+    if not keys:
+        raise NothingToSyncYet(
+            f"sync {sync.name}: nothing to sync yet: its partitions start on "
+            f"{sync.partitions_start.isoformat()} (partitions_start), after today "
+            f"({now.astimezone(dt.UTC).date().isoformat()} UTC)"
+        )
     watermark = delivery_state.store(sync.name).read_watermark().value
     start = pending_start(sync, watermark, source, now)
-    keys = partitions_for(sync).get_partition_keys(current_time=now)
     first = start.strftime("%Y-%m-%d")
     return dg.PartitionKeyRange(max(first, keys[0]), keys[-1])
 
@@ -83,7 +97,10 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
             return dg.SkipReason(busy)
         delivery_state = context.resources.delivery_state
         source = make_source(sync, getattr(context.resources, resource_key(sync)))
-        keys = incremental_range(sync, delivery_state, utc_now(), source)
+        try:
+            keys = incremental_range(sync, delivery_state, utc_now(), source)
+        except NothingToSyncYet as exc:
+            return dg.SkipReason(str(exc))
         return dg.RunRequest(tags=range_tags(keys))
 
     return _schedule
@@ -129,7 +146,10 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
             return dg.SensorResult(skip_reason=_unchanged(seen), asset_events=[observation])
         if busy:  # the cursor stays: the rows are requested once the live run has ended
             return dg.SensorResult(skip_reason=busy, asset_events=[observation])
-        keys = incremental_range(sync, delivery_state, utc_now(), source)
+        try:
+            keys = incremental_range(sync, delivery_state, utc_now(), source)
+        except NothingToSyncYet as exc:  # no cursor: the rows are requested once the day exists
+            return dg.SensorResult(skip_reason=str(exc), asset_events=[observation])
         run_key = ":".join([sync.name, *(str(v) for v in seen.values())])
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=run_key, tags=range_tags(keys))],

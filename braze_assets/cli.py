@@ -100,7 +100,7 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
     """Materialize each sync's job for its incremental range; return one summary per sync."""
     import dagster as dg
 
-    from braze_assets.automation import incremental_range, range_tags
+    from braze_assets.automation import NothingToSyncYet, incremental_range, range_tags
     from braze_assets.definitions import build_definitions, default_resources
     from braze_assets.instance import file_lock, process_tags, reclaim_dead_runs
     from braze_assets.resources import delivery_state_from_environment, home_dir
@@ -121,7 +121,7 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
         with file_lock(lock, blocking=False) as ours:
             if not ours:
                 summaries.append(
-                    _busy_summary(
+                    _no_run_summary(
                         sync.name,
                         (
                             f"sync {sync.name} is busy: another braze-assets run of it is in progress "
@@ -133,10 +133,14 @@ def run_syncs(only: list[str] | None = None, log_level: str = "INFO") -> list[di
                 continue
             pool = reclaim_dead_runs(instance, sync.name, log=_note)
             if pool.busy:
-                summaries.append(_busy_summary(sync.name, pool.busy_message(), pool.reclaimed))
+                summaries.append(_no_run_summary(sync.name, pool.busy_message(), pool.reclaimed))
                 continue
             source = make_source(sync, resources[resource_key(sync)])
-            keys = incremental_range(sync, state, dt.datetime.now(dt.UTC), source)
+            try:
+                keys = incremental_range(sync, state, dt.datetime.now(dt.UTC), source)
+            except NothingToSyncYet as exc:  # no day to run: said, and the next syncs still run
+                summaries.append(_no_run_summary(sync.name, str(exc), pool.reclaimed, status="success"))
+                continue
             job = defs.resolve_job_def(f"{sync.name}_job")
             result = job.execute_in_process(
                 instance=instance,
@@ -191,12 +195,13 @@ def _note(message: str) -> None:
     print(f"braze-assets: {message}", file=sys.stderr, flush=True)
 
 
-def _busy_summary(name: str, detail: str, reclaimed: list[str]) -> dict:
+def _no_run_summary(name: str, detail: str, reclaimed: list[str], status: str = "error") -> dict:
+    """A sync that launched no run (busy, or no day to sync yet), with why."""
     _note(detail)
     return {
         "sync": name,
         "partitions": None,
-        "status": "error",
+        "status": status,
         "status_detail": detail,
         "run_id": None,
         "reclaimed": reclaimed,

@@ -242,6 +242,19 @@ class SyncConfig(StrictModel):
             raise ValueError("lookback must not be negative")
         return value
 
+    @field_validator("partitions_start")
+    @classmethod
+    def _not_in_the_future(cls, value: dt.date) -> dt.date:
+        """A first day still ahead has no partition to sync or backfill: most likely a typo of the
+        year, better said at load than by runs that find no day. Days are UTC, as the partitions."""
+        today = dt.datetime.now(dt.UTC).date()
+        if value > today:
+            raise ValueError(
+                f"{value.isoformat()} is after today ({today.isoformat()} UTC): no day from it can be "
+                "synced yet; give the first UPDATED_AT day backfills may reach, today at the latest"
+            )
+        return value
+
     @field_validator("send", "always_send")
     @classmethod
     def _diff_only_for_attributes(cls, value: Any, info: ValidationInfo) -> Any:

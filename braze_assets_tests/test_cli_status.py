@@ -4,6 +4,7 @@ a step error, every held row, and an exit code per status (0, 3 partial_success,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 
 from braze_assets import cli
@@ -221,3 +222,34 @@ def test_a_run_whose_every_answer_was_lost_says_braze_may_have_the_rows(tmp_path
     assert (record["watermark_before"], record["watermark_after"]) == (watermark, watermark)
     text = project.run("run")
     assert "answer lost" in text.stdout, text.stdout[-2000:]
+
+
+def test_a_sync_with_no_day_to_sync_yet_says_so_and_the_next_syncs_still_run(
+    tmp_path, emulator, monkeypatch, capsys
+):
+    """A clock behind a sync's partitions_start (the file was checked by another machine's
+    clock): that sync reports there is nothing to sync yet, and the syncs after it still run."""
+    from braze_assets import automation
+
+    syncs = [sync_config("early", "events", "main.early"), sync_config("ok", "events", "main.ok")]
+    project = cli_project(tmp_path, emulator, syncs)
+    project.harness.table("ok", events_rows(2, HOUR_AGO))
+    for key in ("BRAZE_ASSETS_HOME", "BRAZE_ASSETS_SYNCS", "BRAZE_ASSETS_DUCKDB", "BRAZE_REST_ENDPOINT"):
+        monkeypatch.setenv(key, project.env[key])
+    monkeypatch.setenv("BRAZE_API_KEY", API_KEY)
+    monkeypatch.setenv("DAGSTER_HOME", str(project.dagster_home))  # restored after: the CLI sets it
+    monkeypatch.setenv("BRAZE_ASSETS_PROGRESS_BAR", "0")
+    real = automation.incremental_range
+
+    def clock_behind_for_early(sync, state, now, source):
+        before = dt.datetime(2023, 6, 1, tzinfo=UTC)  # partitions start on 2024-01-01
+        return real(sync, state, before if sync.name == "early" else now, source)
+
+    monkeypatch.setattr(automation, "incremental_range", clock_behind_for_early)
+    assert cli.main(["run", "--json"]) == 0
+    out = capsys.readouterr()
+    by_name = {s["sync"]: s for s in json.loads(out.out[out.out.index("[") :])}
+    assert by_name["early"]["status"] == "success" and by_name["early"]["run_id"] is None
+    assert "nothing to sync yet: its partitions start on 2024-01-01" in by_name["early"]["status_detail"]
+    assert by_name["ok"]["status"] == "success" and by_name["ok"]["accepted"] == 2
+    assert "Traceback" not in out.err

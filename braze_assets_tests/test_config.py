@@ -208,6 +208,17 @@ def test_zero_and_iso_lookbacks_are_accepted():
     assert [s.lookback for s in syncs] == [dt.timedelta(0), dt.timedelta(days=2)]
 
 
+def test_partitions_start_in_the_future_is_refused(tmp_path):
+    message = load_error(tmp_path, sync_entry("early", partitions_start=dt.date(2099, 1, 1)))
+    assert_names(message, "early", "partitions_start", "2099-01-01 is after today")
+
+
+def test_partitions_start_today_is_accepted():
+    today = dt.datetime.now(dt.UTC).date()
+    [sync] = parse_syncs({"syncs": [sync_entry(partitions_start=today)]})
+    assert sync.partitions_start == today
+
+
 @pytest.mark.parametrize(
     "table",
     [

@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import warnings
+from unittest import mock
 
 import dagster as dg
+import pytest
 
-from braze_assets.automation import incremental_range
+from braze_assets.automation import NothingToSyncYet, incremental_range
 from braze_assets.sources.factory import make_source
 from braze_assets_tests.conftest import cdi_row, events_rows, sync_config
 
@@ -157,6 +159,27 @@ def test_incremental_range_survives_a_missing_table(harness):
         sync, resources["delivery_state"], dt.datetime.now(UTC), make_source(sync, resources["duckdb"])
     )
     assert keys.start == keys.end == dt.datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def test_incremental_range_before_the_first_partition_says_there_is_nothing_to_sync_yet(harness):
+    """A clock behind partitions_start (the file was checked on another machine's clock): no day
+    exists yet, and the schedule and sensor skip with the reason instead of failing the tick."""
+    harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True})]
+    harness.table("ev", events_rows(1, dt.datetime.now(UTC)))
+    sync = harness.config("ev")
+    resources = harness.resources()
+    before = dt.datetime(2023, 6, 1, tzinfo=UTC)  # the fixture's partitions start on 2024-01-01
+    with pytest.raises(NothingToSyncYet, match="nothing to sync yet: its partitions start on 2024-01-01"):
+        incremental_range(sync, resources["delivery_state"], before, make_source(sync, resources["duckdb"]))
+
+    defs = harness.definitions()
+    with mock.patch("braze_assets.automation.utc_now", return_value=before):
+        with dg.build_schedule_context(resources=resources) as context:
+            tick = defs.resolve_schedule_def("ev_schedule").evaluate_tick(context)
+        assert not tick.run_requests and "nothing to sync yet" in (tick.skip_message or "")
+        with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=resources) as context:
+            tick = defs.resolve_sensor_def("ev_sensor").evaluate_tick(context)
+        assert not tick.run_requests and "nothing to sync yet" in (tick.skip_message or "")
 
 
 def test_a_syncs_description_leads_its_assets_descriptions(tmp_path, emulator):
