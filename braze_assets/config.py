@@ -37,6 +37,7 @@ from braze_assets.config_sources import (
 __all__ = [
     "BUCKET_NAME",
     "DEFAULT_SYNCS_FILE",
+    "MAX_LOOKBACK",
     "MAX_SCHEDULE_INTERVAL",
     "MIN_SCHEDULE_INTERVAL",
     "SOURCE_TYPES",
@@ -73,6 +74,10 @@ SYNC_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 MIN_SCHEDULE_INTERVAL = dt.timedelta(minutes=15)
 MAX_SCHEDULE_INTERVAL = dt.timedelta(days=31)
+#: The longest lookback: every run re-reads its whole window, and rows older than a year are a
+#: backfill's business; far beyond it, the watermark minus the lookback is before year 1.
+MAX_LOOKBACK = dt.timedelta(days=365)
+_BARE_NUMBER = re.compile(r"\s*[-+]?\d+(?:\.\d*)?\s*")
 
 
 class ConfigError(ValueError):
@@ -235,11 +240,28 @@ class SyncConfig(StrictModel):
             raise ValueError(f"{value!r} must be lower-case letters, digits and _, starting with a letter")
         return value
 
+    @field_validator("lookback", mode="before")
+    @classmethod
+    def _duration_with_a_unit(cls, value: object) -> object:
+        """pydantic reads a bare number as seconds: `lookback: 2` would silently be 2 seconds
+        where days were likely meant, so a duration must say its unit."""
+        if isinstance(value, (int, float)) or (isinstance(value, str) and _BARE_NUMBER.fullmatch(value)):
+            raise ValueError(
+                "lookback needs a unit: write an ISO 8601 duration such as P2D (2 days), PT6H "
+                f"(6 hours) or PT0S (none), not the bare number {value!r}"
+            )
+        return value
+
     @field_validator("lookback")
     @classmethod
-    def _non_negative(cls, value: dt.timedelta) -> dt.timedelta:
+    def _within_limits(cls, value: dt.timedelta) -> dt.timedelta:
         if value < dt.timedelta(0):
             raise ValueError("lookback must not be negative")
+        if value > MAX_LOOKBACK:
+            raise ValueError(
+                f"lookback {value} is longer than the limit of {MAX_LOOKBACK.days} days "
+                f"(P{MAX_LOOKBACK.days}D); backfill the days before it instead"
+            )
         return value
 
     @field_validator("partitions_start")

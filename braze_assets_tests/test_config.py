@@ -195,17 +195,36 @@ def test_unknown_timezone_is_refused(tmp_path):
     assert_names(message, "tz", "schedule.timezone", "unknown IANA time zone 'Mars/Olympus_Mons'")
 
 
-@pytest.mark.parametrize("lookback", ["-P1D", -3600, "-PT1S"])
+@pytest.mark.parametrize("lookback", ["-P1D", "-PT1H", "-PT1S"])
 def test_negative_lookback_is_refused(tmp_path, lookback):
     message = load_error(tmp_path, sync_entry("late", lookback=lookback))
     assert_names(message, "late", "lookback", "lookback must not be negative")
 
 
+@pytest.mark.parametrize("lookback", ["P366D", "P999999D", "P2Y"])
+def test_lookback_longer_than_a_year_is_refused(tmp_path, lookback):
+    message = load_error(tmp_path, sync_entry("late", lookback=lookback))
+    assert_names(message, "late", "lookback", "is longer than the limit of 365 days (P365D)")
+
+
+@pytest.mark.parametrize("lookback", [2, 2.5, -3600, True, "2", " 48 "])
+def test_a_bare_number_is_not_taken_for_a_lookback(tmp_path, lookback):
+    message = load_error(tmp_path, sync_entry("late", lookback=lookback))
+    assert_names(message, "late", "lookback", f"not the bare number {lookback!r}")
+    assert "ISO 8601 duration such as P2D (2 days), PT6H (6 hours) or PT0S (none)" in message
+
+
 def test_zero_and_iso_lookbacks_are_accepted():
     syncs = parse_syncs(
-        {"syncs": [sync_entry("a", lookback="PT0S"), sync_entry("b", lookback="P2D", source={"table": "t2"})]}
+        {
+            "syncs": [
+                sync_entry("a", lookback="PT0S"),
+                sync_entry("b", lookback="P2D", source={"table": "t2"}),
+                sync_entry("c", lookback="P365D", source={"table": "t3"}),
+            ]
+        }
     )
-    assert [s.lookback for s in syncs] == [dt.timedelta(0), dt.timedelta(days=2)]
+    assert [s.lookback for s in syncs] == [dt.timedelta(0), dt.timedelta(days=2), dt.timedelta(days=365)]
 
 
 def test_partitions_start_in_the_future_is_refused(tmp_path):
