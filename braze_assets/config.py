@@ -440,6 +440,34 @@ def parse_syncs(raw: object, origin: str = "syncs.yaml") -> list[SyncConfig]:
         raise ConfigError(f"{origin} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping: `data_type: events` then
+    `data_type: deletions` silently became a deletions sync. A key given twice is an error here.
+    Keys a `<<` merge brings in may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            lines[key] = line
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice in one mapping ({where}); only one can count: "
+                    "remove the other",
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def syncs_path() -> Path:
     return Path(os.environ.get("BRAZE_ASSETS_SYNCS") or DEFAULT_SYNCS_FILE)
 
@@ -447,7 +475,7 @@ def syncs_path() -> Path:
 def load_syncs(path: Path | str | None = None) -> list[SyncConfig]:
     path = Path(path) if path else syncs_path()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except FileNotFoundError:
         raise ConfigError(f"sync configuration {path} does not exist") from None
     except yaml.YAMLError as exc:

@@ -360,6 +360,47 @@ def test_invalid_yaml(tmp_path):
     assert str(caught.value).startswith(f"{path} is not valid YAML: ")
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "syncs.yaml"
+    path.write_text(
+        textwrap.dedent("""\
+        syncs:
+          - name: app_events
+            data_type: events
+            source: {type: duckdb, table: main.events}
+            data_type: deletions
+    """)
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_syncs(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not valid YAML: ")
+    assert "key 'data_type' is given twice in one mapping (lines 3 and 5)" in message, message
+
+    path.write_text("syncs:\n  - {name: a, data_type: events, source: {table: t1, table: t2}}\n")
+    with pytest.raises(ConfigError, match=r"key 'table' is given twice in one mapping \(line 2\)"):
+        load_syncs(path)
+
+
+def test_settings_shared_through_a_yaml_merge_key_may_be_overridden(tmp_path):
+    path = tmp_path / "syncs.yaml"
+    path.write_text(
+        textwrap.dedent("""\
+        syncs:
+          - &first
+            name: app_events
+            data_type: events
+            source: {table: main.events}
+            lookback: P2D
+          - <<: *first
+            name: more_events
+            source: {table: main.more_events}
+    """)
+    )
+    first, second = load_syncs(path)
+    assert (second.name, second.data_type, second.lookback) == ("more_events", "events", first.lookback)
+
+
 @pytest.mark.parametrize("text", ["", "- name: a\n", "syncs_list: []\n"])
 def test_file_without_a_syncs_mapping(tmp_path, text):
     path = tmp_path / "syncs.yaml"
