@@ -131,8 +131,8 @@ def _tick_gaps(cron: str) -> tuple[dt.timedelta, dt.timedelta]:
 
 
 class SensorConfig(StrictModel):
-    enabled: bool = False
-    minimum_interval_seconds: int = Field(default=60, ge=30, le=86_400)
+    enabled: bool = Field(default=False, strict=True)
+    minimum_interval_seconds: int = Field(default=60, ge=30, le=86_400, strict=True)
 
 
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
@@ -147,9 +147,9 @@ class AlertsConfig(StrictModel):
     #: environment variable holding a Slack incoming-webhook URL (a secret: never in config)
     slack_webhook_env: str | None = None
     #: also alert when a run succeeds
-    on_success: bool = False
+    on_success: bool = Field(default=False, strict=True)
     #: alert when more than this share of the run's rows failed (validation or at Braze)
-    row_error_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    row_error_threshold: float = Field(default=0.0, ge=0.0, le=1.0, strict=True)
 
     @field_validator("emails")
     @classmethod
@@ -176,9 +176,9 @@ class SyncLogConfig(StrictModel):
 
     #: After this many days a row's details (masked identifier, lookup hashes, reason or Braze's
     #: message) are cleared; its identity and status stay, as exactly-once delivery needs them.
-    row_retention_days: int = Field(default=30, ge=1, le=3_650)
+    row_retention_days: int = Field(default=30, ge=1, le=3_650, strict=True)
     #: After this many days a run's record is deleted.
-    run_retention_days: int = Field(default=365, ge=1, le=3_650)
+    run_retention_days: int = Field(default=365, ge=1, le=3_650, strict=True)
 
 
 #: The mass-deletion guard's default limit (users per run).
@@ -188,7 +188,11 @@ _USERS_TRACK_DEFAULTS: dict[str, Any] = {"update_existing_only": False, "batch_m
 
 
 class SyncConfig(StrictModel):
-    """One integration: a source table synced to Braze as one data type."""
+    """One integration: a source table synced to Braze as one data type.
+
+    Booleans and numbers here and in the nested settings are strict (`strict=True`): pydantic
+    would otherwise read `'yes'` or `1` as true and `'0.5'` as a number, so a quoting slip or a
+    typo would change a sync's behaviour without a word."""
 
     name: str
     data_type: DataType
@@ -200,22 +204,22 @@ class SyncConfig(StrictModel):
     lookback: dt.timedelta = dt.timedelta(days=1)
     #: First day of the UPDATED_AT daily partitions (backfills can reach back to here).
     partitions_start: dt.date = dt.date(2024, 1, 1)
-    update_existing_only: bool = False
+    update_existing_only: bool = Field(default=False, strict=True)
     batch_mode: Literal["combined", "legacy_per_array"] = "combined"
     #: What to do with rows whose outcome at Braze is unknown (timeout after sending, 500/504, drop).
     #: Defaults: resend where sending twice is harmless (attributes, deletions), hold where it
     #: would inflate counts and revenue (events, purchases).
     ambiguous_policy: AmbiguousPolicy | None = None
     #: The run's row-error-rate check blocks delivery above this fraction of rows read.
-    max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    max_row_error_rate: float = Field(default=0.2, ge=0.0, le=1.0, strict=True)
     #: ... judged only when a run evaluates at least this many rows: 1 bad row of 3 is no trend.
-    min_rows_for_error_rate: int = Field(default=20, ge=0)
+    min_rows_for_error_rate: int = Field(default=20, ge=0, strict=True)
     #: who hears about this sync's runs (email, Slack); none by default
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     #: Deletions only: the mass-deletion guard blocks a run that would delete more users than this.
-    max_deletions: int = Field(default=MAX_DELETIONS, ge=1)
+    max_deletions: int = Field(default=MAX_DELETIONS, ge=1, strict=True)
     #: Requests in flight at once (bounds the window of ambiguous outcomes).
-    max_in_flight: int = Field(default=32, ge=1, le=256)
+    max_in_flight: int = Field(default=32, ge=1, le=256, strict=True)
     #: Retention of the sync log (runs and rows), applied after every run
     sync_log: SyncLogConfig = Field(default_factory=SyncLogConfig)
     #: Attributes syncs: `changed` sends only attributes whose value differs from what Braze last

@@ -239,6 +239,38 @@ def test_partitions_start_today_is_accepted():
 
 
 @pytest.mark.parametrize(
+    "fields, field, cause",
+    [
+        ({"update_existing_only": "yes"}, "update_existing_only", "Input should be a valid boolean"),
+        ({"update_existing_only": 1}, "update_existing_only", "Input should be a valid boolean"),
+        ({"sensor": {"enabled": "true"}}, "sensor.enabled", "Input should be a valid boolean"),
+        ({"alerts": {"on_success": 0}}, "alerts.on_success", "Input should be a valid boolean"),
+        ({"max_row_error_rate": "0.5"}, "max_row_error_rate", "Input should be a valid number"),
+        ({"max_row_error_rate": True}, "max_row_error_rate", "Input should be a valid number"),
+        ({"alerts": {"row_error_threshold": "0.1"}}, "alerts.row_error_threshold", "valid number"),
+        ({"min_rows_for_error_rate": "20"}, "min_rows_for_error_rate", "Input should be a valid integer"),
+        ({"max_in_flight": 8.5}, "max_in_flight", "Input should be a valid integer"),
+        ({"sensor": {"minimum_interval_seconds": "60"}}, "sensor.minimum_interval_seconds", "valid integer"),
+        ({"sync_log": {"row_retention_days": "30"}}, "sync_log.row_retention_days", "valid integer"),
+        ({"sync_log": {"run_retention_days": True}}, "sync_log.run_retention_days", "valid integer"),
+    ],
+)
+def test_booleans_and_numbers_must_be_written_as_such(tmp_path, fields, field, cause):
+    message = load_error(tmp_path, sync_entry("loose", **fields))
+    assert_names(message, "loose", field, cause)
+
+
+def test_deletions_limit_must_be_a_whole_number(tmp_path):
+    message = load_error(tmp_path, sync_entry("gone", data_type="deletions", max_deletions="500"))
+    assert_names(message, "gone", "max_deletions", "Input should be a valid integer")
+
+
+def test_whole_numbers_are_accepted_for_shares():
+    [sync] = parse_syncs({"syncs": [sync_entry(max_row_error_rate=1, alerts={"row_error_threshold": 0})]})
+    assert (sync.max_row_error_rate, sync.alerts.row_error_threshold) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
     "table",
     [
         "users; drop table x",
