@@ -326,6 +326,7 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from braze_assets.config import ConfigError
+    from braze_assets.delta_store import DeltaStoreError
     from braze_assets.state.postgres_schema import StateUnreachableError, StateUrlError
 
     try:
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"braze-assets: {exc}", file=sys.stderr)
         return 2
-    except (ConfigError, StateUrlError, StateUnreachableError) as exc:  # what to fix, not a traceback
+    # what to fix, not a traceback; each names its setting (a delta store's error, the variable)
+    except (ConfigError, StateUrlError, StateUnreachableError, DeltaStoreError) as exc:
         print(f"braze-assets: {exc}", file=sys.stderr)
         return 1
 

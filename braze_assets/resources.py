@@ -36,9 +36,24 @@ MAX_RATE_SHARE_ENV = "BRAZE_MAX_RATE_SHARE"
 
 
 def rate_share_from_environment() -> dict[str, Any]:
-    """`max_rate_share` from $BRAZE_MAX_RATE_SHARE when it is set (BrazeResource validates it)."""
+    """`max_rate_share` from $BRAZE_MAX_RATE_SHARE when it is set. Checked here, not only by
+    BrazeResource: the resource's own error names its field, never the variable to fix, and
+    comes as a traceback; a `ConfigError` is one line that `braze-assets` prints as such."""
+    from braze_assets.config import ConfigError
+
     value = os.environ.get(MAX_RATE_SHARE_ENV, "").strip()
-    return {"max_rate_share": value} if value else {}
+    if not value:
+        return {}
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:  # nan and inf fail too
+        raise ConfigError(
+            f"{MAX_RATE_SHARE_ENV} must be a number above 0 and at most 1 (the share of Braze's rate "
+            f"limit the syncs may use), got {value!r}"
+        )
+    return {"max_rate_share": share}
 
 
 class BrazeResource(dg.ConfigurableResource):

@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import socket
 
+import pytest
+
 from braze_assets import cli
 from braze_assets.braze.emulator import BrazeEmulator, EmulatorConfig, FaultConfig
 from braze_assets.sync_outcome import EXIT_CODES
@@ -253,3 +255,23 @@ def test_a_sync_with_no_day_to_sync_yet_says_so_and_the_next_syncs_still_run(
     assert "nothing to sync yet: its partitions start on 2024-01-01" in by_name["early"]["status_detail"]
     assert by_name["ok"]["status"] == "success" and by_name["ok"]["accepted"] == 2
     assert "Traceback" not in out.err
+
+
+@pytest.mark.parametrize(
+    "variable, value, said",
+    [
+        ("BRAZE_MAX_RATE_SHARE", "abc", "BRAZE_MAX_RATE_SHARE must be a number above 0 and at most 1"),
+        ("BRAZE_MAX_RATE_SHARE", "1.5", "BRAZE_MAX_RATE_SHARE must be a number above 0 and at most 1"),
+        ("BRAZE_ASSETS_DELTA_URL", "ftp://x/y", "BRAZE_ASSETS_DELTA_URL must be s3://bucket/prefix"),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_said_in_one_line(tmp_path, emulator, variable, value, said):
+    project = cli_project(tmp_path, emulator, [sync_config("ok", "events", "main.ok")])
+    project.harness.table("ok", events_rows(1, HOUR_AGO))
+    project.env[variable] = value
+    for args in (("run",), ("run", "--dry-run")):
+        bad = project.run(*args)
+        assert bad.returncode == 1, (args, bad.stderr[-2000:])
+        assert bad.stderr.startswith(f"braze-assets: {said}"), (args, bad.stderr[-2000:])
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert emulator.store.events() == [], "nothing ran"

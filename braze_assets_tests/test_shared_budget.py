@@ -95,6 +95,31 @@ def test_max_rate_share_is_validated_naming_the_field():
         BrazeClient("http://127.0.0.1:4545", KEY, max_rate_share=1.5)
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-0.5", "1.5", "nan", "inf"])
+def test_a_bad_max_rate_share_in_the_environment_names_the_variable(monkeypatch, value):
+    from braze_assets.config import ConfigError
+    from braze_assets.resources import rate_share_from_environment
+
+    monkeypatch.setenv("BRAZE_MAX_RATE_SHARE", value)
+    with pytest.raises(ConfigError) as caught:
+        rate_share_from_environment()
+    assert str(caught.value) == (
+        "BRAZE_MAX_RATE_SHARE must be a number above 0 and at most 1 (the share of Braze's rate "
+        f"limit the syncs may use), got {value!r}"
+    )
+
+
+def test_max_rate_share_from_the_environment(monkeypatch):
+    from braze_assets.resources import rate_share_from_environment
+
+    monkeypatch.delenv("BRAZE_MAX_RATE_SHARE", raising=False)
+    assert rate_share_from_environment() == {}
+    monkeypatch.setenv("BRAZE_MAX_RATE_SHARE", " 1 ")
+    assert rate_share_from_environment() == {"max_rate_share": 1.0}
+    monkeypatch.setenv("BRAZE_MAX_RATE_SHARE", "0.5")
+    assert BrazeResource(rest_endpoint="http://127.0.0.1:4545", api_key=KEY, **rate_share_from_environment())
+
+
 # ------------------------------------------------------------------------------------ the stores
 def test_the_key_never_reaches_the_store_or_its_messages(tmp_path, monkeypatch):
     workspace = workspace_id("http://127.0.0.1:4545/", KEY)
