@@ -135,7 +135,7 @@ def _email(alert: Alert, recipients: list[str]) -> None:
     host = env("BRAZE_ASSETS_SMTP_HOST")
     if not host:
         raise AlertError("BRAZE_ASSETS_SMTP_HOST is not set")
-    port = int(env("BRAZE_ASSETS_SMTP_PORT") or 587)
+    port = _smtp_port(env("BRAZE_ASSETS_SMTP_PORT") or "587")
     message = EmailMessage()
     message["Subject"] = alert.subject
     message["From"] = env("BRAZE_ASSETS_SMTP_FROM") or "braze-assets@localhost"
@@ -147,6 +147,15 @@ def _email(alert: Alert, recipients: list[str]) -> None:
         if env("BRAZE_ASSETS_SMTP_USER"):
             smtp.login(env("BRAZE_ASSETS_SMTP_USER") or "", env("BRAZE_ASSETS_SMTP_PASSWORD") or "")
         smtp.send_message(message)
+
+
+def _smtp_port(value: str) -> int:
+    """The port as an `AlertError` naming the variable when it is not one: a bare `int()` error
+    named nothing, and being no `AlertError` it stopped `send` before Slack was tried."""
+    port = int(value) if value.strip().isdecimal() else 0
+    if not 1 <= port <= 65535:
+        raise AlertError(f"BRAZE_ASSETS_SMTP_PORT must be a port number from 1 to 65535, got {value!r}")
+    return port
 
 
 def _slack(alert: Alert, webhook_env: str) -> None:

@@ -16,6 +16,8 @@ import dagster as dg
 import pytest
 from aiosmtpd.controller import Controller
 
+from braze_assets.alerts import Alert, AlertError, send
+from braze_assets.config import AlertsConfig
 from braze_assets_tests.conftest import API_KEY, Harness, cdi_row, events_rows, sync_config
 from braze_assets_tests.production_stack import free_port
 
@@ -203,3 +205,18 @@ def test_bad_alert_settings_fail_at_load_naming_the_field(alerts, field):
 
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         parse_syncs({"syncs": [sync_config("s", "events", "main.ev", alerts=alerts)]})
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "25.5"])
+def test_a_bad_smtp_port_is_emails_failure_and_slack_is_still_told(inbox, monkeypatch, port):
+    monkeypatch.setenv("BRAZE_ASSETS_SMTP_PORT", port)
+    alert = Alert(sync="app_events", run_id="run-1", kind="error", status="error", detail="it broke")
+    with pytest.raises(AlertError) as caught:
+        send(alert, AlertsConfig(**ALERTS))
+    message = str(caught.value)
+    assert message == (
+        "alert for sync app_events not delivered: email: AlertError: BRAZE_ASSETS_SMTP_PORT must be "
+        f"a port number from 1 to 65535, got {port!r}"
+    )
+    assert inbox.mails == [] and len(inbox.slack) == 1, "Slack is told all the same"
+    assert "Sync app_events: Error" in inbox.slack[0]["text"]
