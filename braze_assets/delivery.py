@@ -4,7 +4,8 @@ Per chunk of the delta: drop rows the ledger settled since the delta was compute
 (≤ 75 objects and ≤ 4 MB for `/users/track`; ≤ 50 ids of one type for `/users/delete`), record the
 rows as `planned`, then send through one window of at most `max_in_flight` requests shared by all
 chunks (the next chunk starts while the last requests of the previous one are in flight), journaling
-each request just before it leaves. A chunk's outcomes are written to the ledger once all its
+each request just before it leaves (and again when Braze refuses it unprocessed, and before it
+goes again). A chunk's outcomes are written to the ledger once all its
 requests are answered; see `state/base.py` for what each status means and how a crashed run is
 recovered.
 """
@@ -155,8 +156,7 @@ class Delivery:
             self.outcome.recovered_settled = recovered["recovered_settled"]
             self.outcome.recovered_ambiguous = recovered["recovered_ambiguous"]
             self.outcome.recovered_unsent = recovered["recovered_unsent"]
-            if self.policy == "hold":
-                self.outcome.recovered_held = recovered["recovered_ambiguous"]
+            self.outcome.recovered_held = recovered["recovered_held"]
             # Two sessions: chunks are planned on one while the previous chunk settles on the other
             with self.store.session() as ledger, self.store.session() as settler:
                 since = self._since()
@@ -350,11 +350,18 @@ class Delivery:
                 self._on_wire.add(task)
             return journal.started(request.batch_id) if journal is not None else None
 
+        def refused() -> Awaitable[None] | None:  # answered unprocessed: off the wire until retried
+            task = asyncio.current_task()
+            if task is not None:
+                self._on_wire.discard(task)
+            return journal.refused(request.batch_id) if journal is not None else None
+
         return self.client.post(
             self.endpoint,
             request.body,
             retry_ambiguous=self.policy == "resend",
             on_send=sent,
+            on_refused=refused,
             method=request.array if catalog else "POST",
             budget_key=self.spec.budget,
         )

@@ -36,7 +36,8 @@ class SyncOutcome:
     recovered_settled: int = 0
     recovered_ambiguous: int = 0
     recovered_unsent: int = 0
-    #: of `recovered_ambiguous`, the rows parked as held (the `hold` policy)
+    #: of `recovered_ambiguous`, the rows parked as held: those in flight at the crash (the `hold`
+    #: policy), and those the crashed run had held already (their request's answer was lost)
     recovered_held: int = 0
     #: attributes syncs sending only what changed: rows with nothing new for Braze (never sent),
     #: and the data points not billed (those rows, and unchanged attributes of the rows sent)

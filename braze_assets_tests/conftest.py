@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,10 +240,15 @@ harness.run("events")
 
 
 def kill_9_mid_sync(
-    tmp_path: Path, emulator: BrazeEmulator, events_before_kill: int, state_url: str | None = None
+    tmp_path: Path,
+    emulator: BrazeEmulator,
+    events_before_kill: int,
+    state_url: str | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> None:
     """Run the `events` sync (main.events, 4 requests in flight) in another process and kill -9
-    it once the emulator holds `events_before_kill` events: the crash a recovery must survive."""
+    it once the emulator holds `events_before_kill` events (or, given `until`, once it says so:
+    a crash while nothing reaches Braze): the crash a recovery must survive."""
     import os
     import signal
     import subprocess
@@ -258,7 +263,8 @@ def kill_9_mid_sync(
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 120
-    while len(emulator.store.events()) < events_before_kill:
+    reached = until or (lambda: len(emulator.store.events()) >= events_before_kill)
+    while not reached():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
         assert time.monotonic() < deadline, "the sync never got going"
         time.sleep(0.02)

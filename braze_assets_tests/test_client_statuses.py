@@ -78,3 +78,46 @@ def test_a_400_is_still_a_permanent_rejection(server):
     handler.statuses = [400]
     outcome = _post(url, retry_ambiguous=True)
     assert outcome.kind == "rejected" and handler.seen == [400]
+
+
+def _journaled(url: str, retry_ambiguous: bool) -> tuple[object, list[str]]:
+    """Post once with journal callbacks; the outcome and what they were told, in order."""
+    told: list[str] = []
+
+    async def go():
+        async with BrazeClient(
+            url, "k", backoff_initial_s=0.01, backoff_max_s=0.02, max_attempts=4
+        ) as client:
+
+            async def sent() -> None:
+                told.append("S")
+
+            return await client.post(
+                "/users/track",
+                b'{"events": []}',
+                retry_ambiguous=retry_ambiguous,
+                on_send=sent,
+                on_refused=lambda: told.append("R"),
+            )
+
+    return asyncio.run(go()), told
+
+
+def test_a_refusal_braze_documents_as_unprocessed_is_told_before_the_request_goes_again(server):
+    """Each 429, 502 or 503 is told to `on_refused` (nothing of the request is on the wire while
+    it waits), and the attempt that follows is journaled as sent again."""
+    url, handler = server
+    handler.statuses = [429, 503, 502]
+    outcome, told = _journaled(url, retry_ambiguous=False)
+    assert outcome.kind == "answered" and handler.seen == [429, 503, 502, 201]
+    assert told == ["S", "R", "S", "R", "S", "R", "S"]
+
+
+def test_no_refusal_is_told_once_an_attempt_may_have_been_processed(server):
+    """Resend policy: a 500 may have been processed, so a 429 after it does not make the request
+    unsent; the request stays journaled as sent."""
+    url, handler = server
+    handler.statuses = [500, 429]
+    outcome, told = _journaled(url, retry_ambiguous=True)
+    assert outcome.kind == "answered" and handler.seen == [500, 429, 201]
+    assert told == ["S"]

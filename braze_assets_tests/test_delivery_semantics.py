@@ -207,7 +207,12 @@ def test_a_ledger_of_the_keyed_layout_is_migrated_with_its_planned_rows(tmp_path
     store.journal_path.write_text('S r-1\nD {"batch": "r-1", "rows": [["b", "failed", "bad"]]}\nS r-2\n')
     with store.delivery_lock():
         counts = store.recover("hold")
-    assert counts == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 0}
+    assert counts == {
+        "recovered_settled": 1,
+        "recovered_ambiguous": 1,
+        "recovered_held": 1,
+        "recovered_unsent": 0,
+    }
     assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
     with store.connect() as con:
         assert con.execute(
@@ -242,6 +247,7 @@ def test_planned_rows_of_a_ledger_without_user_keys_are_recovered(tmp_path):
         assert store.recover("hold") == {
             "recovered_settled": 1,
             "recovered_ambiguous": 1,
+            "recovered_held": 1,
             "recovered_unsent": 0,
         }
     assert store.log.status_counts() == {"accepted": 1, "held": 1}

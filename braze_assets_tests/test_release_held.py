@@ -197,6 +197,42 @@ def test_reconcile_after_kill_9_leaves_every_event_once(tmp_path, state_url):
         assert harness.ledger("events") == {"accepted": n}
 
 
+@both_backends
+def test_rows_held_before_a_kill_9_are_counted_held_and_can_be_reconciled(tmp_path, state_url):
+    """Rows the killed run had already held (Braze's answer was lost, so their request's answer in
+    the journal says "held") are held like the rows in flight at the kill: the next run counts
+    them as held, not settled, and keeps what reconcile needs to ask Braze about each of them."""
+    n = 1500
+    rows = [_event(i, f"user-{i % 40}", BASE + dt.timedelta(seconds=i), name=f"step-{i}") for i in range(n)]
+    lost = FaultConfig(rate_drop_after=1.0, latency_ms=60)  # stored, then the answer is lost
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=lost)) as emu:
+        harness = Harness(tmp_path, emu, state_url=state_url)
+        harness.table("events", rows)
+        harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
+        kill_9_mid_sync(tmp_path, emu, events_before_kill=600, state_url=state_url)
+        time.sleep(0.3)  # requests already on the wire finish on the server side
+        emu.set_faults(FaultConfig())
+
+        rerun = harness.run("events")
+        held = harness.ledger("events").get("held", 0)
+        assert held >= 600, "every request Braze got before the kill lost its answer"
+        assert rerun.outcome.recovered_held == rerun.outcome.held_total == held
+        assert rerun.outcome.recovered_settled == 0, "no answer was known, so no row was settled"
+        [record] = _store(harness, "events").log.runs()
+        assert record["recovered_held"] == held, "the sync log counts them held too"
+
+        details = _store(harness, "events").held_rows()
+        assert len(details) == held and all(d["kind"] == "event" for d in details)
+        in_braze = _seqs(emu)
+        held_seqs = [int(d["name"].removeprefix("step-")) for d in details]
+        result, report, _ = _release(harness, "events", "reconcile")
+        assert result.success and report["held"] == held and report["still_held"] == 0, report
+        arrived = sum(1 for seq in held_seqs if seq in in_braze)
+        assert report["marked_delivered"] == arrived and report["resent"] == held - arrived
+        assert harness.run("events").outcome.accepted == held - arrived
+        assert _seqs(emu) == Counter(range(n)), "every event in Braze exactly once"
+
+
 def test_reconcile_is_refused_for_attributes_and_changes_nothing(harness, emulator):
     harness.table("attrs", [cdi_row(BASE, json.dumps({"plan": "pro"}), external_id="u1")])
     harness.syncs = [sync_config("attrs", "attributes", "main.attrs", ambiguous_policy="hold")]

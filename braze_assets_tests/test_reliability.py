@@ -149,6 +149,38 @@ def test_kill_9_mid_sync_then_rerun_leaves_exactly_one_copy(tmp_path, state_url)
         assert len(missing) <= held, "a row is either in Braze exactly once or held for a person"
 
 
+@both_backends
+def test_a_run_killed_while_braze_refused_its_requests_with_429_leaves_nothing_held(tmp_path, state_url):
+    """Braze answered every attempt 429, which it documents as not processed, and the run was
+    killed while it waited out the Retry-After: no request was on the wire, so the next run sends
+    the rows again instead of holding them as if their outcome were unknown."""
+    # 8 requests: the first goes alone (the rate budget's probe) and is refused; 5 s later it goes
+    # again with the next three, all refused; the run is killed while they wait 5 s more
+    n = 600
+    refusing = FaultConfig(rate_429=1.0, retry_after_s=5)
+    with BrazeEmulator(EmulatorConfig(api_key=API_KEY, faults=refusing)) as emu:
+        harness = Harness(tmp_path, emu, state_url=state_url)
+        harness.table("events", events_rows(n, NOW - dt.timedelta(hours=1)))
+        harness.syncs = [sync_config("events", "events", "main.events", max_in_flight=4)]
+        refused_since: list[float] = []
+
+        def waiting_out_the_429s() -> bool:  # every request refused, and a moment to journal it
+            if not refused_since and emu.store.stats()["by_status"].get("429", 0) >= 5:
+                refused_since.append(time.monotonic())
+            return bool(refused_since) and time.monotonic() - refused_since[0] > 0.5
+
+        kill_9_mid_sync(tmp_path, emu, 0, state_url=state_url, until=waiting_out_the_429s)
+        assert emu.store.stats()["by_status"] == {"429": 5}, "killed during the backoff"
+        emu.set_faults(FaultConfig())
+
+        rerun = harness.run("events")
+        assert rerun.result.success
+        assert (rerun.outcome.recovered_ambiguous, rerun.outcome.held_total) == (0, 0)
+        assert rerun.outcome.recovered_unsent == n, "Braze processed none of the requests"
+        assert harness.ledger("events") == {"accepted": n}
+        assert sorted(Counter(e["properties"]["seq"] for e in emu.store.events()).values()) == [1] * n
+
+
 def test_wrong_api_key_fails_clearly_without_state_or_secret(tmp_path, emulator):
     harness = Harness(tmp_path, emulator, api_key="wrong-secret-value-123")
     harness.table("events", events_rows(10, NOW - dt.timedelta(hours=1)))

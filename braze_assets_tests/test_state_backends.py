@@ -29,6 +29,9 @@ from braze_assets_tests.conftest import both_backends, pg_state_url
 
 UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, tzinfo=UTC)
+NOTHING_RECOVERED = dict.fromkeys(
+    ("recovered_settled", "recovered_ambiguous", "recovered_held", "recovered_unsent"), 0
+)
 
 
 @pytest.fixture
@@ -98,7 +101,7 @@ def test_a_transaction_commits_everything_or_nothing(store):
             ledger.append(ledger_rows(["p1", "p2"], "accepted"))
             ledger.clear_planned("r1-0")
     assert store.log.status_counts() == {"accepted": 2}
-    assert store.recover("hold") == {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
+    assert store.recover("hold") == NOTHING_RECOVERED
 
 
 @both_backends
@@ -120,7 +123,12 @@ def test_recovery_settles_answered_holds_ambiguous_and_forgets_unsent(store):
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(journal_then_die())
     counts = store.recover("hold")
-    assert counts == {"recovered_settled": 2, "recovered_ambiguous": 2, "recovered_unsent": 1}
+    assert counts == {
+        "recovered_settled": 2,
+        "recovered_ambiguous": 2,
+        "recovered_held": 2,
+        "recovered_unsent": 1,
+    }
     assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
     held = store.held_rows()
     assert {r["row_hash"] for r in held} == {"b1", "b2"}
@@ -128,7 +136,7 @@ def test_recovery_settles_answered_holds_ambiguous_and_forgets_unsent(store):
     with store.session() as ledger:
         assert ledger.known_hashes(["c1"]) == set(), "never sent: sent again later"
     # recovery emptied planned rows and the journal: running it again changes nothing
-    assert store.recover("hold") == {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
+    assert store.recover("hold") == NOTHING_RECOVERED
     assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 2}
 
 
@@ -163,7 +171,12 @@ def test_recovery_forgets_what_was_remembered_of_users_braze_may_have_changed(st
 
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(journal_then_die())
-    assert store.recover("hold") == {"recovered_settled": 1, "recovered_ambiguous": 1, "recovered_unsent": 1}
+    assert store.recover("hold") == {
+        "recovered_settled": 1,
+        "recovered_ambiguous": 1,
+        "recovered_held": 1,
+        "recovered_unsent": 1,
+    }
     with store.session() as ledger:
         ledger.merge_remembered()
         found = ledger.remembered_table(pa.array(list(keys.values()), pa.string()), True).to_pylist()
@@ -190,6 +203,63 @@ def test_recovery_with_the_resend_policy_forgets_ambiguous_rows(store):
 
 
 @both_backends
+def test_a_request_braze_refused_unprocessed_is_sent_again_unless_it_went_out_again(store):
+    """A refusal Braze documents as not processed (a 429 while the run waits out its Retry-After)
+    leaves nothing of the request on the wire: killed then, its rows are sent again, not held. A
+    retry that went out after the refusal is in flight again, so ambiguous; an answer still wins."""
+    with store.session() as ledger:
+        ledger.plan(planned_rows(["w1", "f1", "a1"], ["d-0-0", "d-0-1", "d-0-2"]))
+
+    async def journal_then_die():
+        async with store.journal() as journal:
+            for batch in ("d-0-0", "d-0-1", "d-0-2"):
+                await journal.started(batch)
+                await journal.refused(batch)
+            await journal.started("d-0-1")  # its retry went out, and the process died
+            await journal.started("d-0-2")
+            await journal.done("d-0-2", [])
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(journal_then_die())
+    assert store.recover("hold") == {
+        "recovered_settled": 1,
+        "recovered_ambiguous": 1,
+        "recovered_held": 1,
+        "recovered_unsent": 1,
+    }
+    assert store.log.status_counts() == {"accepted": 1, "held": 1}
+    assert [r["row_hash"] for r in store.held_rows()] == ["f1"]
+    with store.session() as ledger:
+        assert ledger.known_hashes(["w1"]) == set(), "refused unprocessed: sent again later"
+
+
+@both_backends
+def test_rows_a_dead_run_held_itself_are_counted_held_not_settled(store):
+    """The dead run's journaled answer lists rows as held (their answer was lost before the
+    crash): recovery counts them held, as the ledger holds them, and only the accepted ones as
+    settled; a row listed without a status is sent again."""
+    with store.session() as ledger:
+        ledger.plan(planned_rows(["h1", "u1", "a1"], ["d-0-0"] * 3))
+
+    async def journal_then_die():
+        async with store.journal() as journal:
+            await journal.started("d-0-0")
+            await journal.done("d-0-0", [("h1", "held", "outcome unknown"), ("u1", None, None)])
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(journal_then_die())
+    assert store.recover("hold") == {
+        "recovered_settled": 1,
+        "recovered_ambiguous": 1,
+        "recovered_held": 1,
+        "recovered_unsent": 1,
+    }
+    assert store.log.status_counts() == {"accepted": 1, "held": 1}
+
+
+@both_backends
 def test_a_journal_that_ends_cleanly_is_emptied(store):
     with store.session() as ledger:
         ledger.plan(planned_rows(["a1"], ["d-0-0"]))
@@ -200,7 +270,7 @@ def test_a_journal_that_ends_cleanly_is_emptied(store):
 
     asyncio.run(clean())
     # planned without a journal record: never sent, so forgotten rather than held
-    assert store.recover("hold") == {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 1}
+    assert store.recover("hold") == {**NOTHING_RECOVERED, "recovered_unsent": 1}
 
 
 @both_backends
@@ -355,6 +425,50 @@ def test_migrations_run_once_when_processes_start_together(postgres):
         "settled_parts",
         "watermarks",
     ]
+
+
+def test_a_journal_written_before_refusals_were_recorded_is_recovered_after_the_upgrade(postgres):
+    """A state schema at revision 0004 (no `R` records) holding a dead run's journal: the next
+    process migrates it and recovery reads the old records as before."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from braze_assets.state import postgres_schema
+
+    url = pg_state_url(postgres)
+    db = StateDatabase.from_url(url)
+    engine = sa.create_engine(
+        "postgresql+psycopg2://",
+        creator=lambda: postgres_schema._connect(db, "test", autocommit=False),
+        poolclass=sa.pool.NullPool,
+    )
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{db.schema}"'))
+        config = Config()
+        config.set_main_option("script_location", str(Path(postgres_schema.__file__).parent / "migrations"))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.execute(
+            sa.text(
+                "INSERT INTO journal (sync, batch_id, kind, record) VALUES "
+                "('s1', 'd-0-0', 'S', NULL), ('s1', 'd-0-1', 'S', NULL), ('s1', 'd-0-0', 'D', "
+                """'{"batch": "d-0-0", "rows": [["a2", "failed", "bad"]], "others": "accepted"}')"""
+            )
+        )
+        connection.commit()
+    engine.dispose()
+
+    store = open_state_store("/nonexistent", "s1", state_url=url)
+    with store.session() as ledger:
+        ledger.plan(planned_rows(["a1", "a2", "b1"], ["d-0-0", "d-0-0", "d-0-1"]))
+    assert store.recover("hold") == {
+        "recovered_settled": 2,
+        "recovered_ambiguous": 1,
+        "recovered_held": 1,
+        "recovered_unsent": 0,
+    }
+    assert store.log.status_counts() == {"accepted": 1, "failed": 1, "held": 1}
 
 
 def test_a_batch_of_unsent_rows_goes_straight_into_the_embedded_ledger_file(tmp_path):

@@ -251,18 +251,42 @@ class BrazeClient:
         *,
         retry_ambiguous: bool,
         on_send: Callable[[], Awaitable[None] | None] | None = None,
+        on_refused: Callable[[], Awaitable[None] | None] | None = None,
         method: str = "POST",
         budget_key: str | None = None,
     ) -> RequestOutcome:
         """Send `body` (JSON bytes; POST unless `method` says otherwise, as catalog items take PUT
         and DELETE) and classify the result; see the module docstring. `budget_key`: the rate
         budget the request is paced under, when several paths share one limit (default `path`).
-        `on_send` runs once, after any pacing wait, just before the request first goes out (and is
-        awaited when it returns an awaitable: the request waits until it is done)."""
+
+        The two callbacks let a journal tell, after a crash, whether the request may be on the
+        wire (each is awaited when it returns an awaitable, and the request waits for it):
+        `on_send` runs after any pacing wait, just before the request first goes out, and again
+        before each attempt that follows an `on_refused`; `on_refused` runs when Braze refused an
+        attempt in a way that means it processed nothing (408, 429, 502, 503, or a connection that
+        failed before the request left) and no earlier attempt may have been processed, before
+        the wait for the next attempt: until `on_send` runs again, nothing of the request can
+        reach Braze."""
         assert self._transport is not None, "use `async with BrazeClient(...)`"
         outcome = RequestOutcome(kind="refused")
+        refusal_told = False  # `on_refused` ran, and no attempt went out since
+
+        async def call(callback: Callable[[], Awaitable[None] | None]) -> None:
+            written = callback()
+            if written is not None:
+                await written
+
+        async def refused(message: str, status: int | None = None, wait_s: float = 0) -> _Retry:
+            """A refusal Braze processed nothing of; told to `on_refused` while every attempt
+            so far is known unprocessed."""
+            nonlocal refusal_told
+            if on_refused is not None and not outcome.ambiguous_attempts:
+                await call(on_refused)
+                refusal_told = True
+            return _Retry(False, message, status, wait_s)
 
         async def attempt() -> RequestOutcome:
+            nonlocal refusal_told
             outcome.attempts += 1
             key = budget_key or path
             self._budget_keys.add(key)
@@ -271,18 +295,19 @@ class BrazeClient:
             try:
                 if shared is not None and budget.paces:
                     await shared.take(budget.limit, budget.measured_window_s(), budget.window_hint_s)
-                if on_send is not None and outcome.attempts == 1:
-                    written = on_send()
-                    if written is not None:
-                        await written
+                if on_send is not None and (outcome.attempts == 1 or refusal_told):
+                    await call(on_send)
+                    refusal_told = False
                 sent_at = time.time()
                 try:
                     status, headers, content = await self._send(path, body, method)
                 except httpx.TransportError as exc:
-                    ambiguous = _transport_failure_is_ambiguous(exc)
-                    outcome.ambiguous_attempts += ambiguous
-                    kind = "no answer (request may have been processed)" if ambiguous else "not sent"
-                    raise _Retry(ambiguous, f"{kind}: {type(exc).__name__}") from None
+                    if not _transport_failure_is_ambiguous(exc):
+                        raise await refused(f"not sent: {type(exc).__name__}") from None
+                    outcome.ambiguous_attempts += 1
+                    raise _Retry(
+                        True, f"no answer (request may have been processed): {type(exc).__name__}"
+                    ) from None
             finally:
                 budget.release(probe)
             budget.observe(headers, sent_at, status)
@@ -298,9 +323,9 @@ class BrazeClient:
                 budget.pause_until(time.time() + wait_s)
                 if shared is not None:
                     await shared.pause(wait_s)  # every process sharing the budget waits
-                raise _Retry(False, "429 rate limited", status, wait_s)
+                raise await refused("429 rate limited", status, wait_s)
             if status in _BEFORE_PROCESSING_STATUSES:
-                raise _Retry(False, f"{status} from Braze (not processed)", status)
+                raise await refused(f"{status} from Braze (not processed)", status)
             if status >= 500:
                 outcome.ambiguous_attempts += 1
                 raise _Retry(True, f"{status} from Braze (may have been processed)", status)

@@ -261,6 +261,13 @@ class Journal(ABC):
         """Durable before it returns: the request may go on the wire once this is written."""
 
     @abstractmethod
+    async def refused(self, batch_id: str) -> None:
+        """Braze answered the request's latest attempt with a refusal it documents as not
+        processed (429, 502, 503, 408, or the connection failed before the request left), no
+        earlier attempt may have been processed, and no attempt is on the wire until the next
+        `started`: killed meanwhile, recovery sends its rows again rather than holding them."""
+
+    @abstractmethod
     async def done(self, batch_id: str, rows: list[tuple[str, str | None, str | None]]) -> None:
         """The known outcome of a request: its rows not accepted, as (row_hash, status or None to
         send again, message); every other row of the request was accepted. Best effort: a lost
@@ -314,10 +321,12 @@ class StateStore(ABC):
     def recover(self, policy: AmbiguousPolicy) -> dict[str, int]:
         """Settle `planned` rows left by a run that died. Call with the delivery lock held.
 
-        Requests whose answer was journaled get that outcome; those that never went on the wire
-        are forgotten (sent again); those sent without a journaled answer are ambiguous: held, or
-        forgotten so they are resent, by the sync's policy (`recovery.py`)."""
-        plan = plan_recovery(self._planned_batches(), self._journal_records())
+        Requests whose answer was journaled get that outcome (rows it held stay held); those that
+        never went on the wire, or whose last attempt Braze refused unprocessed, are forgotten
+        (sent again); those sent without a journaled answer are ambiguous: held, or forgotten so
+        they are resent, by the sync's policy (`recovery.py`). Every row held keeps what a
+        reconcile needs (`held_details`), whichever run held it."""
+        plan = plan_recovery(self._planned_batches(), self._journal_records(), policy)
         self._apply_recovery(plan, policy)
         return plan.counts
 

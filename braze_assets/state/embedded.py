@@ -6,7 +6,8 @@ Layout under the state directory (one set per sync, so syncs never contend):
   index to maintain: appends stay fast and memory flat however large it grows; probes skip row
   groups by their min/max UPDATED_AT and changed_at).
 * ``<sync>.journal`` - an append-only line per request (`S <id>` before it goes on the wire,
-  `D <json>` with its known outcome after), flushed to the OS at once, so it survives kill -9.
+  `R <id>` when Braze refused that attempt unprocessed and it waits to go again, `D <json>` with
+  its known outcome after), flushed to the OS at once, so it survives kill -9.
 * ``<sync>.lock`` - an flock held by the run delivering; the OS drops it when the process dies.
 * ``<sync>.watermark.json``, ``<sync>.settled_files.json`` - replaced atomically.
 * ``<sync>.runs.jsonl`` - one line per finished run.
@@ -62,6 +63,10 @@ class FileJournal(Journal):
     async def started(self, batch_id: str) -> None:
         self.handle.write(f"S {batch_id}\n")
         self.handle.flush()  # in the OS before the request leaves: survives kill -9
+
+    async def refused(self, batch_id: str) -> None:
+        self.handle.write(f"R {batch_id}\n")
+        self.handle.flush()  # in the OS before the backoff: a kill then leaves it unsent
 
     async def done(self, batch_id: str, rows: list[tuple[str, str | None, str | None]]) -> None:
         self.handle.write("D " + json.dumps(done_record(batch_id, rows)) + "\n")
@@ -186,6 +191,7 @@ class EmbeddedStateStore(StateStore):
     def _apply_recovery(self, plan: RecoveryPlan, policy: AmbiguousPolicy) -> None:
         with self.connect() as con:
             con.begin()  # settle and clear the planned rows at once (see Delivery._settle)
+            held: list[tuple[str, str | None]] = []  # (row_hash, run_id) of every row held here
             if plan.answered.num_rows:
                 con.register("answered", plan.answered)
                 con.register("listed", plan.listed)
@@ -198,6 +204,11 @@ class EmbeddedStateStore(StateStore):
                     "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
                     "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL"
                 )
+                # rows the dead run held itself (their answer was lost) need what reconcile asks
+                held += con.execute(
+                    "SELECT p.row_hash, p.run_id FROM planned p JOIN listed k "
+                    "ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id WHERE k.status = 'held'"
+                ).fetchall()
                 con.unregister("answered")
                 con.unregister("listed")
             if plan.ambiguous and policy == "hold":
@@ -209,10 +220,11 @@ class EmbeddedStateStore(StateStore):
                     "WHERE batch_id IN (SELECT batch_id FROM amb)",
                     [AMBIGUOUS_MESSAGE],
                 )
-                held = con.execute(
+                held += con.execute(
                     "SELECT row_hash, run_id FROM planned WHERE batch_id IN (SELECT batch_id FROM amb)"
                 ).fetchall()
                 con.unregister("amb")
+            if held:
                 # `planned` keeps no objects: the crashed run's delta file has them
                 objects = self.deltas.objects([h for h, _ in held], sorted({r for _, r in held if r}))
                 DuckDBLedgerSession(con, self.deltas)._insert(

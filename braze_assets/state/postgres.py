@@ -71,6 +71,9 @@ class PostgresJournal(Journal):
     async def started(self, batch_id: str) -> None:
         await self._write("S", batch_id, None)
 
+    async def refused(self, batch_id: str) -> None:
+        await self._write("R", batch_id, None)
+
     async def done(self, batch_id: str, rows: list[tuple[str, str | None, str | None]]) -> None:
         await self._write("D", batch_id, json.dumps(done_record(batch_id, rows)))
 
@@ -210,10 +213,7 @@ class PostgresStateStore(StateStore):
         for kind, batch_id, record in self._all(
             "SELECT kind, batch_id, record FROM journal WHERE sync = %s ORDER BY id", (self.sync,)
         ):
-            if kind == "S":
-                records.started.add(batch_id)
-            elif record is not None:
-                records.done[batch_id] = record
+            records.add(kind, batch_id, record)  # in the order written: a retry follows its refusal
         return records
 
     def _planned_batches(self) -> list[tuple[str, int]]:
@@ -237,6 +237,7 @@ class PostgresStateStore(StateStore):
                 self.sync,
                 planned.select([c for c in PLANNED_COLUMNS if c != "user_key" and c in planned.column_names]),
             )
+            held: list[tuple[str, str | None]] = []  # (row_hash, run_id) of every row held here
             if plan.answered.num_rows:
                 cursor.execute(
                     "CREATE TEMP TABLE answered (sync text, batch_id text, others text) ON COMMIT DROP"
@@ -248,16 +249,19 @@ class PostgresStateStore(StateStore):
                 copy_rows(cursor, "answered", self.sync, plan.answered)
                 copy_rows(cursor, "listed", self.sync, plan.listed)
                 cursor.execute(
-                    "INSERT INTO ledger (sync, row_hash, updated_at, status, batch_id, identifier, "
-                    "identifier_hash, message, run_id, changed_at) SELECT p.sync, p.row_hash, "
+                    "WITH settled AS (INSERT INTO ledger (sync, row_hash, updated_at, status, batch_id, "
+                    "identifier, identifier_hash, message, run_id, changed_at) SELECT p.sync, p.row_hash, "
                     "p.updated_at, CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END, "
                     "p.batch_id, p.identifier, p.identifier_hash, k.message, p.run_id, now() "
                     "FROM planned_rows p "
                     "JOIN answered a USING (batch_id) "
                     "LEFT JOIN listed k ON k.row_hash = p.row_hash AND k.batch_id = p.batch_id "
                     "WHERE CASE WHEN k.row_hash IS NULL THEN a.others ELSE k.status END IS NOT NULL "
-                    "ON CONFLICT DO NOTHING"
+                    "ON CONFLICT DO NOTHING RETURNING row_hash, run_id, status) "
+                    # rows the dead run held itself (their answer was lost) need what reconcile asks
+                    "SELECT row_hash, run_id FROM settled WHERE status = 'held'"
                 )
+                held += cursor.fetchall()
             if plan.ambiguous and policy == "hold":
                 cursor.execute(
                     "INSERT INTO ledger (sync, row_hash, updated_at, status, batch_id, identifier, "
@@ -267,7 +271,8 @@ class PostgresStateStore(StateStore):
                     "ON CONFLICT DO NOTHING RETURNING row_hash, run_id",
                     (AMBIGUOUS_MESSAGE, plan.ambiguous),
                 )
-                held = cursor.fetchall()
+                held += cursor.fetchall()
+            if held:
                 # `planned` keeps no objects: the crashed run's delta file has them
                 objects = self.deltas.objects([h for h, _ in held], sorted({r for _, r in held if r}))
                 details = held_details_table(dict(objects))

@@ -22,7 +22,7 @@ STATE_URL_ENV = "BRAZE_ASSETS_STATE_URL"
 DEFAULT_SCHEMA = "braze_assets"
 #: The newest migration (migrations/versions/). A database already there needs no alembic at all:
 #: one query, so a process (a pod) that starts while others run pays no migration lock or import.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 #: Serialises migrations of several processes starting at once.
 _MIGRATION_LOCK_ID = 0x62_72_61_7A_65_6D  # "brazem"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

@@ -2,14 +2,22 @@
 
 Both state backends keep the same two records of a delivery in flight: `planned` (the rows of the
 chunk being sent, with their request ids) and the journal (a `started` line per request just before
-it goes on the wire, a `done` line with its known outcome after). This module turns them into one
-decision per request, so the backends only store and apply it:
+it goes on the wire, a `refused` line when Braze answered an attempt with a refusal it documents as
+not processed and nothing else of the request is on the wire, a `done` line with its known outcome
+after). This module turns them into one decision per request, so the backends only store and apply
+it:
 
 * answered (a `done` record): its rows take the journaled outcome; rows listed with no status are
-  sent again, unlisted rows take the request's (`others`, "accepted");
-* started without an answer: ambiguous, Braze may have processed it; held or sent again by the
-  sync's policy;
+  sent again, unlisted rows take the request's (`others`, "accepted"). Rows listed `held` (their
+  answer was lost before the crash) are held like the rows in flight: counted held, not settled;
+* started without an answer, its last record a `started`: ambiguous, Braze may have processed it;
+  held or sent again by the sync's policy;
+* its last record a `refused` (waiting to retry after a 429, say): Braze processed none of its
+  attempts, so it is sent again, as if it had never started;
 * never started: it never left the machine; sent again.
+
+Journals written before `refused` existed hold only `started` and `done` lines, and are read the
+same way as before.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from braze_assets.config import AmbiguousPolicy
+
 #: The message a row held by recovery keeps in the ledger.
 AMBIGUOUS_MESSAGE = "outcome unknown: the process stopped while this request was in flight"
 
@@ -31,18 +41,31 @@ class JournalRecords:
 
     started: set[str] = field(default_factory=set)
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: requests whose last record says Braze refused an attempt unprocessed, none sent since
+    refused: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, batch_id: str, record: Mapping[str, Any] | None = None) -> None:
+        """One record, in the order they were written: `S` (an attempt goes on the wire), `R`
+        (Braze refused that attempt unprocessed; no other is on the wire) or `D` (the answer)."""
+        if kind == "S":
+            self.started.add(batch_id)
+            self.refused.discard(batch_id)  # a retry went out: in flight again
+        elif kind == "R":
+            self.refused.add(batch_id)
+        elif kind == "D" and record is not None:
+            self.done[batch_id] = dict(record)
 
     def add_line(self, line: str) -> None:
-        """One line of the embedded journal file: `S <id>` or `D <json>`."""
+        """One line of the embedded journal file: `S <id>`, `R <id>` or `D <json>`."""
         kind, _, rest = line.partition(" ")
-        if kind == "S":
-            self.started.add(rest.strip())
+        if kind in ("S", "R"):
+            self.add(kind, rest.strip())
         elif kind == "D":
             try:
                 record = json.loads(rest)
             except json.JSONDecodeError:
                 return  # a line cut short by the crash: that request stays ambiguous
-            self.done[record["batch"]] = record
+            self.add("D", record["batch"], record)
 
 
 def done_record(batch_id: str, rows: list[tuple[str, str | None, str | None]]) -> dict[str, Any]:
@@ -61,22 +84,45 @@ class RecoveryPlan:
     counts: dict[str, int]
 
 
-def plan_recovery(planned: Iterable[tuple[str, int]], journal: JournalRecords) -> RecoveryPlan:
-    """Decide every planned request, given (request id, planned rows) and the journal."""
-    counts = {"recovered_settled": 0, "recovered_ambiguous": 0, "recovered_unsent": 0}
+def plan_recovery(
+    planned: Iterable[tuple[str, int]], journal: JournalRecords, policy: AmbiguousPolicy
+) -> RecoveryPlan:
+    """Decide every planned request, given (request id, planned rows), the journal and the sync's
+    ambiguous policy.
+
+    The counts say what becomes of the rows: `recovered_settled` (accepted or failed, by Braze's
+    journaled answer), `recovered_ambiguous` (outcome unknown: in flight at the crash, or held
+    by the dead run itself), of which `recovered_held` are held (all those the dead run held; the
+    ones in flight too under `hold`), and `recovered_unsent` (sent again). A row counted held is a
+    row the ledger holds, so a run's held count and a later reconcile agree."""
+    counts = {
+        "recovered_settled": 0,
+        "recovered_ambiguous": 0,
+        "recovered_held": 0,
+        "recovered_unsent": 0,
+    }
     listed: list[tuple[str, str, str | None, str | None]] = []
     answered: list[tuple[str, str | None]] = []
     ambiguous: list[str] = []
     for batch_id, count in planned:
         record: Mapping[str, Any] | None = journal.done.get(batch_id)
         if record is not None:
-            listed += [(r[0], batch_id, r[1], r[2]) for r in record["rows"]]
+            rows = [(r[0], batch_id, r[1], r[2]) for r in record["rows"]]
+            listed += rows
             # journals written before "others" listed every row: the rest were not settled
-            answered.append((batch_id, record.get("others")))
-            counts["recovered_settled"] += count
-        elif batch_id in journal.started:
+            others = record.get("others")
+            answered.append((batch_id, others))
+            held = sum(1 for r in rows if r[2] == "held")
+            unsent = sum(1 for r in rows if r[2] is None)
+            unlisted = max(0, count - len(rows))
+            counts["recovered_ambiguous"] += held
+            counts["recovered_held"] += held
+            counts["recovered_unsent"] += unsent + (unlisted if others is None else 0)
+            counts["recovered_settled"] += len(rows) - held - unsent + (unlisted if others else 0)
+        elif batch_id in journal.started and batch_id not in journal.refused:
             ambiguous.append(batch_id)
             counts["recovered_ambiguous"] += count
+            counts["recovered_held"] += count if policy == "hold" else 0
         else:
             counts["recovered_unsent"] += count
     return RecoveryPlan(
