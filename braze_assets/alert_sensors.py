@@ -65,8 +65,13 @@ def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
     by_name = {s.name: s for s in syncs}
     alerted = {s.name: s for s in syncs if s.alerts.emails or s.alerts.slack_webhook_env}
 
+    # Every run of the instance, not only those launched from this code location: a run of
+    # `braze-assets run` or `dagster asset materialize` runs in its own process and has no
+    # location of origin, so Dagster's default filter would never show it to these sensors.
+    # `syncs_of_run` then keeps the runs of this project's syncs.
     @dg.run_failure_sensor(
         name="sync_failure_alert",
+        monitor_all_code_locations=True,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Alerts (email, Slack: each sync's `alerts`) when a sync's run fails: a global "
         "error such as an unreachable warehouse, a refused API key or a blocking check.",
@@ -85,6 +90,7 @@ def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
     @dg.run_status_sensor(
         name="sync_result_alert",
         run_status=dg.DagsterRunStatus.SUCCESS,
+        monitor_all_code_locations=True,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Alerts when a sync's run rejected or failed more rows than its "
         "`alerts.row_error_threshold`, and on every success when `alerts.on_success` is set.",

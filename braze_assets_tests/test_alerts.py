@@ -220,3 +220,34 @@ def test_a_bad_smtp_port_is_emails_failure_and_slack_is_still_told(inbox, monkey
     )
     assert inbox.mails == [] and len(inbox.slack) == 1, "Slack is told all the same"
     assert "Sync app_events: Error" in inbox.slack[0]["text"]
+
+
+def _evaluate_as_the_daemon(harness: Harness, sensor_name: str, cursor: str | None) -> str | None:
+    """One tick of the sensor as the daemon evaluates it: in the code location it was loaded
+    from, reading the instance's run events after `cursor`; returns the new cursor."""
+    from dagster._core.definitions.sensor_definition import SensorEvaluationContext
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin
+
+    defs = harness.definitions()
+    context = SensorEvaluationContext(
+        instance_ref=None,
+        instance=harness.instance,
+        cursor=cursor,
+        repository_name="__repository__",
+        repository_def=defs.get_repository_def(),
+        sensor_name=sensor_name,
+        code_location_origin=RegisteredCodeLocationOrigin("braze_assets"),
+    )
+    return defs.resolve_sensor_def(sensor_name).evaluate_tick(context).cursor
+
+
+def test_a_run_started_outside_the_ui_alerts_too(harness, inbox):
+    """`braze-assets run` and `dagster asset materialize` run in their own process, with no code
+    location of origin: the daemon's alert sensors must still see their runs."""
+    harness.syncs = [sync_config("app_events", "events", "main.nope", alerts=ALERTS)]
+    harness.table("other", events_rows(1, HOUR_AGO))
+    cursor = _evaluate_as_the_daemon(harness, "sync_failure_alert", None)  # the sensor starts
+    run = _run(harness, "app_events")
+    assert not run.result.success and run.result.dagster_run.remote_job_origin is None
+    _evaluate_as_the_daemon(harness, "sync_failure_alert", cursor)
+    assert [m["Subject"] for m in inbox.mails] == ["[braze_assets] Error in sync app_events"]
