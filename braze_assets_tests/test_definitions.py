@@ -9,6 +9,7 @@ import warnings
 from unittest import mock
 
 import dagster as dg
+import duckdb
 import pytest
 
 from braze_assets.automation import NothingToSyncYet, incremental_range
@@ -194,3 +195,29 @@ def test_a_syncs_description_leads_its_assets_descriptions(tmp_path, emulator):
         dg.AssetKey(["duckdb", "main", "ev"]),
     ):
         assert graph.get(key).description.startswith("App events for CRM.\n\n")
+
+
+def test_a_row_stamped_in_the_future_does_not_hide_rows_updated_in_place(harness):
+    """The sensor compares the newest row that is due, not the newest row: a row stamped in the
+    future would otherwise keep the newest UPDATED_AT, and a row updated in place (same count,
+    stamped now) would never launch the sync."""
+    now = dt.datetime.now(UTC)
+    rows = events_rows(2, now - dt.timedelta(hours=2)) + events_rows(1, now + dt.timedelta(days=3), start=2)
+    harness.table("ev", rows)
+    harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True})]
+    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
+        first = sensor.evaluate_tick(context)
+    assert len(first.run_requests) == 1
+    with duckdb.connect(str(harness.warehouse)) as con:  # one row updated in place, stamped now
+        con.execute(
+            'UPDATE ev SET UPDATED_AT = ?, PAYLOAD = \'{"name": "changed"}\' '
+            "WHERE PAYLOAD LIKE '%\"seq\": 0}%'",
+            [(now - dt.timedelta(seconds=30)).replace(tzinfo=None)],
+        )
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
+        again = sensor.evaluate_tick(context)
+    assert len(again.run_requests) == 1, again.skip_message

@@ -144,6 +144,23 @@ class SqlSource(CdiSource):
     def max_updated_at(self) -> dt.datetime | None:
         return _as_utc(self._scalar(f"SELECT max({self._updated_at()}) FROM {self.qualified_table}", []))
 
+    def fingerprint(self) -> dict:
+        """The table's newest UPDATED_AT and rows, and `newest_due`, the newest row not stamped in
+        the future: a future row keeps `newest` where it is, and would hide a row updated in place
+        (same count, stamped now) and its own time coming, which each move `newest_due`."""
+        seen = super().fingerprint()
+        now = dt.datetime.now(UTC)
+        newest = dt.datetime.fromisoformat(seen["newest"]) if seen["newest"] else None
+        if newest is None or newest <= now:
+            return {**seen, "newest_due": seen["newest"]}
+        where, params = self._where(None, now)
+        due = _as_utc(
+            self._scalar(
+                f"SELECT max({self._updated_at()}) FROM {self.qualified_table} WHERE {where}", params
+            )
+        )
+        return {**seen, "newest_due": due.isoformat() if due else None}
+
     def min_updated_at(self) -> dt.datetime | None:
         return _as_utc(self._scalar(f"SELECT min({self._updated_at()}) FROM {self.qualified_table}", []))
 
