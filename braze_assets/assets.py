@@ -147,12 +147,14 @@ def build_sync_assets(sync: SyncConfig) -> SyncAssets:
         keys = context.partition_key_range
         if window.end > now and keys.start == keys.end:
             # "Sync now": Materialize on the latest partition (the UI's default) delivers
-            # everything pending, exactly like a scheduled tick; ranges stay as chosen.
-            start = min(window.start, pending_start(sync, watermark, source, now))
+            # everything pending, exactly like a scheduled tick, whose range starts at the
+            # beginning of the day of the watermark minus the lookback; ranges stay as chosen.
+            pending = pending_start(sync, watermark, source, now)
+            start = min(window.start, pending.replace(hour=0, minute=0, second=0, microsecond=0))
             if start < window.start:
                 context.log.info(
                     f"{sync.name}: sync now: the latest partition delivers everything pending "
-                    f"since {start:%Y-%m-%d %H:%M} UTC (watermark minus lookback)"
+                    f"since {start:%Y-%m-%d %H:%M} UTC (the day of the watermark minus the lookback)"
                 )
                 window = dg.TimeWindow(start, window.end)
                 manifest.window_start = start.isoformat()

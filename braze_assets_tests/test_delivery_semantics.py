@@ -7,6 +7,7 @@ import datetime as dt
 import json
 
 import dagster as dg
+import pytest
 
 from braze_assets_tests.conftest import both_backends, cdi_row, earlier_today, events_rows, seqs, sync_config
 
@@ -287,3 +288,21 @@ def test_a_run_without_a_partition_fails_with_what_to_do(harness, emulator):
     assert "ev_sync" in message and "partition" in message and "CheckError" not in message
     assert "Materialize" in message
     assert emulator.store.events() == [] and harness.ledger("ev_sync") == {}
+
+
+def test_sync_now_reads_from_the_same_day_a_scheduled_tick_does(harness, emulator):
+    """A tick runs over whole days, from the day of (watermark minus lookback): "sync now" reads
+    from the start of that day too, so a late row earlier that day is sent by either."""
+    now = _now()
+    harness.syncs = [sync_config("ev_sync", "events", "main.ev", lookback="P1D")]
+    harness.table("ev", events_rows(3, now - dt.timedelta(minutes=30)))
+    today = now.strftime("%Y-%m-%d")
+    assert harness.run("ev_sync", keys=dg.PartitionKeyRange(today, today)).outcome.accepted == 3
+    start = harness.watermark("ev_sync") - dt.timedelta(days=1)  # yesterday, after midnight
+    late = start.replace(hour=0, minute=0, second=1)
+    if late >= start:
+        pytest.skip("the watermark minus the lookback is the start of its day: nothing to tell apart")
+    harness.table("ev", events_rows(1, late, start=3))
+    run = harness.run("ev_sync", keys=dg.PartitionKeyRange(today, today))
+    assert run.delta.late_outside_lookback == 0
+    assert run.outcome.accepted == 1 and len(emulator.store.events()) == 4
