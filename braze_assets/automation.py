@@ -106,6 +106,25 @@ def build_schedule(sync: SyncConfig, job) -> dg.ScheduleDefinition:
     return _schedule
 
 
+#: How long after a run that left rows for the next run a sensor launches that next run itself,
+#: when the table has not changed: long enough not to hammer a Braze that is down, and each
+#: failed run is retried once (its run id is the run key), so a retry that fails waits again.
+RETRY_AFTER = dt.timedelta(minutes=10)
+
+
+def _retry_due(sync: SyncConfig, delivery_state: DeliveryStateResource, now: dt.datetime) -> str | None:
+    """The run id of the sync's last run when it left rows unsent for the next run and has ended
+    at least `RETRY_AFTER` ago; None otherwise. A run a check blocked, or whose source failed,
+    left nothing to retry: the same rows would fail the same way until the table changes."""
+    last = delivery_state.store(sync.name).log.last_run()
+    if not last or not last.get("not_sent") or last.get("status") not in ("error", "partial_success"):
+        return None
+    finished = last.get("finished_at")
+    if not finished or now - dt.datetime.fromisoformat(finished) < RETRY_AFTER:
+        return None
+    return str(last["run_id"])
+
+
 def _unchanged(seen: dict[str, Any]) -> str:
     """Why a sensor tick launched nothing, in the words of what it compared."""
     if "newest" in seen:
@@ -142,15 +161,21 @@ def build_sensor(sync: SyncConfig, job) -> dg.SensorDefinition:
                 "fingerprint": dg.MetadataValue.json(seen),
             },
         )
+        retry = None
         if context.cursor and json.loads(context.cursor) == seen:
-            return dg.SensorResult(skip_reason=_unchanged(seen), asset_events=[observation])
+            retry = _retry_due(sync, delivery_state, utc_now())
+            if retry is None:
+                return dg.SensorResult(skip_reason=_unchanged(seen), asset_events=[observation])
         if busy:  # the cursor stays: the rows are requested once the live run has ended
             return dg.SensorResult(skip_reason=busy, asset_events=[observation])
         try:
             keys = incremental_range(sync, delivery_state, utc_now(), source)
         except NothingToSyncYet as exc:  # no cursor: the rows are requested once the day exists
             return dg.SensorResult(skip_reason=str(exc), asset_events=[observation])
-        run_key = ":".join([sync.name, *(str(v) for v in seen.values())])
+        # a retry's key is the failed run's: launched once per failed run
+        run_key = (
+            f"{sync.name}:retry:{retry}" if retry else ":".join([sync.name, *(str(v) for v in seen.values())])
+        )
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=run_key, tags=range_tags(keys))],
             cursor=json.dumps(seen),

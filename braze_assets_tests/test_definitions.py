@@ -221,3 +221,45 @@ def test_a_row_stamped_in_the_future_does_not_hide_rows_updated_in_place(harness
     ) as context:
         again = sensor.evaluate_tick(context)
     assert len(again.run_requests) == 1, again.skip_message
+
+
+def test_the_sensor_launches_again_after_a_run_that_left_rows_for_the_next_run(
+    harness, emulator, monkeypatch
+):
+    """A run that could not reach Braze leaves its rows "for the next run": with the table
+    unchanged, the sensor must be that next run once the retry wait has passed, or a sync driven
+    by its sensor alone would never send them."""
+    from braze_assets import automation
+    from braze_assets.braze.emulator import FaultConfig
+
+    now = dt.datetime.now(UTC)
+    harness.table("ev", events_rows(3, now - dt.timedelta(hours=1)))
+    harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True})]
+    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
+        first = sensor.evaluate_tick(context)
+    assert len(first.run_requests) == 1
+    emulator.set_faults(FaultConfig(rate_5xx_before=1.0))  # Braze refusing: nothing sent
+    failed = harness.run("ev")
+    assert not failed.result.success
+    emulator.set_faults(FaultConfig())
+
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
+        waiting = sensor.evaluate_tick(context)
+    assert not waiting.run_requests, "not at once: the retry waits"
+    monkeypatch.setattr(automation, "RETRY_AFTER", dt.timedelta(0))
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
+        retry = sensor.evaluate_tick(context)
+    [request] = retry.run_requests
+    assert request.run_key == f"ev:retry:{failed.result.run_id}"
+    assert harness.run("ev").outcome.accepted == 3
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=harness.resources()
+    ) as context:
+        settled = sensor.evaluate_tick(context)
+    assert not settled.run_requests, "nothing left for a next run"
