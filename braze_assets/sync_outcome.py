@@ -135,6 +135,11 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
         problems.append(f"{outcome.failed:,} failed at Braze")
     if delta.rejected:
         problems.append(f"{delta.rejected:,} rejected by validation")
+    if delta.late_outside_lookback:  # found, and left: only a backfill of their days sends them
+        problems.append(
+            f"{delta.late_outside_lookback:,} late rows older than the lookback not sent "
+            "(backfill their days)"
+        )
     if outcome.unattributed_errors:
         problems.append(f"{outcome.unattributed_errors:,} Braze errors without a row index")
     if outcome.held_total:

@@ -52,6 +52,9 @@ def test_late_rows_inside_lookback_go_out_older_ones_are_counted_then_backfilled
     assert run.outcome.accepted == 1 and 3 in seqs(emulator) and 4 not in seqs(emulator)
     assert run.delta.late_outside_lookback == 1
     assert run.result.success
+    # rows left undelivered are said: the run is not a plain success, and says what to do
+    assert run.outcome.status == "partial_success"
+    assert "1 late rows older than the lookback not sent (backfill their days)" in run.outcome.status_detail
     assert harness.watermark("ev_sync") == watermark, "the watermark does not move past a gap"
 
     day = late_outside.strftime("%Y-%m-%d")
