@@ -197,6 +197,13 @@ def test_a_syncs_description_leads_its_assets_descriptions(tmp_path, emulator):
         assert graph.get(key).description.startswith("App events for CRM.\n\n")
 
 
+def _tick(harness, instance: dg.DagsterInstance, cursor: str | None = None):
+    """One evaluation of the `ev` sync's sensor, after `cursor`."""
+    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=harness.resources()) as context:
+        return sensor.evaluate_tick(context)
+
+
 def test_a_row_stamped_in_the_future_does_not_hide_rows_updated_in_place(harness):
     """The sensor compares the newest row that is due, not the newest row: a row stamped in the
     future would otherwise keep the newest UPDATED_AT, and a row updated in place (same count,
@@ -205,10 +212,8 @@ def test_a_row_stamped_in_the_future_does_not_hide_rows_updated_in_place(harness
     rows = events_rows(2, now - dt.timedelta(hours=2)) + events_rows(1, now + dt.timedelta(days=3), start=2)
     harness.table("ev", rows)
     harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True})]
-    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
     instance = dg.DagsterInstance.ephemeral()
-    with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
-        first = sensor.evaluate_tick(context)
+    first = _tick(harness, instance)
     assert len(first.run_requests) == 1
     with duckdb.connect(str(harness.warehouse)) as con:  # one row updated in place, stamped now
         con.execute(
@@ -216,10 +221,7 @@ def test_a_row_stamped_in_the_future_does_not_hide_rows_updated_in_place(harness
             "WHERE PAYLOAD LIKE '%\"seq\": 0}%'",
             [(now - dt.timedelta(seconds=30)).replace(tzinfo=None)],
         )
-    with dg.build_sensor_context(
-        instance=instance, cursor=first.cursor, resources=harness.resources()
-    ) as context:
-        again = sensor.evaluate_tick(context)
+    again = _tick(harness, instance, first.cursor)
     assert len(again.run_requests) == 1, again.skip_message
 
 
@@ -235,31 +237,20 @@ def test_the_sensor_launches_again_after_a_run_that_left_rows_for_the_next_run(
     now = dt.datetime.now(UTC)
     harness.table("ev", events_rows(3, now - dt.timedelta(hours=1)))
     harness.syncs = [sync_config("ev", "events", "main.ev", sensor={"enabled": True})]
-    sensor = harness.definitions().resolve_sensor_def("ev_sensor")
     instance = dg.DagsterInstance.ephemeral()
-    with dg.build_sensor_context(instance=instance, resources=harness.resources()) as context:
-        first = sensor.evaluate_tick(context)
+    first = _tick(harness, instance)
     assert len(first.run_requests) == 1
     emulator.set_faults(FaultConfig(rate_5xx_before=1.0))  # Braze refusing: nothing sent
     failed = harness.run("ev")
     assert not failed.result.success
     emulator.set_faults(FaultConfig())
 
-    with dg.build_sensor_context(
-        instance=instance, cursor=first.cursor, resources=harness.resources()
-    ) as context:
-        waiting = sensor.evaluate_tick(context)
+    waiting = _tick(harness, instance, first.cursor)
     assert not waiting.run_requests, "not at once: the retry waits"
     monkeypatch.setattr(automation, "RETRY_AFTER", dt.timedelta(0))
-    with dg.build_sensor_context(
-        instance=instance, cursor=first.cursor, resources=harness.resources()
-    ) as context:
-        retry = sensor.evaluate_tick(context)
+    retry = _tick(harness, instance, first.cursor)
     [request] = retry.run_requests
     assert request.run_key == f"ev:retry:{failed.result.run_id}"
     assert harness.run("ev").outcome.accepted == 3
-    with dg.build_sensor_context(
-        instance=instance, cursor=first.cursor, resources=harness.resources()
-    ) as context:
-        settled = sensor.evaluate_tick(context)
+    settled = _tick(harness, instance, first.cursor)
     assert not settled.run_requests, "nothing left for a next run"

@@ -9,9 +9,7 @@ reasons and excerpts, except where they hold what looks like an email or a phone
 
 from __future__ import annotations
 
-import datetime as dt
 import math
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -19,50 +17,10 @@ import pytest
 
 from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.catalog_items import check_catalog_rows
-from braze_assets.datatypes import DATA_TYPES
-from braze_assets.delta import DeltaManifest, compute_delta
 from braze_assets.masking import mask_key, mask_payload
-from braze_assets.sources import DuckDBSource
-from braze_assets.state import EmbeddedStateStore
-from braze_assets_tests.test_hostile_rows import NOW, T0, _rejected, _row, _table, _valid
+from braze_assets_tests.test_hostile_rows import T0, _delta, _rejected, _row, _valid
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
-
-
-def _delta(
-    tmp_path: Path,
-    data_type: str,
-    rows: list[dict[str, Any]],
-    types: dict[str, str] | None = None,
-    diff: AttributeDiff | None = None,
-) -> DeltaManifest:
-    """`compute_delta` over the rows, with or without the attribute diff."""
-    warehouse = tmp_path / "warehouse.duckdb"
-    table = _table(warehouse, data_type, rows, types)
-    out = tmp_path / f"out_{table}"
-    manifest = DeltaManifest(
-        sync="case",
-        data_type=data_type,
-        run_id=f"run-{table}",
-        window_start=None,
-        window_end=NOW.isoformat(),
-        reaches_now=True,
-        valid_path=str(out / "valid.parquet"),
-        rejected_path=str(out / "rejected.parquet"),
-        unchanged_path=str(out / "unchanged.parquet") if diff is not None else None,
-    )
-    return compute_delta(
-        source=DuckDBSource(warehouse, table),
-        spec=DATA_TYPES[data_type],
-        store=EmbeddedStateStore(tmp_path / "state", table),
-        manifest=manifest,
-        window_start=None,
-        window_end=NOW,
-        now=NOW,
-        partitions_start=T0 - dt.timedelta(days=30),
-        update_existing_only=False,
-        diff=diff,
-    )
 
 
 def _typed(score: float, user: str) -> dict[str, Any]:

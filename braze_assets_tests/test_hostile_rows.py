@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from braze_assets.attribute_diff import AttributeDiff
 from braze_assets.braze.client import BrazeClient
 from braze_assets.datatypes import DATA_TYPES
 from braze_assets.delivery import Delivery
@@ -69,8 +70,10 @@ def _delta(
     rows: list[dict[str, Any]],
     types: dict[str, str] | None = None,
     partitions_start: dt.datetime = T0 - dt.timedelta(days=30),
+    diff: AttributeDiff | None = None,
 ) -> DeltaManifest:
-    """`compute_delta` over the rows, as the `<sync>_delta` asset runs it."""
+    """`compute_delta` over the rows, as the `<sync>_delta` asset runs it (with the attribute
+    `diff` of an attributes sync sending only what changed, when given)."""
     warehouse = tmp_path / "warehouse.duckdb"
     table = _table(warehouse, data_type, rows, types)
     out = tmp_path / f"out_{table}"
@@ -83,6 +86,7 @@ def _delta(
         reaches_now=True,
         valid_path=str(out / "valid.parquet"),
         rejected_path=str(out / "rejected.parquet"),
+        unchanged_path=str(out / "unchanged.parquet") if diff is not None else None,
     )
     source = DuckDBSource(warehouse, table)
     return compute_delta(
@@ -95,6 +99,7 @@ def _delta(
         now=NOW,
         partitions_start=partitions_start,
         update_existing_only=False,
+        diff=diff,
     )
 
 
