@@ -27,7 +27,8 @@ RUN_LEVEL_METADATA = frozenset(
     }
 )
 #: The run's totals, kept once per run on its `delivery_complete` check result.
-#: Every row count of the results is here: a run over several days carries none on its results.
+#: Every row count and delivery figure of the results is here: a run over several days carries
+#: none on its results.
 RUN_TOTALS = (
     "status",
     "status_detail",
@@ -49,6 +50,13 @@ RUN_TOTALS = (
     "recovered_from_crash_unsent",
     "data_points_sent",
     "data_points_saved",
+    # how the delivery went, and what Braze said of the rows it failed
+    "failed_reasons",
+    "failed_examples",
+    "requests",
+    "rate_limited_429",
+    "seconds",
+    "objects_per_second",
 )
 RANGED_COUNTS_NOTE = (
     "This run covered several days: each day's counts are in that partition's observation (rows whose "

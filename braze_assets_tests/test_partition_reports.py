@@ -99,6 +99,17 @@ def test_a_ranged_runs_delivery_complete_check_has_every_run_count(harness):
     )
     counts = {k for k in one_day if k.startswith(("rows_", "recovered_", "data_points_"))}
     assert counts - set(check.metadata) == set()
+    # how the delivery went, and Braze's messages: the run's too, shown nowhere else for a range
+    delivery = {
+        "failed_reasons",
+        "failed_examples",
+        "requests",
+        "rate_limited_429",
+        "seconds",
+        "objects_per_second",
+    }
+    assert delivery - set(check.metadata) == set()
+    assert "sync_log" in check.metadata
     assert check.metadata["rows_accepted"].value == 50
     assert check.metadata["recovered_from_crash_ambiguous"].value == 0
 
