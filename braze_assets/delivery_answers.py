@@ -72,6 +72,8 @@ class AnswerReader:
         rows = request.rows
         if result.kind == "refused":
             out.not_sent += len(rows)
+            reason = result.message or "refused"
+            out.not_sent_reasons[reason] = out.not_sent_reasons.get(reason, 0) + len(rows)
             return
         if result.kind == "ambiguous":
             out.ambiguous += len(rows)

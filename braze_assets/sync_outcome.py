@@ -45,6 +45,8 @@ class SyncOutcome:
     data_points_saved: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
     failed_examples: list[dict[str, str]] = field(default_factory=list)
+    #: why rows were not sent: what each refused request's last attempt met (rows by message)
+    not_sent_reasons: dict[str, int] = field(default_factory=dict)
     earliest_unsettled: str | None = None
     estimated_data_points: int = 0
     seconds: float = 0.0
@@ -120,9 +122,10 @@ def classify(outcome: SyncOutcome, delta: DeltaManifest) -> tuple[str, str]:
                 f"(Braze's answers were lost), and all {outcome.not_sent:,} are sent again by the next "
                 "run (ambiguous_policy resend)"
             )
+        met = max(outcome.not_sent_reasons, key=outcome.not_sent_reasons.__getitem__, default="")
         return "error", (
-            f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent "
-            "(Braze unreachable or refusing); they are sent by the next run"
+            f"none of {due:,} rows reached Braze: {outcome.not_sent:,} not sent (Braze unreachable "
+            f"or refusing{': ' + met if met else ''}); they are sent by the next run"
         )
     problems = []
     if outcome.held_total:

@@ -115,6 +115,8 @@ def test_unreachable_braze_is_an_error_not_a_success(tmp_path, emulator):
     [summary] = summaries(run)
     assert summary["status"] == "error" and summary["not_sent"] == 10, summary
     assert "none of 10 rows reached Braze" in summary["status_detail"]
+    # and why: what the last attempt met, not only "unreachable or refusing"
+    assert "refusing: not sent: Connect" in summary["status_detail"], summary["status_detail"]
     assert run.returncode == EXIT_CODES["error"]
 
 
