@@ -6,6 +6,7 @@ its asset selection (Materialize in the UI, backfills), so an alert always names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
@@ -48,6 +49,35 @@ def run_totals(instance: dg.DagsterInstance, run_id: str, sync: str) -> dict[str
     return None
 
 
+def blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """What each blocking check that failed in the run said (`check: description`): a run a check
+    blocked fails with Dagster's generic error, and the check's own sentence says why."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=10_000
+    ).records
+    said = []
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        evaluation = event.event_specific_data if event is not None else None
+        if (
+            isinstance(evaluation, dg.AssetCheckEvaluation)
+            and not evaluation.passed
+            and evaluation.severity == dg.AssetCheckSeverity.ERROR
+        ):
+            said.append(f"{evaluation.check_name}: {evaluation.description or 'failed'}")
+    return list(dict.fromkeys(said))  # a run over several days evaluates each check once per day
+
+
+def _failure_totals(failures: Sequence[dg.DagsterEvent]) -> dict[str, Any]:
+    """The counts a failed delivery carries on its failure (`dg.Failure` metadata): such a run
+    records no `delivery_complete` result."""
+    for event in failures:
+        data = event.step_failure_data.user_failure_data
+        if data is not None and data.metadata:
+            return {name: value.value for name, value in data.metadata.items()}
+    return {}
+
+
 def _counts(metadata: dict[str, Any]) -> dict[str, int]:
     return {k: int(v) for k, v in metadata.items() if k.startswith("rows_") and isinstance(v, int)}
 
@@ -80,10 +110,14 @@ def build_alert_sensors(syncs: list[SyncConfig]) -> list[dg.SensorDefinition]:
         run = context.dagster_run
         failures = context.get_step_failure_events()
         detail = step_failure_cause(failures[0]) if failures else (context.failure_event.message or "")
+        blocked = blocking_checks(context.instance, run.run_id)
+        if blocked:
+            detail = "delivery blocked by " + "; ".join(blocked) + ": nothing was sent"
         for name in syncs_of_run(run, set(by_name)):
             context.log.error(f"braze_assets sync {name} failed in run {run.run_id}: {detail}")
             if name in alerted:
-                counts = _counts(run_totals(context.instance, run.run_id, name) or {})
+                totals = run_totals(context.instance, run.run_id, name) or _failure_totals(failures)
+                counts = _counts(totals)
                 alert = Alert(name, run.run_id, "error", "error", detail, counts)
                 _deliver(context, alert, alerted[name])
 

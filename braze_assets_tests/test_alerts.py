@@ -251,3 +251,32 @@ def test_a_run_started_outside_the_ui_alerts_too(harness, inbox):
     assert not run.result.success and run.result.dagster_run.remote_job_origin is None
     _evaluate_as_the_daemon(harness, "sync_failure_alert", cursor)
     assert [m["Subject"] for m in inbox.mails] == ["[braze_assets] Error in sync app_events"]
+
+
+def test_a_failed_delivery_alerts_with_its_counts(harness, inbox):
+    """A delivery that reached Braze with no row fails the run, and records no check result: the
+    alert takes the run's counts from the failure itself."""
+    from braze_assets.braze.emulator import FaultConfig
+
+    harness.syncs = [sync_config("app_events", "events", "main.ev", alerts=ALERTS)]
+    harness.table("ev", events_rows(5, HOUR_AGO))
+    harness.emulator.set_faults(FaultConfig(rate_5xx_before=1.0))
+    run = _run(harness, "app_events")
+    harness.emulator.set_faults(FaultConfig())
+    assert not run.result.success
+    _evaluate(harness, run, "sync_failure_alert")
+    text = _body(inbox.mails[0])
+    assert "Rows: read 5" in text and "not sent (next run) 5" in text, text
+
+
+def test_a_blocked_run_alerts_with_the_checks_own_sentence(harness, inbox):
+    rows = events_rows(5, HOUR_AGO) + [
+        cdi_row(HOUR_AGO.replace(tzinfo=None), "{not json", external_id=f"bad-{i}") for i in range(5)
+    ]
+    harness.syncs = [sync_config("app_events", "events", "main.ev", alerts=ALERTS, min_rows_for_error_rate=0)]
+    harness.table("ev", rows)
+    run = _run(harness, "app_events")
+    assert not run.result.success
+    _evaluate(harness, run, "sync_failure_alert")
+    text = _body(inbox.mails[0])
+    assert "5 of 10 rows" in text and "DagsterAssetCheckFailedError" not in text, text
