@@ -11,7 +11,14 @@ from typing import Any
 
 import dagster as dg
 
-from braze_assets.alerts import Alert, AlertError, row_error_share, send, step_failure_cause
+from braze_assets.alerts import (
+    Alert,
+    AlertError,
+    failure_metadata,
+    row_error_share,
+    send,
+    step_failure_cause,
+)
 from braze_assets.config import SyncConfig
 
 SYNC_TAG = "braze_assets/sync"
@@ -72,9 +79,9 @@ def _failure_totals(failures: Sequence[dg.DagsterEvent]) -> dict[str, Any]:
     """The counts a failed delivery carries on its failure (`dg.Failure` metadata): such a run
     records no `delivery_complete` result."""
     for event in failures:
-        data = event.step_failure_data.user_failure_data
-        if data is not None and data.metadata:
-            return {name: value.value for name, value in data.metadata.items()}
+        metadata = failure_metadata(event.step_failure_data)
+        if metadata:
+            return metadata
     return {}
 
 

@@ -18,6 +18,7 @@ import os
 import smtplib
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from typing import Any
 
 import dagster as dg
 import httpx
@@ -103,6 +104,13 @@ def step_failure_cause(event: dg.DagsterEvent) -> str:
     if sep and qualified.rsplit(".", 1)[-1] == error.cls_name:
         message = f"{error.cls_name}: {rest}"
     return message[:500]
+
+
+def failure_metadata(data: Any) -> dict[str, Any]:
+    """The metadata a failed step carries (`dg.Failure(metadata=...)`, a `StepFailureData`'s),
+    as plain values: a failed delivery's counts, the run having recorded no check result."""
+    user = data.user_failure_data if data is not None else None
+    return {name: value.value for name, value in (user.metadata if user is not None else {}).items()}
 
 
 class AlertError(RuntimeError):

@@ -190,7 +190,7 @@ class Remembered(NamedTuple):
 
 class FirstRows(NamedTuple):
     """`AttributeDiff.first_rows`: per payload, what to remember, the attributes sent, and
-    whether it holds something always sent (`AttributeDiff.sends_always`)."""
+    whether it holds something always sent (`AttributeDiff._sends_always_of`)."""
 
     remember: list[str]
     sent: list[int]
@@ -207,7 +207,7 @@ class Trimmed(NamedTuple):
     saved: int
     #: something was remembered of this user and nothing differs from it: nothing to send
     unchanged: bool
-    #: the payload holds something sent whatever was accepted (`AttributeDiff.sends_always`)
+    #: the payload holds something sent whatever was accepted (`AttributeDiff._sends_always_of`)
     volatile: bool = False
 
 
@@ -316,16 +316,12 @@ class AttributeDiff:
             sent += attribute_points(key, value)
         return Trimmed(kept, orjson.dumps(remember).decode(), sent, saved, sent == 0, volatile)
 
-    def sends_always(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
+    def _sends_always_of(self, payloads: Sequence[dict[str, Any]], shared: _Shared | None) -> list[bool]:
         """Which payloads hold something sent whatever was accepted before: an operator value,
         `subscription_groups` or an `always_send` key. Such a PAYLOAD is never settled as
         unchanged for being exactly the one last accepted (its PAYLOAD hash is not remembered):
-        its increment or subscription change is meant again."""
-        return self._sends_always_of(payloads, _shared_columns(payloads))
-
-    def _sends_always_of(self, payloads: Sequence[dict[str, Any]], shared: _Shared | None) -> list[bool]:
-        """`sends_always`, a key at a time where the payloads share their keys (`shared`): only a
-        column holding objects can hold an operator."""
+        its increment or subscription change is meant again. A key at a time where the payloads
+        share their keys (`shared`): only a column holding objects can hold an operator."""
         if shared is None:
             return [self._sends_always(payload) for payload in payloads]
         keys, columns = shared
@@ -346,7 +342,7 @@ class AttributeDiff:
 
     def first_rows(self, payloads: Sequence[dict[str, Any]]) -> FirstRows:
         """`trim(payload, None)` of many payloads of users seen first (a first sync's every row):
-        what to remember of each, its attributes sent, and which are `sends_always`. The payloads
+        what to remember of each, its attributes sent, and which hold something always sent. The payloads
         sharing their keys (most of a table: its PAYLOAD is built by one query) are taken a key
         at a time, once for all three, and each distinct value is hashed once; a per-row loop
         here was most of the diff's cost."""

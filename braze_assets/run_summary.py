@@ -84,10 +84,10 @@ _FAILED_DELIVERY_COUNTS = {
 
 
 def _counts_of_failed_delivery(result, node: str) -> dict:
-    failure = result.failure_data_for_node(node)
-    user = failure.user_failure_data if failure is not None else None
-    metadata = user.metadata if user is not None else {}
-    return {key: metadata[name].value for name, key in _FAILED_DELIVERY_COUNTS.items() if name in metadata}
+    from braze_assets.alerts import failure_metadata
+
+    metadata = failure_metadata(result.failure_data_for_node(node))
+    return {key: metadata[name] for name, key in _FAILED_DELIVERY_COUNTS.items() if name in metadata}
 
 
 def _run_error(result) -> str | None:
